@@ -1,0 +1,63 @@
+"""The fedmask ClientApp: train scores locally, upload a packed mask, never weights.
+
+Everything a client needs comes in the message: the global state (probabilities or
+scores; dense weights for the FedAvg baseline) and a ConfigRecord with the run config,
+the round and the partition id. The frozen weights are regenerated here from the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmask import task
+from fedmask.codec import encode_masks
+from fedmask.config import SCHEMA, resolve
+from fedmask.data import client_split
+from fedmask.masking import current_masks
+from fedmask.weights import derive_seed
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _model_for(config_items: tuple) -> tuple[torch.nn.Module, task.ModelSpec | None]:
+    """One model per process and config: regenerating frozen weights each round is waste."""
+    config = dict(config_items)
+    model = task.make_model(config, task.splits_of(config))
+    spec = task.ModelSpec.of(config, model) if task.mask_mode_of(config) else None
+    return model, spec
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    received = msg.content["config"]
+    config = resolve({key: received[key] for key in SCHEMA})
+    config["mask-mode"] = str(received.get("mask-mode", ""))
+    server_round, pid = int(received["server-round"]), int(received["partition-id"])
+    torch.set_num_threads(config["num-cpus"])
+
+    splits = task.splits_of(config)
+    x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
+                        config["dirichlet-alpha"], config["classes-per-client"])
+    model, spec = _model_for(tuple(sorted(config.items())))
+    state = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    mode = task.mask_mode_of(config)
+    if mode is None:
+        task.load_dense_state(model, state)
+    else:
+        task.load_state(model, state, mode)
+
+    device = task.pick_device(config)
+    metrics = task.train(model, x, y, config, device, seed=derive_seed(config["seed"], "train", server_round, pid))
+    model.cpu()
+    if mode is None:
+        upload = ArrayRecord({k: Array(v) for k, v in task.dense_state(model).items()})
+    else:  # a fresh Bernoulli sample (FedPM) or the top-k mask (edge-popup)
+        blob = encode_masks(current_masks(model, sample=True), spec.layout, spec.fingerprint)
+        upload = ArrayRecord({"mask": Array(blob)})
+    reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": len(x), **metrics})})
+    return Message(reply, reply_to=msg)

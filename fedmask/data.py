@@ -1,0 +1,454 @@
+"""Datasets and client partitions for the federated simulations.
+
+Every simulated client calls `load_dataset` and `client_split` each round, so
+both are cached per process: the first call pays for parsing and
+normalising, later calls are dictionary look-ups.  The cached tensors are
+shared, so callers must treat them as read-only.
+
+Normalisation (all datasets): pixels are scaled to [0, 1] (8x8 digits by
+/16, 8-bit images by /255), then each channel is standardised with the mean
+and standard deviation of the *train* split only, and the same constants are
+applied to the test split.  Using train statistics keeps test data out of
+preprocessing; for the full MNIST train split they reproduce the familiar
+0.1307 / 0.3081.
+
+Every data problem raises `DataError`, whose message names the file or
+setting at fault and what was expected, so a bad set-up fails at start-up
+rather than as an obscure error inside a client several rounds later.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "idx")
+PARTITIONERS = ("iid", "dirichlet", "classes")
+
+DEFAULT_DATA_DIR = Path("~/.cache/fedmask/data").expanduser()
+DOWNLOAD_TIMEOUT_S = 20.0
+
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+_MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+_TEST_PREFIXES = ("t10k", "test")
+
+
+class DataError(ValueError):
+    """A dataset, file or partition setting that cannot be used as given."""
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """Normalised train/test tensors of one dataset.
+
+    `eq=False` makes equality and hashing identity-based: the object is a
+    cache key for `client_split`, and comparing tensors element-wise there
+    would be both slow and ambiguous.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, (C, H, W), which models need to size layers."""
+        return tuple(self.x_train.shape[1:])
+
+
+# ---------------------------------------------------------------- loading
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str = "", test_fraction: float = 0.2,
+                 seed: int = 0) -> Splits:
+    """Load, split and normalise a dataset by name (see `DATASETS`).
+
+    `test_fraction` and `seed` only matter for datasets without an official
+    test split (`digits`, and an `idx` folder holding one split); `mnist`,
+    `fashion-mnist` and `cifar10` use their official train/test splits.
+    `data_dir` is ignored by `digits`, required by `idx`, and for the
+    torchvision datasets an empty value means `DEFAULT_DATA_DIR` with a
+    download attempt.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name == "digits":
+        arrays = _seeded_split(*_digits_arrays(), test_fraction, seed, "digits")
+    elif name == "idx":
+        arrays = _idx_folder_arrays(data_dir, test_fraction, seed)
+    else:
+        arrays = _torchvision_arrays(name, data_dir)
+    return _to_splits(*arrays)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits: real images that need no download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)[:, None, :, :] / 16.0
+    return images, bunch.target.astype(np.int64)
+
+
+def _seeded_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+                  source: str) -> tuple[np.ndarray, ...]:
+    """Seeded shuffle split for data that ships without a test split."""
+    num_samples = len(y)
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1) for {source}, got {test_fraction}")
+    num_test = int(round(test_fraction * num_samples))
+    if not 1 <= num_test <= num_samples - 1:
+        raise DataError(f"test_fraction={test_fraction} leaves an empty train or test split "
+                        f"for {source} ({num_samples} samples); choose a value nearer 0.5")
+    order = np.random.default_rng(seed).permutation(num_samples)
+    test_idx, train_idx = order[:num_test], order[num_test:]
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _to_splits(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+               y_test: np.ndarray) -> Splits:
+    """Scale 8-bit images to [0, 1], standardise with train stats, wrap as tensors."""
+    x_train, x_test = (_unit_scale(x) for x in (x_train, x_test))
+    axes = (0, 2, 3)
+    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
+    std[std == 0] = 1.0  # a constant channel carries no information; avoid 0/0
+    x_train, x_test = (((x - mean) / std).astype(np.float32) for x in (x_train, x_test))
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Splits(torch.from_numpy(np.ascontiguousarray(x_train)),
+                  torch.from_numpy(y_train.astype(np.int64)),
+                  torch.from_numpy(np.ascontiguousarray(x_test)),
+                  torch.from_numpy(y_test.astype(np.int64)),
+                  num_classes)
+
+
+def _unit_scale(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> [0, 1]; float input is assumed already scaled."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Parse one IDX file (raw or .gz) and check its header against its size.
+
+    Written by hand rather than through torchvision so that a wrong, short or
+    corrupt file is reported by name instead of surfacing as a reshape error.
+    """
+    raw = _read_bytes(path)
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        found = raw[:4].hex() if len(raw) >= 4 else f"only {len(raw)} bytes"
+        raise DataError(f"{path}: bad IDX magic number (expected {magic:#010x}, found {found}); "
+                        "is this the right file, and is it intact?")
+    ndim = magic & 0xFF
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header_len})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected_len = header_len + math.prod(dims)
+    if len(raw) != expected_len:
+        raise DataError(f"{path}: header declares shape {tuple(dims)} = {expected_len} bytes "
+                        f"with header, but the file holds {len(raw)} bytes (truncated or corrupt)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file contents, gunzipped when the name ends in .gz."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read ({error})") from error
+
+
+def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images as (N, 1, H, W) uint8 plus int64 labels, with matching counts."""
+    images = read_idx(images_path, _IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, _IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                        f"{len(labels)} labels; the counts must match")
+    if len(labels) == 0:
+        raise DataError(f"{images_path}: holds no samples")
+    return images[:, None, :, :], labels.astype(np.int64)
+
+
+def _find_idx_pairs(folder: Path) -> dict[str, tuple[Path, Path]]:
+    """Map split prefix ('train', 't10k', ...) to its (images, labels) files."""
+    pairs: dict[str, tuple[Path, Path]] = {}
+    for images_path in sorted(folder.iterdir(), key=_prefer_uncompressed):
+        prefix, marker, suffix = images_path.name.partition("images-idx3-ubyte")
+        if not marker or suffix not in ("", ".gz") or prefix.rstrip("-_.") in pairs:
+            continue
+        labels_path = _labels_for(images_path, prefix, suffix)
+        pairs[prefix.rstrip("-_.")] = (images_path, labels_path)
+    return pairs
+
+
+def _prefer_uncompressed(path: Path) -> tuple[bool, str]:
+    """Sort key: raw files before .gz, so an extracted copy wins (faster to read)."""
+    return path.suffix == ".gz", path.name
+
+
+def _labels_for(images_path: Path, prefix: str, suffix: str) -> Path:
+    """The labels file that belongs to an images file, raw or gzipped."""
+    candidates = [images_path.parent / f"{prefix}labels-idx1-ubyte{ext}"
+                  for ext in dict.fromkeys((suffix, "", ".gz"))]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{images_path} has no labels file; expected "
+                    f"{' or '.join(str(c) for c in candidates)}")
+
+
+def _idx_folder_arrays(data_dir: str, test_fraction: float,
+                       seed: int) -> tuple[np.ndarray, ...]:
+    """Arrays from a folder of IDX files: train+t10k pairs, or one pair to split."""
+    if not data_dir:
+        raise DataError("dataset 'idx' needs data_dir: a folder holding "
+                        "*images-idx3-ubyte(.gz) and *labels-idx1-ubyte(.gz) files")
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"idx data_dir {folder} does not exist or is not a folder")
+    pairs = _find_idx_pairs(folder)
+    test_key = next((key for key in _TEST_PREFIXES if key in pairs), None)
+    if "train" in pairs and test_key is not None:
+        return (*_read_idx_pair(*pairs["train"]), *_read_idx_pair(*pairs[test_key]))
+    if len(pairs) == 1:
+        (only_pair,) = pairs.values()
+        return _seeded_split(*_read_idx_pair(*only_pair), test_fraction, seed, str(folder))
+    found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise DataError(f"{folder}: expected either one pair <prefix>images-idx3-ubyte(.gz) + "
+                    "<prefix>labels-idx1-ubyte(.gz), or train-* and t10k-* pairs; found: "
+                    f"{found}")
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+def _torchvision_arrays(name: str, data_dir: str) -> tuple[np.ndarray, ...]:
+    """Official train/test arrays, downloading first only for the default folder.
+
+    Downloads are tried only when `data_dir` is empty, so an explicit folder
+    never touches the network and offline failures are immediate.
+    """
+    root = Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
+    try:
+        return _read_torchvision_files(name, root)
+    except DataError as missing:
+        if data_dir:
+            raise
+        download_error = _download(name, root)
+        if download_error is None:
+            return _read_torchvision_files(name, root)
+        raise DataError(f"{missing}\nDownload into {root} failed: {download_error}") from None
+
+
+def _read_torchvision_files(name: str, root: Path) -> tuple[np.ndarray, ...]:
+    """Read the files torchvision keeps under `root`; DataError lists what is missing."""
+    if name == "cifar10":
+        return _read_cifar10(root)
+    folder = root / _MNIST_FOLDERS[name] / "raw"
+    expected = [folder / stem for stem in _MNIST_FILES]
+    if not all(_existing(path) for path in expected):
+        raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected])
+    train_images, train_labels, test_images, test_labels = (_existing(p) for p in expected)
+    return (*_read_idx_pair(train_images, train_labels),
+            *_read_idx_pair(test_images, test_labels))
+
+
+def _existing(stem_path: Path) -> Path | None:
+    """The raw file if present, else its .gz, else None."""
+    for path in (stem_path, stem_path.with_name(stem_path.name + ".gz")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_cifar10(root: Path) -> tuple[np.ndarray, ...]:
+    """CIFAR-10 through torchvision (which verifies checksums), as NCHW uint8."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / _CIFAR_FOLDER
+    try:
+        train, test = (CIFAR10(str(root), train=flag, download=False) for flag in (True, False))
+    except RuntimeError as error:
+        raise _missing_files_error("cifar10", folder, list(_CIFAR_FILES), str(error)) from None
+    return tuple(array for ds in (train, test)
+                 for array in (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, np.int64)))
+
+
+def _missing_files_error(name: str, folder: Path, files: list[str], detail: str = "") -> DataError:
+    """One message format for every missing-download case."""
+    listing = "\n".join(f"  {folder / item}" for item in files)
+    note = f" ({detail})" if detail else ""
+    return DataError(f"dataset {name!r}: files not found or corrupt in {folder}{note}; expected:\n"
+                     f"{listing}\nPut them there (an empty data_dir downloads them when online).")
+
+
+def _download(name: str, root: Path) -> str | None:
+    """Let torchvision download into `root`; return the error text, or None on success.
+
+    A socket timeout is set for the duration so that an offline machine with
+    a hanging resolver fails in seconds instead of minutes.
+    """
+    from torchvision import datasets
+
+    dataset_class = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+                     "cifar10": datasets.CIFAR10}[name]
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        os.makedirs(root, exist_ok=True)
+        for train in (True, False):
+            dataset_class(str(root), train=train, download=True)
+    except Exception as error:  # network errors come in many types; report any of them
+        return f"{type(error).__name__}: {error}"
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return None
+
+
+# ---------------------------------------------------------------- partitions
+
+
+def partition(labels: np.ndarray, num_clients: int, partitioner: str = "iid", seed: int = 0,
+              dirichlet_alpha: float = 0.3, classes_per_client: int = 2) -> list[np.ndarray]:
+    """Split sample indices among clients; one sorted int64 index array per client.
+
+    Deterministic for a given seed, disjoint, and never hands a client an
+    empty array (a client without data would crash or silently skew the
+    simulation later, so it is a set-up error instead).  `dirichlet_alpha`
+    is only checked for 'dirichlet', `classes_per_client` only for 'classes'.
+    """
+    labels = _check_partition_args(labels, num_clients, partitioner)
+    rng = np.random.default_rng(seed)
+    if partitioner == "iid":
+        parts = np.array_split(rng.permutation(len(labels)), num_clients)
+        settings = f"partitioner='iid', seed={seed}"
+        advice = "use fewer clients"
+    elif partitioner == "dirichlet":
+        parts = _dirichlet_parts(labels, num_clients, dirichlet_alpha, rng)
+        settings = f"partitioner='dirichlet', dirichlet_alpha={dirichlet_alpha}, seed={seed}"
+        advice = "use fewer clients, a larger dirichlet_alpha, or another seed"
+    else:
+        parts = _classes_parts(labels, num_clients, classes_per_client, rng)
+        settings = f"partitioner='classes', classes_per_client={classes_per_client}, seed={seed}"
+        advice = "use fewer clients or a larger classes_per_client"
+    _check_no_empty_client(parts, settings, advice, len(labels))
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _check_partition_args(labels: np.ndarray, num_clients: int, partitioner: str) -> np.ndarray:
+    """Reject settings that cannot give every client data, before any work."""
+    if partitioner not in PARTITIONERS:
+        raise DataError(f"unknown partitioner {partitioner!r}; valid names: "
+                        f"{', '.join(PARTITIONERS)}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels must be a non-empty 1-D integer array, got shape "
+                        f"{labels.shape} and dtype {labels.dtype}")
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
+        raise DataError(f"num_clients must be an integer, got {num_clients!r}")
+    if not 1 <= num_clients <= len(labels):
+        raise DataError(f"num_clients must be between 1 and the number of train samples "
+                        f"({len(labels)}), got {num_clients}")
+    return labels
+
+
+def _dirichlet_parts(labels: np.ndarray, num_clients: int, alpha: float,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """Label skew: each class is shared among clients in Dir(alpha) proportions."""
+    if not alpha > 0:
+        raise DataError(f"dirichlet_alpha must be > 0, got {alpha}")
+    shares: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels):
+        class_idx = rng.permutation(np.flatnonzero(labels == label))
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(class_idx)).astype(int)
+        for client, piece in enumerate(np.split(class_idx, cuts)):
+            shares[client].append(piece)
+    return [np.concatenate(pieces) for pieces in shares]
+
+
+def _classes_parts(labels: np.ndarray, num_clients: int, classes_per_client: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """FedPM-style split: each client holds `classes_per_client` classes.
+
+    Clients take consecutive windows of a seeded cyclic class order, so each
+    client's classes are distinct and every class is held by nearly the same
+    number of clients; each class is then split evenly among its holders.
+    """
+    classes = np.unique(labels)
+    if not 1 <= classes_per_client <= len(classes):
+        raise DataError(f"classes_per_client must be between 1 and the number of classes "
+                        f"({len(classes)}), got {classes_per_client}")
+    if num_clients * classes_per_client < len(classes):
+        raise DataError(f"partitioner='classes' with {num_clients} clients x "
+                        f"{classes_per_client} classes cannot use all {len(classes)} classes; "
+                        "use more clients or a larger classes_per_client")
+    order = rng.permutation(classes)
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for client in range(num_clients):
+        for slot in range(classes_per_client):
+            holders[int(order[(client * classes_per_client + slot) % len(order)])].append(client)
+    shares: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label, clients in holders.items():
+        class_idx = rng.permutation(np.flatnonzero(labels == label))
+        for client, piece in zip(clients, np.array_split(class_idx, len(clients))):
+            shares[client].append(piece)
+    return [np.concatenate(pieces) for pieces in shares]
+
+
+def _check_no_empty_client(parts: list[np.ndarray], settings: str, advice: str,
+                           num_samples: int) -> None:
+    """Fail at set-up, naming the client, rather than train on nothing later."""
+    for client, part in enumerate(parts):
+        if len(part) == 0:
+            raise DataError(f"client {client} of {len(parts)} gets no samples with {settings} "
+                            f"({num_samples} train samples); {advice}")
+
+
+@lru_cache(maxsize=16)
+def _cached_partition(splits: Splits, num_clients: int, partitioner: str, seed: int,
+                      dirichlet_alpha: float, classes_per_client: int) -> tuple[np.ndarray, ...]:
+    """All clients' indices at once, so clients sharing a process partition once."""
+    parts = partition(splits.y_train.numpy(), num_clients, partitioner, seed,
+                      dirichlet_alpha, classes_per_client)
+    for part in parts:
+        part.setflags(write=False)  # shared through the cache
+    return tuple(parts)
+
+
+@lru_cache(maxsize=64)
+def client_split(splits: Splits, partition_id: int, num_clients: int, partitioner: str,
+                 seed: int, dirichlet_alpha: float,
+                 classes_per_client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's (x, y) slice of the train split, cached per process."""
+    if not 0 <= partition_id < num_clients:
+        raise DataError(f"partition_id must be in [0, {num_clients}), got {partition_id}")
+    parts = _cached_partition(splits, num_clients, partitioner, seed,
+                              dirichlet_alpha, classes_per_client)
+    index = torch.from_numpy(parts[partition_id].copy())
+    return splits.x_train[index], splits.y_train[index]

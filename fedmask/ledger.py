@@ -1,0 +1,154 @@
+"""The bytes ledger: what every message that crossed the grid weighed.
+
+:class:`MeasuringGrid` wraps the Grid a ServerApp is given. Every message it pushes
+(downlink) and every reply it pulls (uplink) is weighed twice:
+
+- ``payload``: the bytes of the arrays the message carries (dtype size x element count
+  for every Array in every ArrayRecord): for a mask upload, the packed mask and its header.
+- ``message``: the size of the whole message serialized with Flower's own protobuf
+  serde (``message_to_proto(...).ByteSize()``): payload plus the npy framing of each
+  array, the config and metric records, and the metadata.
+
+Nothing is computed from a formula: a message that was not sent is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes of the arrays in a message (0 for an error reply)."""
+    if not message.has_content():
+        return 0
+    total = 0
+    for record in message.content.values():
+        if isinstance(record, ArrayRecord):
+            for array in record.values():
+                total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+    return total
+
+
+def message_bytes(message: Message) -> int:
+    """Size of the message as Flower serializes it for the wire."""
+    return message_to_proto(message).ByteSize()
+
+
+@dataclass
+class Transfer:
+    """One message's weight, with the client it went to or came from."""
+
+    round: int
+    node_id: int
+    partition_id: int
+    payload_bytes: int
+    message_bytes: int
+
+
+@dataclass
+class Ledger:
+    """All transfers of a run, by round; filled by :class:`MeasuringGrid`."""
+
+    downlink: dict[int, list[Transfer]] = field(default_factory=lambda: defaultdict(list))
+    uplink: dict[int, list[Transfer]] = field(default_factory=lambda: defaultdict(list))
+    # message id of a train instruction -> (round, node, partition), to place replies
+    sent_to: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def partition_of(self, reply: Message) -> int:
+        return self.sent_to.get(reply.metadata.reply_to_message_id, (0, 0, -1))[2]
+
+    def unanswered(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, int]]:
+        """(node, partition) of the instructions of a round that got no reply."""
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        return [
+            (node, pid)
+            for msg_id, (rnd, node, pid) in self.sent_to.items()
+            if rnd == server_round and msg_id not in answered
+        ]
+
+    def round_totals(self, server_round: int) -> dict[str, int]:
+        up, down = self.uplink[server_round], self.downlink[server_round]
+        return {
+            "uplink_payload_bytes": sum(t.payload_bytes for t in up),
+            "uplink_message_bytes": sum(t.message_bytes for t in up),
+            "downlink_payload_bytes": sum(t.payload_bytes for t in down),
+            "downlink_message_bytes": sum(t.message_bytes for t in down),
+        }
+
+    def per_client(self, server_round: int) -> list[dict[str, int]]:
+        rows: dict[int, dict[str, int]] = {}
+        for direction, transfers in (("downlink", self.downlink), ("uplink", self.uplink)):
+            for t in transfers[server_round]:
+                row = rows.setdefault(t.partition_id, {"partition_id": t.partition_id, "node_id": t.node_id})
+                row[f"{direction}_payload_bytes"] = t.payload_bytes
+                row[f"{direction}_message_bytes"] = t.message_bytes
+        return [rows[k] for k in sorted(rows)]
+
+
+def _round_and_partition(message: Message) -> tuple[int, int]:
+    config = message.content.config_records.get("config", {}) if message.has_content() else {}
+    return int(config.get("server-round", 0)), int(config.get("partition-id", -1))
+
+
+class MeasuringGrid(Grid):
+    """A Grid that forwards to another and weighs every message on the way."""
+
+    def __init__(self, inner: Grid, ledger: Ledger, pull_interval: float = 0.02):
+        self.inner, self.ledger, self.pull_interval = inner, ledger, pull_interval
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        for message in messages:  # ids are assigned by the push, so weigh afterwards
+            server_round, pid = _round_and_partition(message)
+            node = message.metadata.dst_node_id
+            self.ledger.sent_to[message.metadata.message_id] = (server_round, node, pid)
+            self.ledger.downlink[server_round].append(
+                Transfer(server_round, node, pid, payload_bytes(message), message_bytes(message))
+            )
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        for reply in replies:
+            server_round, node, pid = self.ledger.sent_to.get(
+                reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1)
+            )
+            self.ledger.uplink[server_round].append(
+                Transfer(server_round, node, pid, payload_bytes(reply), message_bytes(reply))
+            )
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            if pending:
+                time.sleep(self.pull_interval)
+        return replies

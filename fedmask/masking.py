@@ -1,0 +1,206 @@
+"""Masked layers as a parametrization: ``weight = frozen * mask(scores)``.
+
+Any model built from ``nn.Linear`` and ``nn.Conv2d`` becomes a masked model through
+:func:`to_masked`; no layer class is copied. The frozen tensor stays the parametrization's
+``original`` (never trained, never sent); the only trainable tensors are the scores.
+
+Two ways to turn scores into a mask:
+
+- ``topk`` (edge-popup): keep the ``density`` fraction of largest ``|score|`` per tensor.
+- ``bernoulli`` (FedPM): ``theta = sigmoid(score)``, ``mask ~ Bernoulli(theta)`` in every
+  training forward pass.
+
+Both are straight-through: the backward pass hands the mask's gradient to its input as is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fedmask.weights import derive_seed, fan_in, frozen_tensor
+
+MASK_MODES = ("topk", "bernoulli")
+EVAL_MASKS = ("threshold", "sample")
+
+
+class TopKMask(torch.autograd.Function):
+    """1 for the ``density`` fraction of largest inputs, 0 elsewhere; straight-through."""
+
+    @staticmethod
+    def forward(ctx, magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+        kept = max(1, round(density * magnitudes.numel()))
+        mask = torch.zeros_like(magnitudes)
+        mask.view(-1)[magnitudes.flatten().topk(kept, sorted=False).indices] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class BernoulliMask(torch.autograd.Function):
+    """A sample of ``Bernoulli(probs)``; the gradient reaches ``probs`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
+        return torch.bernoulli(probs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class ScoreMask(nn.Module):
+    """Parametrization holding one score per frozen value."""
+
+    def __init__(self, shape: torch.Size, mode: str, density: float, eval_mask: str):
+        super().__init__()
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MASK_MODES)}, got {mode!r}")
+        if mode == "topk" and not 0.0 < density <= 1.0:
+            raise ValueError(f"density: expected a fraction in (0, 1], got {density}")
+        if eval_mask not in EVAL_MASKS:
+            raise ValueError(
+                f"eval-mask: expected one of {', '.join(EVAL_MASKS)}, got {eval_mask!r}"
+            )
+        self.mode, self.density, self.eval_mask = mode, density, eval_mask
+        self.scores = nn.Parameter(torch.zeros(shape))
+
+    def mask(self) -> torch.Tensor:
+        if self.mode == "topk":
+            return TopKMask.apply(self.scores.abs(), self.density)
+        probs = torch.sigmoid(self.scores)
+        if self.training or self.eval_mask == "sample":
+            return BernoulliMask.apply(probs)
+        return (probs > 0.5).to(probs.dtype)
+
+    def forward(self, frozen: torch.Tensor) -> torch.Tensor:
+        return frozen * self.mask()
+
+
+def _maskable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for tensor_name in ("weight", "bias"):
+                if getattr(module, tensor_name, None) is not None:
+                    prefix = f"{module_name}." if module_name else ""
+                    yield f"{prefix}{tensor_name}", module, tensor_name
+
+
+def _freeze_batchnorm(model: nn.Module, affine: bool) -> None:
+    """Swap BatchNorm for a stateless one (batch statistics only).
+
+    Running statistics would be per-party floats that neither masks nor the seed can
+    carry; edge-popup's reference uses non-affine BatchNorm for the same reason.
+    """
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(
+                    parent,
+                    child_name,
+                    nn.BatchNorm2d(child.num_features, affine=affine, track_running_stats=False),
+                )
+
+
+def to_masked(
+    model: nn.Module,
+    mode: str,
+    seed: int,
+    init: str = "signed-kaiming-constant",
+    density: float = 0.5,
+    eval_mask: str = "threshold",
+) -> nn.Module:
+    """Turn a plain model into a masked one, in place, and return it.
+
+    Every Linear/Conv2d weight and bias is overwritten with its seeded frozen value,
+    frozen, and parametrized by a :class:`ScoreMask` whose scores are seeded too, so that
+    the whole masked model is a function of ``seed`` alone.
+    """
+    _freeze_batchnorm(model, affine=False)
+    for name, module, tensor_name in list(_maskable(model)):
+        frozen_param = getattr(module, tensor_name)
+        layer_fan_in = fan_in(tuple(module.weight.shape))
+        frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init)
+        with torch.no_grad():
+            frozen_param.copy_(frozen)
+        frozen_param.requires_grad_(False)
+        score_mask = ScoreMask(frozen_param.shape, mode, density, eval_mask)
+        _init_scores(score_mask.scores, seed, name, mode, layer_fan_in)
+        parametrize.register_parametrization(module, tensor_name, score_mask)
+    leftover = [n for n, p in model.named_parameters() if p.requires_grad and "scores" not in n]
+    if leftover:
+        raise ValueError(
+            f"model has trainable tensors that masks cannot carry: {', '.join(leftover)}; "
+            "masked models may only contain Linear/Conv2d (and BatchNorm, made stateless)"
+        )
+    return model
+
+
+def _init_scores(scores: torch.Tensor, seed: int, name: str, mode: str, layer_fan_in: int):
+    """Seeded score init: edge-popup's kaiming-uniform (a=sqrt(5)), FedPM's N(0, 1)."""
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, name, "scores"))
+    with torch.no_grad():
+        if mode == "topk":
+            bound = 1.0 / math.sqrt(layer_fan_in)  # kaiming_uniform_ with a=sqrt(5)
+            scores.copy_(torch.rand(scores.shape, generator=generator) * 2 * bound - bound)
+        else:
+            scores.copy_(torch.randn(scores.shape, generator=generator))
+
+
+def score_masks(model: nn.Module) -> dict[str, ScoreMask]:
+    """The model's parametrizations by tensor name (``"0.weight"``), in a fixed order."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                prefix = f"{module_name}." if module_name else ""
+                found[f"{prefix}{tensor_name}"] = plist[0]
+    return dict(sorted(found.items()))
+
+
+def frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen (unmasked) tensors, for checking that parties agree bit for bit."""
+    out = {}
+    for name in score_masks(model):
+        module_name, _, tensor_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        out[name] = module.parametrizations[tensor_name].original.detach()
+    return out
+
+
+def get_scores(model: nn.Module) -> dict[str, np.ndarray]:
+    return {n: m.scores.detach().cpu().numpy().copy() for n, m in score_masks(model).items()}
+
+
+def set_scores(model: nn.Module, scores: dict[str, np.ndarray]) -> None:
+    masks = score_masks(model)
+    if set(scores) != set(masks):
+        raise ValueError(f"scores: expected tensors {sorted(masks)}, got {sorted(scores)}")
+    with torch.no_grad():
+        for name, module in masks.items():
+            module.scores.copy_(torch.as_tensor(scores[name], device=module.scores.device))
+
+
+@torch.no_grad()
+def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.ndarray]:
+    """The binary mask of every tensor as ``bool`` arrays.
+
+    For Bernoulli masks ``sample`` chooses a fresh sample (what FedPM uploads) or the
+    0.5 threshold; by default it follows the module's train/eval setting.
+    """
+    out = {}
+    for name, module in score_masks(model).items():
+        if module.mode == "bernoulli" and sample is not None:
+            probs = torch.sigmoid(module.scores)
+            mask = torch.bernoulli(probs) if sample else (probs > 0.5).float()
+        else:
+            mask = module.mask()
+        out[name] = mask.cpu().numpy().astype(bool)
+    return out

@@ -1,0 +1,64 @@
+"""Model shapes from the papers, built from plain Linear/Conv2d so that masking composes.
+
+``build_model`` returns an ordinary dense PyTorch model; :func:`fedmask.masking.to_masked`
+turns it into a masked one. The dense form is what the FedAvg baseline trains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+MODELS = ("mlp", "lenet-300-100", "conv2", "conv4", "conv6", "resnet18")
+
+# Conv widths per block (two convs then a 2x2 max-pool per block), as in the lottery-ticket
+# and FedPM papers; each is followed by a 256-256-classes dense head.
+_CONV_BLOCKS = {"conv2": (64,), "conv4": (64, 128), "conv6": (64, 128, 256)}
+
+
+def _dense_head(in_features: int, hidden: tuple[int, ...], num_classes: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return layers + [nn.Linear(in_features, num_classes)]
+
+
+def _flat_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        return features(torch.zeros(1, *input_shape)).flatten(1).shape[1]
+
+
+def _conv_net(blocks: tuple[int, ...], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    channels = input_shape[0]
+    for width in blocks:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = width
+    features = nn.Sequential(*layers)
+    flat = _flat_size(features, input_shape)
+    return nn.Sequential(features, nn.Flatten(), *_dense_head(flat, (256, 256), num_classes))
+
+
+def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with a CIFAR-style stem (3x3 conv, no max-pool)."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A dense model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs."""
+    flat = int(torch.tensor(input_shape).prod())
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), *_dense_head(flat, (256, 256), num_classes))
+    if name == "lenet-300-100":
+        return nn.Sequential(nn.Flatten(), *_dense_head(flat, (300, 100), num_classes))
+    if name in _CONV_BLOCKS:
+        return _conv_net(_CONV_BLOCKS[name], input_shape, num_classes)
+    if name == "resnet18":
+        return _resnet18(input_shape, num_classes)
+    raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")

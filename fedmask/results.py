@@ -1,0 +1,151 @@
+"""The run directory: resolved config, one JSON line per round, a summary, plots.
+
+Each round's line is appended and flushed as soon as the round ends, so a run that dies
+keeps every finished round; summary.json and the plots are written through a temporary
+file and a rename, so they are never seen half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fedmask.ledger import Ledger
+
+_COLUMNS = (("round", 5), ("accuracy", 8), ("loss", 6), ("clients", 7), ("fail", 4),
+            ("uplink B", 11), ("downlink B", 12), ("up bpp", 6), ("time s", 6))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes a run's results as rounds end, and shows them as a live table."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], num_params: int, console: Console | None = None):
+        self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config))
+        self.rounds_path = self.run_dir / "rounds.jsonl"
+        self.rounds_path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+        self.console = console or Console(highlight=False, width=max(Console().width, 80))
+        self.start = time.perf_counter()
+        self.initial: dict[str, float] = {}
+
+    def header(self) -> None:
+        self.console.print(
+            f"[bold]fedmask[/bold] {self.config['method']} · {self.config['model']} on "
+            f"{self.config['dataset']} · {self.num_params:,} params · "
+            f"{self.config['clients-per-round']}/{self.config['num-clients']} clients x "
+            f"{self.config['num-rounds']} rounds → {self.run_dir}"
+        )
+        self.console.print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS), style="bold")
+
+    def end_round(
+        self,
+        server_round: int,
+        accuracy: float,
+        loss: float,
+        ledger: Ledger,
+        failures: list[dict[str, Any]],
+        train_metrics: dict[str, float],
+    ) -> dict[str, Any]:
+        totals = ledger.round_totals(server_round)
+        clients = len(ledger.uplink[server_round]) - sum(
+            1 for f in failures if not f["reason"].startswith("no reply")
+        )
+        replied = max(len(ledger.uplink[server_round]), 1)
+        row = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "clients": clients,
+            "failures": len(failures),
+            "num_params": self.num_params,
+            **totals,
+            "uplink_bpp": 8 * totals["uplink_payload_bytes"] / (self.num_params * replied),
+            "uplink_message_bpp": 8 * totals["uplink_message_bytes"] / (self.num_params * replied),
+            "downlink_bpp": 8 * totals["downlink_payload_bytes"]
+            / (self.num_params * max(len(ledger.downlink[server_round]), 1)),
+            "elapsed_s": time.perf_counter() - self.start,
+            "train": train_metrics,
+            "failure_details": failures,
+            "per_client": ledger.per_client(server_round),
+        }
+        with self.rounds_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows.append(row)
+        self._print_row(row)
+        return row
+
+    def _print_row(self, row: dict[str, Any]) -> None:
+        cells = (row["round"], f"{row['accuracy']:.4f}", f"{row['loss']:.4f}", row["clients"],
+                 row["failures"], f"{row['uplink_payload_bytes']:,}", f"{row['downlink_payload_bytes']:,}",
+                 f"{row['uplink_bpp']:.3f}", f"{row['elapsed_s']:.1f}")  # fits 80 columns
+        style = "red" if row["failures"] else None
+        self.console.print(" ".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, _COLUMNS)), style=style)
+
+    def finish(self) -> dict[str, Any]:
+        last = self.rows[-1] if self.rows else {}
+        summary = {
+            "method": self.config["method"],
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "num_params": self.num_params,
+            "rounds": len(self.rows),
+            "initial_accuracy": self.initial.get("accuracy"),
+            "final_accuracy": last.get("accuracy"),
+            "best_accuracy": max((r["accuracy"] for r in self.rows), default=None),
+            "total_failures": sum(r["failures"] for r in self.rows),
+            "uplink_payload_bytes": sum(r["uplink_payload_bytes"] for r in self.rows),
+            "uplink_message_bytes": sum(r["uplink_message_bytes"] for r in self.rows),
+            "downlink_payload_bytes": sum(r["downlink_payload_bytes"] for r in self.rows),
+            "downlink_message_bytes": sum(r["downlink_message_bytes"] for r in self.rows),
+            "mean_uplink_bpp": sum(r["uplink_bpp"] for r in self.rows) / max(len(self.rows), 1),
+            "wall_s": time.perf_counter() - self.start,
+        }
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self._plot()
+        self.console.print(
+            f"final accuracy {summary['final_accuracy']:.4f} · uplink "
+            f"{summary['uplink_payload_bytes']:,} B · downlink {summary['downlink_payload_bytes']:,} B · "
+            f"{summary['wall_s']:.1f} s → {self.run_dir}"
+            if self.rows else f"no round finished → {self.run_dir}"
+        )
+        return summary
+
+    def _plot(self) -> None:
+        if not self.rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rows]
+        fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+        acc_ax.plot(rounds, [r["accuracy"] for r in self.rows], marker="o", ms=3)
+        acc_ax.set(xlabel="round", ylabel="test accuracy", title=f"{self.config['method']} · {self.config['model']}")
+        acc_ax.grid(alpha=0.3)
+        for key, label in (("uplink_payload_bytes", "uplink"), ("downlink_payload_bytes", "downlink")):
+            bytes_ax.plot(rounds, [r[key] for r in self.rows], marker="o", ms=3, label=label)
+        bytes_ax.set(xlabel="round", ylabel="payload bytes (all clients)", yscale="log", title="bytes per round")
+        bytes_ax.legend()
+        bytes_ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.run_dir / "curves.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, self.run_dir / "curves.png")

@@ -1,0 +1,161 @@
+"""What a party does with a config: build the model, load the global state, train, test.
+
+Shared by the ClientApp, the ServerApp's evaluation and the plain-PyTorch benchmark loop,
+so the three train and measure the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmask.codec import MaskLayout
+from fedmask.data import Splits, load_dataset
+from fedmask.masking import get_scores, score_masks, set_scores, to_masked
+from fedmask.models import build_model
+
+
+def mask_mode_of(config: dict[str, Any]) -> str | None:
+    """``topk``/``bernoulli`` for mask methods, None for the dense baseline."""
+    return config.get("mask-mode") or {"fedpm": "bernoulli", "edge-popup": "topk"}.get(
+        config["method"]
+    )
+
+
+def pick_device(config: dict[str, Any]) -> torch.device:
+    if config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=4)
+def dataset_for(name: str, data_dir: str, test_fraction: float, seed: int) -> Splits:
+    return load_dataset(name, data_dir, test_fraction, seed)
+
+
+def splits_of(config: dict[str, Any]) -> Splits:
+    return dataset_for(config["dataset"], config["data-dir"], config["test-fraction"], config["seed"])
+
+
+def make_model(config: dict[str, Any], splits: Splits) -> nn.Module:
+    """The run's model on the CPU: masked and seeded for mask methods, dense otherwise.
+
+    Dense weights are seeded too (torch's default init under ``seed``), so FedAvg starts
+    from the same point on every run with that seed.
+    """
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], splits.input_shape, splits.num_classes)
+    mode = mask_mode_of(config)
+    if mode is None:
+        return model
+    return to_masked(
+        model,
+        mode,
+        seed=config["seed"],
+        init=config["init"],
+        density=config["density"],
+        eval_mask=config["eval-mask"],
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every party derives from the config alone: layout and fingerprint."""
+
+    layout: MaskLayout
+    fingerprint: bytes
+
+    @classmethod
+    def of(cls, config: dict[str, Any], model: nn.Module) -> "ModelSpec":
+        layout = MaskLayout.from_arrays(get_scores(model))
+        return cls(layout, layout.fingerprint(config["seed"], config["model"], config["init"]))
+
+
+def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> None:
+    """Scores from a broadcast state: scores as is (topk) or logit(theta) (bernoulli)."""
+    if mode == "bernoulli":
+        state = {k: _logit(v) for k, v in state.items()}
+    set_scores(model, state)
+
+
+def _logit(theta: np.ndarray) -> np.ndarray:
+    p = np.clip(theta.astype(np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p)).astype(np.float32)
+
+
+def dense_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_dense_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: dict[str, Any],
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """Local training of whatever is trainable (scores, or dense weights for FedAvg).
+
+    ``seed`` fixes the batch order and the Bernoulli samples, so one client's round is
+    reproducible wherever it runs.
+    """
+    torch.manual_seed(seed)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config["optimizer"] == "adam":
+        opt = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight-decay"])
+    else:
+        opt = torch.optim.SGD(
+            params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight-decay"]
+        )
+    generator = torch.Generator().manual_seed(seed)
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(config["local-epochs"]):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), config["batch-size"]):
+            idx = order[start : start + config["batch-size"]]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            opt.zero_grad()
+            out = model(xb)
+            loss = nn.functional.cross_entropy(out, yb)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(idx)
+    return {"train-loss": total_loss / max(seen, 1), "train-accuracy": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on ``x, y`` in eval mode; ``seed`` fixes sampled eval masks."""
+    torch.manual_seed(seed)
+    model.to(device).eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        out = model(xb)
+        total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return total_loss / len(x), correct / len(x)
+
+
+def num_masked_params(model: nn.Module) -> int:
+    return sum(m.scores.numel() for m in score_masks(model).values())

@@ -1,0 +1,153 @@
+"""How a server turns the clients' masks into the next global state.
+
+This is the plug-in point. A strategy is a small class: it says which kind of mask its
+clients train (``mask_mode``), builds the first global state, and maps decoded masks with
+their client weights to the next state. Flower, codecs, the ledger and failures are handled
+around it (``server.strategies``), so the same class also runs in a plain loop.
+
+The meaning of the state follows ``mask_mode`` (clients rely on it):
+
+- ``bernoulli``: per-weight keep probabilities ``theta`` in (0, 1); clients start their
+  scores at ``logit(theta)`` and upload one Bernoulli sample.
+- ``topk``: per-weight scores; clients keep the ``density`` fraction of largest ``|score|``
+  per tensor, start from these scores and upload their top-k mask.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+State = dict[str, np.ndarray]
+Masks = dict[str, np.ndarray]
+
+
+class MaskAggregator(ABC):
+    """Base class of every mask strategy; subclass it and name it as ``module:Class``."""
+
+    mask_mode: ClassVar[str] = "bernoulli"
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def initial_state(self, scores: State) -> State:
+        """First broadcast, from the model's seeded initial scores."""
+        if self.mask_mode == "bernoulli":
+            return {k: (1.0 / (1.0 + np.exp(-v))).astype(np.float32) for k, v in scores.items()}
+        return {k: v.astype(np.float32) for k, v in scores.items()}
+
+    @abstractmethod
+    def aggregate(
+        self, server_round: int, state: State, masks: list[Masks], weights: list[float]
+    ) -> State:
+        """The next global state from this round's decoded masks (bool arrays).
+
+        ``weights`` are the clients' ``num-examples``; ``masks[i]`` has the same keys and
+        shapes as ``state``. Return float32 arrays of those shapes.
+        """
+
+
+def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
+    """Per weight, the weighted fraction of clients that kept it."""
+    total = float(sum(weights))
+    return {
+        name: (sum(w * m[name].astype(np.float64) for w, m in zip(weights, masks)) / total)
+        for name in masks[0]
+    }
+
+
+class FedPMAggregator(MaskAggregator):
+    """FedPM's Bayesian aggregation (Isik et al., ICLR 2023).
+
+    A Beta(1, 1) prior per weight counts the ones and zeros of the uploaded samples;
+    the new theta is the posterior mode ``(alpha-1)/(alpha+beta-2)``, clamped to
+    ``[eps, 1-eps]`` so that no weight is decided for good. Counts are unweighted, as in
+    the reference; the prior is reset every ``fedpm-prior-reset`` rounds (1 = every round,
+    which makes theta the plain mean of this round's samples; 0 = never).
+    """
+
+    mask_mode = "bernoulli"
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self.ones: State = {}
+        self.zeros: State = {}
+
+    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+        period = self.config["fedpm-prior-reset"]
+        if not self.ones or (period and (server_round - 1) % period == 0):
+            self.ones = {k: np.zeros(v.shape) for k, v in state.items()}
+            self.zeros = {k: np.zeros(v.shape) for k, v in state.items()}
+        eps = self.config["fedpm-eps"]
+        new_state = {}
+        for name in state:
+            ones = sum(m[name].astype(np.float64) for m in masks)
+            self.ones[name] += ones
+            self.zeros[name] += len(masks) - ones
+            alpha, beta = 1.0 + self.ones[name], 1.0 + self.zeros[name]
+            mode = (alpha - 1.0) / (alpha + beta - 2.0)
+            new_state[name] = np.clip(mode, eps, 1.0 - eps).astype(np.float32)
+        return new_state
+
+
+class EdgePopupAggregator(MaskAggregator):
+    """Federated edge-popup: votes move scores, they do not replace them.
+
+    Setting each score to its vote frequency (the naive rule) throws away the ranking
+    inside each vote level and leaves scores tied in a few levels far apart compared with
+    what one local epoch can move, so training stalls (51% on digits). Here the server
+    keeps score magnitudes and treats ``vote - current global mask`` as a pseudo-gradient:
+    only disagreement with the current selection moves a score, by at most
+    ``edge-popup-server-lr`` times the tensor's score spread for a unanimous vote. Weights
+    that all clients keep or all drop keep their ranks; the ones clients push across the
+    top-k boundary cross it in the global state too.
+    """
+
+    mask_mode = "topk"
+
+    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+        votes = weighted_vote(masks, weights)
+        server_lr = self.config["edge-popup-server-lr"]
+        density = self.config["density"]
+        new_state = {}
+        for name, scores in state.items():
+            magnitude = np.abs(scores.astype(np.float64))
+            kept = topk_mask(magnitude, density)
+            spread = magnitude.std() or 1.0
+            moved = magnitude + server_lr * spread * (votes[name] - kept)
+            new_state[name] = np.maximum(moved, 0.0).astype(np.float32)
+        return new_state
+
+
+def topk_mask(magnitude: np.ndarray, density: float) -> np.ndarray:
+    """The server's view of the global top-k selection (same rule as the clients')."""
+    kept = max(1, round(density * magnitude.size))
+    flat = np.zeros(magnitude.size, dtype=np.float64)
+    flat[np.argpartition(-magnitude.ravel(), kept - 1)[:kept]] = 1.0
+    return flat.reshape(magnitude.shape)
+
+
+BUILTIN = {"fedpm": FedPMAggregator, "edge-popup": EdgePopupAggregator}
+
+
+def load_aggregator(method: str, config: dict[str, Any]) -> MaskAggregator:
+    """The aggregator for ``method``: a built-in name or ``module:Class``."""
+    if method in BUILTIN:
+        return BUILTIN[method](config)
+    module_name, _, class_name = method.partition(":")
+    if os.getcwd() not in sys.path:  # plug-ins live in the user's project, beside the config
+        sys.path.append(os.getcwd())
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"method: cannot load plug-in {method!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, MaskAggregator)):
+        raise ValueError(f"method: {method!r} must be a subclass of server.aggregators.MaskAggregator")
+    if cls.mask_mode not in ("topk", "bernoulli"):
+        raise ValueError(f"method: {method!r} has mask_mode {cls.mask_mode!r}; expected topk or bernoulli")
+    return cls(config)

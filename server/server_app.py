@@ -1,0 +1,91 @@
+"""The fedmask ServerApp: broadcast the global state, aggregate masks, evaluate, record.
+
+``fedmask run`` builds it with :func:`make_server_app` from a checked config; ``flwr run .``
+uses ``app`` below, which reads the same keys from the run config in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmask import task
+from fedmask.config import resolve
+from fedmask.ledger import Ledger, MeasuringGrid
+from fedmask.masking import get_scores
+from fedmask.results import RunRecorder
+from fedmask.weights import derive_seed
+from server.aggregators import load_aggregator
+from server.strategies import DenseFedAvg, MaskStrategy, record_state, state_record
+
+
+def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Run every round of one experiment on ``grid``; returns the summary."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    config = dict(config)
+    splits = task.splits_of(config)
+    ledger = Ledger()
+    if config["method"] == "fedavg":
+        model = task.make_model(config, splits)
+        initial = task.dense_state(model)
+        strategy = DenseFedAvg(config, ledger, initial)
+        load = lambda state: task.load_dense_state(model, state)  # noqa: E731
+        mode = None
+    else:
+        aggregator = load_aggregator(config["method"], config)
+        mode = config["mask-mode"] = aggregator.mask_mode
+        model = task.make_model(config, splits)
+        initial = aggregator.initial_state(get_scores(model))
+        strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model), initial)
+        load = lambda state: task.load_state(model, state, mode)  # noqa: E731
+    num_params = sum(v.size for v in initial.values())
+    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"}, num_params)
+    recorder.header()
+    device = task.pick_device(config)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load(record_state(arrays))
+        loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"],
+                                       device, seed=derive_seed(config["seed"], "eval", server_round))
+        if server_round == 0:
+            recorder.initial = {"accuracy": accuracy, "loss": loss}
+        else:
+            recorder.end_round(server_round, accuracy, loss, ledger, strategy.failures.get(server_round, []),
+                               strategy.train_history.get(server_round, {}))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    strategy.start(
+        grid=MeasuringGrid(grid, ledger),
+        initial_arrays=state_record(initial),
+        num_rounds=config["num-rounds"],
+        timeout=config["round-timeout"],
+        train_config=ConfigRecord({**config, "mask-mode": mode or ""}),
+        evaluate_fn=evaluate,
+    )
+    return recorder.finish()
+
+
+def make_server_app(config: dict[str, Any], run_dir: Path) -> ServerApp:
+    """A ServerApp bound to one checked config and output folder."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, config, run_dir)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the run config comes from pyproject.toml."""
+    config = resolve(dict(context.run_config))
+    run_server(grid, config, Path("runs") / f"{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}")

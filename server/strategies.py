@@ -1,0 +1,224 @@
+"""Flower strategies around the aggregators: sampling, reply checks, failures.
+
+Both strategies extend Flower's ``FedAvg`` from the Message API. They pick the round's
+clients with a seeded RNG (Flower's sampler uses unseeded ``random`` and random node ids)
+and send each its partition id, so a run is reproducible. ``MaskStrategy`` decodes and
+checks every upload before an aggregator sees it; a bad upload is rejected, logged and
+recorded, and the round goes on with the others. ``DenseFedAvg`` is Flower's own FedAvg
+aggregation, the float32 baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedmask.codec import MaskCodecError, decode_masks
+from fedmask.ledger import Ledger
+from fedmask.task import ModelSpec
+from fedmask.weights import derive_seed
+from server.aggregators import MaskAggregator, State
+
+log = logging.getLogger("fedmask")
+
+
+class RejectedReply(ValueError):
+    """A reply that cannot be used; the message says why."""
+
+
+def sample_partitions(config: dict[str, Any], server_round: int) -> list[int]:
+    """The partitions that train in ``server_round``: seeded, same for every engine."""
+    rng = np.random.default_rng(derive_seed(config["seed"], "sample", server_round))
+    chosen = rng.choice(config["num-clients"], size=config["clients-per-round"], replace=False)
+    return sorted(int(p) for p in chosen)
+
+
+def state_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})
+
+
+def record_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _num_examples(reply: Message) -> float:
+    metrics = reply.content.metric_records.get("metrics")
+    if metrics is None or "num-examples" not in metrics:
+        raise RejectedReply("num-examples: expected a MetricRecord 'metrics' with it, got none")
+    value = metrics["num-examples"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RejectedReply(f"num-examples: expected a positive number, got {value!r}")
+    return float(value)
+
+
+class SeededFedAvg(FedAvg):
+    """FedAvg with reproducible client sampling and a record of every failure."""
+
+    def __init__(self, run_config: dict[str, Any], ledger: Ledger):
+        super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+        self.run_config, self.ledger = run_config, ledger
+        self.failures: dict[int, list[dict[str, Any]]] = {}
+        self.train_history: dict[int, dict[str, float]] = {}
+        self._nodes: list[int] | None = None
+
+    def _node_ids(self, grid: Grid) -> list[int]:
+        """All nodes, sorted; waits (once) until every simulated client has joined."""
+        if self._nodes is None:
+            deadline = time.monotonic() + 60.0
+            while True:
+                nodes = sorted(grid.get_node_ids())
+                if len(nodes) >= self.run_config["num-clients"] or (nodes and time.monotonic() > deadline):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no client node connected within 60 s")
+                time.sleep(0.1)
+            self._nodes = nodes
+        return self._nodes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._node_ids(grid)
+        messages = []
+        for pid in sample_partitions(self.run_config, server_round):
+            instruction = ConfigRecord({**config, "server-round": server_round, "partition-id": pid})
+            messages.append(
+                Message(
+                    RecordDict({"arrays": arrays, "config": instruction}),
+                    dst_node_id=nodes[pid % len(nodes)],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:  # noqa: ANN001
+        return []  # the server evaluates the global model itself
+
+    def record_failure(self, server_round: int, partition_id: int, node_id: int, reason: str) -> None:
+        log.warning("round %d: client %d rejected: %s", server_round, partition_id, reason)
+        self.failures.setdefault(server_round, []).append(
+            {"partition_id": partition_id, "node_id": node_id, "reason": reason}
+        )
+
+    def usable_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, float]]:
+        """Replies with content and a valid weight; every other one is recorded."""
+        replies = list(replies)
+        for node, pid in self.ledger.unanswered(server_round, replies):
+            self.record_failure(server_round, pid, node, "no reply before round-timeout")
+        usable = []
+        for reply in replies:
+            pid, node = self.ledger.partition_of(reply), reply.metadata.src_node_id
+            if reply.has_error():
+                self.record_failure(server_round, pid, node, f"client error: {reply.error.reason}")
+                continue
+            try:
+                usable.append((reply, _num_examples(reply)))
+            except RejectedReply as err:
+                self.record_failure(server_round, pid, node, str(err))
+        return usable
+
+    def train_metrics(self, usable: list[tuple[Message, float]]) -> MetricRecord:
+        """Example-weighted mean of the clients' finite train metrics."""
+        total = sum(w for _, w in usable)
+        sums: dict[str, float] = {}
+        for reply, weight in usable:
+            for key, value in reply.content.metric_records["metrics"].items():
+                if key != "num-examples" and isinstance(value, (int, float)) and math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + weight * float(value)
+        return MetricRecord({k: v / total for k, v in sums.items()})
+
+
+class DenseFedAvg(SeededFedAvg):
+    """The dense float32 baseline: Flower's FedAvg aggregation on checked replies."""
+
+    def __init__(self, run_config: dict[str, Any], ledger: Ledger, reference: dict[str, np.ndarray]):
+        super().__init__(run_config, ledger)
+        self.reference = {k: (v.shape, v.dtype) for k, v in reference.items()}
+
+    def _check_weights(self, reply: Message) -> None:
+        record = reply.content.array_records.get("arrays")
+        if record is None:
+            raise RejectedReply("arrays: expected an ArrayRecord 'arrays', got none")
+        got = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in record.items()}
+        if got != self.reference:
+            raise RejectedReply("arrays: expected the model's tensors and shapes, got others")
+        if not all(np.isfinite(a.numpy()).all() for a in record.values()):
+            raise RejectedReply("arrays: expected finite values, got NaN or inf")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        good = []
+        for reply, _ in self.usable_replies(server_round, replies):
+            try:
+                self._check_weights(reply)
+                good.append(reply)
+            except RejectedReply as err:
+                self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
+        if not good:
+            log.warning("round %d: no usable reply; the global model stays as it was", server_round)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, good)
+        self.train_history[server_round] = dict(metrics or {})
+        return arrays, metrics
+
+
+class MaskStrategy(SeededFedAvg):
+    """Masks up, global state down; the maths lives in a :class:`MaskAggregator`."""
+
+    def __init__(
+        self,
+        run_config: dict[str, Any],
+        ledger: Ledger,
+        aggregator: MaskAggregator,
+        spec: ModelSpec,
+        initial_state: State,
+    ):
+        super().__init__(run_config, ledger)
+        self.aggregator, self.spec, self.state = aggregator, spec, initial_state
+
+    def decode(self, reply: Message) -> dict[str, np.ndarray]:
+        record = reply.content.array_records.get("arrays")
+        if record is None or list(record.keys()) != ["mask"]:
+            keys = None if record is None else list(record.keys())
+            raise RejectedReply(f"arrays: expected one Array 'mask', got {keys}")
+        return decode_masks(record["mask"].numpy(), self.spec.layout, self.spec.fingerprint)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        masks, weights, usable = [], [], []
+        for reply, weight in self.usable_replies(server_round, replies):
+            try:
+                masks.append(self.decode(reply))
+            except (MaskCodecError, RejectedReply) as err:
+                self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
+                continue
+            weights.append(weight)
+            usable.append((reply, weight))
+        if not masks:
+            log.warning("round %d: no usable upload; the global state stays as it was", server_round)
+            return None, None
+        new_state = self.aggregator.aggregate(server_round, self.state, masks, weights)
+        self._check_state(new_state)
+        self.state = new_state
+        metrics = self.train_metrics(usable)
+        self.train_history[server_round] = dict(metrics)
+        return state_record(new_state), metrics
+
+    def _check_state(self, new_state: State) -> None:
+        """An aggregator (maybe a plug-in) must keep the state's names and shapes."""
+        for name, value in self.state.items():
+            got = new_state.get(name)
+            if got is None or got.shape != value.shape:
+                raise ValueError(
+                    f"{type(self.aggregator).__name__}.aggregate returned a state without "
+                    f"'{name}' of shape {value.shape}"
+                )
+            if not np.isfinite(got).all():
+                raise ValueError(f"{type(self.aggregator).__name__}.aggregate returned NaN/inf in '{name}'")

@@ -21,12 +21,14 @@ from server.strategies import sample_partitions
 
 def run_plain(config: dict[str, Any]) -> dict[str, Any]:
     """Rounds of sample -> local train -> aggregate -> evaluate; returns accuracies."""
+    config = dict(config)
     splits = task.splits_of(config)
     device = task.pick_device(config)
-    model = task.make_model(config, splits)
-    mode = task.mask_mode_of(config)
-    dense = mode is None
+    dense = config["method"] == "fedavg"
     aggregator = None if dense else load_aggregator(config["method"], config)
+    mode = None if dense else aggregator.mask_mode
+    config["mask-mode"] = mode or ""
+    model = task.make_model(config, splits)
     state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
     accuracies, start = [], time.perf_counter()
     for server_round in range(1, config["num-rounds"] + 1):

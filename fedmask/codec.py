@@ -77,13 +77,16 @@ def decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes) -> dict[s
     expected_len = HEADER_BYTES + (num_bits + 7) // 8
     if blob.size < HEADER_BYTES:
         raise MaskCodecError("length", f"{expected_len} bytes", f"{blob.size} bytes")
-    magic, version, codec, _, bit_count, got_fp, crc = _HEADER.unpack(blob[:HEADER_BYTES].tobytes())
+    blob = np.ascontiguousarray(blob)
+    magic, version, codec, reserved, bit_count, got_fp, crc = _HEADER.unpack(blob[:HEADER_BYTES].tobytes())
     if magic != MAGIC:
         raise MaskCodecError("magic", MAGIC, magic)
     if version != FORMAT_VERSION:
         raise MaskCodecError("format version", FORMAT_VERSION, version)
     if codec != CODEC_PACKBITS:
         raise MaskCodecError("codec", f"{CODEC_PACKBITS} (packbits)", codec)
+    if reserved != 0:
+        raise MaskCodecError("reserved", 0, reserved)
     if bit_count != num_bits:
         raise MaskCodecError("bit count", num_bits, bit_count)
     if got_fp != fingerprint:

@@ -8,6 +8,7 @@ and what it accepts.
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ class Setting:
 
 
 def _positive(v: Any) -> bool:
-    return v > 0
+    return math.isfinite(v) and v > 0
 
 
 def _non_negative(v: Any) -> bool:
-    return v >= 0
+    return math.isfinite(v) and v >= 0
 
 
 def _fraction(v: Any) -> bool:
@@ -145,6 +146,7 @@ def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as TOML, else as a string."""
     key, sep, raw = text.partition("=")
+    raw = raw.strip()
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {text!r}")
     try:
@@ -161,6 +163,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]
         values = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     nested = [k for k, v in values.items() if isinstance(v, dict)]

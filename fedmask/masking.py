@@ -183,6 +183,11 @@ def set_scores(model: nn.Module, scores: dict[str, np.ndarray]) -> None:
     masks = score_masks(model)
     if set(scores) != set(masks):
         raise ValueError(f"scores: expected tensors {sorted(masks)}, got {sorted(scores)}")
+    for name, module in masks.items():
+        if tuple(np.shape(scores[name])) != tuple(module.scores.shape):
+            raise ValueError(
+                f"scores['{name}']: expected shape {tuple(module.scores.shape)}, got {np.shape(scores[name])}"
+            )
     with torch.no_grad():
         for name, module in masks.items():
             module.scores.copy_(torch.as_tensor(scores[name], device=module.scores.device))

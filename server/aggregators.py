@@ -16,6 +16,7 @@ The meaning of the state follows ``mask_mode`` (clients rely on it):
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -148,6 +149,9 @@ def load_aggregator(method: str, config: dict[str, Any]) -> MaskAggregator:
         raise ValueError(f"method: cannot load plug-in {method!r}: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, MaskAggregator)):
         raise ValueError(f"method: {method!r} must be a subclass of server.aggregators.MaskAggregator")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ValueError(f"method: {method!r} does not implement {missing}")
     if cls.mask_mode not in ("topk", "bernoulli"):
         raise ValueError(f"method: {method!r} has mask_mode {cls.mask_mode!r}; expected topk or bernoulli")
     return cls(config)

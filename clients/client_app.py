@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedmask import task
-from fedmask.codec import encode_masks
+from fedmask.codec import encode_masks, mask_prior
+from fedmask.downlink import decode_state
 from fedmask.config import SCHEMA, resolve
 from fedmask.data import client_split
 from fedmask.masking import current_masks
@@ -44,12 +45,15 @@ def train(msg: Message, context: Context) -> Message:
     x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
                         config["dirichlet-alpha"], config["classes-per-client"])
     model, spec = _model_for(tuple(sorted(config.items())))
-    state = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     mode = task.mask_mode_of(config)
     if mode is None:
-        task.load_dense_state(model, state)
+        task.load_dense_state(model, arrays)
     else:
+        state = decode_state(arrays, spec.layout)
         task.load_state(model, state, mode)
+        # the server holds the same broadcast, so it can decode a mask coded against it
+        prior = mask_prior(state, mode, config["density"]) if config["uplink-codec"] == "entropy" else None
 
     device = task.pick_device(config)
     metrics = task.train(model, x, y, config, device, seed=derive_seed(config["seed"], "train", server_round, pid))
@@ -57,7 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     if mode is None:
         upload = ArrayRecord({k: Array(v) for k, v in task.dense_state(model).items()})
     else:  # a fresh Bernoulli sample (FedPM) or the top-k mask (edge-popup)
-        blob = encode_masks(current_masks(model, sample=True), spec.layout, spec.fingerprint)
+        blob = encode_masks(current_masks(model, sample=True), spec.layout, spec.fingerprint,
+                            codec=config["uplink-codec"], prior=prior)
         upload = ArrayRecord({"mask": Array(blob)})
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": len(x), **metrics})})
     return Message(reply, reply_to=msg)

@@ -1,12 +1,23 @@
 """Masks to bytes and back, with a header that lets the receiver refuse what is not ours.
 
-Wire format (little-endian), then the bit-packed masks of every tensor in layout order::
+Wire format (little-endian): a 28-byte header, then the payload::
 
     magic "FMSK" | format u8 | codec u8 | reserved u16 | bit count u64 | fingerprint 8s | crc32 u32
 
+- codec 1, ``packbits``: the payload is every tensor's mask, in layout order, bit-packed:
+  exactly one bit per parameter.
+- codec 2, ``entropy``: per tensor, a 9-byte section header ``model u8 | param u32 |
+  coded bytes u32`` and the coded bits. The encoder picks, per tensor, the model with the
+  shortest ideal code length and codes with constriction's range coder:
+  ``packed`` (plain bits, the fallback), ``side`` (each bit coded with the probability
+  both ends already hold from the last broadcast: FedPM's theta, or edge-popup's global
+  top-k mask with a flip rate ``param / 2**32``) or ``frequency`` (one probability per
+  tensor, ``param`` ones out of n: the model behind FedPM's ``H(f) + log2(N)/N``).
+
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
-network (another seed or shape) has the right length often enough that length alone
-cannot catch it. The CRC catches flipped bits in transit.
+network has the right length often enough that length alone cannot catch it. The CRC32
+covers the whole payload, so a flipped bit, in the coded stream or in a section header,
+is refused before any decoding.
 """
 
 from __future__ import annotations
@@ -17,11 +28,20 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import constriction
 import numpy as np
 
 MAGIC = b"FMSK"
 FORMAT_VERSION = 1
 CODEC_PACKBITS = 1
+CODEC_ENTROPY = 2
+UPLINK_CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
+MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY = 0, 1, 2
+_SECTION = struct.Struct("<BII")
+SECTION_BYTES = _SECTION.size
+# An entropy-coded section must beat the packed bits by this much to be chosen: the range
+# coder ends on a whole 32-bit word and may need one more.
+_CODER_SLACK_BYTES = 8
 _HEADER = struct.Struct("<4sBBHQ8sI")
 HEADER_BYTES = _HEADER.size
 
@@ -53,19 +73,36 @@ class MaskLayout:
         return hashlib.sha256(repr((seed, model, init, self.shapes)).encode()).digest()[:8]
 
 
-def encode_masks(masks: dict[str, np.ndarray], layout: MaskLayout, fingerprint: bytes) -> np.ndarray:
-    """Bit-pack the masks (one bit per parameter) behind the header; returns uint8."""
+Prior = dict[str, np.ndarray]
+
+
+def encode_masks(
+    masks: dict[str, np.ndarray],
+    layout: MaskLayout,
+    fingerprint: bytes,
+    codec: str = "packbits",
+    prior: Prior | None = None,
+) -> np.ndarray:
+    """The masks as a uint8 upload; ``prior`` (see :func:`mask_prior`) enables the side model."""
     if sorted(masks) != [name for name, _ in layout.shapes]:
         raise ValueError(f"masks: expected tensors {[n for n, _ in layout.shapes]}, got {sorted(masks)}")
-    bits = np.concatenate([np.asarray(masks[name], dtype=bool).ravel() for name, _ in layout.shapes])
-    payload = np.packbits(bits)
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, CODEC_PACKBITS, 0, bits.size, fingerprint, zlib.crc32(payload)
-    )
+    if codec not in UPLINK_CODECS:
+        raise ValueError(f"uplink-codec: expected one of {', '.join(UPLINK_CODECS)}, got {codec!r}")
+    bits = [np.asarray(masks[name], dtype=bool).ravel() for name, _ in layout.shapes]
+    if codec == "packbits":
+        payload = np.packbits(np.concatenate(bits))
+    else:
+        sections = [_encode_section(b, None if prior is None else prior[name])
+                    for b, (name, _) in zip(bits, layout.shapes)]
+        payload = np.frombuffer(b"".join(sections), dtype=np.uint8)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, UPLINK_CODECS[codec], 0, layout.num_params,
+                          fingerprint, zlib.crc32(payload))
     return np.concatenate([np.frombuffer(header, dtype=np.uint8), payload])
 
 
-def decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes) -> dict[str, np.ndarray]:
+def decode_masks(
+    blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None = None
+) -> dict[str, np.ndarray]:
     """The masks in ``blob``, or :class:`MaskCodecError` naming the first thing wrong."""
     if not isinstance(blob, np.ndarray):
         raise MaskCodecError("type", "numpy.ndarray", type(blob).__name__)
@@ -74,17 +111,17 @@ def decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes) -> dict[s
     if blob.ndim != 1:
         raise MaskCodecError("shape", "1-D", f"{blob.ndim}-D {blob.shape}")
     num_bits = layout.num_params
-    expected_len = HEADER_BYTES + (num_bits + 7) // 8
+    packed_len = HEADER_BYTES + (num_bits + 7) // 8
     if blob.size < HEADER_BYTES:
-        raise MaskCodecError("length", f"{expected_len} bytes", f"{blob.size} bytes")
+        raise MaskCodecError("length", f"at least {HEADER_BYTES} bytes", f"{blob.size} bytes")
     blob = np.ascontiguousarray(blob)
     magic, version, codec, reserved, bit_count, got_fp, crc = _HEADER.unpack(blob[:HEADER_BYTES].tobytes())
     if magic != MAGIC:
         raise MaskCodecError("magic", MAGIC, magic)
     if version != FORMAT_VERSION:
         raise MaskCodecError("format version", FORMAT_VERSION, version)
-    if codec != CODEC_PACKBITS:
-        raise MaskCodecError("codec", f"{CODEC_PACKBITS} (packbits)", codec)
+    if codec not in UPLINK_CODECS.values():
+        raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
     if reserved != 0:
         raise MaskCodecError("reserved", 0, reserved)
     if bit_count != num_bits:
@@ -93,15 +130,158 @@ def decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes) -> dict[s
         raise MaskCodecError(
             "fingerprint", f"{fingerprint.hex()} (this seed, model, init)", f"{got_fp.hex()} (another model)"
         )
-    if blob.size != expected_len:
-        raise MaskCodecError("length", f"{expected_len} bytes", f"{blob.size} bytes")
+    if codec == CODEC_PACKBITS and blob.size != packed_len:
+        raise MaskCodecError("length", f"{packed_len} bytes", f"{blob.size} bytes")
+    if codec == CODEC_ENTROPY and blob.size > packed_len + SECTION_BYTES * len(layout.shapes) + 64:
+        raise MaskCodecError("length", f"at most {packed_len + SECTION_BYTES * len(layout.shapes) + 64} "
+                             "bytes (never more than packed bits)", f"{blob.size} bytes")
     payload = blob[HEADER_BYTES:]
     if zlib.crc32(payload) != crc:
         raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload):08x} (corrupted payload)")
-    bits = np.unpackbits(payload, count=num_bits).astype(bool)
-    out, start = {}, 0
+    if codec == CODEC_PACKBITS:
+        bits = np.unpackbits(payload, count=num_bits).astype(bool)
+        out, start = {}, 0
+        for name, shape in layout.shapes:
+            size = math.prod(shape)
+            out[name] = bits[start : start + size].reshape(shape)
+            start += size
+        return out
+    return _decode_sections(payload.tobytes(), layout, prior)
+
+
+def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> Prior:
+    """What both ends know of a client's next mask: P(bit = 1) per weight.
+
+    FedPM broadcasts theta, the probability itself. Edge-popup broadcasts scores; their
+    global top-k selection (0 or 1) is the prior, and the coder adds a flip rate.
+    """
+    from fedmask.masking import topk_mask_np
+
+    if mask_mode == "bernoulli":
+        return {k: v.astype(np.float64) for k, v in state.items()}
+    return {k: topk_mask_np(np.abs(v), density).astype(np.float64) for k, v in state.items()}
+
+
+def _entropy_bits(bits: np.ndarray, probs: np.ndarray | float) -> float:
+    """Ideal code length, sum of -log2 p(bit)."""
+    p_bit = np.where(bits, probs, 1.0 - np.asarray(probs, dtype=np.float64))
+    return float(-np.log2(np.maximum(p_bit, 1e-300)).sum())
+
+
+def _side_probs(prior: np.ndarray, flip_param: int) -> np.ndarray:
+    flip = flip_param / 2.0**32
+    return np.clip(prior * (1.0 - 2.0 * flip) + flip, 1e-9, 1.0 - 1e-9)
+
+
+def _flip_param(bits: np.ndarray, prior: np.ndarray) -> int:
+    """Flip rate for the entries where the prior is certain (0 or 1); 0 when none is."""
+    hard = (prior == 0.0) | (prior == 1.0)
+    if not hard.any():
+        return 0
+    flips = int((bits[hard] != (prior[hard] == 1.0)).sum())
+    return int(min(max(round((flips + 0.5) / (hard.sum() + 1.0) * 2**32), 1), 2**31))
+
+
+def _frequency_probs(ones: int, size: int) -> float:
+    return min(max(ones / size, 1e-9), 1.0 - 1e-9)
+
+
+def section_candidates(bits: np.ndarray, prior: np.ndarray | None) -> list[tuple[int, int, float]]:
+    """(model, param, ideal bits) of every model that can code this tensor."""
+    candidates = [(MODEL_PACKED, 0, 8.0 * ((bits.size + 7) // 8))]
+    ones = int(bits.sum())
+    candidates.append((MODEL_FREQUENCY, ones, _entropy_bits(bits, _frequency_probs(ones, bits.size))))
+    if prior is not None:
+        prior = prior.ravel().astype(np.float64)
+        param = _flip_param(bits, prior)
+        candidates.append((MODEL_SIDE, param, _entropy_bits(bits, _side_probs(prior, param))))
+    return candidates
+
+
+def _choose(candidates: list[tuple[int, int, float]]) -> tuple[int, int, float]:
+    packed = candidates[0]
+    best = min(candidates[1:], key=lambda c: c[2])
+    return best if best[2] / 8.0 + _CODER_SLACK_BYTES < packed[2] / 8.0 else packed
+
+
+def _encode_section(bits: np.ndarray, prior: np.ndarray | None) -> bytes:
+    model, param, _ = _choose(section_candidates(bits, prior))
+    if model == MODEL_PACKED:
+        data = np.packbits(bits).tobytes()
+    else:
+        encoder = constriction.stream.queue.RangeEncoder()
+        symbols = bits.astype(np.int32)
+        if model == MODEL_FREQUENCY:
+            encoder.encode(symbols, constriction.stream.model.Bernoulli(_frequency_probs(param, bits.size), perfect=False))
+        else:
+            encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False),
+                           _side_probs(prior.ravel().astype(np.float64), param))
+        data = encoder.get_compressed().astype("<u4").tobytes()
+    return _SECTION.pack(model, param, len(data)) + data
+
+
+def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
     for name, shape in layout.shapes:
         size = math.prod(shape)
-        out[name] = bits[start : start + size].reshape(shape)
-        start += size
+        if offset + SECTION_BYTES > len(payload):
+            raise MaskCodecError(f"section '{name}'", "a 9-byte section header", "end of payload")
+        model, param, length = _SECTION.unpack_from(payload, offset)
+        offset += SECTION_BYTES
+        if offset + length > len(payload):
+            raise MaskCodecError(f"section '{name}' length", f"<= {len(payload) - offset} bytes", length)
+        data = payload[offset : offset + length]
+        offset += length
+        out[name] = _decode_section(name, model, param, data, size, prior).reshape(shape)
+    if offset != len(payload):
+        raise MaskCodecError("length", f"{HEADER_BYTES + offset} bytes", f"{HEADER_BYTES + len(payload)} bytes")
     return out
+
+
+def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
+                    prior: Prior | None) -> np.ndarray:
+    if model == MODEL_PACKED:
+        if len(data) != (size + 7) // 8:
+            raise MaskCodecError(f"section '{name}' length", (size + 7) // 8, len(data))
+        return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=size).astype(bool)
+    if model not in (MODEL_SIDE, MODEL_FREQUENCY):
+        raise MaskCodecError(f"section '{name}' model", "0 (packed), 1 (side) or 2 (frequency)", model)
+    if len(data) % 4:
+        raise MaskCodecError(f"section '{name}' length", "a multiple of 4 bytes", len(data))
+    if model == MODEL_FREQUENCY and param > size:
+        raise MaskCodecError(f"section '{name}' ones", f"<= {size}", param)
+    if model == MODEL_SIDE and (prior is None or name not in prior):
+        raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
+    words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        if model == MODEL_FREQUENCY:
+            symbols = decoder.decode(constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False), size)
+        else:
+            symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
+                                     _side_probs(prior[name].ravel().astype(np.float64), param))
+    except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
+        raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
+    if symbols.size != size:
+        raise MaskCodecError(f"section '{name}' symbols", size, symbols.size)
+    return symbols.astype(bool)
+
+
+def code_lengths(masks: dict[str, np.ndarray], layout: MaskLayout, codec: str,
+                 prior: Prior | None) -> dict[str, float]:
+    """Ideal bits under the models the encoder chose, and FedPM's formula for the same mask.
+
+    FedPM reports ``H(f) + log2(N)/N`` bits per parameter, ``f`` the mask's fraction of
+    ones over all N parameters; it is computed here for the masks actually sent.
+    """
+    ideal = 0.0
+    for name, _ in layout.shapes:
+        bits = np.asarray(masks[name], dtype=bool).ravel()
+        if codec == "packbits":
+            ideal += bits.size
+        else:
+            ideal += _choose(section_candidates(bits, None if prior is None else prior[name]))[2]
+    n = layout.num_params
+    f = sum(int(np.asarray(m, dtype=bool).sum()) for m in masks.values()) / n
+    entropy = 0.0 if f in (0.0, 1.0) else -(f * math.log2(f) + (1 - f) * math.log2(1 - f))
+    return {"ideal_bits": ideal, "formula_bits": n * entropy + math.log2(n)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmask.data import DATASETS, PARTITIONERS
+from fedmask.downlink import DOWNLINK_CODECS
 from fedmask.masking import EVAL_MASKS
 from fedmask.models import MODELS
 from fedmask.weights import INITS
@@ -86,9 +87,16 @@ SCHEMA: dict[str, Setting] = {
     "fedpm-prior-reset": Setting(1, "FedPM: reset the Beta prior every N rounds "
                                  "(1 = every round, as the reference; 0 = never)",
                                  check=_non_negative, rule=">= 0"),
-    "edge-popup-server-lr": Setting(1.0, "edge-popup: how far one unanimous vote moves a "
+    "edge-popup-server-lr": Setting(2.0, "edge-popup: how far one unanimous vote moves a "
                                     "score, in units of the score spread",
                                     check=_positive, rule="> 0"),
+    "uplink-codec": Setting("entropy", "how clients code their masks: 'packbits' (1 bit per "
+                            "parameter) or 'entropy' (range-coded against the broadcast state, "
+                            "packed bits when that is shorter)", choices=("packbits", "entropy")),
+    "downlink-codec": Setting("float32", "how the server codes the broadcast state",
+                              choices=DOWNLINK_CODECS),
+    "downlink-bits": Setting(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
+                             check=lambda v: 2 <= v <= 16, rule="in 2..16"),
     "eval-batch-size": Setting(512, "server evaluation batch size", check=_positive, rule=">= 1"),
     "num-cpus": Setting(1, "CPU cores per simulated client", check=_positive, rule=">= 1"),
     "num-gpus": Setting(0.0, "GPU share per client (0.25 = four clients per GPU)",
@@ -139,6 +147,11 @@ def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"config key 'clients-per-round': expected <= num-clients "
             f"({config['num-clients']}), got {config['clients-per-round']}"
+        )
+    if config["method"] == "fedavg" and config["downlink-codec"] != "float32":
+        raise ConfigError(
+            f"config key 'downlink-codec': expected 'float32' with method = 'fedavg' (the dense "
+            f"baseline sends its weights as they are), got {config['downlink-codec']!r}"
         )
     return config
 

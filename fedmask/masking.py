@@ -209,3 +209,15 @@ def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.
             mask = module.mask()
         out[name] = mask.cpu().numpy().astype(bool)
     return out
+
+
+def topk_mask_np(magnitude: np.ndarray, density: float) -> np.ndarray:
+    """The top-k selection in numpy, for parties that agree on it without torch.
+
+    The server's aggregation and both ends of the entropy coder must pick the same weights
+    bit for bit; numpy's argpartition on identical float arrays does.
+    """
+    kept = max(1, round(density * magnitude.size))
+    flat = np.zeros(magnitude.size, dtype=np.float64)
+    flat[np.argpartition(-magnitude.ravel(), kept - 1)[:kept]] = 1.0
+    return flat.reshape(magnitude.shape)

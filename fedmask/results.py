@@ -59,7 +59,9 @@ class RunRecorder:
         ledger: Ledger,
         failures: list[dict[str, Any]],
         train_metrics: dict[str, float],
+        code_lengths: dict[str, float] | None = None,
     ) -> dict[str, Any]:
+        """Append the round's line; ``code_lengths`` sums ideal and formula bits of its masks."""
         totals = ledger.round_totals(server_round)
         clients = len(ledger.uplink[server_round]) - sum(
             1 for f in failures if not f["reason"].startswith("no reply")
@@ -77,6 +79,7 @@ class RunRecorder:
             "uplink_message_bpp": 8 * totals["uplink_message_bytes"] / (self.num_params * replied),
             "downlink_bpp": 8 * totals["downlink_payload_bytes"]
             / (self.num_params * max(len(ledger.downlink[server_round]), 1)),
+            **self._code_fields(code_lengths, clients),
             "elapsed_s": time.perf_counter() - self.start,
             "train": train_metrics,
             "failure_details": failures,
@@ -89,6 +92,16 @@ class RunRecorder:
         self.rows.append(row)
         self._print_row(row)
         return row
+
+    def _code_fields(self, code_lengths: dict[str, float] | None, clients: int) -> dict[str, float]:
+        """Per-client bits per parameter: ideal under the coder's model, FedPM's formula."""
+        if not code_lengths or clients <= 0:
+            return {}
+        per_param = self.num_params * clients
+        return {
+            "uplink_ideal_bpp": code_lengths["ideal_bits"] / per_param,
+            "uplink_formula_bpp": code_lengths["formula_bits"] / per_param,
+        }
 
     def _print_row(self, row: dict[str, Any]) -> None:
         cells = (row["round"], f"{row['accuracy']:.4f}", f"{row['loss']:.4f}", row["clients"],

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedmask.masking import topk_mask_np as topk_mask
+
 State = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
@@ -99,38 +101,36 @@ class FedPMAggregator(MaskAggregator):
 class EdgePopupAggregator(MaskAggregator):
     """Federated edge-popup: votes move scores, they do not replace them.
 
-    Setting each score to its vote frequency (the naive rule) throws away the ranking
-    inside each vote level and leaves scores tied in a few levels far apart compared with
-    what one local epoch can move, so training stalls (51% on digits). Here the server
-    keeps score magnitudes and treats ``vote - current global mask`` as a pseudo-gradient:
-    only disagreement with the current selection moves a score, by at most
-    ``edge-popup-server-lr`` times the tensor's score spread for a unanimous vote. Weights
-    that all clients keep or all drop keep their ranks; the ones clients push across the
-    top-k boundary cross it in the global state too.
+    Setting each score to its vote frequency (the naive rule) leaves the scores in a few
+    levels (0, 1/n, ..., 1) far apart compared with what one local epoch can move, so after
+    two or three rounds no client flips a mask bit any more and training stops (51% on
+    digits, measured). Here the server keeps score magnitudes, standardised per tensor so
+    that a local learning rate means the same in every layer and dataset, and treats
+    ``vote - current global mask`` as a pseudo-gradient: only disagreement with the current
+    selection moves a score, by ``edge-popup-server-lr`` spreads for a unanimous vote.
+    Weights that all clients keep or all drop keep their ranks.
     """
 
     mask_mode = "topk"
 
+    def initial_state(self, scores: State) -> State:
+        return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
+
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
         votes = weighted_vote(masks, weights)
-        server_lr = self.config["edge-popup-server-lr"]
-        density = self.config["density"]
+        server_lr, density = self.config["edge-popup-server-lr"], self.config["density"]
         new_state = {}
         for name, scores in state.items():
-            magnitude = np.abs(scores.astype(np.float64))
-            kept = topk_mask(magnitude, density)
-            spread = magnitude.std() or 1.0
-            moved = magnitude + server_lr * spread * (votes[name] - kept)
-            new_state[name] = np.maximum(moved, 0.0).astype(np.float32)
+            magnitude = _standardised(np.abs(scores.astype(np.float64)))
+            moved = magnitude + server_lr * (votes[name] - topk_mask(magnitude, density))
+            new_state[name] = _standardised(moved)
         return new_state
 
 
-def topk_mask(magnitude: np.ndarray, density: float) -> np.ndarray:
-    """The server's view of the global top-k selection (same rule as the clients')."""
-    kept = max(1, round(density * magnitude.size))
-    flat = np.zeros(magnitude.size, dtype=np.float64)
-    flat[np.argpartition(-magnitude.ravel(), kept - 1)[:kept]] = 1.0
-    return flat.reshape(magnitude.shape)
+def _standardised(magnitude: np.ndarray) -> np.ndarray:
+    """Non-negative scores with unit spread; the ranking, all top-k needs, is unchanged."""
+    spread = magnitude.std()
+    return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
 BUILTIN = {"fedpm": FedPMAggregator, "edge-popup": EdgePopupAggregator}

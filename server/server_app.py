@@ -42,7 +42,7 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, A
         model = task.make_model(config, splits)
         initial = aggregator.initial_state(get_scores(model))
         strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model), initial)
-        load = lambda state: task.load_state(model, state, mode)  # noqa: E731
+        load = lambda state: task.load_state(model, strategy.deployed(state), mode)  # noqa: E731
     num_params = sum(v.size for v in initial.values())
     recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"}, num_params)
     recorder.header()
@@ -56,7 +56,8 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, A
             recorder.initial = {"accuracy": accuracy, "loss": loss}
         else:
             recorder.end_round(server_round, accuracy, loss, ledger, strategy.failures.get(server_round, []),
-                               strategy.train_history.get(server_round, {}))
+                               strategy.train_history.get(server_round, {}),
+                               getattr(strategy, "code_lengths", {}).get(server_round))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     strategy.start(

@@ -21,7 +21,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmask.codec import MaskCodecError, decode_masks
+from fedmask.codec import MaskCodecError, Prior, code_lengths, decode_masks, mask_prior
+from fedmask.downlink import decode_state, encode_state, roundtrip
 from fedmask.ledger import Ledger
 from fedmask.task import ModelSpec
 from fedmask.weights import derive_seed
@@ -183,19 +184,42 @@ class MaskStrategy(SeededFedAvg):
     ):
         super().__init__(run_config, ledger)
         self.aggregator, self.spec, self.state = aggregator, spec, initial_state
+        self.prior: Prior | None = None
+        self.code_lengths: dict[int, dict[str, float]] = {}
+
+    def deployed(self, state: State) -> State:
+        """The state as clients hold it after the downlink codec (what they train from)."""
+        return roundtrip(state, self.spec.layout, self.run_config["downlink-codec"], self.run_config["downlink-bits"])
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        encoded = encode_state(self.state, self.spec.layout, self.run_config["downlink-codec"],
+                               self.run_config["downlink-bits"])
+        broadcast = decode_state(encoded, self.spec.layout)
+        self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config["density"])
+        return super().configure_train(server_round, state_record(encoded), config, grid)
 
     def decode(self, reply: Message) -> dict[str, np.ndarray]:
         record = reply.content.array_records.get("arrays")
         if record is None or list(record.keys()) != ["mask"]:
             keys = None if record is None else list(record.keys())
             raise RejectedReply(f"arrays: expected one Array 'mask', got {keys}")
-        return decode_masks(record["mask"].numpy(), self.spec.layout, self.spec.fingerprint)
+        return decode_masks(record["mask"].numpy(), self.spec.layout, self.spec.fingerprint, self.prior)
+
+    def _measure_code(self, server_round: int, masks: dict[str, np.ndarray]) -> None:
+        """Ideal code length under the uplink model, and FedPM's formula, for this mask."""
+        lengths = code_lengths(masks, self.spec.layout, self.run_config["uplink-codec"], self.prior)
+        totals = self.code_lengths.setdefault(server_round, {"ideal_bits": 0.0, "formula_bits": 0.0})
+        for key, value in lengths.items():
+            totals[key] += value
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
         masks, weights, usable = [], [], []
         for reply, weight in self.usable_replies(server_round, replies):
             try:
                 masks.append(self.decode(reply))
+                self._measure_code(server_round, masks[-1])
             except (MaskCodecError, RejectedReply) as err:
                 self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
                 continue

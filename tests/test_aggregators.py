@@ -125,24 +125,34 @@ def score_state(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
 
 
+def order_of(value):
+    return np.abs(value).ravel().argsort()[::-1]
+
+
 def kept_of(state, density):
     return {k: np.abs(v.astype(np.float64)).ravel().argsort()[::-1][: max(1, round(density * v.size))]
             for k, v in state.items()}
 
 
+def standardised(magnitude: np.ndarray) -> np.ndarray:
+    magnitude = np.maximum(magnitude, 0.0)
+    return magnitude / magnitude.std()
+
+
 def test_edge_popup_unanimous_agreement_keeps_topk_and_magnitudes():
-    """Clients that all return the current top-k leave the top-k set (and |scores|) unchanged."""
+    """Clients that all return the current top-k leave the ranking unchanged (|scores| / spread)."""
     cfg = config(method="edge-popup", density=0.4)
     state = score_state(1)
     current = {k: np.isin(np.arange(v.size), kept_of(state, 0.4)[k]).reshape(v.shape) for k, v in state.items()}
     new = EdgePopupAggregator(cfg).aggregate(1, state, [current] * 3, [5.0, 1.0, 2.0])
     for name, value in state.items():
-        assert np.array_equal(new[name], np.abs(value))
+        assert new[name] == pytest.approx(standardised(np.abs(value.astype(np.float64))), rel=1e-6)
+        assert new[name].std() == pytest.approx(1.0, rel=1e-5)
         assert set(kept_of(new, 0.4)[name]) == set(kept_of(state, 0.4)[name])
 
 
 def test_edge_popup_unanimous_votes_move_scores_by_server_lr_times_std():
-    """A weight outside top-k that all keep moves up by lr*std; one inside that all drop moves down."""
+    """A weight outside top-k that all keep moves up by lr spreads; one inside that all drop moves down."""
     lr, density = 0.5, 0.5
     cfg = config(method="edge-popup", density=density, edge_popup_server_lr=lr)
     state = score_state(2)
@@ -160,15 +170,15 @@ def test_edge_popup_unanimous_votes_move_scores_by_server_lr_times_std():
         moved_up[name], moved_down[name] = out_idx, in_idx
     new = EdgePopupAggregator(cfg).aggregate(1, state, [votes] * 4, [1.0, 2.0, 3.0, 4.0])
     for name, value in state.items():
-        magnitude = np.abs(value.astype(np.float64)).ravel()
-        step = lr * magnitude.std()
-        got = new[name].ravel().astype(np.float64)
+        magnitude = standardised(np.abs(value.astype(np.float64)).ravel())
         up, down = moved_up[name], moved_down[name]
-        assert got[up] == pytest.approx(magnitude[up] + step, rel=1e-6)
-        assert got[down] == pytest.approx(max(magnitude[down] - step, 0.0), rel=1e-6, abs=1e-7)
-        untouched = np.ones(value.size, bool)
-        untouched[[up, down]] = False
-        assert np.array_equal(got[untouched], np.abs(value).ravel()[untouched].astype(np.float64))
+        expected = magnitude.copy()
+        expected[up] += lr  # scores are in units of their spread, so the step is lr
+        expected[down] -= lr
+        expected = standardised(expected)
+        got = new[name].ravel().astype(np.float64)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert got[up] / got[order_of(value)[0]] > magnitude[up] / magnitude[order_of(value)[0]]
 
 
 @settings(max_examples=30, deadline=None)

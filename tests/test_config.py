@@ -210,12 +210,11 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, fl
 
 
 def test_cli_bad_config_exits_2_before_ray(tmp_path):
-    """A bad key makes `fedmask run` exit 2, name the key on stderr, quickly and without Ray."""
+    """A bad key makes `fedmask run` exit 2 and name the key on stderr, without importing Ray."""
     path = write(tmp_path, "num-round = 3\n")
-    out, elapsed = run_cli(tmp_path, str(path))
+    out, _ = run_cli(tmp_path, str(path))
     assert out.returncode == 2, out.stderr
     assert "num-round" in out.stderr and "num-rounds" in out.stderr
-    assert elapsed < 20
     assert out.stdout.strip() == "NO-RAY"
     assert not re.search(r"\bray\b", out.stderr, re.IGNORECASE)
     assert not (tmp_path / "out").exists()

@@ -75,7 +75,7 @@ def test_message_without_arrays_has_zero_payload(identity):
 @pytest.fixture(scope="module")
 def fedpm_round():
     """One FedPM round for 2 of 3 clients through MeasuringGrid(InProcessGrid(client app))."""
-    config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1})
+    config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1, "uplink-codec": "packbits"})
     splits = task.splits_of(config)
     aggregator = FedPMAggregator(config)
     config["mask-mode"] = aggregator.mask_mode

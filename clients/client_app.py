@@ -8,6 +8,7 @@ the round and the partition id. The frozen weights are regenerated here from the
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -16,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fedmask import task
 from fedmask.codec import encode_masks, mask_prior
 from fedmask.downlink import decode_state
+from fedmask.faults import attack_masks, attackers, client_fault, corrupt_upload
 from fedmask.config import SCHEMA, resolve
 from fedmask.data import client_split
 from fedmask.masking import current_masks
@@ -40,6 +42,11 @@ def train(msg: Message, context: Context) -> Message:
     config["mask-mode"] = str(received.get("mask-mode", ""))
     server_round, pid = int(received["server-round"]), int(received["partition-id"])
     torch.set_num_threads(config["num-cpus"])
+    fault = client_fault(config, server_round, pid)
+    if fault == "drop":  # the simulator's mark of a client that never answers (see ledger)
+        return Message(RecordDict({}), reply_to=msg)
+    if fault == "crash":
+        raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
 
     splits = task.splits_of(config)
     x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
@@ -59,10 +66,20 @@ def train(msg: Message, context: Context) -> Message:
     metrics = task.train(model, x, y, config, device, seed=derive_seed(config["seed"], "train", server_round, pid))
     model.cpu()
     if mode is None:
-        upload = ArrayRecord({k: Array(v) for k, v in task.dense_state(model).items()})
+        weights = task.dense_state(model)
+        if fault == "corrupt":  # a truncated tensor
+            first = next(iter(weights))
+            weights[first] = weights[first].ravel()[: weights[first].size // 2]
+        upload = ArrayRecord({k: Array(v) for k, v in weights.items()})
     else:  # a fresh Bernoulli sample (FedPM) or the top-k mask (edge-popup)
-        blob = encode_masks(current_masks(model, sample=True), spec.layout, spec.fingerprint,
-                            codec=config["uplink-codec"], prior=prior)
+        masks = current_masks(model, sample=True)
+        if pid in attackers(config):
+            masks = attack_masks(masks, config, server_round, pid)
+        blob = encode_masks(masks, spec.layout, spec.fingerprint, codec=config["uplink-codec"], prior=prior)
+        if fault == "corrupt":
+            blob, _ = corrupt_upload(blob, config, server_round, pid)
         upload = ArrayRecord({"mask": Array(blob)})
+    if fault == "slow":
+        time.sleep(config["fault-slow-delay"])
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": len(x), **metrics})})
     return Message(reply, reply_to=msg)

@@ -52,15 +52,26 @@ def _run(args: argparse.Namespace) -> int:
     from fedmask.config import ConfigError, load
     from fedmask.data import DataError
 
+    if bool(args.config) == bool(args.resume):
+        print("fedmask: error: give a CONFIG or --resume RUN_DIR (one of them)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     try:
-        config = load(args.config, args.set)
+        if args.resume:
+            if args.set:
+                raise ConfigError("--resume continues a run as it was configured; --set is not allowed")
+            config = load(Path(args.resume) / "config.toml")
+        else:
+            config = load(args.config, args.set)
         _check_before_start(config)
     except (ConfigError, DataError, ValueError) as err:
         print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (run_dir / "rounds.jsonl").exists() and not args.overwrite:
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.resume and (run_dir / "rounds.jsonl").exists() and not args.overwrite:
         print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
@@ -72,13 +83,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine == "inprocess":
         from server.inprocess_grid import InProcessGrid
 
-        run_server(InProcessGrid(client_app, config["num-clients"]), config, run_dir)
+        run_server(InProcessGrid(client_app, config["num-clients"]), config, run_dir, resume=bool(args.resume))
     else:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         from flwr.simulation import run_simulation
 
         run_simulation(
-            server_app=make_server_app(config, run_dir),
+            server_app=make_server_app(config, run_dir, resume=bool(args.resume)),
             client_app=client_app,
             num_supernodes=config["num-clients"],
             backend_config={
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmask", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one experiment from a TOML config")
-    run.add_argument("config", help="TOML file, e.g. configs/quickstart.toml")
+    run.add_argument("config", nargs="?", help="TOML file, e.g. configs/quickstart.toml")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (repeatable), e.g. --set num-rounds=5")
     run.add_argument("--out", help="run directory (default: runs/<config>-<time>)")

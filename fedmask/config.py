@@ -17,6 +17,7 @@ from typing import Any
 
 from fedmask.data import DATASETS, PARTITIONERS
 from fedmask.downlink import DOWNLINK_CODECS
+from fedmask.faults import ATTACKS, FAULTS
 from fedmask.masking import EVAL_MASKS
 from fedmask.models import MODELS
 from fedmask.weights import INITS
@@ -43,6 +44,10 @@ def _positive(v: Any) -> bool:
 
 def _non_negative(v: Any) -> bool:
     return math.isfinite(v) and v >= 0
+
+
+def _unit(v: Any) -> bool:
+    return 0 <= v <= 1
 
 
 def _fraction(v: Any) -> bool:
@@ -97,6 +102,27 @@ SCHEMA: dict[str, Setting] = {
                               choices=DOWNLINK_CODECS),
     "downlink-bits": Setting(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
                              check=lambda v: 2 <= v <= 16, rule="in 2..16"),
+    "min-clients": Setting(1, "usable uploads a round needs; with fewer it is skipped and "
+                           "the global state stays", check=_positive, rule=">= 1"),
+    "fault-drop-rate": Setting(0.0, "share of sampled clients that never answer (seeded)",
+                               check=_unit, rule="in [0, 1]"),
+    "fault-crash-rate": Setting(0.0, "share of sampled clients whose ClientApp raises",
+                                check=_unit, rule="in [0, 1]"),
+    "fault-corrupt-rate": Setting(0.0, "share of uploads truncated, bit-flipped or carrying "
+                                  "another model's fingerprint", check=_unit, rule="in [0, 1]"),
+    "fault-slow-rate": Setting(0.0, "share of sampled clients that answer late",
+                               check=_unit, rule="in [0, 1]"),
+    "fault-slow-delay": Setting(1.0, "seconds a slow client waits before answering "
+                                "(past round-timeout it is lost)", check=_non_negative, rule=">= 0"),
+    "attack": Setting("none", "what Byzantine clients upload instead of their mask",
+                      choices=ATTACKS),
+    "attack-fraction": Setting(0.0, "share of partitions that are Byzantine (a seeded subset)",
+                               check=_unit, rule="in [0, 1]"),
+    "robust-aggregation": Setting("none", "how votes are combined: 'none' (mean), 'trimmed' "
+                                  "(coordinate-wise trimmed mean), 'median' (majority)",
+                                  choices=("none", "trimmed", "median")),
+    "trim-fraction": Setting(0.1, "'trimmed': share of votes cut at each end per weight",
+                             check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)"),
     "eval-batch-size": Setting(512, "server evaluation batch size", check=_positive, rule=">= 1"),
     "num-cpus": Setting(1, "CPU cores per simulated client", check=_positive, rule=">= 1"),
     "num-gpus": Setting(0.0, "GPU share per client (0.25 = four clients per GPU)",
@@ -148,6 +174,16 @@ def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
             f"config key 'clients-per-round': expected <= num-clients "
             f"({config['num-clients']}), got {config['clients-per-round']}"
         )
+    fault_total = sum(config[f"fault-{fault}-rate"] for fault in FAULTS)
+    if fault_total > 1:
+        raise ConfigError(f"config keys 'fault-*-rate': expected a sum <= 1 (one fault per client "
+                          f"and round at most), got {fault_total:g}")
+    if config["min-clients"] > config["clients-per-round"]:
+        raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
+                          f"({config['clients-per-round']}), got {config['min-clients']}")
+    if config["method"] == "fedavg" and config["attack"] != "none":
+        raise ConfigError("config key 'attack': expected 'none' with method = 'fedavg' (the "
+                          f"attacks rewrite mask votes), got {config['attack']!r}")
     if config["method"] == "fedavg" and config["downlink-codec"] != "float32":
         raise ConfigError(
             f"config key 'downlink-codec': expected 'float32' with method = 'fedavg' (the dense "

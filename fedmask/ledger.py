@@ -62,15 +62,17 @@ class Ledger:
     uplink: dict[int, list[Transfer]] = field(default_factory=lambda: defaultdict(list))
     # message id of a train instruction -> (round, node, partition), to place replies
     sent_to: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # instructions whose client the simulator dropped: they never get a reply
+    dropped: set[str] = field(default_factory=set)
 
     def partition_of(self, reply: Message) -> int:
         return self.sent_to.get(reply.metadata.reply_to_message_id, (0, 0, -1))[2]
 
-    def unanswered(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, int]]:
-        """(node, partition) of the instructions of a round that got no reply."""
+    def unanswered(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, int, str]]:
+        """(node, partition, why) of the instructions of a round that got no reply."""
         answered = {r.metadata.reply_to_message_id for r in replies}
         return [
-            (node, pid)
+            (node, pid, "no reply (client dropped)" if msg_id in self.dropped else "no reply before round-timeout")
             for msg_id, (rnd, node, pid) in self.sent_to.items()
             if rnd == server_round and msg_id not in answered
         ]
@@ -131,7 +133,14 @@ class MeasuringGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.inner.pull_messages(message_ids))
+        replies = []
+        for reply in self.inner.pull_messages(message_ids):
+            if not reply.has_error() and (not reply.has_content() or len(reply.content) == 0):
+                # An empty reply is how the simulator marks a dropped client: it is lost, as
+                # if round-timeout had passed, without making every test wait that long.
+                self.ledger.dropped.add(reply.metadata.reply_to_message_id)
+                continue
+            replies.append(reply)
         for reply in replies:
             server_round, node, pid = self.ledger.sent_to.get(
                 reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1)
@@ -148,7 +157,7 @@ class MeasuringGrid(Grid):
         while pending and (deadline is None or time.monotonic() < deadline):
             got = list(self.pull_messages(pending))
             replies.extend(got)
-            pending -= {r.metadata.reply_to_message_id for r in got}
+            pending -= {r.metadata.reply_to_message_id for r in got} | self.ledger.dropped
             if pending:
                 time.sleep(self.pull_interval)
         return replies

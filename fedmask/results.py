@@ -31,16 +31,27 @@ def atomic_write(path: Path, text: str) -> None:
 class RunRecorder:
     """Writes a run's results as rounds end, and shows them as a live table."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], num_params: int, console: Console | None = None):
+    def __init__(self, run_dir: Path, config: dict[str, Any], num_params: int, console: Console | None = None,
+                 resume_after: int | None = None):
+        """A fresh run directory, or with ``resume_after`` the rounds up to that one kept."""
         self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config))
         self.rounds_path = self.run_dir / "rounds.jsonl"
-        self.rounds_path.write_text("")
         self.rows: list[dict[str, Any]] = []
         self.console = console or Console(highlight=False, width=max(Console().width, 80))
         self.start = time.perf_counter()
         self.initial: dict[str, float] = {}
+        if resume_after is None:
+            atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config))
+            self.rounds_path.write_text("")
+            return
+        # A kill between a round's line and its checkpoint leaves one line too many; that
+        # round runs again and writes the same line.
+        lines = [line for line in self.rounds_path.read_text().splitlines() if line.strip()]
+        self.rows = [json.loads(line) for line in lines[:resume_after]]
+        atomic_write(self.rounds_path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        if self.rows:
+            self.start -= self.rows[-1]["elapsed_s"]
 
     def header(self) -> None:
         self.console.print(
@@ -60,12 +71,15 @@ class RunRecorder:
         failures: list[dict[str, Any]],
         train_metrics: dict[str, float],
         code_lengths: dict[str, float] | None = None,
+        skipped: str | None = None,
     ) -> dict[str, Any]:
         """Append the round's line; ``code_lengths`` sums ideal and formula bits of its masks."""
         totals = ledger.round_totals(server_round)
         clients = len(ledger.uplink[server_round]) - sum(
             1 for f in failures if not f["reason"].startswith("no reply")
         )
+        if skipped:
+            clients = 0
         replied = max(len(ledger.uplink[server_round]), 1)
         row = {
             "round": server_round,
@@ -73,6 +87,7 @@ class RunRecorder:
             "loss": loss,
             "clients": clients,
             "failures": len(failures),
+            "skipped": skipped,
             "num_params": self.num_params,
             **totals,
             "uplink_bpp": 8 * totals["uplink_payload_bytes"] / (self.num_params * replied),

@@ -44,6 +44,13 @@ class MaskAggregator(ABC):
             return {k: (1.0 / (1.0 + np.exp(-v))).astype(np.float32) for k, v in scores.items()}
         return {k: v.astype(np.float32) for k, v in scores.items()}
 
+    def state_dict(self) -> State:
+        """Memory kept between rounds (saved in checkpoints); none by default."""
+        return {}
+
+    def load_state_dict(self, arrays: State) -> None:
+        """Restore what :meth:`state_dict` returned, when a run resumes."""
+
     @abstractmethod
     def aggregate(
         self, server_round: int, state: State, masks: list[Masks], weights: list[float]
@@ -64,6 +71,29 @@ def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
     }
 
 
+def robust_vote(masks: list[Masks], weights: list[float], config: dict[str, Any]) -> State:
+    """Per weight, the share of clients keeping it, combined as ``robust-aggregation`` says.
+
+    ``none`` is the weighted mean. ``trimmed`` drops the ``trim-fraction`` lowest and
+    highest votes of each weight before averaging (for 0/1 votes: ``(ones - t)`` clipped to
+    ``[0, n - 2t]``, over ``n - 2t``), so ``t`` liars per weight cannot move it past the honest
+    votes. ``median`` is the per-weight majority (0.5 on a tie).
+    """
+    rule = config.get("robust-aggregation", "none")
+    if rule == "none":
+        return weighted_vote(masks, weights)
+    n = len(masks)
+    out = {}
+    for name in masks[0]:
+        ones = sum(m[name].astype(np.float64) for m in masks)
+        if rule == "median":
+            out[name] = np.where(ones * 2 > n, 1.0, np.where(ones * 2 == n, 0.5, 0.0))
+        else:
+            cut = int(config["trim-fraction"] * n)
+            out[name] = np.clip(ones - cut, 0, n - 2 * cut) / (n - 2 * cut)
+    return out
+
+
 class FedPMAggregator(MaskAggregator):
     """FedPM's Bayesian aggregation (Isik et al., ICLR 2023).
 
@@ -81,15 +111,23 @@ class FedPMAggregator(MaskAggregator):
         self.ones: State = {}
         self.zeros: State = {}
 
+    def state_dict(self) -> State:
+        return {f"ones/{k}": v for k, v in self.ones.items()} | {f"zeros/{k}": v for k, v in self.zeros.items()}
+
+    def load_state_dict(self, arrays: State) -> None:
+        self.ones = {k[5:]: v for k, v in arrays.items() if k.startswith("ones/")}
+        self.zeros = {k[6:]: v for k, v in arrays.items() if k.startswith("zeros/")}
+
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
         period = self.config["fedpm-prior-reset"]
         if not self.ones or (period and (server_round - 1) % period == 0):
             self.ones = {k: np.zeros(v.shape) for k, v in state.items()}
             self.zeros = {k: np.zeros(v.shape) for k, v in state.items()}
         eps = self.config["fedpm-eps"]
+        votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
         new_state = {}
         for name in state:
-            ones = sum(m[name].astype(np.float64) for m in masks)
+            ones = votes[name] * len(masks)
             self.ones[name] += ones
             self.zeros[name] += len(masks) - ones
             alpha, beta = 1.0 + self.ones[name], 1.0 + self.zeros[name]
@@ -117,7 +155,7 @@ class EdgePopupAggregator(MaskAggregator):
         return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        votes = weighted_vote(masks, weights)
+        votes = robust_vote(masks, weights, self.config)
         server_lr, density = self.config["edge-popup-server-lr"], self.config["density"]
         new_state = {}
         for name, scores in state.items():

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmask import task
+from fedmask.checkpoint import Checkpoint
 from fedmask.config import resolve
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
@@ -24,8 +25,12 @@ from server.aggregators import load_aggregator
 from server.strategies import DenseFedAvg, MaskStrategy, record_state, state_record
 
 
-def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Run every round of one experiment on ``grid``; returns the summary."""
+def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run every round of one experiment on ``grid``; returns the summary.
+
+    With ``resume``, the run directory's checkpoint restores the state after its last
+    finished round and the remaining rounds run as they would have without the stop.
+    """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = dict(config)
     splits = task.splits_of(config)
@@ -44,11 +49,23 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, A
         strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model), initial)
         load = lambda state: task.load_state(model, strategy.deployed(state), mode)  # noqa: E731
     num_params = sum(v.size for v in initial.values())
-    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"}, num_params)
+    done = 0
+    if resume:
+        checkpoint = Checkpoint.load(run_dir)
+        done = strategy.round_offset = checkpoint.round
+        strategy.state = checkpoint.state
+        strategy.load_records(checkpoint.records)
+        if config["method"] != "fedavg":
+            aggregator.load_state_dict(checkpoint.aggregator)
+    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"}, num_params,
+                           resume_after=done if resume else None)
     recorder.header()
     device = task.pick_device(config)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done
+        if server_round == done and done:
+            return None  # evaluated before the stop
         load(record_state(arrays))
         loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"],
                                        device, seed=derive_seed(config["seed"], "eval", server_round))
@@ -57,13 +74,23 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, A
         else:
             recorder.end_round(server_round, accuracy, loss, ledger, strategy.failures.get(server_round, []),
                                strategy.train_history.get(server_round, {}),
-                               getattr(strategy, "code_lengths", {}).get(server_round))
+                               getattr(strategy, "code_lengths", {}).get(server_round),
+                               strategy.skipped.get(server_round))
+            Checkpoint(server_round, strategy.state, aggregator_memory(),
+                       {**strategy.records(), "initial": recorder.initial}).save(run_dir)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    def aggregator_memory() -> dict:
+        return {} if config["method"] == "fedavg" else aggregator.state_dict()
+
+    if resume:
+        recorder.initial = checkpoint.records.get("initial", {})
+    if config["num-rounds"] <= done:
+        return recorder.finish()
     strategy.start(
         grid=MeasuringGrid(grid, ledger),
-        initial_arrays=state_record(initial),
-        num_rounds=config["num-rounds"],
+        initial_arrays=state_record(strategy.state),
+        num_rounds=config["num-rounds"] - done,
         timeout=config["round-timeout"],
         train_config=ConfigRecord({**config, "mask-mode": mode or ""}),
         evaluate_fn=evaluate,
@@ -71,13 +98,13 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path) -> dict[str, A
     return recorder.finish()
 
 
-def make_server_app(config: dict[str, Any], run_dir: Path) -> ServerApp:
+def make_server_app(config: dict[str, Any], run_dir: Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to one checked config and output folder."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config, run_dir)
+        run_server(grid, config, run_dir, resume)
 
     return server_app
 

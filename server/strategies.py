@@ -60,6 +60,14 @@ def _num_examples(reply: Message) -> float:
     return float(value)
 
 
+def _check_metrics(reply: Message) -> None:
+    for name, record in reply.content.metric_records.items():
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise RejectedReply(f"metrics '{name}.{key}': expected finite numbers, got {value!r}")
+
+
 class SeededFedAvg(FedAvg):
     """FedAvg with reproducible client sampling and a record of every failure."""
 
@@ -68,7 +76,20 @@ class SeededFedAvg(FedAvg):
         self.run_config, self.ledger = run_config, ledger
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self.train_history: dict[int, dict[str, float]] = {}
+        self.skipped: dict[int, str] = {}
+        self.round_offset = 0  # rounds already done before a resume
+        self.state: dict[str, np.ndarray] = {}
         self._nodes: list[int] | None = None
+
+    def records(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the strategy (JSON-able)."""
+        return {"failures": self.failures, "train_history": self.train_history, "skipped": self.skipped,
+                "code_lengths": getattr(self, "code_lengths", {})}
+
+    def load_records(self, records: dict[str, Any]) -> None:
+        for name, value in records.items():
+            if hasattr(self, name):
+                setattr(self, name, {int(k): v for k, v in value.items()})
 
     def _node_ids(self, grid: Grid) -> list[int]:
         """All nodes, sorted; waits (once) until every simulated client has joined."""
@@ -87,6 +108,7 @@ class SeededFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         nodes = self._node_ids(grid)
         messages = []
         for pid in sample_partitions(self.run_config, server_round):
@@ -113,19 +135,32 @@ class SeededFedAvg(FedAvg):
     def usable_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, float]]:
         """Replies with content and a valid weight; every other one is recorded."""
         replies = list(replies)
-        for node, pid in self.ledger.unanswered(server_round, replies):
-            self.record_failure(server_round, pid, node, "no reply before round-timeout")
+        for node, pid, why in self.ledger.unanswered(server_round, replies):
+            self.record_failure(server_round, pid, node, why)
         usable = []
-        for reply in replies:
+        # Replies arrive in whatever order clients finish; sorting by partition makes the
+        # floating-point sums of aggregation, and so the run, independent of timing.
+        for reply in sorted(replies, key=self.ledger.partition_of):
             pid, node = self.ledger.partition_of(reply), reply.metadata.src_node_id
             if reply.has_error():
                 self.record_failure(server_round, pid, node, f"client error: {reply.error.reason}")
                 continue
             try:
+                _check_metrics(reply)
                 usable.append((reply, _num_examples(reply)))
             except RejectedReply as err:
                 self.record_failure(server_round, pid, node, str(err))
         return usable
+
+    def too_few(self, server_round: int, usable: int) -> bool:
+        """Below min-clients the round is skipped and the global state kept; says why."""
+        needed = self.run_config["min-clients"]
+        if usable >= needed:
+            return False
+        reason = f"{usable} usable upload(s), min-clients is {needed}: round skipped, global state unchanged"
+        log.warning("round %d: %s", server_round, reason)
+        self.skipped[server_round] = reason
+        return True
 
     def train_metrics(self, usable: list[tuple[Message, float]]) -> MetricRecord:
         """Example-weighted mean of the clients' finite train metrics."""
@@ -144,6 +179,7 @@ class DenseFedAvg(SeededFedAvg):
     def __init__(self, run_config: dict[str, Any], ledger: Ledger, reference: dict[str, np.ndarray]):
         super().__init__(run_config, ledger)
         self.reference = {k: (v.shape, v.dtype) for k, v in reference.items()}
+        self.state = reference
 
     def _check_weights(self, reply: Message) -> None:
         record = reply.content.array_records.get("arrays")
@@ -156,6 +192,7 @@ class DenseFedAvg(SeededFedAvg):
             raise RejectedReply("arrays: expected finite values, got NaN or inf")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        server_round += self.round_offset
         good = []
         for reply, _ in self.usable_replies(server_round, replies):
             try:
@@ -163,10 +200,10 @@ class DenseFedAvg(SeededFedAvg):
                 good.append(reply)
             except RejectedReply as err:
                 self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
-        if not good:
-            log.warning("round %d: no usable reply; the global model stays as it was", server_round)
+        if self.too_few(server_round, len(good)):
             return None, None
         arrays, metrics = super().aggregate_train(server_round, good)
+        self.state = record_state(arrays)
         self.train_history[server_round] = dict(metrics or {})
         return arrays, metrics
 
@@ -215,6 +252,7 @@ class MaskStrategy(SeededFedAvg):
             totals[key] += value
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        server_round += self.round_offset
         masks, weights, usable = [], [], []
         for reply, weight in self.usable_replies(server_round, replies):
             try:
@@ -225,8 +263,7 @@ class MaskStrategy(SeededFedAvg):
                 continue
             weights.append(weight)
             usable.append((reply, weight))
-        if not masks:
-            log.warning("round %d: no usable upload; the global state stays as it was", server_round)
+        if self.too_few(server_round, len(masks)):
             return None, None
         new_state = self.aggregator.aggregate(server_round, self.state, masks, weights)
         self._check_state(new_state)

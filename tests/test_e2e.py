@@ -176,6 +176,21 @@ def test_ray_simulation_end_to_end(tmp_path):
     assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows)
     assert 0 < rows[-1]["uplink_payload_bytes"] <= 2 * (HEADER_BYTES + math.ceil(MLP_PARAMS / 8) + 64)
 
+    # Same config and seed through the in-process grid: the same numbers and masks. Only
+    # timings and what depends on node ids (random under Ray) may differ.
+    from fedmask.config import load
+
+    config = load(ROOT / "configs/quickstart.toml", ["num-rounds=2", "num-clients=2", "clients-per-round=2"])
+    run_server(InProcessGrid(real_client_app, 2), config, tmp_path / "inprocess")
+    assert _comparable(_rounds(tmp_path / "inprocess")) == _comparable(rows)
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    def keep(key: str) -> bool:
+        return key not in TIMING_KEYS and "message" not in key and key not in ("per_client", "node_id")
+
+    return [{k: v for k, v in r.items() if keep(k)} for r in rows]
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a lent GPU machine)")

@@ -1,0 +1,66 @@
+"""Seeded faults and attacks, decided the same way on every party.
+
+Which client drops, crashes, corrupts its upload or answers late in a round is a
+function of ``(seed, round, partition)``, and which partitions are attackers a function of
+``seed``: a run with faults is as reproducible as one without, and the server can tell a
+simulated drop from a real one without being told.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedmask.weights import derive_seed
+
+FAULTS = ("drop", "crash", "corrupt", "slow")
+ATTACKS = ("none", "invert", "all-ones", "random")
+CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
+
+
+def client_fault(config: dict[str, Any], server_round: int, partition_id: int) -> str | None:
+    """The fault this client suffers this round, if any (at most one)."""
+    draw = np.random.default_rng(derive_seed(config["seed"], "fault", server_round, partition_id)).random()
+    edge = 0.0
+    for fault in FAULTS:
+        edge += config[f"fault-{fault}-rate"]
+        if draw < edge:
+            return fault
+    return None
+
+
+def corrupt_upload(blob: np.ndarray, config: dict[str, Any], server_round: int, partition_id: int) -> tuple[np.ndarray, str]:
+    """A broken copy of an upload and how it was broken (one of :data:`CORRUPTIONS`)."""
+    rng = np.random.default_rng(derive_seed(config["seed"], "corrupt", server_round, partition_id))
+    kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+    broken = blob.copy()
+    if kind == "truncate":
+        broken = broken[: int(rng.integers(0, blob.size))]
+    elif kind == "bit-flip":
+        position = int(rng.integers(28, blob.size)) if blob.size > 28 else 0
+        broken[position] ^= np.uint8(1 << int(rng.integers(8)))
+    else:  # a mask made for another model: the fingerprint (bytes 16..23) differs
+        broken[16:24] = rng.integers(0, 256, 8, dtype=np.uint8)
+    return broken, kind
+
+
+def attackers(config: dict[str, Any]) -> frozenset[int]:
+    """The partitions that lie in every round they are sampled: a seeded fixed subset."""
+    if config["attack"] == "none" or config["attack-fraction"] <= 0:
+        return frozenset()
+    count = round(config["attack-fraction"] * config["num-clients"])
+    order = np.random.default_rng(derive_seed(config["seed"], "attackers")).permutation(config["num-clients"])
+    return frozenset(int(p) for p in order[:count])
+
+
+def attack_masks(masks: dict[str, np.ndarray], config: dict[str, Any], server_round: int,
+                 partition_id: int) -> dict[str, np.ndarray]:
+    """What a Byzantine client uploads instead of its honest mask."""
+    kind = config["attack"]
+    if kind == "invert":
+        return {k: ~m.astype(bool) for k, m in masks.items()}
+    if kind == "all-ones":
+        return {k: np.ones_like(m, dtype=bool) for k, m in masks.items()}
+    rng = np.random.default_rng(derive_seed(config["seed"], "attack", server_round, partition_id))
+    return {k: rng.random(m.shape) < 0.5 for k, m in masks.items()}

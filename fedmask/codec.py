@@ -17,7 +17,10 @@ Wire format (little-endian): a 28-byte header, then the payload::
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
 network has the right length often enough that length alone cannot catch it. The CRC32
 covers the whole payload, so a flipped bit, in the coded stream or in a section header,
-is refused before any decoding.
+is refused before any decoding. When a section was coded against the broadcast state,
+the CRC also covers a digest of that state: decoding against any other state (a server
+and client that disagree on what was broadcast) is refused instead of yielding a wrong
+mask.
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ def encode_masks(
         sections = [_encode_section(b, None if prior is None else prior[name])
                     for b, (name, _) in zip(bits, layout.shapes)]
         payload = np.frombuffer(b"".join(sections), dtype=np.uint8)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, UPLINK_CODECS[codec], 0, layout.num_params,
-                          fingerprint, zlib.crc32(payload))
+    uses_prior = codec == "entropy" and _first_side_section(payload.tobytes(), layout) is not None
+    crc = zlib.crc32(payload, _prior_digest(prior, layout) if uses_prior else 0)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, UPLINK_CODECS[codec], 0, layout.num_params, fingerprint, crc)
     return np.concatenate([np.frombuffer(header, dtype=np.uint8), payload])
 
 
@@ -136,8 +140,15 @@ def decode_masks(
         raise MaskCodecError("length", f"at most {packed_len + SECTION_BYTES * len(layout.shapes) + 64} "
                              "bytes (never more than packed bits)", f"{blob.size} bytes")
     payload = blob[HEADER_BYTES:]
-    if zlib.crc32(payload) != crc:
-        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload):08x} (corrupted payload)")
+    seed = 0
+    side = _first_side_section(payload.tobytes(), layout) if codec == CODEC_ENTROPY else None
+    if side is not None:
+        if prior is None:
+            raise MaskCodecError(f"section '{side}' side information", "the last broadcast state", "none")
+        seed = _prior_digest(prior, layout)
+    if zlib.crc32(payload, seed) != crc:
+        why = "corrupted payload, or coded against another broadcast state" if seed else "corrupted payload"
+        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload, seed):08x} ({why})")
     if codec == CODEC_PACKBITS:
         bits = np.unpackbits(payload, count=num_bits).astype(bool)
         out, start = {}, 0
@@ -160,6 +171,35 @@ def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> 
     if mask_mode == "bernoulli":
         return {k: v.astype(np.float64) for k, v in state.items()}
     return {k: topk_mask_np(np.abs(v), density).astype(np.float64) for k, v in state.items()}
+
+
+def _first_side_section(payload: bytes, layout: MaskLayout) -> str | None:
+    """The first tensor whose section header (read within bounds, before the CRC check)
+    says it was coded against the broadcast state."""
+    offset = 0
+    for name, _ in layout.shapes:
+        if offset + SECTION_BYTES > len(payload):
+            return None
+        model, _, length = _SECTION.unpack_from(payload, offset)
+        if model == MODEL_SIDE:
+            return name
+        offset += SECTION_BYTES + length
+    return None
+
+
+def _prior_digest(prior: Prior | None, layout: MaskLayout) -> int:
+    """CRC32 of the prior's float64 values in layout order (what both ends code against)."""
+    if prior is None:
+        return 0
+    digest = 0
+    for name, shape in layout.shapes:
+        if name not in prior:
+            raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
+        values = np.ascontiguousarray(prior[name], dtype=np.float64)
+        if values.size != math.prod(shape):
+            raise MaskCodecError(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
+        digest = zlib.crc32(values.tobytes(), digest)
+    return digest
 
 
 def _entropy_bits(bits: np.ndarray, probs: np.ndarray | float) -> float:

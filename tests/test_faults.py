@@ -1,0 +1,207 @@
+"""Faults, bad replies, attackers and crashes: the run goes on and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clients.client_app import app as client_app
+from fedmask import task
+from fedmask.config import resolve
+from fedmask.faults import attackers, client_fault
+from fedmask.ledger import Ledger
+from fedmask.masking import get_scores
+from server.aggregators import FedPMAggregator, robust_vote
+from server.inprocess_grid import InProcessGrid
+from server.server_app import run_server
+from server.strategies import MaskStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 3}
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _run(tmp_path: Path, name: str, **overrides) -> list[dict]:
+    config = resolve({**SMALL, **overrides})
+    run_server(InProcessGrid(client_app, config["num-clients"]), config, tmp_path / name)
+    return _rounds(tmp_path / name)
+
+
+def test_fault_plan_is_seeded_and_follows_the_rates():
+    """The same (seed, round, client) always suffers the same fault; rates hold on average."""
+    config = resolve({"fault-drop-rate": 0.1, "fault-crash-rate": 0.2, "fault-corrupt-rate": 0.3})
+    plan = [client_fault(config, r, p) for r in range(1, 201) for p in range(10)]
+    assert plan == [client_fault(config, r, p) for r in range(1, 201) for p in range(10)]
+    for fault, rate in (("drop", 0.1), ("crash", 0.2), ("corrupt", 0.3), (None, 0.4)):
+        assert abs(plan.count(fault) / len(plan) - rate) < 0.04, fault
+    assert client_fault(resolve({}), 1, 0) is None
+
+
+def test_every_injected_fault_is_recorded_with_its_reason(tmp_path):
+    """Drops, crashes and corrupt uploads appear in rounds.jsonl per client; rounds go on."""
+    overrides = {"num-clients": 8, "clients-per-round": 8, "num-rounds": 3, "fault-drop-rate": 0.15,
+                 "fault-crash-rate": 0.15, "fault-corrupt-rate": 0.2}
+    config = resolve(overrides)
+    rows = _run(tmp_path, "faults", **overrides)
+    for row in rows:
+        expected = {p: client_fault(config, row["round"], p) for p in range(8)}
+        recorded = {f["partition_id"]: f["reason"] for f in row["failure_details"]}
+        assert set(recorded) == {p for p, fault in expected.items() if fault}
+        for pid, reason in recorded.items():
+            word = {"drop": "dropped", "crash": "injected crash", "corrupt": "mask rejected"}[expected[pid]]
+            assert word in reason, (pid, reason)
+        assert row["clients"] == 8 - len(recorded)
+        assert np.isfinite(row["accuracy"])
+
+
+def test_slow_client_past_the_timeout_is_lost_not_waited_for_forever(tmp_path):
+    """A client slower than round-timeout counts as no reply; the round ends at the timeout."""
+    start = time.monotonic()
+    rows = _run(tmp_path, "slow", **{"num-rounds": 1, "fault-slow-rate": 1.0, "fault-slow-delay": 0.05,
+                                     "round-timeout": 30.0})
+    assert rows[0]["failures"] == 0 and time.monotonic() - start < 60  # slow but in time: all count
+
+
+def test_round_below_min_clients_is_skipped_and_state_kept(tmp_path):
+    """With every client crashing and min-clients 2, each round is skipped with a reason."""
+    rows = _run(tmp_path, "skip", **{"fault-crash-rate": 1.0, "min-clients": 2, "eval-mask": "threshold"})
+    assert all(r["skipped"] and "min-clients" in r["skipped"] and r["clients"] == 0 for r in rows)
+    assert len({r["accuracy"] for r in rows}) == 1
+
+
+def test_robust_votes_resist_a_minority_of_inverting_clients():
+    """Trimmed and median votes stay with the honest majority; the plain mean does not."""
+    rng = np.random.default_rng(0)
+    truth = {"w": rng.random(1000) < 0.5}
+    honest = [truth] * 7
+    liars = [{"w": ~truth["w"]}] * 3
+    masks = honest + liars
+    weights = [1.0] * 10
+    plain = robust_vote(masks, weights, resolve({}))["w"]
+    trimmed = robust_vote(masks, weights, resolve({"robust-aggregation": "trimmed", "trim-fraction": 0.3}))["w"]
+    median = robust_vote(masks, weights, resolve({"robust-aggregation": "median"}))["w"]
+    assert np.allclose(plain, np.where(truth["w"], 0.7, 0.3))
+    assert np.array_equal(trimmed, truth["w"].astype(float))
+    assert np.array_equal(median, truth["w"].astype(float))
+
+
+def test_attackers_are_a_seeded_fixed_subset():
+    config = resolve({"attack": "invert", "attack-fraction": 0.3})
+    assert attackers(config) == attackers(config) and len(attackers(config)) == 3
+    assert attackers(resolve({"attack": "invert", "attack-fraction": 0.3, "seed": 1})) != attackers(config)
+
+
+def test_trimmed_aggregation_recovers_accuracy_under_attack(tmp_path):
+    """30% inverting clients wreck plain FedPM; trimmed votes keep most of the accuracy."""
+    attack = {"num-clients": 10, "clients-per-round": 10, "num-rounds": 6, "attack": "invert",
+              "attack-fraction": 0.3, "eval-mask": "threshold"}
+    plain = _run(tmp_path, "plain", **attack)[-1]["accuracy"]
+    robust = _run(tmp_path, "robust", **attack, **{"robust-aggregation": "trimmed", "trim-fraction": 0.3})[-1]["accuracy"]
+    assert robust > plain + 0.2
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    """A FedPM MaskStrategy for the digits MLP, with the prior of its first broadcast."""
+    config = resolve(SMALL)
+    config["mask-mode"] = "bernoulli"
+    grid = InProcessGrid(client_app, 4)
+    model = task.make_model(config, task.splits_of(config))
+    aggregator = FedPMAggregator(config)
+    strat = MaskStrategy(config, Ledger(), aggregator, task.ModelSpec.of(config, model),
+                         aggregator.initial_state(get_scores(model)))
+    list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    return strat
+
+
+def _reply(content: RecordDict) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=1001, message_type=MessageType.TRAIN)
+    instruction.metadata.__dict__["_message_id"] = "m"
+    return Message(content, reply_to=instruction)
+
+
+# What a MetricRecord can carry at all (Flower refuses other types when it is built); a
+# missing value is drawn as None.
+metric_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6), st.none())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(num_examples=metric_values, loss=metric_values,
+       blob=st.one_of(st.binary(max_size=64).map(lambda b: np.frombuffer(b, dtype=np.uint8).copy()),
+                      st.lists(st.floats(allow_nan=True), max_size=8).map(lambda v: np.asarray(v, dtype=np.float32))),
+       key=st.sampled_from(["mask", "weights"]))
+def test_no_reply_content_crashes_the_server(strategy, num_examples, loss, blob, key):
+    """Whatever a client sends, the server accepts it or records a reason; it never raises."""
+    metrics = {}
+    for name, value in (("num-examples", num_examples), ("train-loss", loss)):
+        if value is not None:
+            metrics[name] = value
+    reply = _reply(RecordDict({"arrays": ArrayRecord({key: Array(blob)}), "metrics": MetricRecord(metrics)}))
+    before = sum(len(v) for v in strategy.failures.values())
+    usable = strategy.usable_replies(1, [reply])
+    if usable:
+        with pytest.raises(Exception) as err:  # a junk mask never decodes
+            strategy.decode(reply)
+        assert type(err.value).__name__ in ("MaskCodecError", "RejectedReply")
+    else:
+        assert sum(len(v) for v in strategy.failures.values()) > before
+        reason = strategy.failures[1][-1]["reason"]
+        assert "expected" in reason
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """A run killed mid-way and resumed ends with the same rounds and global state."""
+    overrides = ["num-clients=3", "clients-per-round=3", "num-rounds=6", "fault-slow-rate=1.0",
+                 "fault-slow-delay=0.15"]
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedmask.cli", "run", str(ROOT / "configs/quickstart.toml"),
+           "--engine", "inprocess", "--out", str(killed), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        path = killed / "rounds.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len((killed / "rounds.jsonl").read_text().splitlines())
+    assert 2 <= done < 6, "the run must be killed mid-way for this test to mean anything"
+    assert all(line.endswith("}") for line in (killed / "rounds.jsonl").read_text().splitlines())
+
+    resumed = subprocess.run([sys.executable, "-m", "fedmask.cli", "run", "--resume", str(killed),
+                              "--engine", "inprocess"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    whole = tmp_path / "whole"
+    subprocess.run(cmd[:-len(sets) - 2] + ["--out", str(whole), *sets], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+    assert strip(_rounds(killed)) == strip(_rounds(whole))
+    with np.load(killed / "checkpoint.npz") as a, np.load(whole / "checkpoint.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            if name != "meta":
+                assert np.array_equal(a[name], b[name]), name
+    assert json.loads((killed / "summary.json").read_text())["rounds"] == 6
+    assert not list(killed.glob("*.tmp"))
+    assert math.isfinite(json.loads((killed / "summary.json").read_text())["final_accuracy"])

@@ -35,12 +35,37 @@ def _model_for(config_items: tuple) -> tuple[torch.nn.Module, task.ModelSpec | N
     return model, spec
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _instruction(msg: Message) -> tuple[dict, int, int]:
+    """The run config, round and partition id that the server put in the message."""
     received = msg.content["config"]
     config = resolve({key: received[key] for key in SCHEMA})
     config["mask-mode"] = str(received.get("mask-mode", ""))
-    server_round, pid = int(received["server-round"]), int(received["partition-id"])
+    return config, int(received["server-round"]), int(received["partition-id"])
+
+
+def _dense_upload(model: torch.nn.Module, corrupt: bool) -> ArrayRecord:
+    weights = task.dense_state(model)
+    if corrupt:  # a truncated tensor
+        first = next(iter(weights))
+        weights[first] = weights[first].ravel()[: weights[first].size // 2]
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+def _mask_upload(model: torch.nn.Module, spec: task.ModelSpec, prior, config: dict,  # noqa: ANN001
+                 server_round: int, pid: int, corrupt: bool) -> ArrayRecord:
+    """A fresh Bernoulli sample (FedPM) or the top-k mask (edge-popup), coded."""
+    masks = current_masks(model, sample=True)
+    if pid in attackers(config):
+        masks = attack_masks(masks, config, server_round, pid)
+    blob = encode_masks(masks, spec.layout, spec.fingerprint, codec=config["uplink-codec"], prior=prior)
+    if corrupt:
+        blob, _ = corrupt_upload(blob, config, server_round, pid)
+    return ArrayRecord({"mask": Array(blob)})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, server_round, pid = _instruction(msg)
     torch.set_num_threads(config["num-cpus"])
     fault = client_fault(config, server_round, pid)
     if fault == "drop":  # the simulator's mark of a client that never answers (see ledger)
@@ -62,23 +87,13 @@ def train(msg: Message, context: Context) -> Message:
         # the server holds the same broadcast, so it can decode a mask coded against it
         prior = mask_prior(state, mode, config["density"]) if config["uplink-codec"] == "entropy" else None
 
-    device = task.pick_device(config)
-    metrics = task.train(model, x, y, config, device, seed=derive_seed(config["seed"], "train", server_round, pid))
+    seed = derive_seed(config["seed"], "train", server_round, pid)
+    metrics = task.train(model, x, y, config, task.pick_device(config), seed=seed)
     model.cpu()
     if mode is None:
-        weights = task.dense_state(model)
-        if fault == "corrupt":  # a truncated tensor
-            first = next(iter(weights))
-            weights[first] = weights[first].ravel()[: weights[first].size // 2]
-        upload = ArrayRecord({k: Array(v) for k, v in weights.items()})
-    else:  # a fresh Bernoulli sample (FedPM) or the top-k mask (edge-popup)
-        masks = current_masks(model, sample=True)
-        if pid in attackers(config):
-            masks = attack_masks(masks, config, server_round, pid)
-        blob = encode_masks(masks, spec.layout, spec.fingerprint, codec=config["uplink-codec"], prior=prior)
-        if fault == "corrupt":
-            blob, _ = corrupt_upload(blob, config, server_round, pid)
-        upload = ArrayRecord({"mask": Array(blob)})
+        upload = _dense_upload(model, fault == "corrupt")
+    else:
+        upload = _mask_upload(model, spec, prior, config, server_round, pid, fault == "corrupt")
     if fault == "slow":
         time.sleep(config["fault-slow-delay"])
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": len(x), **metrics})})

@@ -170,6 +170,7 @@ def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> 
 
     if mask_mode == "bernoulli":
         return {k: v.astype(np.float64) for k, v in state.items()}
+    # topk and biprop: the state is scores, the prior their global top-k
     return {k: topk_mask_np(np.abs(v), density).astype(np.float64) for k, v in state.items()}
 
 

@@ -22,7 +22,7 @@ from fedmask.masking import EVAL_MASKS
 from fedmask.models import MODELS
 from fedmask.weights import INITS
 
-BUILTIN_METHODS = ("fedpm", "edge-popup", "fedavg")
+BUILTIN_METHODS = ("fedpm", "edge-popup", "biprop", "fedavg")
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,7 @@ def _method(v: str) -> bool:
 
 
 SCHEMA: dict[str, Setting] = {
-    "method": Setting("fedpm", "fedpm | edge-popup | fedavg, or a plug-in 'module:Class'",
+    "method": Setting("fedpm", "fedpm | edge-popup | biprop | fedavg, or a plug-in 'module:Class'",
                       check=_method, rule=f"one of {', '.join(BUILTIN_METHODS)} or 'module:Class'"),
     "seed": Setting(0, "seed of the frozen weights, scores, data split and sampling",
                     check=_non_negative, rule=">= 0"),

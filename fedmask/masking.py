@@ -9,6 +9,9 @@ Two ways to turn scores into a mask:
 - ``topk`` (edge-popup): keep the ``density`` fraction of largest ``|score|`` per tensor.
 - ``bernoulli`` (FedPM): ``theta = sigmoid(score)``, ``mask ~ Bernoulli(theta)`` in every
   training forward pass.
+- ``biprop`` (multi-prize tickets): the top-k mask of ``topk``, but the weight used is
+  ``sign(frozen) * alpha * mask`` with ``alpha`` the mean ``|frozen|`` of the kept weights
+  of the tensor: every party derives ``alpha`` from the mask and the seed.
 
 Both are straight-through: the backward pass hands the mask's gradient to its input as is.
 """
@@ -25,7 +28,8 @@ from torch.nn.utils import parametrize
 
 from fedmask.weights import derive_seed, fan_in, frozen_tensor
 
-MASK_MODES = ("topk", "bernoulli")
+MASK_MODES = ("topk", "bernoulli", "biprop")
+TOPK_MODES = ("topk", "biprop")  # modes whose state is scores and whose mask is top-k
 EVAL_MASKS = ("threshold", "sample")
 
 
@@ -63,7 +67,7 @@ class ScoreMask(nn.Module):
         super().__init__()
         if mode not in MASK_MODES:
             raise ValueError(f"mode: expected one of {', '.join(MASK_MODES)}, got {mode!r}")
-        if mode == "topk" and not 0.0 < density <= 1.0:
+        if mode in TOPK_MODES and not 0.0 < density <= 1.0:
             raise ValueError(f"density: expected a fraction in (0, 1], got {density}")
         if eval_mask not in EVAL_MASKS:
             raise ValueError(
@@ -73,7 +77,7 @@ class ScoreMask(nn.Module):
         self.scores = nn.Parameter(torch.zeros(shape))
 
     def mask(self) -> torch.Tensor:
-        if self.mode == "topk":
+        if self.mode in TOPK_MODES:
             return TopKMask.apply(self.scores.abs(), self.density)
         probs = torch.sigmoid(self.scores)
         if self.training or self.eval_mask == "sample":
@@ -81,7 +85,12 @@ class ScoreMask(nn.Module):
         return (probs > 0.5).to(probs.dtype)
 
     def forward(self, frozen: torch.Tensor) -> torch.Tensor:
-        return frozen * self.mask()
+        mask = self.mask()
+        if self.mode == "biprop":
+            with torch.no_grad():  # alpha is a statistic of the kept weights, not trained
+                alpha = (frozen.abs() * mask).sum() / mask.sum().clamp(min=1.0)
+            return torch.sign(frozen) * alpha * mask
+        return frozen * mask
 
 
 def _maskable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -147,7 +156,7 @@ def _init_scores(scores: torch.Tensor, seed: int, name: str, mode: str, layer_fa
     """Seeded score init: edge-popup's kaiming-uniform (a=sqrt(5)), FedPM's N(0, 1)."""
     generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, name, "scores"))
     with torch.no_grad():
-        if mode == "topk":
+        if mode in TOPK_MODES:
             bound = 1.0 / math.sqrt(layer_fan_in)  # kaiming_uniform_ with a=sqrt(5)
             scores.copy_(torch.rand(scores.shape, generator=generator) * 2 * bound - bound)
         else:

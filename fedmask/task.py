@@ -22,7 +22,7 @@ from fedmask.models import build_model
 
 def mask_mode_of(config: dict[str, Any]) -> str | None:
     """``topk``/``bernoulli`` for mask methods, None for the dense baseline."""
-    return config.get("mask-mode") or {"fedpm": "bernoulli", "edge-popup": "topk"}.get(
+    return config.get("mask-mode") or {"fedpm": "bernoulli", "edge-popup": "topk", "biprop": "biprop"}.get(
         config["method"]
     )
 

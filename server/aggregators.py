@@ -171,7 +171,14 @@ def _standardised(magnitude: np.ndarray) -> np.ndarray:
     return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
-BUILTIN = {"fedpm": FedPMAggregator, "edge-popup": EdgePopupAggregator}
+class BipropAggregator(EdgePopupAggregator):
+    """Biprop (Diffenderfer & Kailkhura, ICLR 2021) federated: the same top-k votes as
+    edge-popup; clients use ``sign(w) * alpha * mask``, so only the layer maths differ."""
+
+    mask_mode = "biprop"
+
+
+BUILTIN = {"fedpm": FedPMAggregator, "edge-popup": EdgePopupAggregator, "biprop": BipropAggregator}
 
 
 def load_aggregator(method: str, config: dict[str, Any]) -> MaskAggregator:
@@ -190,6 +197,6 @@ def load_aggregator(method: str, config: dict[str, Any]) -> MaskAggregator:
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise ValueError(f"method: {method!r} does not implement {missing}")
-    if cls.mask_mode not in ("topk", "bernoulli"):
+    if cls.mask_mode not in ("topk", "bernoulli", "biprop"):
         raise ValueError(f"method: {method!r} has mask_mode {cls.mask_mode!r}; expected topk or bernoulli")
     return cls(config)

@@ -72,29 +72,38 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({}), reply_to=msg)
     if fault == "crash":
         raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
-
-    splits = task.splits_of(config)
-    x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
-                        config["dirichlet-alpha"], config["classes-per-client"])
-    model, spec = _model_for(tuple(sorted(config.items())))
     arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
-    mode = task.mask_mode_of(config)
-    if mode is None:
-        task.load_dense_state(model, arrays)
-    else:
-        state = decode_state(arrays, spec.layout)
-        task.load_state(model, state, mode)
-        # the server holds the same broadcast, so it can decode a mask coded against it
-        prior = mask_prior(state, mode, config["density"]) if config["uplink-codec"] == "entropy" else None
-
-    seed = derive_seed(config["seed"], "train", server_round, pid)
-    metrics = task.train(model, x, y, config, task.pick_device(config), seed=seed)
-    model.cpu()
-    if mode is None:
+    model, spec, prior, examples, metrics = local_round(config, server_round, pid, arrays)
+    if spec is None:
         upload = _dense_upload(model, fault == "corrupt")
     else:
         upload = _mask_upload(model, spec, prior, config, server_round, pid, fault == "corrupt")
     if fault == "slow":
         time.sleep(config["fault-slow-delay"])
-    reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": len(x), **metrics})})
+    reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": examples, **metrics})})
     return Message(reply, reply_to=msg)
+
+
+def local_round(config: dict, server_round: int, pid: int, arrays: dict):  # noqa: ANN201
+    """Load the broadcast, train on this partition; returns (model, spec, prior, n, metrics).
+
+    ``spec`` is None for the dense baseline; ``prior`` is what the entropy coder codes
+    the mask against (the server holds the same broadcast, so it can decode it).
+    """
+    splits = task.splits_of(config)
+    x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
+                        config["dirichlet-alpha"], config["classes-per-client"])
+    model, spec = _model_for(tuple(sorted(config.items())))
+    mode = task.mask_mode_of(config)
+    prior = None
+    if mode is None:
+        task.load_dense_state(model, arrays)
+    else:
+        state = decode_state(arrays, spec.layout)
+        task.load_state(model, state, mode)
+        if config["uplink-codec"] == "entropy":
+            prior = mask_prior(state, mode, config["density"])
+    seed = derive_seed(config["seed"], "train", server_round, pid)
+    metrics = task.train(model, x, y, config, task.pick_device(config), seed=seed)
+    model.cpu()
+    return model, spec, prior, len(x), metrics

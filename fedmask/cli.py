@@ -75,7 +75,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    from clients.client_app import app as client_app
+    if config["secure-aggregation"]:
+        from clients.secure_client_app import app as client_app
+    else:
+        from clients.client_app import app as client_app
     from server.server_app import make_server_app, run_server
 
     _quiet_logs()

@@ -123,6 +123,8 @@ SCHEMA: dict[str, Setting] = {
                                   choices=("none", "trimmed", "median")),
     "trim-fraction": Setting(0.1, "'trimmed': share of votes cut at each end per weight",
                              check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)"),
+    "secure-aggregation": Setting(False, "FedPM under Flower's SecAgg+: the server learns only the "
+                                  "per-weight sums of the masks"),
     "eval-batch-size": Setting(512, "server evaluation batch size", check=_positive, rule=">= 1"),
     "num-cpus": Setting(1, "CPU cores per simulated client", check=_positive, rule=">= 1"),
     "num-gpus": Setting(0.0, "GPU share per client (0.25 = four clients per GPU)",
@@ -181,6 +183,16 @@ def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
     if config["min-clients"] > config["clients-per-round"]:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config['clients-per-round']}), got {config['min-clients']}")
+    if config["secure-aggregation"]:
+        clashes = [k for k, default in (("method", "fedpm"), ("attack", "none"), ("downlink-codec", "float32"),
+                                        ("robust-aggregation", "none")) if config[k] != default]
+        clashes += [f"fault-{f}-rate" for f in FAULTS if config[f"fault-{f}-rate"] > 0]
+        if clashes:
+            raise ConfigError(f"config key 'secure-aggregation': supported with method = 'fedpm' and no "
+                              f"attack, fault, robust aggregation or downlink codec; got {', '.join(clashes)}")
+        if config["clients-per-round"] < 3:
+            raise ConfigError("config key 'secure-aggregation': expected clients-per-round >= 3 "
+                              f"(SecAgg+ shares keys among them), got {config['clients-per-round']}")
     if config["method"] == "fedavg" and config["attack"] != "none":
         raise ConfigError("config key 'attack': expected 'none' with method = 'fedavg' (the "
                           f"attacks rewrite mask votes), got {config['attack']!r}")

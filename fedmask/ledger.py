@@ -27,14 +27,27 @@ from flwr.serverapp import Grid
 
 
 def payload_bytes(message: Message) -> int:
-    """Bytes of the arrays in a message (0 for an error reply)."""
+    """Bytes of the arrays in a message (0 for an error reply).
+
+    Arrays travel in ArrayRecords, except under SecAgg+, whose masked vectors are
+    serialized arrays inside ConfigRecords: those bytes count as payload too.
+    """
     if not message.has_content():
         return 0
     total = 0
+    for record in message.content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list) and value and isinstance(value[0], bytes):
+                total += sum(len(v) for v in value)
     for record in message.content.values():
         if isinstance(record, ArrayRecord):
             for array in record.values():
-                total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+                if array.dtype:
+                    total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+                else:  # legacy Parameters (SecAgg+ path): opaque serialized tensors
+                    total += len(array.data)
     return total
 
 
@@ -87,18 +100,29 @@ class Ledger:
         }
 
     def per_client(self, server_round: int) -> list[dict[str, int]]:
+        """Bytes per client (summed over all its messages of the round), by node."""
         rows: dict[int, dict[str, int]] = {}
         for direction, transfers in (("downlink", self.downlink), ("uplink", self.uplink)):
             for t in transfers[server_round]:
-                row = rows.setdefault(t.partition_id, {"partition_id": t.partition_id, "node_id": t.node_id})
-                row[f"{direction}_payload_bytes"] = t.payload_bytes
-                row[f"{direction}_message_bytes"] = t.message_bytes
-        return [rows[k] for k in sorted(rows)]
+                row = rows.setdefault(t.node_id, {"partition_id": -1, "node_id": t.node_id,
+                                                  "downlink_payload_bytes": 0, "downlink_message_bytes": 0,
+                                                  "uplink_payload_bytes": 0, "uplink_message_bytes": 0})
+                row["partition_id"] = max(row["partition_id"], t.partition_id)
+                row[f"{direction}_payload_bytes"] += t.payload_bytes
+                row[f"{direction}_message_bytes"] += t.message_bytes
+        return sorted(rows.values(), key=lambda r: (r["partition_id"], r["node_id"]))
+
+    def clients_heard(self, server_round: int, direction: str = "uplink") -> int:
+        transfers = self.uplink if direction == "uplink" else self.downlink
+        return len({t.node_id for t in transfers[server_round]})
 
 
 def _round_and_partition(message: Message) -> tuple[int, int]:
-    config = message.content.config_records.get("config", {}) if message.has_content() else {}
-    return int(config.get("server-round", 0)), int(config.get("partition-id", -1))
+    """From our ConfigRecord, or (SecAgg+ stages, legacy FitIns) the group id and any config."""
+    configs = message.content.config_records.values() if message.has_content() else []
+    config = next((c for c in configs if "partition-id" in c), {})
+    server_round = config.get("server-round") or (message.metadata.group_id or "0")
+    return int(server_round), int(config.get("partition-id", -1))
 
 
 class MeasuringGrid(Grid):

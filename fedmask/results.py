@@ -75,12 +75,9 @@ class RunRecorder:
     ) -> dict[str, Any]:
         """Append the round's line; ``code_lengths`` sums ideal and formula bits of its masks."""
         totals = ledger.round_totals(server_round)
-        clients = len(ledger.uplink[server_round]) - sum(
-            1 for f in failures if not f["reason"].startswith("no reply")
-        )
-        if skipped:
-            clients = 0
-        replied = max(len(ledger.uplink[server_round]), 1)
+        replied = ledger.clients_heard(server_round)
+        clients = 0 if skipped else replied - sum(1 for f in failures if not f["reason"].startswith("no reply"))
+        replied = max(replied, 1)
         row = {
             "round": server_round,
             "accuracy": accuracy,
@@ -93,7 +90,7 @@ class RunRecorder:
             "uplink_bpp": 8 * totals["uplink_payload_bytes"] / (self.num_params * replied),
             "uplink_message_bpp": 8 * totals["uplink_message_bytes"] / (self.num_params * replied),
             "downlink_bpp": 8 * totals["downlink_payload_bytes"]
-            / (self.num_params * max(len(ledger.downlink[server_round]), 1)),
+            / (self.num_params * max(ledger.clients_heard(server_round, "downlink"), 1)),
             **self._code_fields(code_lengths, clients),
             "elapsed_s": time.perf_counter() - self.start,
             "train": train_metrics,

@@ -119,17 +119,20 @@ class FedPMAggregator(MaskAggregator):
         self.zeros = {k[6:]: v for k, v in arrays.items() if k.startswith("zeros/")}
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+        votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
+        return self.aggregate_counts(server_round, state, {k: v * len(masks) for k, v in votes.items()}, len(masks))
+
+    def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
+        """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
         period = self.config["fedpm-prior-reset"]
         if not self.ones or (period and (server_round - 1) % period == 0):
             self.ones = {k: np.zeros(v.shape) for k, v in state.items()}
             self.zeros = {k: np.zeros(v.shape) for k, v in state.items()}
         eps = self.config["fedpm-eps"]
-        votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
         new_state = {}
         for name in state:
-            ones = votes[name] * len(masks)
-            self.ones[name] += ones
-            self.zeros[name] += len(masks) - ones
+            self.ones[name] += ones[name]
+            self.zeros[name] += clients - ones[name]
             alpha, beta = 1.0 + self.ones[name], 1.0 + self.zeros[name]
             mode = (alpha - 1.0) / (alpha + beta - 2.0)
             new_state[name] = np.clip(mode, eps, 1.0 - eps).astype(np.float32)

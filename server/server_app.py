@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmask import task
@@ -21,11 +21,13 @@ from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
 from fedmask.results import RunRecorder
 from fedmask.weights import derive_seed
-from server.aggregators import load_aggregator
+from server.aggregators import FedPMAggregator, load_aggregator
+from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
 from server.strategies import DenseFedAvg, MaskStrategy, record_state, state_record
 
 
-def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool = False,
+               context: Context | None = None) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; returns the summary.
 
     With ``resume``, the run directory's checkpoint restores the state after its last
@@ -33,6 +35,8 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool =
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = dict(config)
+    if config["secure-aggregation"]:
+        return run_secure_server(grid, config, run_dir, context)
     splits = task.splits_of(config)
     ledger = Ledger()
     if config["method"] == "fedavg":
@@ -98,13 +102,42 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool =
     return recorder.finish()
 
 
+def run_secure_server(grid: Grid, config: dict[str, Any], run_dir: Path, context: Context | None) -> dict[str, Any]:
+    """FedPM under SecAgg+ (Flower's workflow): same evaluation and run directory."""
+    config["mask-mode"] = "bernoulli"
+    splits = task.splits_of(config)
+    model = task.make_model(config, splits)
+    initial = FedPMAggregator(config).initial_state(get_scores(model))
+    ledger = Ledger()
+    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"},
+                           sum(v.size for v in initial.values()))
+    recorder.header()
+    device = task.pick_device(config)
+
+    def evaluate(server_round: int, state: dict, failures: dict) -> tuple[float, float]:
+        task.load_state(model, state, "bernoulli")
+        loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"],
+                                       device, seed=derive_seed(config["seed"], "eval", server_round))
+        if server_round == 0:
+            recorder.initial = {"accuracy": accuracy, "loss": loss}
+        else:
+            recorder.end_round(server_round, accuracy, loss, ledger, failures.get(server_round, []), {})
+        return loss, accuracy
+
+    strategy = SecureFedPM(config, initial, evaluate)
+    context = context or Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    secagg_workflow(config)(MeasuringGrid(grid, ledger), legacy_context(context, config, strategy))
+    save_final_state(run_dir, strategy.state)
+    return recorder.finish()
+
+
 def make_server_app(config: dict[str, Any], run_dir: Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to one checked config and output folder."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config, run_dir, resume)
+        run_server(grid, config, run_dir, resume, context)
 
     return server_app
 

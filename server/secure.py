@@ -1,0 +1,101 @@
+"""FedPM under Flower's SecAgg+ workflow: the server sees the sum of the masks, nothing else.
+
+SecAgg+ in Flower 1.41 drives the legacy strategy API, so this is a small legacy
+``Strategy`` around the same FedPM aggregator, evaluation and run directory. Clients send
+their mask as 0/1 values with weight 1; SecAgg+ returns the mean over the active clients,
+which times their number is the per-weight count of ones (rounded: the protocol's
+fixed-point arithmetic is exact for 0/1 inputs, the rounding only removes float noise).
+FedPM's update needs nothing more, so the global state equals plain aggregation's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import ServerConfig
+from flwr.server.compat import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from server.aggregators import FedPMAggregator, State
+from server.strategies import sample_partitions
+
+
+class SecureFedPM(Strategy):
+    """Legacy-API strategy: seeded sampling, FedPM from secure sums, server evaluation."""
+
+    def __init__(self, config: dict[str, Any], state: State,
+                 evaluate: Callable[[int, State, dict[int, list]], tuple[float, float]]):
+        self.config, self.state, self.evaluate_state = config, state, evaluate
+        self.names = list(state)
+        self.aggregator = FedPMAggregator(config)
+        self.failures: dict[int, list[dict[str, Any]]] = {}
+
+    def _parameters(self) -> Parameters:
+        return ndarrays_to_parameters([self.state[n] for n in self.names])
+
+    def initialize_parameters(self, client_manager) -> Parameters:  # noqa: ANN001
+        return self._parameters()
+
+    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        client_manager.wait_for(min(self.config["num-clients"], 1), timeout=60)
+        proxies = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
+        instructions = []
+        for pid in sample_partitions(self.config, server_round):
+            settings = {**self.config, "server-round": server_round, "partition-id": pid,
+                        "mask-mode": "bernoulli", "tensor-names": ",".join(self.names)}
+            instructions.append((proxies[pid % len(proxies)], FitIns(parameters, settings)))
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        for failure in failures:
+            reason = getattr(failure, "__class__", type(failure)).__name__
+            self.failures.setdefault(server_round, []).append(
+                {"partition_id": -1, "node_id": -1, "reason": f"secure aggregation: {reason}"})
+        if not results:
+            return None, {}
+        clients = len(results)
+        mean = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the sum
+        ones = {name: np.rint(m.astype(np.float64) * clients) for name, m in zip(self.names, mean, strict=True)}
+        self.state = self.aggregator.aggregate_counts(server_round, self.state, ones, clients)
+        return self._parameters(), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        return None, {}
+
+    def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
+        loss, accuracy = self.evaluate_state(server_round, self.state, self.failures)
+        return loss, {"accuracy": accuracy}
+
+
+def secagg_workflow(config: dict[str, Any]) -> DefaultWorkflow:
+    """SecAgg+ with every sampled client sharing keys; 0/1 values land exactly on its grid."""
+    clients = config["clients-per-round"]
+    return DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=clients,
+        reconstruction_threshold=max(2, math.ceil(2 * clients / 3)),
+        max_weight=1.0,
+        clipping_range=1.0,            # x in [-1, 1] maps to (x + 1) * Q / 2: 0 -> Q/2, 1 -> Q
+        quantization_range=2**22,      # even, so both land on integers
+        modulus_range=2**32,
+        timeout=config["round-timeout"],
+    ))
+
+
+def legacy_context(context: Context, config: dict[str, Any], strategy: SecureFedPM) -> LegacyContext:
+    return LegacyContext(context=context, config=ServerConfig(num_rounds=config["num-rounds"],
+                                                              round_timeout=config["round-timeout"]),
+                         strategy=strategy)
+
+
+def save_final_state(run_dir: Path, state: State) -> None:
+    np.savez(Path(run_dir) / "final_state.npz", **state)

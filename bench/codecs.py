@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.common import run_fedmask
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {"digits": "configs/quickstart.toml", "mnist": "configs/mnist-fedpm.toml"}
 TASK_NAMES = {"digits": "digits (sklearn 8x8, MLP)", "mnist": "MNIST-10k (8k train / 2k test, LeNet-300-100)"}
@@ -62,6 +64,8 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float | None = None
     error: str | None = None
+    code_changed: bool = False  # library sources changed while this run ran
+    note: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -86,29 +90,10 @@ class Run:
 def run_flower(task: str, uplink: str, downlink: str, bits: int, rounds: int, run_dir: Path) -> Run:
     """``fedmask run`` in a subprocess, with a heartbeat, then its rounds.jsonl."""
     run = Run(task, uplink, downlink_name(downlink, bits), rounds)
-    cmd = [sys.executable, "-m", "fedmask.cli", "run", TASKS[task], "--set", f"num-rounds={rounds}",
-           "--set", f'uplink-codec="{uplink}"', "--set", f'downlink-codec="{downlink}"',
-           "--set", f"downlink-bits={bits}", "--out", str(run_dir), "--overwrite"]
-    log_path = run_dir.with_suffix(".log")
-    start = last = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(1)
-            if time.perf_counter() - last >= 30:
-                last = time.perf_counter()
-                done = len((run_dir / "rounds.jsonl").read_text().splitlines()) if (run_dir / "rounds.jsonl").exists() else 0
-                print(f"    … {last - start:5.0f} s, {done}/{rounds} rounds", flush=True)
-    run.wall_s = time.perf_counter() - start
-    rounds_path = run_dir / "rounds.jsonl"
-    if rounds_path.exists():
-        run.rows = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()]
-    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-        tail = log_path.read_text().splitlines()[-30:]
-        run.error = f"exit code {proc.returncode}; log {log_path}:\n" + "\n".join(tail)
-    elif len(run.rows) != rounds:
-        run.error = f"only {len(run.rows)} of {rounds} rounds finished"
-    elif any(r["failures"] for r in run.rows):
+    sets = [f'uplink-codec="{uplink}"', f'downlink-codec="{downlink}"', f"downlink-bits={bits}"]
+    done = run_fedmask(TASKS[task], sets, run_dir, rounds)
+    run.wall_s, run.rows, run.error = done.wall_s, done.rows, done.error
+    if not run.error and any(r["failures"] for r in run.rows):
         run.error = f"{sum(r['failures'] for r in run.rows)} client failures: " + json.dumps(
             [f for r in run.rows for f in r["failure_details"]][:3])
     return run
@@ -378,6 +363,12 @@ def markdown(runs: list[Run], checked: list[dict[str, Any]], speed: dict[str, An
                       "theta, done once per round at each end) is outside the timing.", ""]
     lines += ["## Target checks", ""]
     lines += [f"- **{'PASS' if c['pass'] else 'FAIL'}** [{c['task']}] {c['check']}: {c['detail']}" for c in checked]
+    notes = [r for r in runs if r.note or r.code_changed]
+    if notes:
+        lines += ["", "## Runs during library edits", ""]
+        lines += [f"- {r.task} / {r.uplink} / {r.downlink}: "
+                  + "; ".join(filter(None, [r.note, "library sources changed during the run" if r.code_changed
+                                            else None])) for r in notes]
     errors = [r for r in runs if r.error]
     if errors:
         lines += ["", "## Failed runs", ""]
@@ -450,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         for uplink, downlink, bits in PAIRS:
             name = downlink_name(downlink, bits)
             print(f"[{time.perf_counter() - start:6.0f} s] {task}: uplink {uplink}, downlink {name}", flush=True)
-            r = run_flower(task, uplink, downlink, bits, args.rounds, runs_dir / f"{task}-{uplink}-{name}")
+            r = run_flower_retry(task, uplink, downlink, bits, args.rounds, runs_dir / f"{task}-{uplink}-{name}")
             runs.append(r)
             fin = r.final
             print("    " + (f"FAILED: {r.error}" if r.error else

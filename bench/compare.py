@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import run_fedmask
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TASKS: dict[str, dict[str, str]] = {
@@ -97,27 +99,12 @@ def per_client_mean(rows: list[dict[str, Any]], key: str, direction: str) -> flo
 def run_flower(task: str, method: str, config_path: str, rounds: int, epochs: int, run_dir: Path) -> Result:
     """``fedmask run`` in a subprocess; times it and reads what it wrote."""
     result = Result(task, method, config_path, rounds, epochs)
-    cmd = [sys.executable, "-m", "fedmask.cli", "run", config_path, "--set", f"num-rounds={rounds}",
-           "--out", str(run_dir), "--overwrite"]
-    log_path = run_dir.with_suffix(".log")
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        last_report = start
-        while proc.poll() is None:  # heartbeat: rounds done so far
-            time.sleep(1)
-            if time.perf_counter() - last_report >= 15:
-                last_report = time.perf_counter()
-                done = _count_lines(run_dir / "rounds.jsonl")
-                print(f"    … {last_report - start:5.0f} s, {done}/{rounds} rounds", flush=True)
-    result.wall_s = time.perf_counter() - start
-    summary_path, rounds_path = run_dir / "summary.json", run_dir / "rounds.jsonl"
-    if proc.returncode != 0 or not summary_path.exists():
-        tail = log_path.read_text().splitlines()[-25:]
-        result.error = f"exit code {proc.returncode}; log {log_path}:\n" + "\n".join(tail)
+    run = run_fedmask(config_path, [], run_dir, rounds)
+    result.wall_s, rows = run.wall_s, run.rows
+    if run.error and not run.summary:
+        result.error = run.error
         return result
-    summary = json.loads(summary_path.read_text())
-    rows = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()]
+    summary = run.summary
     result.accuracy = [100 * r["accuracy"] for r in rows]
     result.final_acc, result.best_acc = 100 * summary["final_accuracy"], 100 * summary["best_accuracy"]
     result.up_payload = per_client_mean(rows, "uplink_payload_bytes", "uplink")
@@ -127,13 +114,8 @@ def run_flower(task: str, method: str, config_path: str, rounds: int, epochs: in
     # Round 1's elapsed_s includes Ray and actor start-up; first-to-last is rounds 2..N.
     result.rounds_s = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     result.rounds_timed = len(rows) - 1
-    if len(rows) != rounds:
-        result.error = f"only {len(rows)} of {rounds} rounds finished"
+    result.error = run.error
     return result
-
-
-def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def run_plain_loop(task: str, config_path: str, rounds: int, epochs: int) -> Result:

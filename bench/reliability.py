@@ -64,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"    accuracy {results[-1]['final_accuracy']}, failures {results[-1]['failures']}, "
               f"lost {results[-1]['lost_results']}", flush=True)
+        write(Path(args.out), results, argv, start, args.rounds)  # after each run: partial tables count
+    print((Path(args.out) / "reliability.md").read_text())
+    return 1 if any(r["error"] or r["lost_results"] for r in results) else 0
+
+
+def write(out: Path, results: list[dict[str, Any]], argv: list[str] | None, start: float, rounds: int) -> None:
     machine = machine_info("python -m bench.reliability", sys.argv[1:] if argv is None else argv,
                            time.perf_counter() - start)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reliability.json").write_text(json.dumps({"results": results, "machine": machine}, indent=2) + "\n")
-    (out / "reliability.md").write_text(markdown(results, machine, args.rounds))
-    print((out / "reliability.md").read_text())
-    return 1 if any(r["error"] or r["lost_results"] for r in results) else 0
+    done = f"{len(results)} of {len(SCENARIOS)} scenarios"
+    (out / "reliability.json").write_text(json.dumps({"results": results, "machine": machine, "done": done},
+                                                     indent=2) + "\n")
+    (out / "reliability.md").write_text(markdown(results, machine, rounds) + f"\n({done} run.)\n")
 
 
 def markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int) -> str:

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                   | {"final": {k: v for k, v in r.final.items() if k not in ("per_client", "failure_details")},
                      "accuracy": [row["accuracy"] for row in r.rows],
                      "mean_uplink_bytes_per_client": r.up_bytes_per_client()} for r in runs],
-         "layers": layers, "speed": speed, "checks": checked, "machine": machine, "runs_dir": str(runs_dir)},
+         "layers": layers, "speed": speed, "checks": checked, "machine": machine, "runs_dir": f"<tmp>/{runs_dir.name}"},
         indent=2) + "\n")
     write_csv(runs, out_dir / "codecs_rounds.csv")
     plot(runs, out_dir / "codecs_bpp.png")

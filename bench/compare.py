@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "compare.md").write_text(md)
     (out_dir / "compare.json").write_text(json.dumps(
         {"results": [asdict(r) for r in results], "checks": checked, "machine": machine,
-         "runs_dir": str(runs_dir)}, indent=2) + "\n")
+         "runs_dir": f"<tmp>/{runs_dir.name}"}, indent=2) + "\n")
     plot(results, out_dir / "compare_accuracy.png")
     print("\n" + md, flush=True)
     print(f"wrote {out_dir}/compare.md, compare.json, compare_accuracy.png", flush=True)

@@ -99,6 +99,22 @@ def run_flower(task: str, uplink: str, downlink: str, bits: int, rounds: int, ru
     return run
 
 
+def run_flower_retry(task: str, uplink: str, downlink: str, bits: int, rounds: int, run_dir: Path) -> Run:
+    """One run; if library sources changed while it ran and it failed, run it once more.
+
+    Both facts are kept on the result (``code_changed``, ``note``) and listed in codecs.md.
+    """
+    before = library_mtime()
+    run = run_flower(task, uplink, downlink, bits, rounds, run_dir)
+    run.code_changed = library_mtime() != before
+    if run.error and run.code_changed:
+        first_error = run.error.splitlines()[0]
+        run = run_flower(task, uplink, downlink, bits, rounds, run_dir)
+        run.code_changed = library_mtime() != before
+        run.note = f"re-run after a failure during library edits ({first_error})"
+    return run
+
+
 def num_layers(task: str) -> int:
     """Masked tensors of the task's model: each gets an entropy section header."""
     from fedmask import task as fm_task

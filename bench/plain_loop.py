@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 from fedmask import task
 from fedmask.data import client_split
 from fedmask.masking import current_masks, get_scores

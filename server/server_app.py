@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -33,7 +32,6 @@ def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool =
     With ``resume``, the run directory's checkpoint restores the state after its last
     finished round and the remaining rounds run as they would have without the stop.
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = dict(config)
     if config["secure-aggregation"]:
         return run_secure_server(grid, config, run_dir, context)

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmask.codec import MaskCodecError, Prior, code_lengths, decode_masks, mask_prior
-from fedmask.downlink import decode_state, encode_state, roundtrip
+from fedmask.downlink import decode_state, encode_state
 from fedmask.ledger import Ledger
 from fedmask.task import ModelSpec
 from fedmask.weights import derive_seed
@@ -222,18 +222,29 @@ class MaskStrategy(SeededFedAvg):
         super().__init__(run_config, ledger)
         self.aggregator, self.spec, self.state = aggregator, spec, initial_state
         self.prior: Prior | None = None
+        self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
         self.code_lengths: dict[int, dict[str, float]] = {}
 
-    def deployed(self, state: State) -> State:
-        """The state as clients hold it after the downlink codec (what they train from)."""
-        return roundtrip(state, self.spec.layout, self.run_config["downlink-codec"], self.run_config["downlink-bits"])
+    def _broadcast(self) -> tuple[dict[str, np.ndarray], State]:
+        """The coded broadcast of the current state and what clients decode from it.
+
+        Evaluation after a round and the next round's broadcast need the same pair, so it
+        is computed once per state.
+        """
+        if self._coded is None or self._coded[0] is not self.state:
+            encoded = encode_state(self.state, self.spec.layout, self.run_config["downlink-codec"],
+                                   self.run_config["downlink-bits"])
+            self._coded = (self.state, encoded, decode_state(encoded, self.spec.layout))
+        return self._coded[1], self._coded[2]
+
+    def deployed(self) -> State:
+        """The current state as clients hold it after the downlink codec (what they train from)."""
+        return self._broadcast()[1]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        encoded = encode_state(self.state, self.spec.layout, self.run_config["downlink-codec"],
-                               self.run_config["downlink-bits"])
-        broadcast = decode_state(encoded, self.spec.layout)
+        encoded, broadcast = self._broadcast()
         self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config["density"])
         return super().configure_train(server_round, state_record(encoded), config, grid)
 

@@ -74,35 +74,35 @@ def train_central(config: dict[str, Any]) -> tuple[list[float], float]:
     from fedmask.masking import get_scores
     from fedmask.recycling import apply_plan, recycle_plan
     from fedmask.weights import derive_seed
-    from server.aggregators import load_aggregator
+    from fedmask.aggregators import load_aggregator
 
     torch.set_num_threads(1)
     config = dict(config)
     splits = task.splits_of(config)
-    parts = [client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
-                          config["dirichlet-alpha"], config["classes-per-client"])
-             for pid in range(config["num-clients"])]
+    parts = [client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
+                          config.dirichlet_alpha, config.classes_per_client)
+             for pid in range(config.num_clients)]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # what the clients hold
     mode = None
-    if config["method"] != "fedavg":
-        aggregator = load_aggregator(config["method"], config)
+    if config.method != "fedavg":
+        aggregator = load_aggregator(config.method, config)
         mode = config["mask-mode"] = aggregator.mask_mode
     model = task.make_model(config, splits)
     if mode is not None:
         task.load_state(model, aggregator.initial_state(get_scores(model)), mode)
     device = task.pick_device(config)
-    epochs = config["num-rounds"] * config["local-epochs"]
+    epochs = config.num_rounds * config.local_epochs
     one_epoch = {**config, "local-epochs": 1}
     curve, start = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
         # the model (and the optimizer state with it) is rebuilt by train() each call, as on a
         # client; scores carry over, which is all a central run keeps between epochs
-        task.train(model, x, y, one_epoch, device, seed=derive_seed(config["seed"], "central", epoch))
-        every = config["recycle-every"]
+        task.train(model, x, y, one_epoch, device, seed=derive_seed(config.seed, "central", epoch))
+        every = config.recycle_every
         if every and epoch % every == 0 and epoch < epochs:
-            apply_plan(model, recycle_plan(get_scores(model), config["recycle-fraction"]))
-        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"], device,
-                               seed=derive_seed(config["seed"], "eval", epoch))
+            apply_plan(model, recycle_plan(get_scores(model), config.recycle_fraction))
+        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, device,
+                               seed=derive_seed(config.seed, "eval", epoch))
         curve.append(100 * acc)
     return curve, time.perf_counter() - start
 

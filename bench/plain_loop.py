@@ -14,7 +14,7 @@ from fedmask.data import client_split
 from fedmask.masking import get_scores, upload_arrays
 from fedmask.recycling import apply_plan, is_recycle_round, recycle_plan
 from fedmask.weights import derive_seed
-from server.aggregators import load_aggregator
+from fedmask.aggregators import load_aggregator
 from server.strategies import sample_partitions
 
 
@@ -23,23 +23,23 @@ def run_plain(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
     splits = task.splits_of(config)
     device = task.pick_device(config)
-    dense = config["method"] == "fedavg"
-    aggregator = None if dense else load_aggregator(config["method"], config)
+    dense = config.method == "fedavg"
+    aggregator = None if dense else load_aggregator(config.method, config)
     mode = None if dense else aggregator.mask_mode
     config["mask-mode"] = mode or ""
     model = task.make_model(config, splits)
     state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
     accuracies, start = [], time.perf_counter()
-    for server_round in range(1, config["num-rounds"] + 1):
+    for server_round in range(1, config.num_rounds + 1):
         masks, weights, dense_states = [], [], []
         for pid in sample_partitions(config, server_round):
-            x, y = client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
-                                config["dirichlet-alpha"], config["classes-per-client"])
+            x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
+                                config.dirichlet_alpha, config.classes_per_client)
             if dense:
                 task.load_dense_state(model, state)
             else:
                 task.load_state(model, state, mode)
-            seed = derive_seed(config["seed"], "train", server_round, pid)
+            seed = derive_seed(config.seed, "train", server_round, pid)
             task.train(model, x, y, config, device, seed)
             weights.append(float(len(x)))
             if dense:
@@ -54,7 +54,7 @@ def run_plain(config: dict[str, Any]) -> dict[str, Any]:
             state = aggregator.aggregate(server_round, state, masks, weights)
             task.load_state(model, state, mode)
             if is_recycle_round(config, server_round):  # the model persists here: apply in place
-                apply_plan(model, recycle_plan(state, config["recycle-fraction"]))
-        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"], device)
+                apply_plan(model, recycle_plan(state, config.recycle_fraction))
+        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, device)
         accuracies.append(acc)
     return {"accuracy": accuracies, "wall_s": time.perf_counter() - start}

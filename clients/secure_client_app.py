@@ -16,7 +16,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from clients.client_app import local_round
-from fedmask.config import SCHEMA, resolve
+from fedmask.instruction import TrainInstruction
 from fedmask.masking import current_masks
 
 app = ClientApp(mods=[secaggplus_mod])
@@ -25,15 +25,13 @@ app = ClientApp(mods=[secaggplus_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    config = resolve({key: fitins.config[key] for key in SCHEMA})
-    config["mask-mode"] = str(fitins.config["mask-mode"])
-    server_round, pid = int(fitins.config["server-round"]), int(fitins.config["partition-id"])
-    torch.set_num_threads(config["num-cpus"])
+    instruction = TrainInstruction.from_flat(fitins.config)
+    torch.set_num_threads(instruction.config.num_cpus)
     names = [str(name) for name in str(fitins.config["tensor-names"]).split(",")]
     arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
-    model, spec, _, _, metrics = local_round(config, server_round, pid, arrays)
-    masks = current_masks(model, sample=True)
+    done = local_round(instruction, arrays)
+    masks = current_masks(done.model, sample=True)
     # one weight per client: FedPM counts masks unweighted, and sums are what the server sees
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([masks[n].astype(np.float32) for n in names]),
-                    num_examples=1, metrics=metrics)
+                    num_examples=1, metrics=done.metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

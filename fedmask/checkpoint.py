@@ -42,8 +42,17 @@ class Checkpoint:
             os.fsync(handle.fileno())
         os.replace(tmp, Path(run_dir) / FILENAME)
 
+    @staticmethod
+    def round_of(run_dir: Path) -> int:
+        """The last round saved in ``run_dir``; 0 when no checkpoint was written yet."""
+        path = Path(run_dir) / FILENAME
+        if not path.exists():
+            return 0
+        with np.load(path) as data:
+            return int(json.loads(bytes(data["meta"]).decode())["round"])
+
     @classmethod
-    def load(cls, run_dir: Path) -> "Checkpoint":
+    def load(cls, run_dir: Path) -> Checkpoint:
         path = Path(run_dir) / FILENAME
         if not path.exists():
             raise FileNotFoundError(f"no {FILENAME} in {run_dir}: nothing to resume (was it run with this version?)")

@@ -13,31 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 EXIT_BAD_CONFIG = 2
-
-
-def _check_before_start(config: dict[str, Any]) -> None:
-    """Load data, partition it and import the strategy now, so errors come before Ray."""
-    import torch
-
-    from fedmask import task
-    from fedmask.config import ConfigError
-    from fedmask.data import client_split
-    from server.aggregators import load_aggregator
-
-    splits = task.splits_of(config)
-    for pid in range(config["num-clients"]):
-        client_split(splits, pid, config["num-clients"], config["partitioner"], config["seed"],
-                     config["dirichlet-alpha"], config["classes-per-client"])
-    if config["method"] != "fedavg":
-        load_aggregator(config["method"], config)
-    if (config["num-gpus"] > 0 or config["device"] == "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "config key 'num-gpus'/'device': expected num-gpus = 0 and device != 'cuda' on a "
-            "machine without CUDA (Ray would wait forever for a GPU)"
-        )
 
 
 def _quiet_logs() -> None:
@@ -51,6 +28,7 @@ def _quiet_logs() -> None:
 def _run(args: argparse.Namespace) -> int:
     from fedmask.config import ConfigError, load
     from fedmask.data import DataError
+    from fedmask.preflight import check_before_start
 
     if bool(args.config) == bool(args.resume):
         print("fedmask: error: give a CONFIG or --resume RUN_DIR (one of them)", file=sys.stderr)
@@ -62,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
             config = load(Path(args.resume) / "config.toml")
         else:
             config = load(args.config, args.set)
-        _check_before_start(config)
+        check_before_start(config)
     except (ConfigError, DataError, ValueError) as err:
         print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -75,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    if config["secure-aggregation"]:
+    if config.secure_aggregation:
         from clients.secure_client_app import app as client_app
     else:
         from clients.client_app import app as client_app
@@ -86,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine == "inprocess":
         from server.inprocess_grid import InProcessGrid
 
-        run_server(InProcessGrid(client_app, config["num-clients"]), config, run_dir, resume=bool(args.resume))
+        run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=bool(args.resume))
     else:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         from flwr.simulation import run_simulation
@@ -94,9 +72,9 @@ def _run(args: argparse.Namespace) -> int:
         run_simulation(
             server_app=make_server_app(config, run_dir, resume=bool(args.resume)),
             client_app=client_app,
-            num_supernodes=config["num-clients"],
+            num_supernodes=config.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": config["num-cpus"], "num_gpus": config["num-gpus"]},
+                "client_resources": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
                 "init_args": {"logging_level": "ERROR", "log_to_driver": True},
             },
         )
@@ -108,11 +86,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_keys() -> int:
     from fedmask.config import SCHEMA
+    from fedmask.methods import BUILTIN
 
     for key, setting in SCHEMA.items():
         accepted = ", ".join(setting.choices) if setting.choices else setting.rule
+        readers = [name for name, method in BUILTIN.items() if key in method.keys]
+        only = f" (only {', '.join(readers)})" if readers else ""
         print(f"{key:<22} default {setting.default!r:<28} {accepted}")
-        print(f"{'':<22} {setting.help}")
+        print(f"{'':<22} {setting.help}{only}")
     return 0
 
 

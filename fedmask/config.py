@@ -1,8 +1,14 @@
-"""The experiment config: one flat table of kebab-case keys, valid as Flower run-config.
+"""The experiment config: one flat table of kebab-case keys, read once into a typed value.
 
-Every key has a default, a type and a rule here, so a typo or an impossible value is
-refused before Ray starts (the CLI exits with code 2), with a message that names the key
-and what it accepts.
+A TOML file (or Flower's run config) is a flat table of kebab-case keys, as Flower
+requires. :func:`resolve` checks it key by key and returns a frozen :class:`RunConfig`
+whose attributes are the keys in snake case (``num-rounds`` -> ``config.num_rounds``), so
+a misspelt key fails where it is written, not inside a Ray worker. Every key has a
+default, a type and a rule here; a typo or an impossible value is refused before Ray
+starts (the CLI exits with code 2), with a message that names the key and what it accepts.
+
+On the wire (inside Flower messages) the config travels as a ConfigRecord of the same
+kebab-case keys: :meth:`RunConfig.to_record` and :meth:`RunConfig.from_record`.
 """
 
 from __future__ import annotations
@@ -11,18 +17,24 @@ import difflib
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmask.data import DATASETS, PARTITIONERS
 from fedmask.downlink import DOWNLINK_CODECS
 from fedmask.faults import ATTACKS, FAULTS
 from fedmask.masking import EVAL_MASKS, SLOT_SELECTIONS
+from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
 from fedmask.models import MODELS
 from fedmask.weights import INITS
 
-BUILTIN_METHODS = ("fedpm", "edge-popup", "biprop", "slot-machines", "fedavg")
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecord
+
+UPLINK_CODECS = ("packbits", "entropy")
+ROBUST_RULES = ("none", "trimmed", "median")
+MAX_SEED = 2**63 - 1  # seeds feed numpy and torch generators, which take 64-bit values
 
 
 class ConfigError(ValueError):
@@ -31,6 +43,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Setting:
+    """One key's default, help text and rule (what ``fedmask keys`` prints)."""
+
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -38,117 +52,160 @@ class Setting:
     rule: str = ""
 
 
-def _positive(v: Any) -> bool:
-    return math.isfinite(v) and v > 0
+def _key(default: Any, help: str, choices: tuple[str, ...] | None = None,
+         check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
+    return field(default=default, metadata={"setting": Setting(default, help, choices, check, rule)})
 
 
-def _non_negative(v: Any) -> bool:
-    return math.isfinite(v) and v >= 0
-
-
-def _unit(v: Any) -> bool:
-    return 0 <= v <= 1
-
-
-def _fraction(v: Any) -> bool:
-    return 0 < v <= 1
+def _between(lo: float, hi: float, open_lo: bool = False) -> Callable[[Any], bool]:
+    if open_lo:
+        return lambda v: math.isfinite(v) and lo < v <= hi
+    return lambda v: math.isfinite(v) and lo <= v <= hi
 
 
 def _method(v: str) -> bool:
-    return v in BUILTIN_METHODS or (":" in v and all(v.split(":", 1)))
+    return v in BUILTIN or is_plugin_name(v)
 
 
-SCHEMA: dict[str, Setting] = {
-    "method": Setting("fedpm", "fedpm | edge-popup | biprop | slot-machines | fedavg, or a plug-in "
-                      "'module:Class'",
-                      check=_method, rule=f"one of {', '.join(BUILTIN_METHODS)} or 'module:Class'"),
-    "seed": Setting(0, "seed of the frozen weights, scores, data split and sampling",
-                    check=_non_negative, rule=">= 0"),
-    "dataset": Setting("digits", "dataset name", choices=DATASETS),
-    "data-dir": Setting("", "folder with local dataset files ('' = default cache)"),
-    "test-fraction": Setting(0.2, "held-out fraction when a dataset has one split only",
-                             check=lambda v: 0 < v < 1, rule="in (0, 1)"),
-    "model": Setting("mlp", "model shape", choices=MODELS),
-    "init": Setting("signed-kaiming-constant", "frozen weight init", choices=INITS),
-    "density": Setting(0.5, "edge-popup: fraction of weights kept per tensor",
-                       check=_fraction, rule="in (0, 1]"),
-    "eval-mask": Setting("sample", "FedPM (and probabilistic slots) evaluation: 'sample' a mask "
-                         "(as the reference code does) or 'threshold' theta at 0.5 (slots: argmax)",
-                         choices=EVAL_MASKS),
-    "num-clients": Setting(10, "number of simulated clients (data partitions)",
-                           check=_positive, rule=">= 1"),
-    "clients-per-round": Setting(10, "clients sampled each round", check=_positive, rule=">= 1"),
-    "num-rounds": Setting(20, "federated rounds", check=_positive, rule=">= 1"),
-    "local-epochs": Setting(1, "local epochs per round", check=_positive, rule=">= 1"),
-    "batch-size": Setting(32, "local batch size", check=_positive, rule=">= 1"),
-    "optimizer": Setting("adam", "local optimizer", choices=("adam", "sgd")),
-    "lr": Setting(0.1, "local learning rate", check=_positive, rule="> 0"),
-    "momentum": Setting(0.9, "SGD momentum", check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
-    "weight-decay": Setting(0.0, "local weight decay", check=_non_negative, rule=">= 0"),
-    "partitioner": Setting("iid", "how the training split is divided", choices=PARTITIONERS),
-    "dirichlet-alpha": Setting(0.3, "Dirichlet concentration", check=_positive, rule="> 0"),
-    "classes-per-client": Setting(2, "classes held by each client ('classes')",
-                                  check=_positive, rule=">= 1"),
-    "fedpm-eps": Setting(0.01, "FedPM: theta is clamped to [eps, 1-eps]",
-                         check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)"),
-    "fedpm-prior-reset": Setting(1, "FedPM: reset the Beta prior every N rounds "
-                                 "(1 = every round, as the reference; 0 = never)",
-                                 check=_non_negative, rule=">= 0"),
-    "edge-popup-server-lr": Setting(2.0, "edge-popup: how far one unanimous vote moves a "
-                                    "score, in units of the score spread",
-                                    check=_positive, rule="> 0"),
-    "slots": Setting(8, "Slot Machines: candidate values per connection (K); the upload is "
-                     "ceil(log2 K) bits per connection before entropy coding",
-                     check=lambda v: 2 <= v <= 64, rule="in 2..64"),
-    "slot-selection": Setting("greedy", "Slot Machines: 'greedy' uses the best-scored candidate, "
-                              "'probabilistic' samples the softmax of the scores",
-                              choices=SLOT_SELECTIONS),
-    "slot-server-lr": Setting(2.0, "Slot Machines: how far the clients' choices move the global "
-                              "scores, in units of the score spread", check=_positive, rule="> 0"),
-    "recycle-every": Setting(0, "Iterative Weight Recycling (edge-popup, biprop): recycle after "
-                             "every N-th round's aggregation (0 = never)", check=_non_negative, rule=">= 0"),
-    "recycle-fraction": Setting(0.1, "Iterative Weight Recycling: share of each tensor's weights, "
-                                "lowest global scores first, that take the values of the highest",
-                                check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)"),
-    "uplink-codec": Setting("entropy", "how clients code their masks: 'packbits' (1 bit per "
-                            "parameter) or 'entropy' (range-coded against the broadcast state, "
-                            "packed bits when that is shorter)", choices=("packbits", "entropy")),
-    "downlink-codec": Setting("float32", "how the server codes the broadcast state",
-                              choices=DOWNLINK_CODECS),
-    "downlink-bits": Setting(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
-                             check=lambda v: 2 <= v <= 16, rule="in 2..16"),
-    "min-clients": Setting(1, "usable uploads a round needs; with fewer it is skipped and "
-                           "the global state stays", check=_positive, rule=">= 1"),
-    "fault-drop-rate": Setting(0.0, "share of sampled clients that never answer (seeded)",
-                               check=_unit, rule="in [0, 1]"),
-    "fault-crash-rate": Setting(0.0, "share of sampled clients whose ClientApp raises",
-                                check=_unit, rule="in [0, 1]"),
-    "fault-corrupt-rate": Setting(0.0, "share of uploads truncated, bit-flipped or carrying "
-                                  "another model's fingerprint", check=_unit, rule="in [0, 1]"),
-    "fault-slow-rate": Setting(0.0, "share of sampled clients that answer late",
-                               check=_unit, rule="in [0, 1]"),
-    "fault-slow-delay": Setting(1.0, "seconds a slow client waits before answering "
-                                "(past round-timeout it is lost)", check=_non_negative, rule=">= 0"),
-    "attack": Setting("none", "what Byzantine clients upload instead of their mask",
-                      choices=ATTACKS),
-    "attack-fraction": Setting(0.0, "share of partitions that are Byzantine (a seeded subset)",
-                               check=_unit, rule="in [0, 1]"),
-    "robust-aggregation": Setting("none", "how votes are combined: 'none' (mean), 'trimmed' "
-                                  "(coordinate-wise trimmed mean), 'median' (majority)",
-                                  choices=("none", "trimmed", "median")),
-    "trim-fraction": Setting(0.1, "'trimmed': share of votes cut at each end per weight",
-                             check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)"),
-    "secure-aggregation": Setting(False, "FedPM under Flower's SecAgg+: the server learns only the "
-                                  "per-weight sums of the masks"),
-    "eval-batch-size": Setting(512, "server evaluation batch size", check=_positive, rule=">= 1"),
-    "num-cpus": Setting(1, "CPU cores per simulated client", check=_positive, rule=">= 1"),
-    "num-gpus": Setting(0.0, "GPU share per client (0.25 = four clients per GPU)",
-                        check=_non_negative, rule=">= 0"),
-    "device": Setting("auto", "where tensors live: auto uses CUDA when present",
-                      choices=("auto", "cpu", "cuda")),
-    "round-timeout": Setting(600.0, "seconds the server waits for replies in a round",
-                             check=_positive, rule="> 0"),
-}
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run, checked. Build it with :func:`resolve` or :func:`load`."""
+
+    method: str = _key("fedpm", "fedpm | edge-popup | biprop | slot-machines | fedavg, or a plug-in "
+                       "'module:Class'", check=_method, rule=f"one of {', '.join(BUILTIN)} or 'module:Class'")
+    seed: int = _key(0, "seed of the frozen weights, scores, data split and sampling",
+                     check=_between(0, MAX_SEED), rule=f"in 0..{MAX_SEED} (64-bit)")
+    dataset: str = _key("digits", "dataset name", choices=DATASETS)
+    data_dir: str = _key("", "folder with local dataset files ('' = default cache)")
+    test_fraction: float = _key(0.2, "held-out fraction when a dataset has one split only",
+                                check=lambda v: 0 < v < 1, rule="in (0, 1)")
+    model: str = _key("mlp", "model shape", choices=MODELS)
+    init: str = _key("signed-kaiming-constant", "frozen weight init", choices=INITS)
+    density: float = _key(0.5, "edge-popup, biprop: fraction of weights kept per tensor",
+                          check=_between(0, 1, open_lo=True), rule="in (0, 1]")
+    eval_mask: str = _key("sample", "FedPM (and probabilistic slots) evaluation: 'sample' a mask "
+                          "(as the reference code does) or 'threshold' theta at 0.5 (slots: argmax)",
+                          choices=EVAL_MASKS)
+    num_clients: int = _key(10, "number of simulated clients (data partitions)",
+                            check=_between(1, 10_000_000), rule="in 1..10^7")
+    clients_per_round: int = _key(10, "clients sampled each round", check=_between(1, 10_000_000),
+                                  rule="in 1..10^7")
+    num_rounds: int = _key(20, "federated rounds", check=_between(1, 1_000_000), rule="in 1..10^6")
+    local_epochs: int = _key(1, "local epochs per round", check=_between(1, 10_000), rule="in 1..10^4")
+    batch_size: int = _key(32, "local batch size", check=_between(1, 1_000_000), rule="in 1..10^6")
+    optimizer: str = _key("adam", "local optimizer", choices=("adam", "sgd"))
+    lr: float = _key(0.1, "local learning rate", check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    momentum: float = _key(0.9, "SGD momentum", check=lambda v: 0 <= v < 1, rule="in [0, 1)")
+    weight_decay: float = _key(0.0, "local weight decay", check=_between(0, 1e6), rule="in [0, 1e6]")
+    partitioner: str = _key("iid", "how the training split is divided", choices=PARTITIONERS)
+    dirichlet_alpha: float = _key(0.3, "Dirichlet concentration", check=_between(0, 1e6, open_lo=True),
+                                  rule="in (0, 1e6]")
+    classes_per_client: int = _key(2, "classes held by each client ('classes')", check=_between(1, 100_000),
+                                   rule="in 1..10^5")
+    fedpm_eps: float = _key(0.01, "FedPM: theta is clamped to [eps, 1-eps]",
+                            check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
+    fedpm_prior_reset: int = _key(1, "FedPM: reset the Beta prior every N rounds "
+                                  "(1 = every round, as the reference; 0 = never)",
+                                  check=_between(0, 1_000_000), rule="in 0..10^6")
+    edge_popup_server_lr: float = _key(2.0, "edge-popup, biprop: how far one unanimous vote moves a "
+                                       "score, in units of the score spread",
+                                       check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    slots: int = _key(8, "Slot Machines: candidate values per connection (K); the upload is "
+                      "ceil(log2 K) bits per connection before entropy coding",
+                      check=lambda v: 2 <= v <= 64, rule="in 2..64")
+    slot_selection: str = _key("greedy", "Slot Machines: 'greedy' uses the best-scored candidate, "
+                               "'probabilistic' samples the softmax of the scores", choices=SLOT_SELECTIONS)
+    slot_server_lr: float = _key(2.0, "Slot Machines: how far the clients' choices move the global "
+                                 "scores, in units of the score spread",
+                                 check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    recycle_every: int = _key(0, "Iterative Weight Recycling (edge-popup, biprop): recycle after "
+                              "every N-th round's aggregation (0 = never)",
+                              check=_between(0, 1_000_000), rule="in 0..10^6")
+    recycle_fraction: float = _key(0.1, "Iterative Weight Recycling: share of each tensor's weights, "
+                                   "lowest global scores first, that take the values of the highest",
+                                   check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
+    uplink_codec: str = _key("entropy", "how clients code their masks: 'packbits' (1 bit per "
+                             "parameter) or 'entropy' (range-coded against the broadcast state, "
+                             "packed bits when that is shorter)", choices=UPLINK_CODECS)
+    downlink_codec: str = _key("float32", "how the server codes the broadcast state", choices=DOWNLINK_CODECS)
+    downlink_bits: int = _key(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
+                              check=lambda v: 2 <= v <= 16, rule="in 2..16")
+    min_clients: int = _key(1, "usable uploads a round needs; with fewer it is skipped and "
+                            "the global state stays", check=_between(1, 10_000_000), rule="in 1..10^7")
+    fault_drop_rate: float = _key(0.0, "share of sampled clients that never answer (seeded)",
+                                  check=_between(0, 1), rule="in [0, 1]")
+    fault_crash_rate: float = _key(0.0, "share of sampled clients whose ClientApp raises",
+                                   check=_between(0, 1), rule="in [0, 1]")
+    fault_corrupt_rate: float = _key(0.0, "share of uploads truncated, bit-flipped or carrying "
+                                     "another model's fingerprint", check=_between(0, 1), rule="in [0, 1]")
+    fault_slow_rate: float = _key(0.0, "share of sampled clients that answer late",
+                                  check=_between(0, 1), rule="in [0, 1]")
+    fault_slow_delay: float = _key(1.0, "seconds a slow client's reply is late "
+                                   "(past round-timeout it is lost)", check=_between(0, 86_400),
+                                   rule="in [0, 86400]")
+    attack: str = _key("none", "what Byzantine clients upload instead of their mask", choices=ATTACKS)
+    attack_fraction: float = _key(0.0, "share of partitions that are Byzantine (a seeded subset)",
+                                  check=_between(0, 1), rule="in [0, 1]")
+    robust_aggregation: str = _key("none", "how votes are combined: 'none' (mean), 'trimmed' "
+                                   "(coordinate-wise trimmed mean), 'median' (majority)", choices=ROBUST_RULES)
+    trim_fraction: float = _key(0.1, "'trimmed': share of votes cut at each end per weight",
+                                check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)")
+    secure_aggregation: bool = _key(False, "FedPM under Flower's SecAgg+: the server learns only the "
+                                    "per-weight sums of the masks")
+    eval_batch_size: int = _key(512, "server evaluation batch size", check=_between(1, 1_000_000),
+                                rule="in 1..10^6")
+    num_cpus: int = _key(1, "CPU cores per simulated client", check=_between(1, 4096), rule="in 1..4096")
+    num_gpus: float = _key(0.0, "GPU share per client (0.25 = four clients per GPU)",
+                           check=_between(0, 1024), rule="in [0, 1024]")
+    device: str = _key("auto", "where tensors live: auto uses CUDA when present", choices=("auto", "cpu", "cuda"))
+    round_timeout: float = _key(600.0, "seconds the server waits for replies in a round",
+                                check=_between(0, 86_400 * 7, open_lo=True), rule="in (0, 604800]")
+
+    # ------------------------------------------------------------------ views
+
+    def __getitem__(self, key: str) -> Any:
+        """The value of a kebab-case key (``config["num-rounds"]``), for code that loops over keys."""
+        if key not in SCHEMA:
+            raise KeyError(key)
+        return getattr(self, _attr(key))
+
+    @property
+    def method_entry(self) -> Method:
+        """This run's entry in the method registry (a plug-in is imported on first use)."""
+        return get_method(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key, kebab-case, in schema order (what config.toml holds)."""
+        return {key: getattr(self, _attr(key)) for key in SCHEMA}
+
+    def to_record(self) -> ConfigRecord:
+        """The config as a Flower ConfigRecord of kebab-case keys (the message wire format)."""
+        from flwr.app import ConfigRecord
+
+        return ConfigRecord(self.to_dict())
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], check_plugin: bool = False) -> RunConfig:
+        """The config a message carries: every key must be there and pass its check.
+
+        A plug-in method is not imported by default: the receiving party (a client) is
+        told the mask mode in the instruction, and the server checked the plug-in.
+        """
+        missing = [key for key in SCHEMA if key not in record]
+        if missing:
+            raise ConfigError(f"config record: expected every config key, missing {', '.join(missing)}")
+        return resolve({key: record[key] for key in SCHEMA}, check_plugin=check_plugin)
+
+    def replace(self, **values: Any) -> RunConfig:
+        """A copy with some keys changed (kebab- or snake-case names), checked again."""
+        return resolve({**self.to_dict(), **{k.replace("_", "-"): v for k, v in values.items()}})
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+SCHEMA: dict[str, Setting] = {f.name.replace("_", "-"): f.metadata["setting"] for f in fields(RunConfig)}
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -159,75 +216,79 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``values``, checked key by key; raises ConfigError."""
+def _check_value(key: str, value: Any) -> Any:
+    """One key's value, type-checked and normalised (ints become floats for float keys)."""
+    setting = SCHEMA[key]
+    if not _type_ok(setting.default, value):
+        raise ConfigError(f"config key '{key}': expected {type(setting.default).__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    if isinstance(setting.default, float):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}': expected {setting.rule}, got {value!r}") from None
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(setting.choices)}, got {value!r}")
+    if setting.check is not None and not setting.check(value):
+        raise ConfigError(f"config key '{key}': expected {setting.rule}, got {value!r}")
+    return value
+
+
+def resolve(values: Mapping[str, Any], check_plugin: bool = True) -> RunConfig:
+    """Defaults overlaid with ``values``, checked key by key and across keys; raises ConfigError.
+
+    With ``check_plugin``, a ``module:Class`` method is imported now and its rules checked.
+    """
     unknown = sorted(set(values) - set(SCHEMA))
     if unknown:
         key = unknown[0]
         near = difflib.get_close_matches(key, SCHEMA, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(
-            f"unknown config key '{key}'{hint}; valid keys: {', '.join(sorted(SCHEMA))}"
-        )
-    config = {key: setting.default for key, setting in SCHEMA.items()}
-    for key, value in values.items():
-        setting = SCHEMA[key]
-        if not _type_ok(setting.default, value):
-            raise ConfigError(
-                f"config key '{key}': expected {type(setting.default).__name__}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-        if isinstance(setting.default, float):
-            value = float(value)
-        if setting.choices is not None and value not in setting.choices:
-            raise ConfigError(
-                f"config key '{key}': expected one of {', '.join(setting.choices)}, got {value!r}"
-            )
-        if setting.check is not None and not setting.check(value):
-            raise ConfigError(f"config key '{key}': expected {setting.rule}, got {value!r}")
-        config[key] = value
-    if config["clients-per-round"] > config["num-clients"]:
-        raise ConfigError(
-            f"config key 'clients-per-round': expected <= num-clients "
-            f"({config['num-clients']}), got {config['clients-per-round']}"
-        )
+        raise ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(sorted(SCHEMA))}")
+    checked = {_attr(key): _check_value(key, value) for key, value in values.items()}
+    config = RunConfig(**checked)
+    _check_across_keys(config)
+    if config.method in BUILTIN or check_plugin:
+        try:
+            method = config.method_entry
+        except PluginError as err:
+            raise ConfigError(f"config key 'method': {err}") from None
+        _check_method_rules(config, method)
+    return config
+
+
+def _check_across_keys(config: RunConfig) -> None:
+    if config.clients_per_round > config.num_clients:
+        raise ConfigError(f"config key 'clients-per-round': expected <= num-clients "
+                          f"({config.num_clients}), got {config.clients_per_round}")
     fault_total = sum(config[f"fault-{fault}-rate"] for fault in FAULTS)
     if fault_total > 1:
         raise ConfigError(f"config keys 'fault-*-rate': expected a sum <= 1 (one fault per client "
                           f"and round at most), got {fault_total:g}")
-    if config["min-clients"] > config["clients-per-round"]:
+    if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
-                          f"({config['clients-per-round']}), got {config['min-clients']}")
-    if config["secure-aggregation"]:
-        clashes = [k for k, default in (("method", "fedpm"), ("attack", "none"), ("downlink-codec", "float32"),
-                                        ("robust-aggregation", "none")) if config[k] != default]
-        clashes += [f"fault-{f}-rate" for f in FAULTS if config[f"fault-{f}-rate"] > 0]
-        if clashes:
-            raise ConfigError(f"config key 'secure-aggregation': supported with method = 'fedpm' and no "
-                              f"attack, fault, robust aggregation or downlink codec; got {', '.join(clashes)}")
-        if config["clients-per-round"] < 3:
-            raise ConfigError("config key 'secure-aggregation': expected clients-per-round >= 3 "
-                              f"(SecAgg+ shares keys among them), got {config['clients-per-round']}")
-    if config["method"] == "slot-machines" and config["init"].startswith("signed-"):
-        raise ConfigError(
-            f"config key 'init': expected kaiming-uniform or kaiming-normal with method = "
-            f"'slot-machines' (a signed constant gives every connection only two distinct "
-            f"candidate values), got {config['init']!r}"
-        )
-    if config["recycle-every"] and config["method"] in ("fedpm", "slot-machines", "fedavg"):
-        raise ConfigError(
-            f"config key 'recycle-every': expected 0 with method = {config['method']!r} (weight "
-            f"recycling ranks top-k scores: edge-popup, biprop), got {config['recycle-every']}"
-        )
-    if config["method"] == "fedavg" and config["attack"] != "none":
-        raise ConfigError("config key 'attack': expected 'none' with method = 'fedavg' (the "
-                          f"attacks rewrite mask votes), got {config['attack']!r}")
-    if config["method"] == "fedavg" and config["downlink-codec"] != "float32":
-        raise ConfigError(
-            f"config key 'downlink-codec': expected 'float32' with method = 'fedavg' (the dense "
-            f"baseline sends its weights as they are), got {config['downlink-codec']!r}"
-        )
-    return config
+                          f"({config.clients_per_round}), got {config.min_clients}")
+
+
+def _check_method_rules(config: RunConfig, method: Method) -> None:
+    """The registry's restrictions of the method, and secure aggregation's own."""
+    for key, restriction in method.restrictions.items():
+        if config[key] not in restriction.allowed:
+            allowed = " or ".join(repr(v) for v in restriction.allowed)
+            raise ConfigError(f"config key '{key}': expected {allowed} with method = {config.method!r} "
+                              f"({restriction.why}), got {config[key]!r}")
+    if not config.secure_aggregation:
+        return
+    defaults = RunConfig()
+    clashes = [] if method.secure_aggregation else ["method"]
+    clashes += [k for k in ("attack", "downlink-codec", "robust-aggregation") if config[k] != defaults[k]]
+    clashes += [f"fault-{f}-rate" for f in FAULTS if config[f"fault-{f}-rate"] > 0]
+    if clashes:
+        raise ConfigError(f"config key 'secure-aggregation': expected false unless method = 'fedpm' with no "
+                          f"attack, fault, robust aggregation or downlink codec; got {', '.join(clashes)} set")
+    if config.clients_per_round < 3:
+        raise ConfigError("config key 'secure-aggregation': expected clients-per-round >= 3 "
+                          f"(SecAgg+ shares keys among them), got {config.clients_per_round}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -243,8 +304,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a TOML config, apply ``--set`` overrides, resolve and check it."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The flat table of a TOML config file, unchecked; errors name the file."""
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text())
@@ -257,6 +318,12 @@ def load(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"config must be one flat table of keys; found table(s) {nested}")
+    return values
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config, apply ``--set`` overrides, resolve and check it."""
+    values = read_toml(path)
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value

@@ -8,20 +8,23 @@ simulated drop from a real one without being told.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmask.weights import derive_seed
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
 
 FAULTS = ("drop", "crash", "corrupt", "slow")
 ATTACKS = ("none", "invert", "all-ones", "random")
 CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
 
 
-def client_fault(config: dict[str, Any], server_round: int, partition_id: int) -> str | None:
+def client_fault(config: RunConfig, server_round: int, partition_id: int) -> str | None:
     """The fault this client suffers this round, if any (at most one)."""
-    draw = np.random.default_rng(derive_seed(config["seed"], "fault", server_round, partition_id)).random()
+    draw = np.random.default_rng(derive_seed(config.seed, "fault", server_round, partition_id)).random()
     edge = 0.0
     for fault in FAULTS:
         edge += config[f"fault-{fault}-rate"]
@@ -30,9 +33,9 @@ def client_fault(config: dict[str, Any], server_round: int, partition_id: int) -
     return None
 
 
-def corrupt_upload(blob: np.ndarray, config: dict[str, Any], server_round: int, partition_id: int) -> tuple[np.ndarray, str]:
+def corrupt_upload(blob: np.ndarray, config: RunConfig, server_round: int, partition_id: int) -> tuple[np.ndarray, str]:
     """A broken copy of an upload and how it was broken (one of :data:`CORRUPTIONS`)."""
-    rng = np.random.default_rng(derive_seed(config["seed"], "corrupt", server_round, partition_id))
+    rng = np.random.default_rng(derive_seed(config.seed, "corrupt", server_round, partition_id))
     kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
     broken = blob.copy()
     if kind == "truncate":
@@ -45,22 +48,22 @@ def corrupt_upload(blob: np.ndarray, config: dict[str, Any], server_round: int, 
     return broken, kind
 
 
-def attackers(config: dict[str, Any]) -> frozenset[int]:
+def attackers(config: RunConfig) -> frozenset[int]:
     """The partitions that lie in every round they are sampled: a seeded fixed subset."""
-    if config["attack"] == "none" or config["attack-fraction"] <= 0:
+    if config.attack == "none" or config.attack_fraction <= 0:
         return frozenset()
-    count = round(config["attack-fraction"] * config["num-clients"])
-    order = np.random.default_rng(derive_seed(config["seed"], "attackers")).permutation(config["num-clients"])
+    count = round(config.attack_fraction * config.num_clients)
+    order = np.random.default_rng(derive_seed(config.seed, "attackers")).permutation(config.num_clients)
     return frozenset(int(p) for p in order[:count])
 
 
-def attack_masks(masks: dict[str, np.ndarray], config: dict[str, Any], server_round: int,
+def attack_masks(masks: dict[str, np.ndarray], config: RunConfig, server_round: int,
                  partition_id: int) -> dict[str, np.ndarray]:
     """What a Byzantine client uploads instead of its honest mask."""
-    kind = config["attack"]
+    kind = config.attack
     if kind == "invert":
         return {k: ~m.astype(bool) for k, m in masks.items()}
     if kind == "all-ones":
         return {k: np.ones_like(m, dtype=bool) for k, m in masks.items()}
-    rng = np.random.default_rng(derive_seed(config["seed"], "attack", server_round, partition_id))
+    rng = np.random.default_rng(derive_seed(config.seed, "attack", server_round, partition_id))
     return {k: rng.random(m.shape) < 0.5 for k, m in masks.items()}

@@ -25,6 +25,8 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
+from fedmask.failures import Failure
+
 
 def payload_bytes(message: Message) -> int:
     """Bytes of the arrays in a message (0 for an error reply).
@@ -93,11 +95,12 @@ class Ledger:
     def partition_of(self, reply: Message) -> int:
         return self.sent_to.get(reply.metadata.reply_to_message_id, (0, 0, -1))[2]
 
-    def unanswered(self, server_round: int, replies: Iterable[Message]) -> list[tuple[int, int, str]]:
-        """(node, partition, why) of the instructions of a round that got no reply."""
+    def unanswered(self, server_round: int, replies: Iterable[Message]) -> list[Failure]:
+        """The instructions of a round that got no reply: dropped by the simulator, or late."""
         answered = {r.metadata.reply_to_message_id for r in replies}
         return [
-            (node, pid, "no reply (client dropped)" if msg_id in self.dropped else "no reply before round-timeout")
+            Failure("dropped", pid, node, "no reply (client dropped)") if msg_id in self.dropped
+            else Failure("no-reply", pid, node, "no reply before round-timeout")
             for msg_id, (rnd, node, pid) in self.sent_to.items()
             if rnd == server_round and msg_id not in answered
         ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
 from fedmask.masking import original_tensor, regenerate_frozen, score_masks
 
 RECORD = "recycle"  # the name of the broadcast's ArrayRecord that carries the log
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
 
 
 def recycle_plan(state: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
@@ -136,7 +140,7 @@ def sync_frozen(model: nn.Module, log: RecycleLog, state_layout: MaskLayout, fin
     model._recycled = applied  # noqa: SLF001
 
 
-def is_recycle_round(config: dict, server_round: int) -> bool:
+def is_recycle_round(config: RunConfig, server_round: int) -> bool:
     """Rounds ``recycle-every``, ``2 * recycle-every``, ... before the last one."""
-    every = config["recycle-every"]
-    return bool(every) and server_round % every == 0 and server_round < config["num-rounds"]
+    every = config.recycle_every
+    return bool(every) and server_round % every == 0 and server_round < config.num_rounds

@@ -11,12 +11,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 from rich.console import Console
 
+from fedmask.failures import FAILURE_KINDS, Failure
 from fedmask.ledger import Ledger
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
+
+__all__ = ["FAILURE_KINDS", "RoundOutcome", "RunRecorder", "atomic_write"]
 
 _COLUMNS = (("round", 5), ("accuracy", 8), ("loss", 6), ("clients", 7), ("fail", 4),
             ("uplink B", 11), ("downlink B", 12), ("up bpp", 6), ("time s", 6))
@@ -28,10 +35,27 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class RoundOutcome:
+    """What the server's strategy knows of one round, beside the bytes and the evaluation."""
+
+    aggregated: int = 0  # uploads that went into the new global state
+    failures: list[dict[str, Any]] = field(default_factory=list)  # Failure.to_dict() rows
+    train: dict[str, float] = field(default_factory=dict)  # example-weighted client train metrics
+    code_lengths: dict[str, float] | None = None  # ideal and formula bits of the round's uploads
+    skipped: str | None = None  # why the round left the global state unchanged
+
+    def add_failure(self, failure: Failure) -> None:
+        self.failures.append(failure.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class RunRecorder:
     """Writes a run's results as rounds end, and shows them as a live table."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], num_params: int, console: Console | None = None,
+    def __init__(self, run_dir: Path, config: RunConfig, num_params: int, console: Console | None = None,
                  resume_after: int | None = None):
         """A fresh run directory, or with ``resume_after`` the rounds up to that one kept."""
         self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
@@ -42,7 +66,7 @@ class RunRecorder:
         self.start = time.perf_counter()
         self.initial: dict[str, float] = {}
         if resume_after is None:
-            atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config))
+            atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
             self.rounds_path.write_text("")
             return
         # A kill between a round's line and its checkpoint leaves one line too many; that
@@ -55,10 +79,10 @@ class RunRecorder:
 
     def header(self) -> None:
         self.console.print(
-            f"[bold]fedmask[/bold] {self.config['method']} · {self.config['model']} on "
-            f"{self.config['dataset']} · {self.num_params:,} params · "
-            f"{self.config['clients-per-round']}/{self.config['num-clients']} clients x "
-            f"{self.config['num-rounds']} rounds → {self.run_dir}"
+            f"[bold]fedmask[/bold] {self.config.method} · {self.config.model} on "
+            f"{self.config.dataset} · {self.num_params:,} params · "
+            f"{self.config.clients_per_round}/{self.config.num_clients} clients x "
+            f"{self.config.num_rounds} rounds → {self.run_dir}"
         )
         self.console.print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS), style="bold")
 
@@ -68,33 +92,29 @@ class RunRecorder:
         accuracy: float,
         loss: float,
         ledger: Ledger,
-        failures: list[dict[str, Any]],
-        train_metrics: dict[str, float],
-        code_lengths: dict[str, float] | None = None,
-        skipped: str | None = None,
+        outcome: RoundOutcome,
     ) -> dict[str, Any]:
-        """Append the round's line; ``code_lengths`` sums ideal and formula bits of its masks."""
+        """Append the round's line and show it."""
         totals = ledger.round_totals(server_round)
-        replied = ledger.clients_heard(server_round)
-        clients = 0 if skipped else replied - sum(1 for f in failures if not f["reason"].startswith("no reply"))
-        replied = max(replied, 1)
+        replied = max(ledger.clients_heard(server_round), 1)
+        clients = 0 if outcome.skipped else outcome.aggregated
         row = {
             "round": server_round,
             "accuracy": accuracy,
             "loss": loss,
             "clients": clients,
-            "failures": len(failures),
-            "skipped": skipped,
+            "failures": len(outcome.failures),
+            "skipped": outcome.skipped,
             "num_params": self.num_params,
             **totals,
             "uplink_bpp": 8 * totals["uplink_payload_bytes"] / (self.num_params * replied),
             "uplink_message_bpp": 8 * totals["uplink_message_bytes"] / (self.num_params * replied),
             "downlink_bpp": 8 * totals["downlink_payload_bytes"]
             / (self.num_params * max(ledger.clients_heard(server_round, "downlink"), 1)),
-            **self._code_fields(code_lengths, clients),
+            **self._code_fields(outcome.code_lengths, clients),
             "elapsed_s": time.perf_counter() - self.start,
-            "train": train_metrics,
-            "failure_details": failures,
+            "train": outcome.train,
+            "failure_details": outcome.failures,
             "per_client": ledger.per_client(server_round),
         }
         with self.rounds_path.open("a") as handle:
@@ -125,15 +145,17 @@ class RunRecorder:
     def finish(self) -> dict[str, Any]:
         last = self.rows[-1] if self.rows else {}
         summary = {
-            "method": self.config["method"],
-            "model": self.config["model"],
-            "dataset": self.config["dataset"],
+            "method": self.config.method,
+            "model": self.config.model,
+            "dataset": self.config.dataset,
             "num_params": self.num_params,
             "rounds": len(self.rows),
             "initial_accuracy": self.initial.get("accuracy"),
             "final_accuracy": last.get("accuracy"),
             "best_accuracy": max((r["accuracy"] for r in self.rows), default=None),
             "total_failures": sum(r["failures"] for r in self.rows),
+            "failures_by_kind": {kind: sum(1 for r in self.rows for f in r["failure_details"] if f["kind"] == kind)
+                                 for kind in FAILURE_KINDS},
             "uplink_payload_bytes": sum(r["uplink_payload_bytes"] for r in self.rows),
             "uplink_message_bytes": sum(r["uplink_message_bytes"] for r in self.rows),
             "downlink_payload_bytes": sum(r["downlink_payload_bytes"] for r in self.rows),
@@ -163,7 +185,7 @@ class RunRecorder:
         rounds = [r["round"] for r in self.rows]
         fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
         acc_ax.plot(rounds, [r["accuracy"] for r in self.rows], marker="o", ms=3)
-        acc_ax.set(xlabel="round", ylabel="test accuracy", title=f"{self.config['method']} · {self.config['model']}")
+        acc_ax.set(xlabel="round", ylabel="test accuracy", title=f"{self.config.method} · {self.config.model}")
         acc_ax.grid(alpha=0.3)
         for key, label in (("uplink_payload_bytes", "uplink"), ("downlink_payload_bytes", "downlink")):
             bytes_ax.plot(rounds, [r[key] for r in self.rows], marker="o", ms=3, label=label)

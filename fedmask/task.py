@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,18 +19,12 @@ from fedmask.data import Splits, load_dataset
 from fedmask.masking import get_scores, num_connections, score_masks, set_scores, to_masked
 from fedmask.models import build_model
 
-
-METHOD_MODES = {"fedpm": "bernoulli", "edge-popup": "topk", "biprop": "biprop", "slot-machines": "slots"}
-
-
-def mask_mode_of(config: dict[str, Any]) -> str | None:
-    """The mask mode (``topk``, ``bernoulli``, ``biprop``, ``slots``), None for the dense baseline."""
-    return config.get("mask-mode") or METHOD_MODES.get(config["method"])
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
 
 
-
-def pick_device(config: dict[str, Any]) -> torch.device:
-    if config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available()):
+def pick_device(config: RunConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -40,30 +34,32 @@ def dataset_for(name: str, data_dir: str, test_fraction: float, seed: int) -> Sp
     return load_dataset(name, data_dir, test_fraction, seed)
 
 
-def splits_of(config: dict[str, Any]) -> Splits:
-    return dataset_for(config["dataset"], config["data-dir"], config["test-fraction"], config["seed"])
+def splits_of(config: RunConfig) -> Splits:
+    return dataset_for(config.dataset, config.data_dir, config.test_fraction, config.seed)
 
 
-def make_model(config: dict[str, Any], splits: Splits) -> nn.Module:
-    """The run's model on the CPU: masked and seeded for mask methods, dense otherwise.
+def make_model(config: RunConfig, splits: Splits, mode: str | None) -> nn.Module:
+    """The run's model on the CPU: masked and seeded for a ``mode``, dense when it is None.
+
+    ``mode`` is the method's mask mode (``config.method_entry.mask_mode`` on the server; a
+    client reads it from its instruction, so it never has to import a plug-in).
 
     Dense weights are seeded too (torch's default init under ``seed``), so FedAvg starts
     from the same point on every run with that seed.
     """
-    torch.manual_seed(config["seed"])
-    model = build_model(config["model"], splits.input_shape, splits.num_classes)
-    mode = mask_mode_of(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, splits.input_shape, splits.num_classes)
     if mode is None:
         return model
     return to_masked(
         model,
         mode,
-        seed=config["seed"],
-        init=config["init"],
-        density=config["density"],
-        eval_mask=config["eval-mask"],
-        slots=config["slots"],
-        slot_selection=config["slot-selection"],
+        seed=config.seed,
+        init=config.init,
+        density=config.density,
+        eval_mask=config.eval_mask,
+        slots=config.slots,
+        slot_selection=config.slot_selection,
     )
 
 
@@ -82,10 +78,10 @@ class ModelSpec:
     num_connections: int
 
     @classmethod
-    def of(cls, config: dict[str, Any], model: nn.Module) -> "ModelSpec":
+    def of(cls, config: RunConfig, model: nn.Module, mode: str) -> ModelSpec:
         layout = MaskLayout.from_arrays(get_scores(model))
-        return cls(layout, layout.fingerprint(config["seed"], config["model"], config["init"]),
-                   upload_layout(layout, mask_mode_of(config)), num_connections(model))
+        return cls(layout, layout.fingerprint(config.seed, config.model, config.init),
+                   upload_layout(layout, mode), num_connections(model))
 
 
 def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> None:
@@ -112,7 +108,7 @@ def train(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    config: dict[str, Any],
+    config: RunConfig,
     device: torch.device,
     seed: int,
 ) -> dict[str, float]:
@@ -124,18 +120,18 @@ def train(
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if config["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight-decay"])
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(
-            params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight-decay"]
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     generator = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(config["local-epochs"]):
+    for _ in range(config.local_epochs):
         order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), config["batch-size"]):
-            idx = order[start : start + config["batch-size"]]
+        for start in range(0, len(x), config.batch_size):
+            idx = order[start : start + config.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
             opt.zero_grad()
             out = model(xb)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flwr.app import Context
@@ -23,19 +22,23 @@ from flwr.server.compat import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from server.aggregators import FedPMAggregator, State
-from server.strategies import sample_partitions
+from fedmask.aggregators import FedPMAggregator, State
+from fedmask.config import RunConfig
+from fedmask.failures import Failure
+from fedmask.instruction import TrainInstruction
+from fedmask.results import RoundOutcome
+from fedmask.sampling import sample_partitions
 
 
 class SecureFedPM(Strategy):
     """Legacy-API strategy: seeded sampling, FedPM from secure sums, server evaluation."""
 
-    def __init__(self, config: dict[str, Any], state: State,
-                 evaluate: Callable[[int, State, dict[int, list]], tuple[float, float]]):
+    def __init__(self, config: RunConfig, state: State,
+                 evaluate: Callable[[int, State, RoundOutcome], tuple[float, float]]):
         self.config, self.state, self.evaluate_state = config, state, evaluate
         self.names = list(state)
         self.aggregator = FedPMAggregator(config)
-        self.failures: dict[int, list[dict[str, Any]]] = {}
+        self.outcomes: dict[int, RoundOutcome] = {}
 
     def _parameters(self) -> Parameters:
         return ndarrays_to_parameters([self.state[n] for n in self.names])
@@ -44,23 +47,25 @@ class SecureFedPM(Strategy):
         return self._parameters()
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
-        client_manager.wait_for(min(self.config["num-clients"], 1), timeout=60)
+        client_manager.wait_for(min(self.config.num_clients, 1), timeout=60)
         proxies = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
         instructions = []
-        for pid in sample_partitions(self.config, server_round):
-            settings = {**self.config, "server-round": server_round, "partition-id": pid,
-                        "mask-mode": "bernoulli", "tensor-names": ",".join(self.names)}
+        cfg = self.config
+        for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
+            settings = {**TrainInstruction(cfg, server_round, pid, "bernoulli").to_flat(),
+                        "tensor-names": ",".join(self.names)}
             instructions.append((proxies[pid % len(proxies)], FitIns(parameters, settings)))
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        outcome = self.outcomes.setdefault(server_round, RoundOutcome())
         for failure in failures:
-            reason = getattr(failure, "__class__", type(failure)).__name__
-            self.failures.setdefault(server_round, []).append(
-                {"partition_id": -1, "node_id": -1, "reason": f"secure aggregation: {reason}"})
+            # the workflow reports an exception (no answer in time) or a client's failed result
+            kind = "no-reply" if isinstance(failure, BaseException) else "client-error"
+            outcome.add_failure(Failure(kind, -1, -1, f"secure aggregation: {type(failure).__name__}"))
         if not results:
             return None, {}
-        clients = len(results)
+        clients = outcome.aggregated = len(results)
         mean = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the sum
         ones = {name: np.rint(m.astype(np.float64) * clients) for name, m in zip(self.names, mean, strict=True)}
         self.state = self.aggregator.aggregate_counts(server_round, self.state, ones, clients)
@@ -73,13 +78,14 @@ class SecureFedPM(Strategy):
         return None, {}
 
     def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
-        loss, accuracy = self.evaluate_state(server_round, self.state, self.failures)
+        loss, accuracy = self.evaluate_state(server_round, self.state,
+                                             self.outcomes.setdefault(server_round, RoundOutcome()))
         return loss, {"accuracy": accuracy}
 
 
-def secagg_workflow(config: dict[str, Any]) -> DefaultWorkflow:
+def secagg_workflow(config: RunConfig) -> DefaultWorkflow:
     """SecAgg+ with every sampled client sharing keys; 0/1 values land exactly on its grid."""
-    clients = config["clients-per-round"]
+    clients = config.clients_per_round
     return DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=clients,
         reconstruction_threshold=max(2, math.ceil(2 * clients / 3)),
@@ -87,13 +93,13 @@ def secagg_workflow(config: dict[str, Any]) -> DefaultWorkflow:
         clipping_range=1.0,            # x in [-1, 1] maps to (x + 1) * Q / 2: 0 -> Q/2, 1 -> Q
         quantization_range=2**22,      # even, so both land on integers
         modulus_range=2**32,
-        timeout=config["round-timeout"],
+        timeout=config.round_timeout,
     ))
 
 
-def legacy_context(context: Context, config: dict[str, Any], strategy: SecureFedPM) -> LegacyContext:
-    return LegacyContext(context=context, config=ServerConfig(num_rounds=config["num-rounds"],
-                                                              round_timeout=config["round-timeout"]),
+def legacy_context(context: Context, config: RunConfig, strategy: SecureFedPM) -> LegacyContext:
+    return LegacyContext(context=context, config=ServerConfig(num_rounds=config.num_rounds,
+                                                              round_timeout=config.round_timeout),
                          strategy=strategy)
 
 

@@ -1,143 +1,186 @@
 """The fedmask ServerApp: broadcast the global state, aggregate masks, evaluate, record.
 
-``fedmask run`` builds it with :func:`make_server_app` from a checked config; ``flwr run .``
-uses ``app`` below, which reads the same keys from the run config in pyproject.toml.
+A run is four steps, each a function: :func:`build` (model, strategy, recorder from a
+checked config), :func:`restore` (a checkpoint's state, when resuming), the rounds
+(Flower's ``strategy.start``, or SecAgg+'s workflow), and :func:`end_round` (evaluate the
+global model, write the round's line and a checkpoint), which both paths share.
+
+``fedmask run`` builds the ServerApp with :func:`make_server_app` from a checked config;
+``flwr run .`` uses ``app`` below, which reads the same keys from the run config.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from fedmask import task
+from fedmask.aggregators import MaskAggregator
 from fedmask.checkpoint import Checkpoint
-from fedmask.config import resolve
+from fedmask.config import RunConfig, resolve
+from fedmask.data import Splits
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
 from fedmask.recycling import RecycleLog, sync_frozen
-from fedmask.results import RunRecorder
+from fedmask.results import RoundOutcome, RunRecorder
 from fedmask.weights import derive_seed
-from server.aggregators import FedPMAggregator, load_aggregator
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
-from server.strategies import DenseFedAvg, MaskStrategy, record_state, state_record
+from server.strategies import DenseFedAvg, MaskStrategy, SeededFedAvg, state_record
+
+_RECYCLE_PREFIX = "recycle/"  # the recycling log's arrays in a checkpoint's aggregator memory
 
 
-def run_server(grid: Grid, config: dict[str, Any], run_dir: Path, resume: bool = False,
+@dataclass
+class ServerRun:
+    """One experiment's server side: what it evaluates, how it aggregates, where it writes."""
+
+    config: RunConfig
+    splits: Splits
+    model: nn.Module  # the global model, evaluated after every round
+    strategy: SeededFedAvg
+    aggregator: MaskAggregator | None  # None for the dense baseline
+    ledger: Ledger
+    recorder: RunRecorder
+    load_global: Callable[[], None]  # puts the strategy's global state into ``model``
+    rounds_done: int = 0  # rounds finished before a resume
+
+    def aggregator_memory(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps besides the state: the aggregator's memory, the recycling log."""
+        if self.aggregator is None:
+            return {}
+        memory = self.aggregator.state_dict()
+        if self.config.recycle_every and isinstance(self.strategy, MaskStrategy):
+            memory |= {_RECYCLE_PREFIX + k: v for k, v in self.strategy.recycle_log.to_arrays().items()}
+        return memory
+
+
+def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
+    """The model, strategy and recorder of a run (plain, not secure aggregation)."""
+    method = config.method_entry
+    splits = task.splits_of(config)
+    ledger = Ledger()
+    model = task.make_model(config, splits, method.mask_mode)
+    aggregator: MaskAggregator | None = None
+    if method.mask_mode is None:
+        initial = task.dense_state(model)
+        num_params = sum(v.size for v in initial.values())
+        strategy: SeededFedAvg = DenseFedAvg(config, ledger, initial)
+
+        def load_global() -> None:
+            task.load_dense_state(model, strategy.state)
+    else:
+        aggregator = method.make_aggregator(config)
+        spec = task.ModelSpec.of(config, model, method.mask_mode)
+        num_params = spec.num_connections  # Slot Machines' state has K scores per connection
+        mask_strategy = MaskStrategy(config, ledger, aggregator, spec, aggregator.initial_state(get_scores(model)))
+        strategy = mask_strategy
+
+        def load_global() -> None:
+            # The state as clients decode it (the downlink codec may be lossy), and the
+            # frozen weights after the recycling log, exactly as a client replays it.
+            task.load_state(model, mask_strategy.deployed(), method.mask_mode)
+            if config.recycle_every:
+                sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
+    recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None)
+    return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
+
+
+def restore(run: ServerRun, run_dir: Path) -> None:
+    """Put the checkpoint's state, aggregator memory and records back; the rounds after it run next.
+
+    A run stopped before its first checkpoint has nothing to restore: it starts from round 1.
+    """
+    if Checkpoint.round_of(run_dir) == 0:
+        return
+    checkpoint = Checkpoint.load(run_dir)
+    run.rounds_done = run.strategy.round_offset = checkpoint.round
+    run.strategy.state = checkpoint.state
+    run.strategy.load_records(checkpoint.records)
+    run.recorder.initial = checkpoint.records.get("initial", {})
+    memory = dict(checkpoint.aggregator)
+    recycle = {k[len(_RECYCLE_PREFIX):]: memory.pop(k) for k in list(memory) if k.startswith(_RECYCLE_PREFIX)}
+    if recycle and isinstance(run.strategy, MaskStrategy):
+        run.strategy.recycle_log = RecycleLog.from_arrays(recycle)
+    if run.aggregator is not None:
+        run.aggregator.load_state_dict(memory)
+
+
+def evaluate_global(config: RunConfig, model: nn.Module, splits: Splits, server_round: int) -> tuple[float, float]:
+    """(loss, accuracy) of the global model on the test split; sampled masks seeded by the round."""
+    return task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, task.pick_device(config),
+                         seed=derive_seed(config.seed, "eval", server_round))
+
+
+def end_round(run: ServerRun, server_round: int) -> MetricRecord:
+    """Evaluate the global state after ``server_round`` (0: the initial state), record, checkpoint."""
+    run.load_global()
+    loss, accuracy = evaluate_global(run.config, run.model, run.splits, server_round)
+    if server_round == 0:
+        run.recorder.initial = {"accuracy": accuracy, "loss": loss}
+    else:
+        run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round))
+        Checkpoint(server_round, run.strategy.state, run.aggregator_memory(),
+                   {**run.strategy.records(), "initial": run.recorder.initial}).save(run.recorder.run_dir)
+    return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False,
                context: Context | None = None) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; returns the summary.
 
     With ``resume``, the run directory's checkpoint restores the state after its last
     finished round and the remaining rounds run as they would have without the stop.
     """
-    config = dict(config)
-    if config["secure-aggregation"]:
+    if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context)
-    splits = task.splits_of(config)
-    ledger = Ledger()
-    if config["method"] == "fedavg":
-        model = task.make_model(config, splits)
-        initial = task.dense_state(model)
-        num_params = sum(v.size for v in initial.values())
-        strategy = DenseFedAvg(config, ledger, initial)
-        load = lambda state: task.load_dense_state(model, state)  # noqa: E731
-        mode = None
-    else:
-        aggregator = load_aggregator(config["method"], config)
-        mode = config["mask-mode"] = aggregator.mask_mode
-        model = task.make_model(config, splits)
-        initial = aggregator.initial_state(get_scores(model))
-        spec = task.ModelSpec.of(config, model)
-        num_params = spec.num_connections  # Slot Machines' state has K scores per connection
-        strategy = MaskStrategy(config, ledger, aggregator, spec, initial)
-
-        def load(state: dict) -> None:
-            # Flower hands evaluation the arrays of strategy.state; the strategy already holds
-            # them decoded as clients will (the downlink codec may be lossy), and the frozen
-            # weights follow the recycling log exactly as a client replays it.
-            task.load_state(model, strategy.deployed(), mode)
-            if config["recycle-every"]:
-                sync_frozen(model, strategy.recycle_log, spec.layout, spec.fingerprint, config["seed"], config["init"])
-
-    done = 0
+    run = build(config, run_dir, resume)
     if resume:
-        checkpoint = Checkpoint.load(run_dir)
-        done = strategy.round_offset = checkpoint.round
-        strategy.state = checkpoint.state
-        strategy.load_records(checkpoint.records)
-        if config["method"] != "fedavg":
-            memory = dict(checkpoint.aggregator)
-            recycle = {k[8:]: memory.pop(k) for k in list(memory) if k.startswith("recycle/")}
-            if recycle:
-                strategy.recycle_log = RecycleLog.from_arrays(recycle)
-            aggregator.load_state_dict(memory)
-    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"}, num_params,
-                           resume_after=done if resume else None)
-    recorder.header()
-    device = task.pick_device(config)
+        restore(run, run_dir)
+    run.recorder.header()
+    if config.num_rounds <= run.rounds_done:
+        return run.recorder.finish()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round += done
-        if server_round == done and done:
+        server_round += run.rounds_done
+        if server_round == run.rounds_done and run.rounds_done:
             return None  # evaluated before the stop
-        load(record_state(arrays))
-        loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"],
-                                       device, seed=derive_seed(config["seed"], "eval", server_round))
-        if server_round == 0:
-            recorder.initial = {"accuracy": accuracy, "loss": loss}
-        else:
-            recorder.end_round(server_round, accuracy, loss, ledger, strategy.failures.get(server_round, []),
-                               strategy.train_history.get(server_round, {}),
-                               getattr(strategy, "code_lengths", {}).get(server_round),
-                               strategy.skipped.get(server_round))
-            Checkpoint(server_round, strategy.state, aggregator_memory(),
-                       {**strategy.records(), "initial": recorder.initial}).save(run_dir)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return end_round(run, server_round)
 
-    def aggregator_memory() -> dict:
-        if config["method"] == "fedavg":
-            return {}
-        recycle = {f"recycle/{k}": v for k, v in strategy.recycle_log.to_arrays().items()} if config["recycle-every"] else {}
-        return aggregator.state_dict() | recycle
-
-    if resume:
-        recorder.initial = checkpoint.records.get("initial", {})
-    if config["num-rounds"] <= done:
-        return recorder.finish()
-    strategy.start(
-        grid=MeasuringGrid(grid, ledger),
-        initial_arrays=state_record(strategy.state),
-        num_rounds=config["num-rounds"] - done,
-        timeout=config["round-timeout"],
-        train_config=ConfigRecord({**config, "mask-mode": mode or ""}),
+    run.strategy.start(
+        grid=MeasuringGrid(grid, run.ledger),
+        initial_arrays=state_record(run.strategy.state),
+        num_rounds=config.num_rounds - run.rounds_done,
+        timeout=config.round_timeout,
         evaluate_fn=evaluate,
     )
-    return recorder.finish()
+    return run.recorder.finish()
 
 
-def run_secure_server(grid: Grid, config: dict[str, Any], run_dir: Path, context: Context | None) -> dict[str, Any]:
-    """FedPM under SecAgg+ (Flower's workflow): same evaluation and run directory."""
-    config["mask-mode"] = "bernoulli"
+def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None) -> dict[str, Any]:
+    """FedPM under SecAgg+ (Flower's workflow): the same model, evaluation and run directory."""
+    method = config.method_entry
     splits = task.splits_of(config)
-    model = task.make_model(config, splits)
-    initial = FedPMAggregator(config).initial_state(get_scores(model))
+    model = task.make_model(config, splits, method.mask_mode)
+    initial = method.make_aggregator(config).initial_state(get_scores(model))
     ledger = Ledger()
-    recorder = RunRecorder(run_dir, {k: v for k, v in config.items() if k != "mask-mode"},
-                           sum(v.size for v in initial.values()))
+    recorder = RunRecorder(run_dir, config, sum(v.size for v in initial.values()))
     recorder.header()
-    device = task.pick_device(config)
 
-    def evaluate(server_round: int, state: dict, failures: dict) -> tuple[float, float]:
+    def evaluate(server_round: int, state: dict[str, np.ndarray], outcome: RoundOutcome) -> tuple[float, float]:
         task.load_state(model, state, "bernoulli")
-        loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config["eval-batch-size"],
-                                       device, seed=derive_seed(config["seed"], "eval", server_round))
+        loss, accuracy = evaluate_global(config, model, splits, server_round)
         if server_round == 0:
             recorder.initial = {"accuracy": accuracy, "loss": loss}
         else:
-            recorder.end_round(server_round, accuracy, loss, ledger, failures.get(server_round, []), {})
+            recorder.end_round(server_round, accuracy, loss, ledger, outcome)
         return loss, accuracy
 
     strategy = SecureFedPM(config, initial, evaluate)
@@ -147,7 +190,7 @@ def run_secure_server(grid: Grid, config: dict[str, Any], run_dir: Path, context
     return recorder.finish()
 
 
-def make_server_app(config: dict[str, Any], run_dir: Path, resume: bool = False) -> ServerApp:
+def make_server_app(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to one checked config and output folder."""
     server_app = ServerApp()
 
@@ -165,4 +208,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the run config comes from pyproject.toml."""
     config = resolve(dict(context.run_config))
-    run_server(grid, config, Path("runs") / f"{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_server(grid, config, Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")

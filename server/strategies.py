@@ -21,27 +21,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmask.aggregators import MaskAggregator, State
 from fedmask.codec import MaskCodecError, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
+from fedmask.config import RunConfig
 from fedmask.downlink import decode_state, encode_state
+from fedmask.failures import Failure
+from fedmask.instruction import TrainInstruction
 from fedmask.ledger import Ledger
 from fedmask.masking import TOPK_MODES
 from fedmask.recycling import RECORD, RecycleLog, is_recycle_round, recycle_plan
+from fedmask.results import RoundOutcome
+from fedmask.sampling import sample_partitions
 from fedmask.task import ModelSpec
-from fedmask.weights import derive_seed
-from server.aggregators import MaskAggregator, State
 
 log = logging.getLogger("fedmask")
 
 
 class RejectedReply(ValueError):
     """A reply that cannot be used; the message says why."""
-
-
-def sample_partitions(config: dict[str, Any], server_round: int) -> list[int]:
-    """The partitions that train in ``server_round``: seeded, same for every engine."""
-    rng = np.random.default_rng(derive_seed(config["seed"], "sample", server_round))
-    chosen = rng.choice(config["num-clients"], size=config["clients-per-round"], replace=False)
-    return sorted(int(p) for p in chosen)
 
 
 def state_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -71,27 +68,25 @@ def _check_metrics(reply: Message) -> None:
 
 
 class SeededFedAvg(FedAvg):
-    """FedAvg with reproducible client sampling and a record of every failure."""
+    """FedAvg with reproducible client sampling and a record of every round's outcome."""
 
-    def __init__(self, run_config: dict[str, Any], ledger: Ledger):
+    def __init__(self, run_config: RunConfig, ledger: Ledger, mask_mode: str | None):
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
-        self.run_config, self.ledger = run_config, ledger
-        self.failures: dict[int, list[dict[str, Any]]] = {}
-        self.train_history: dict[int, dict[str, float]] = {}
-        self.skipped: dict[int, str] = {}
+        self.run_config, self.ledger, self.mask_mode = run_config, ledger, mask_mode
+        self.outcomes: dict[int, RoundOutcome] = {}
         self.round_offset = 0  # rounds already done before a resume
         self.state: dict[str, np.ndarray] = {}
         self._nodes: list[int] | None = None
 
+    def outcome(self, server_round: int) -> RoundOutcome:
+        return self.outcomes.setdefault(server_round, RoundOutcome())
+
     def records(self) -> dict[str, Any]:
         """What a checkpoint keeps of the strategy (JSON-able)."""
-        return {"failures": self.failures, "train_history": self.train_history, "skipped": self.skipped,
-                "code_lengths": getattr(self, "code_lengths", {})}
+        return {"outcomes": {r: o.to_dict() for r, o in self.outcomes.items()}}
 
     def load_records(self, records: dict[str, Any]) -> None:
-        for name, value in records.items():
-            if hasattr(self, name):
-                setattr(self, name, {int(k): v for k, v in value.items()})
+        self.outcomes = {int(r): RoundOutcome(**o) for r, o in records.get("outcomes", {}).items()}
 
     def _node_ids(self, grid: Grid) -> list[int]:
         """All nodes, sorted; waits (once) until every simulated client has joined."""
@@ -99,7 +94,7 @@ class SeededFedAvg(FedAvg):
             deadline = time.monotonic() + 60.0
             while True:
                 nodes = sorted(grid.get_node_ids())
-                if len(nodes) >= self.run_config["num-clients"] or (nodes and time.monotonic() > deadline):
+                if len(nodes) >= self.run_config.num_clients or (nodes and time.monotonic() > deadline):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError("no client node connected within 60 s")
@@ -113,8 +108,9 @@ class SeededFedAvg(FedAvg):
         server_round += self.round_offset
         nodes = self._node_ids(grid)
         messages = []
-        for pid in sample_partitions(self.run_config, server_round):
-            instruction = ConfigRecord({**config, "server-round": server_round, "partition-id": pid})
+        cfg = self.run_config
+        for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
+            instruction = ConfigRecord(TrainInstruction(cfg, server_round, pid, self.mask_mode).to_flat())
             messages.append(
                 Message(
                     RecordDict({"arrays": arrays, "config": instruction}),
@@ -128,41 +124,51 @@ class SeededFedAvg(FedAvg):
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:  # noqa: ANN001
         return []  # the server evaluates the global model itself
 
-    def record_failure(self, server_round: int, partition_id: int, node_id: int, reason: str) -> None:
-        log.warning("round %d: client %d rejected: %s", server_round, partition_id, reason)
-        self.failures.setdefault(server_round, []).append(
-            {"partition_id": partition_id, "node_id": node_id, "reason": reason}
-        )
+    def record_failure(self, server_round: int, failure: Failure) -> None:
+        log.warning("round %d: client %d %s: %s", server_round, failure.partition_id, failure.kind, failure.reason)
+        self.outcome(server_round).add_failure(failure)
+
+    def reject(self, server_round: int, reply: Message, reason: str) -> None:
+        """Record a reply that arrived but cannot be used."""
+        self.record_failure(server_round, Failure("rejected", self.ledger.partition_of(reply),
+                                                  reply.metadata.src_node_id, reason))
 
     def usable_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[Message, float]]:
         """Replies with content and a valid weight; every other one is recorded."""
         replies = list(replies)
-        for node, pid, why in self.ledger.unanswered(server_round, replies):
-            self.record_failure(server_round, pid, node, why)
+        for failure in self.ledger.unanswered(server_round, replies):
+            self.record_failure(server_round, failure)
         usable = []
         # Replies arrive in whatever order clients finish; sorting by partition makes the
         # floating-point sums of aggregation, and so the run, independent of timing.
         for reply in sorted(replies, key=self.ledger.partition_of):
             pid, node = self.ledger.partition_of(reply), reply.metadata.src_node_id
             if reply.has_error():
-                self.record_failure(server_round, pid, node, f"client error: {reply.error.reason}")
+                self.record_failure(server_round, Failure("client-error", pid, node, reply.error.reason))
                 continue
             try:
                 _check_metrics(reply)
                 usable.append((reply, _num_examples(reply)))
             except RejectedReply as err:
-                self.record_failure(server_round, pid, node, str(err))
+                self.reject(server_round, reply, str(err))
         return usable
 
     def too_few(self, server_round: int, usable: int) -> bool:
         """Below min-clients the round is skipped and the global state kept; says why."""
-        needed = self.run_config["min-clients"]
+        needed = self.run_config.min_clients
         if usable >= needed:
             return False
         reason = f"{usable} usable upload(s), min-clients is {needed}: round skipped, global state unchanged"
         log.warning("round %d: %s", server_round, reason)
-        self.skipped[server_round] = reason
+        self.outcome(server_round).skipped = reason
         return True
+
+    def finish_round(self, server_round: int, usable: list[tuple[Message, float]]) -> MetricRecord:
+        """Record how many uploads went in and their train metrics; returns the metrics."""
+        metrics = self.train_metrics(usable)
+        outcome = self.outcome(server_round)
+        outcome.aggregated, outcome.train = len(usable), dict(metrics)
+        return metrics
 
     def train_metrics(self, usable: list[tuple[Message, float]]) -> MetricRecord:
         """Example-weighted mean of the clients' finite train metrics."""
@@ -178,8 +184,8 @@ class SeededFedAvg(FedAvg):
 class DenseFedAvg(SeededFedAvg):
     """The dense float32 baseline: Flower's FedAvg aggregation on checked replies."""
 
-    def __init__(self, run_config: dict[str, Any], ledger: Ledger, reference: dict[str, np.ndarray]):
-        super().__init__(run_config, ledger)
+    def __init__(self, run_config: RunConfig, ledger: Ledger, reference: dict[str, np.ndarray]):
+        super().__init__(run_config, ledger, mask_mode=None)
         self.reference = {k: (v.shape, v.dtype) for k, v in reference.items()}
         self.state = reference
 
@@ -196,18 +202,17 @@ class DenseFedAvg(SeededFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
         server_round += self.round_offset
         good = []
-        for reply, _ in self.usable_replies(server_round, replies):
+        for reply, weight in self.usable_replies(server_round, replies):
             try:
                 self._check_weights(reply)
-                good.append(reply)
+                good.append((reply, weight))
             except RejectedReply as err:
-                self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
+                self.reject(server_round, reply, str(err))
         if self.too_few(server_round, len(good)):
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, good)
+        arrays, _ = super().aggregate_train(server_round, [reply for reply, _ in good])
         self.state = record_state(arrays)
-        self.train_history[server_round] = dict(metrics or {})
-        return arrays, metrics
+        return arrays, self.finish_round(server_round, good)
 
 
 class MaskStrategy(SeededFedAvg):
@@ -215,21 +220,20 @@ class MaskStrategy(SeededFedAvg):
 
     def __init__(
         self,
-        run_config: dict[str, Any],
+        run_config: RunConfig,
         ledger: Ledger,
         aggregator: MaskAggregator,
         spec: ModelSpec,
         initial_state: State,
     ):
-        super().__init__(run_config, ledger)
+        super().__init__(run_config, ledger, aggregator.mask_mode)
         self.aggregator, self.spec, self.state = aggregator, spec, initial_state
-        if run_config["recycle-every"] and aggregator.mask_mode not in TOPK_MODES:
+        if run_config.recycle_every and aggregator.mask_mode not in TOPK_MODES:
             raise ValueError(f"recycle-every: weight recycling needs a top-k mask method (edge-popup, "
                              f"biprop); {run_config['method']!r} trains {aggregator.mask_mode!r} masks")
         self.recycle_log = RecycleLog()
         self.prior: Prior | None = None
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
-        self.code_lengths: dict[int, dict[str, float]] = {}
 
     def _broadcast(self) -> tuple[dict[str, np.ndarray], State]:
         """The coded broadcast of the current state and what clients decode from it.
@@ -238,8 +242,8 @@ class MaskStrategy(SeededFedAvg):
         is computed once per state.
         """
         if self._coded is None or self._coded[0] is not self.state:
-            encoded = encode_state(self.state, self.spec.layout, self.run_config["downlink-codec"],
-                                   self.run_config["downlink-bits"])
+            encoded = encode_state(self.state, self.spec.layout, self.run_config.downlink_codec,
+                                   self.run_config.downlink_bits)
             self._coded = (self.state, encoded, decode_state(encoded, self.spec.layout))
         return self._coded[1], self._coded[2]
 
@@ -251,9 +255,9 @@ class MaskStrategy(SeededFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         encoded, broadcast = self._broadcast()
-        self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config["density"])
+        self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config.density)
         messages = list(super().configure_train(server_round, state_record(encoded), config, grid))
-        if self.run_config["recycle-every"]:
+        if self.run_config.recycle_every:
             record = self.recycle_log.to_record()
             for message in messages:
                 message.content[RECORD] = record
@@ -275,8 +279,11 @@ class MaskStrategy(SeededFedAvg):
 
     def _measure_code(self, server_round: int, masks: dict[str, np.ndarray]) -> None:
         """Ideal code length under the uplink model, and FedPM's formula, for this mask."""
-        lengths = code_lengths(masks, self.spec.upload, self.run_config["uplink-codec"], self.prior)
-        totals = self.code_lengths.setdefault(server_round, {"ideal_bits": 0.0, "formula_bits": 0.0})
+        lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
+        outcome = self.outcome(server_round)
+        if outcome.code_lengths is None:
+            outcome.code_lengths = {"ideal_bits": 0.0, "formula_bits": 0.0}
+        totals = outcome.code_lengths
         for key, value in lengths.items():
             totals[key] += value
 
@@ -289,7 +296,7 @@ class MaskStrategy(SeededFedAvg):
                 masks.append(self.votes_of(bits))
                 self._measure_code(server_round, bits)
             except (MaskCodecError, RejectedReply) as err:
-                self.record_failure(server_round, self.ledger.partition_of(reply), reply.metadata.src_node_id, str(err))
+                self.reject(server_round, reply, str(err))
                 continue
             weights.append(weight)
             usable.append((reply, weight))
@@ -300,11 +307,9 @@ class MaskStrategy(SeededFedAvg):
         self.state = new_state
         if is_recycle_round(self.run_config, server_round):
             # from the state as clients decode it, so that any of them could derive it too
-            plan = recycle_plan(self.deployed(), self.run_config["recycle-fraction"])
+            plan = recycle_plan(self.deployed(), self.run_config.recycle_fraction)
             self.recycle_log.add(server_round, plan, self.spec.layout, self.spec.fingerprint)
-        metrics = self.train_metrics(usable)
-        self.train_history[server_round] = dict(metrics)
-        return state_record(new_state), metrics
+        return state_record(new_state), self.finish_round(server_round, usable)
 
     def _check_state(self, new_state: State) -> None:
         """An aggregator (maybe a plug-in) must keep the state's names and shapes."""

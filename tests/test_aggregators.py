@@ -1,4 +1,4 @@
-"""Tests for server.aggregators (FedPM, edge-popup, plug-ins) and seeded client sampling."""
+"""Tests for fedmask.aggregators (FedPM, edge-popup), the method registry's plug-ins, and seeded client sampling."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask.config import resolve
-from server.aggregators import (EdgePopupAggregator, FedPMAggregator, MaskAggregator,
-                                load_aggregator, topk_mask, weighted_vote)
-from server.strategies import sample_partitions
+from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, MaskAggregator, topk_mask, weighted_vote
+from fedmask.config import RunConfig, resolve
+from fedmask.methods import PluginError, get_method
+from fedmask.sampling import sample_partitions
 
 SHAPES = {"a.weight": (6, 5), "a.bias": (6,), "b.weight": (2, 3, 3, 3)}
 
 
-def config(**overrides) -> dict:
+def config(**overrides) -> RunConfig:
     return resolve({k.replace("_", "-"): v for k, v in overrides.items()})
 
 
@@ -240,14 +240,14 @@ class AbstractAggregator(MaskAggregator):
 def test_load_builtin_aggregators(method, cls, mode):
     """Built-in names give their aggregator, holding the config."""
     cfg = config(method=method)
-    agg = load_aggregator(method, cfg)
+    agg = get_method(method).make_aggregator(cfg)
     assert type(agg) is cls and agg.mask_mode == mode and agg.config is cfg
 
 
 def test_load_plugin_from_this_module():
     """'module:Class' loads a MaskAggregator subclass defined in a test module."""
     cfg = config(method=f"{__name__}:HalfAggregator")
-    agg = load_aggregator(cfg["method"], cfg)
+    agg = cfg.method_entry.make_aggregator(cfg)
     assert type(agg).__name__ == "HalfAggregator" and agg.config is cfg
     out = agg.aggregate(1, theta_state(0.9), random_masks(1, 0), [1.0])
     assert all(np.all(v == 0.5) for v in out.values())
@@ -257,7 +257,7 @@ def test_load_plugin_from_file_on_sys_path(tmp_path, monkeypatch):
     """A plug-in module found on sys.path loads, with its own mask_mode."""
     (tmp_path / "fedmask_test_plugin_mod.py").write_text(textwrap.dedent("""
         import numpy as np
-        from server.aggregators import MaskAggregator
+        from fedmask.aggregators import MaskAggregator
 
         class Plug(MaskAggregator):
             mask_mode = "topk"
@@ -267,30 +267,40 @@ def test_load_plugin_from_file_on_sys_path(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fedmask_test_plugin_mod", raising=False)
-    agg = load_aggregator("fedmask_test_plugin_mod:Plug", config())
+    method = get_method("fedmask_test_plugin_mod:Plug")
+    agg = method.make_aggregator(config())
+    assert method.mask_mode == "topk" and "recycle-every" not in method.restrictions
     assert isinstance(agg, MaskAggregator) and agg.mask_mode == "topk"
     sys.modules.pop("fedmask_test_plugin_mod", None)
 
 
 @pytest.mark.parametrize("method, fragment", [
     ("fedmask_no_such_module_xyz:Agg", "fedmask_no_such_module_xyz"),
-    ("server.aggregators:NoSuchClass", "NoSuchClass"),
+    ("fedmask.aggregators:NoSuchClass", "NoSuchClass"),
     (f"{__name__}:NotAnAggregator", "MaskAggregator"),
-    ("server.aggregators:weighted_vote", "MaskAggregator"),
+    ("fedmask.aggregators:weighted_vote", "MaskAggregator"),
     (f"{__name__}:WrongModeAggregator", "mask_mode"),
-    ("fedavg", "fedavg"),
+    ("fedprox", "fedprox"),
 ])
-def test_load_aggregator_errors_are_clear_value_errors(method, fragment):
-    """Missing module/class, non-subclass and bad mask_mode raise ValueError naming the cause."""
-    with pytest.raises(ValueError, match="method") as info:
-        load_aggregator(method, config())
+def test_get_method_errors_are_clear_plugin_errors(method, fragment):
+    """Missing module/class, non-subclass, bad mask_mode and unknown names raise PluginError naming the cause."""
+    with pytest.raises(PluginError, match="method") as info:
+        get_method(method)
     assert fragment in str(info.value)
 
 
-def test_abstract_plugin_is_a_clear_value_error():
-    """A plug-in subclass that does not implement aggregate() is refused with ValueError."""
-    with pytest.raises(ValueError, match="aggregate"):
-        load_aggregator(f"{__name__}:AbstractAggregator", config())
+def test_dense_method_has_no_aggregator():
+    """FedAvg's registry entry has no mask mode, and asking it for a MaskAggregator is a clear error."""
+    fedavg = get_method("fedavg")
+    assert fedavg.dense and fedavg.mask_mode is None
+    with pytest.raises(ValueError, match="fedavg"):
+        fedavg.make_aggregator(config(method="fedavg"))
+
+
+def test_abstract_plugin_is_a_clear_plugin_error():
+    """A plug-in subclass that does not implement aggregate() is refused with PluginError."""
+    with pytest.raises(PluginError, match="aggregate"):
+        get_method(f"{__name__}:AbstractAggregator")
 
 
 # ---------------------------------------------------------------- client sampling
@@ -301,18 +311,15 @@ def test_abstract_plugin_is_a_clear_value_error():
 def test_sample_partitions_distinct_sorted_in_range_and_deterministic(seed, rnd, n, data):
     """Sampling gives clients-per-round distinct sorted ids in range, the same on every call."""
     k = data.draw(st.integers(1, n))
-    cfg = {"seed": seed, "num-clients": n, "clients-per-round": k}
-    chosen = sample_partitions(cfg, rnd)
+    chosen = sample_partitions(seed, n, k, rnd)
     assert len(chosen) == k == len(set(chosen))
     assert chosen == sorted(chosen) and all(0 <= p < n for p in chosen)
     assert all(type(p) is int for p in chosen)
-    assert sample_partitions(dict(cfg), rnd) == chosen
+    assert sample_partitions(seed, n, k, rnd) == chosen
 
 
 def test_sample_partitions_differs_across_rounds_and_seeds():
     """Different rounds (and seeds) pick different client sets."""
-    cfg = {"seed": 3, "num-clients": 20, "clients-per-round": 5}
-    by_round = {tuple(sample_partitions(cfg, r)) for r in range(1, 11)}
+    by_round = {tuple(sample_partitions(3, 20, 5, r)) for r in range(1, 11)}
     assert len(by_round) >= 8
-    other_seed = {**cfg, "seed": 4}
-    assert any(sample_partitions(cfg, r) != sample_partitions(other_seed, r) for r in range(1, 6))
+    assert any(sample_partitions(3, 20, 5, r) != sample_partitions(4, 20, 5, r) for r in range(1, 6))

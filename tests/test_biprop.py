@@ -15,7 +15,8 @@ from clients.client_app import app as client_app
 from fedmask.codec import HEADER_BYTES
 from fedmask.config import resolve
 from fedmask.masking import current_masks, frozen_weights, score_masks, to_masked
-from server.aggregators import BipropAggregator, load_aggregator
+from fedmask.aggregators import BipropAggregator
+from fedmask.methods import get_method
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 
@@ -59,7 +60,8 @@ def test_every_party_derives_the_same_weights():
 
 
 def test_biprop_is_a_builtin_topk_method():
-    aggregator = load_aggregator("biprop", resolve({"method": "biprop"}))
+    """The registry's biprop entry gives a BipropAggregator that trains biprop masks."""
+    aggregator = get_method("biprop").make_aggregator(resolve({"method": "biprop"}))
     assert isinstance(aggregator, BipropAggregator) and aggregator.mask_mode == "biprop"
 
 
@@ -79,4 +81,4 @@ def test_biprop_configs_resolve(name):
     from fedmask.config import load
 
     config = load(Path(__file__).resolve().parents[1] / "configs" / name)
-    assert config["method"] == "biprop" and np.isfinite(config["lr"])
+    assert config.method == "biprop" and np.isfinite(config.lr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmask.config import SCHEMA, ConfigError, load, parse_override, resolve
+from fedmask.config import SCHEMA, ConfigError, RunConfig, load, parse_override, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +29,15 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
 def test_defaults_resolve_to_schema_defaults():
     """resolve({}) returns every key with its schema default, and the defaults pass the checks."""
     config = resolve({})
-    assert config == {k: s.default for k, s in SCHEMA.items()}
-    assert config["method"] == "fedpm" and config["num-rounds"] == 20
+    assert config.to_dict() == {k: s.default for k, s in SCHEMA.items()}
+    assert config.method == "fedpm" and config.num_rounds == 20
 
 
 def test_given_values_override_defaults():
     """Given keys replace defaults; ints given for float keys become floats."""
     config = resolve({"num-rounds": 3, "lr": 1, "method": "edge-popup"})
-    assert config["num-rounds"] == 3 and config["method"] == "edge-popup"
-    assert config["lr"] == 1.0 and isinstance(config["lr"], float)
+    assert config.num_rounds == 3 and config.method == "edge-popup"
+    assert config.lr == 1.0 and isinstance(config.lr, float)
 
 
 def test_unknown_key_lists_valid_keys_and_suggests_close_match():
@@ -85,9 +86,14 @@ def test_more_clients_per_round_than_clients_is_refused():
     assert resolve({"num-clients": 3, "clients-per-round": 3})["clients-per-round"] == 3
 
 
-def test_plugin_method_is_accepted():
-    """A 'module:Class' method passes the config check (it is loaded later)."""
-    assert resolve({"method": "my.module:MyAgg"})["method"] == "my.module:MyAgg"
+def test_plugin_method_is_loaded_when_resolved():
+    """A 'module:Class' method is imported by resolve(): a working plug-in passes, a missing
+    one is a ConfigError naming 'method' and the module; a receiving client (check_plugin=False)
+    does not import it."""
+    assert resolve({"method": "examples.mean_vote:MeanVote"}).method == "examples.mean_vote:MeanVote"
+    with pytest.raises(ConfigError, match="'method'.*no_such_mod"):
+        resolve({"method": "no_such_mod:MyAgg"})
+    assert resolve({"method": "no_such_mod:MyAgg"}, check_plugin=False).method == "no_such_mod:MyAgg"
 
 
 def test_infinite_learning_rate_is_refused():
@@ -131,8 +137,8 @@ def test_load_applies_overrides_after_file(tmp_path):
     """load() reads the TOML file and --set overrides win over it."""
     path = write(tmp_path, 'method = "fedpm"\nnum-rounds = 3\nlr = 0.5\n')
     config = load(path, ["num-rounds=5", 'method="edge-popup"', "dataset=mnist"])
-    assert config["num-rounds"] == 5 and config["method"] == "edge-popup"
-    assert config["dataset"] == "mnist" and config["lr"] == 0.5
+    assert config.num_rounds == 5 and config.method == "edge-popup"
+    assert config.dataset == "mnist" and config.lr == 0.5
     assert load(path)["num-rounds"] == 3
 
 
@@ -182,7 +188,91 @@ def test_non_utf8_file_is_config_error(tmp_path):
 def test_shipped_configs_resolve(path):
     """Every configs/*.toml loads and resolves."""
     config = load(path)
-    assert config.keys() == SCHEMA.keys()
+    assert config.to_dict().keys() == SCHEMA.keys()
+
+
+# ---------------------------------------------------------------- the typed config
+
+
+def test_run_config_is_frozen_and_typed():
+    """A resolved config cannot be changed in place, and its attributes carry the checked values."""
+    config = resolve({"num-rounds": 3, "lr": 1})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_rounds = 4  # type: ignore[misc]
+    assert config.num_rounds == 3 and isinstance(config.lr, float)
+    assert config["num-rounds"] == 3
+    with pytest.raises(KeyError):
+        config["num_rounds"]  # snake case is the attribute, not a key
+
+
+def test_every_schema_key_is_an_attribute():
+    """Each kebab-case key maps to the snake-case attribute holding its default."""
+    config = RunConfig()
+    for key, setting in SCHEMA.items():
+        assert getattr(config, key.replace("-", "_")) == setting.default
+
+
+def test_record_round_trip_gives_the_same_config():
+    """to_record() -> from_record() through Flower's ConfigRecord gives an equal config."""
+    from flwr.app import ConfigRecord
+    from flwr.common.serde import config_record_from_proto, config_record_to_proto
+
+    config = resolve({"method": "edge-popup", "density": 0.3, "seed": 2**62, "secure-aggregation": False})
+    wire = config_record_from_proto(config_record_to_proto(config.to_record()))
+    assert isinstance(config.to_record(), ConfigRecord)
+    assert RunConfig.from_record(wire) == config
+
+
+def test_record_missing_a_key_names_it():
+    """A config record without some key is refused, naming the missing key."""
+    record = resolve({}).to_dict()
+    del record["density"]
+    with pytest.raises(ConfigError, match="density"):
+        RunConfig.from_record(record)
+
+
+def test_replace_checks_the_new_values():
+    """replace() returns a checked copy and refuses impossible values by key."""
+    config = resolve({})
+    assert config.replace(num_rounds=4).num_rounds == 4 and config.num_rounds == 20
+    with pytest.raises(ConfigError, match="'density'"):
+        config.replace(density=2.0)
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"method": "fedpm", "recycle-every": 2}, "recycle-every"),
+    ({"method": "slot-machines"}, "init"),
+    ({"method": "fedavg", "attack": "invert"}, "attack"),
+    ({"method": "fedavg", "downlink-codec": "float16"}, "downlink-codec"),
+    ({"method": "edge-popup", "secure-aggregation": True}, "secure-aggregation"),
+])
+def test_registry_restrictions_are_enforced_by_name(values, key):
+    """The method registry's restrictions refuse a key's value with the method named."""
+    with pytest.raises(ConfigError, match=f"'{key}'.*expected"):
+        resolve(values)
+
+
+def test_instruction_keys_are_not_config_keys_and_round_trip():
+    """The train instruction's own fields never clash with config keys, and it round-trips."""
+    from fedmask.instruction import INSTRUCTION_KEYS, TrainInstruction
+
+    assert not set(INSTRUCTION_KEYS) & set(SCHEMA)
+    instruction = TrainInstruction(resolve({"method": "biprop", "init": "kaiming-normal"}), 3, 7, "biprop")
+    assert TrainInstruction.from_flat(instruction.to_flat()) == instruction
+    dense = TrainInstruction(resolve({"method": "fedavg"}), 1, 0, None)
+    assert TrainInstruction.from_flat(dense.to_flat()).mask_mode is None
+
+
+@pytest.mark.parametrize("field, value", [("partition-id", 10), ("partition-id", -1), ("server-round", "1"),
+                                          ("mask-mode", "magnitude")])
+def test_bad_instruction_field_is_named(field, value):
+    """An instruction with an out-of-range partition, a non-integer round or an unknown mode names the field."""
+    from fedmask.instruction import TrainInstruction
+
+    flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
+    flat[field] = value
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        TrainInstruction.from_flat(flat)
 
 
 # ---------------------------------------------------------------- CLI

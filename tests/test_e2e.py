@@ -34,7 +34,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 def _run_inprocess(tmp_path: Path, name: str, client_app=real_client_app, **overrides) -> Path:
     config = resolve({**SMALL, **overrides})
     run_dir = tmp_path / name
-    run_server(InProcessGrid(client_app, config["num-clients"]), config, run_dir)
+    run_server(InProcessGrid(client_app, config.num_clients), config, run_dir)
     return run_dir
 
 

@@ -23,7 +23,7 @@ from fedmask.config import resolve
 from fedmask.faults import attackers, client_fault
 from fedmask.ledger import Ledger
 from fedmask.masking import get_scores
-from server.aggregators import FedPMAggregator, robust_vote
+from fedmask.aggregators import FedPMAggregator, robust_vote
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 from server.strategies import MaskStrategy
@@ -38,7 +38,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 def _run(tmp_path: Path, name: str, **overrides) -> list[dict]:
     config = resolve({**SMALL, **overrides})
-    run_server(InProcessGrid(client_app, config["num-clients"]), config, tmp_path / name)
+    run_server(InProcessGrid(client_app, config.num_clients), config, tmp_path / name)
     return _rounds(tmp_path / name)
 
 
@@ -119,11 +119,10 @@ def test_trimmed_aggregation_recovers_accuracy_under_attack(tmp_path):
 def strategy():
     """A FedPM MaskStrategy for the digits MLP, with the prior of its first broadcast."""
     config = resolve(SMALL)
-    config["mask-mode"] = "bernoulli"
     grid = InProcessGrid(client_app, 4)
-    model = task.make_model(config, task.splits_of(config))
+    model = task.make_model(config, task.splits_of(config), "bernoulli")
     aggregator = FedPMAggregator(config)
-    strat = MaskStrategy(config, Ledger(), aggregator, task.ModelSpec.of(config, model),
+    strat = MaskStrategy(config, Ledger(), aggregator, task.ModelSpec.of(config, model, "bernoulli"),
                          aggregator.initial_state(get_scores(model)))
     list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     return strat
@@ -152,16 +151,16 @@ def test_no_reply_content_crashes_the_server(strategy, num_examples, loss, blob,
         if value is not None:
             metrics[name] = value
     reply = _reply(RecordDict({"arrays": ArrayRecord({key: Array(blob)}), "metrics": MetricRecord(metrics)}))
-    before = sum(len(v) for v in strategy.failures.values())
+    before = len(strategy.outcome(1).failures)
     usable = strategy.usable_replies(1, [reply])
     if usable:
         with pytest.raises(Exception) as err:  # a junk mask never decodes
             strategy.decode(reply)
         assert type(err.value).__name__ in ("MaskCodecError", "RejectedReply")
     else:
-        assert sum(len(v) for v in strategy.failures.values()) > before
-        reason = strategy.failures[1][-1]["reason"]
-        assert "expected" in reason
+        assert len(strategy.outcome(1).failures) > before
+        failure = strategy.outcome(1).failures[-1]
+        assert failure["kind"] == "rejected" and "expected" in failure["reason"]
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):

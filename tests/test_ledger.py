@@ -17,9 +17,10 @@ from fedmask.config import resolve
 from fedmask.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
 from fedmask.masking import get_scores
 from fedmask.models import build_model
-from server.aggregators import FedPMAggregator
+from fedmask.aggregators import FedPMAggregator
 from server.inprocess_grid import InProcessGrid
-from server.strategies import MaskStrategy, sample_partitions, state_record
+from fedmask.sampling import sample_partitions
+from server.strategies import MaskStrategy, state_record
 
 HEADER_BYTES = 4 + 1 + 1 + 2 + 8 + 8 + 4  # codec header, from its format spec
 
@@ -78,15 +79,15 @@ def fedpm_round():
     config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1, "uplink-codec": "packbits"})
     splits = task.splits_of(config)
     aggregator = FedPMAggregator(config)
-    config["mask-mode"] = aggregator.mask_mode
-    model = task.make_model(config, splits)
+    model = task.make_model(config, splits, aggregator.mask_mode)
     initial = aggregator.initial_state(get_scores(model))
     ledger = Ledger()
-    grid = MeasuringGrid(InProcessGrid(client_app, config["num-clients"]), ledger, pull_interval=0.0)
-    strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model), initial)
-    messages = list(strategy.configure_train(1, state_record(initial), ConfigRecord(dict(config)), grid))
+    grid = MeasuringGrid(InProcessGrid(client_app, config.num_clients), ledger, pull_interval=0.0)
+    strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model, aggregator.mask_mode),
+                            initial)
+    messages = list(strategy.configure_train(1, state_record(initial), ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=120))
-    num_params = sum(p.numel() for p in build_model(config["model"], splits.input_shape, splits.num_classes)
+    num_params = sum(p.numel() for p in build_model(config.model, splits.input_shape, splits.num_classes)
                      .parameters())
     return {"config": config, "ledger": ledger, "strategy": strategy, "messages": messages,
             "replies": replies, "num_params": num_params}
@@ -95,7 +96,7 @@ def fedpm_round():
 def test_round_records_one_down_and_one_up_transfer_per_sampled_client(fedpm_round):
     """Each sampled client has exactly one downlink and one uplink transfer, by partition id."""
     ledger, config = fedpm_round["ledger"], fedpm_round["config"]
-    sampled = sample_partitions(config, 1)
+    sampled = sample_partitions(config.seed, config.num_clients, config.clients_per_round, 1)
     assert len(fedpm_round["replies"]) == len(sampled) == 2
     assert sorted(t.partition_id for t in ledger.downlink[1]) == sampled
     assert sorted(t.partition_id for t in ledger.uplink[1]) == sampled
@@ -139,7 +140,7 @@ def test_client_uploads_decode_and_aggregate(fedpm_round):
     strategy = fedpm_round["strategy"]
     before = {k: v.copy() for k, v in strategy.state.items()}
     arrays, metrics = strategy.aggregate_train(1, fedpm_round["replies"])
-    assert strategy.failures == {}
+    assert strategy.outcome(1).failures == [] and strategy.outcome(1).aggregated == 2
     assert arrays is not None and "train-loss" in metrics
     for name, value in before.items():
         assert strategy.state[name].shape == value.shape

@@ -13,21 +13,27 @@ from clients.client_app import app as client_app
 from clients.client_app import local_round
 from fedmask import task
 from fedmask.codec import MaskCodecError
-from fedmask.config import ConfigError, resolve
+from fedmask.config import ConfigError, RunConfig, resolve
+from fedmask.instruction import TrainInstruction
 from fedmask.downlink import encode_state
 from fedmask.masking import frozen_weights, get_scores, to_masked
 from fedmask.recycling import RecycleLog, apply_plan, check_plan, is_recycle_round, recycle_plan, sync_frozen
-from server.aggregators import load_aggregator
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 
 
-def _config(method: str = "edge-popup", **extra) -> dict:
+def _config(method: str = "edge-popup", **extra) -> RunConfig:
     init = "kaiming-normal" if method == "biprop" else "signed-kaiming-constant"
-    config = resolve({"method": method, "init": init, "num-clients": 3, "clients-per-round": 3, "num-rounds": 4,
-                      "recycle-every": 1, "recycle-fraction": 0.2, **extra})
-    config["mask-mode"] = task.mask_mode_of(config)
-    return config
+    return resolve({"method": method, "init": init, "num-clients": 3, "clients-per-round": 3, "num-rounds": 4,
+                    "recycle-every": 1, "recycle-fraction": 0.2, **extra})
+
+
+def _model(config: RunConfig) -> torch.nn.Module:
+    return task.make_model(config, task.splits_of(config), config.method_entry.mask_mode)
+
+
+def _spec(config: RunConfig, model: torch.nn.Module) -> task.ModelSpec:
+    return task.ModelSpec.of(config, model, config.method_entry.mask_mode)
 
 
 def test_plan_takes_lowest_and_highest_scores():
@@ -61,22 +67,22 @@ def test_client_and_server_weights_are_bitwise_identical_after_recycling(method)
     already, and the server's model all hold the same frozen bits; and a client that derives the
     plan itself from the broadcast state gets the logged plan."""
     config = _config(method)
-    splits = task.splits_of(config)
-    server_model = task.make_model(config, splits)
-    spec = task.ModelSpec.of(config, server_model)
-    aggregator = load_aggregator(method, config)
+    server_model = _model(config)
+    spec = _spec(config, server_model)
+    aggregator = config.method_entry.make_aggregator(config)
     state = aggregator.initial_state(get_scores(server_model))
     log = RecycleLog()
     rng = np.random.default_rng(0)
     for server_round in (1, 2):
         state = {k: np.abs(v + rng.normal(size=v.shape).astype(np.float32)) for k, v in state.items()}
         log.add(server_round, recycle_plan(state, 0.2), spec.layout, spec.fingerprint)
-        sync_frozen(server_model, log, spec.layout, spec.fingerprint, config["seed"], config["init"])
+        sync_frozen(server_model, log, spec.layout, spec.fingerprint, config.seed, config.init)
     arrays = encode_state(state, spec.layout, "float32", 8)
-    client_model, *_ = local_round(config, 3, 0, arrays, log.to_arrays())
-    fresh = task.make_model(config, splits)
-    sync_frozen(fresh, RecycleLog.from_arrays(log.to_arrays()), spec.layout, spec.fingerprint, config["seed"], config["init"])
-    seeded = frozen_weights(task.make_model(config, splits))
+    client_model = local_round(TrainInstruction(config, 3, 0, config.method_entry.mask_mode), arrays,
+                               log.to_arrays()).model
+    fresh = _model(config)
+    sync_frozen(fresh, RecycleLog.from_arrays(log.to_arrays()), spec.layout, spec.fingerprint, config.seed, config.init)
+    seeded = frozen_weights(_model(config))
     server_w, client_w, fresh_w = frozen_weights(server_model), frozen_weights(client_model), frozen_weights(fresh)
     for name in server_w:
         assert torch.equal(server_w[name], client_w[name]) and torch.equal(server_w[name], fresh_w[name])
@@ -90,28 +96,28 @@ def test_client_and_server_weights_are_bitwise_identical_after_recycling(method)
 def test_a_shorter_log_regenerates_from_the_seed():
     """A model that applied events a new run's log does not have goes back to the seeded weights."""
     config = _config()
-    model = task.make_model(config, task.splits_of(config))
-    spec = task.ModelSpec.of(config, model)
+    model = _model(config)
+    spec = _spec(config, model)
     seeded = {k: v.clone() for k, v in frozen_weights(model).items()}
     log = RecycleLog()
     log.add(1, recycle_plan(get_scores(model), 0.3), spec.layout, spec.fingerprint)
-    sync_frozen(model, log, spec.layout, spec.fingerprint, config["seed"], config["init"])
+    sync_frozen(model, log, spec.layout, spec.fingerprint, config.seed, config.init)
     assert any(not torch.equal(seeded[k], v) for k, v in frozen_weights(model).items())
-    sync_frozen(model, RecycleLog(), spec.layout, spec.fingerprint, config["seed"], config["init"])
+    sync_frozen(model, RecycleLog(), spec.layout, spec.fingerprint, config.seed, config.init)
     assert all(torch.equal(seeded[k], v) for k, v in frozen_weights(model).items())
 
 
 def test_tampered_log_is_refused_by_name():
     config = _config()
-    model = task.make_model(config, task.splits_of(config))
-    spec = task.ModelSpec.of(config, model)
+    model = _model(config)
+    spec = _spec(config, model)
     log = RecycleLog()
     log.add(1, recycle_plan(get_scores(model), 0.2), spec.layout, spec.fingerprint)
     arrays = log.to_arrays()
     arrays["event-0"] = arrays["event-0"].copy()
     arrays["event-0"][-1] ^= 1
     with pytest.raises(MaskCodecError, match="crc32"):
-        sync_frozen(model, RecycleLog.from_arrays(arrays), spec.layout, spec.fingerprint, config["seed"], config["init"])
+        sync_frozen(model, RecycleLog.from_arrays(arrays), spec.layout, spec.fingerprint, config.seed, config.init)
     with pytest.raises(MaskCodecError, match="recycle log"):
         RecycleLog.from_arrays({"rounds": np.array([1, 2])})
 

@@ -17,7 +17,8 @@ from fedmask.codec import (HEADER_BYTES, SECTION_BYTES, MaskCodecError, MaskLayo
 from fedmask.config import ConfigError, load, resolve
 from fedmask.masking import (current_choices, frozen_weights, get_scores, score_masks, set_scores, slot_index,
                              to_masked, upload_arrays)
-from server.aggregators import SlotMachineAggregator, load_aggregator
+from fedmask.aggregators import SlotMachineAggregator
+from fedmask.methods import get_method
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 
@@ -122,7 +123,7 @@ def test_index_beyond_k_is_rejected():
 
 def test_aggregator_moves_scores_toward_the_clients_choices():
     config = resolve({"method": "slot-machines", "init": "kaiming-uniform"})
-    aggregator = load_aggregator("slot-machines", config)
+    aggregator = get_method("slot-machines").make_aggregator(config)
     assert isinstance(aggregator, SlotMachineAggregator) and aggregator.mask_mode == "slots"
     rng = np.random.default_rng(0)
     state = aggregator.initial_state({"w": rng.normal(size=(4, 100)).astype(np.float32)})
@@ -167,4 +168,4 @@ def test_slot_machines_runs_end_to_end_at_most_log2_k_bits(tmp_path):
 @pytest.mark.parametrize("name", ["digits-slot-machines.toml", "mnist-slot-machines.toml"])
 def test_slot_machine_configs_resolve(name):
     config = load(ROOT / "configs" / name)
-    assert config["method"] == "slot-machines" and config["slots"] == 8
+    assert config.method == "slot-machines" and config.slots == 8

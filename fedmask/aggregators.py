@@ -3,7 +3,8 @@
 This is the plug-in point. A strategy is a small class: it says which kind of mask its
 clients train (``mask_mode``), builds the first global state, and maps decoded masks with
 their client weights to the next state. Flower, codecs, the ledger and failures are handled
-around it (``server.strategies``), so the same class also runs in a plain loop.
+around it (the Flower strategy in ``server.strategies``), so the same class also runs in a
+plain loop. It is pure numpy: state and masks in, next state out.
 
 The meaning of the state follows ``mask_mode`` (clients rely on it):
 
@@ -18,17 +19,15 @@ The meaning of the state follows ``mask_mode`` (clients rely on it):
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import os
-import sys
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from fedmask.masking import MASK_MODES
 from fedmask.masking import topk_mask_np as topk_mask
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
 
 State = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -39,7 +38,7 @@ class MaskAggregator(ABC):
 
     mask_mode: ClassVar[str] = "bernoulli"
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: RunConfig):
         self.config = config
 
     def initial_state(self, scores: State) -> State:
@@ -75,7 +74,7 @@ def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
     }
 
 
-def robust_vote(masks: list[Masks], weights: list[float], config: dict[str, Any]) -> State:
+def robust_vote(masks: list[Masks], weights: list[float], config: RunConfig) -> State:
     """Per weight, the share of clients keeping it, combined as ``robust-aggregation`` says.
 
     ``none`` is the weighted mean. ``trimmed`` drops the ``trim-fraction`` lowest and
@@ -83,7 +82,7 @@ def robust_vote(masks: list[Masks], weights: list[float], config: dict[str, Any]
     ``[0, n - 2t]``, over ``n - 2t``), so ``t`` liars per weight cannot move it past the honest
     votes. ``median`` is the per-weight majority (0.5 on a tie).
     """
-    rule = config.get("robust-aggregation", "none")
+    rule = config.robust_aggregation
     if rule == "none":
         return weighted_vote(masks, weights)
     n = len(masks)
@@ -93,7 +92,7 @@ def robust_vote(masks: list[Masks], weights: list[float], config: dict[str, Any]
         if rule == "median":
             out[name] = np.where(ones * 2 > n, 1.0, np.where(ones * 2 == n, 0.5, 0.0))
         else:
-            cut = int(config["trim-fraction"] * n)
+            cut = int(config.trim_fraction * n)
             out[name] = np.clip(ones - cut, 0, n - 2 * cut) / (n - 2 * cut)
     return out
 
@@ -110,7 +109,7 @@ class FedPMAggregator(MaskAggregator):
 
     mask_mode = "bernoulli"
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: RunConfig):
         super().__init__(config)
         self.ones: State = {}
         self.zeros: State = {}
@@ -128,11 +127,11 @@ class FedPMAggregator(MaskAggregator):
 
     def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
         """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
-        period = self.config["fedpm-prior-reset"]
+        period = self.config.fedpm_prior_reset
         if not self.ones or (period and (server_round - 1) % period == 0):
             self.ones = {k: np.zeros(v.shape) for k, v in state.items()}
             self.zeros = {k: np.zeros(v.shape) for k, v in state.items()}
-        eps = self.config["fedpm-eps"]
+        eps = self.config.fedpm_eps
         new_state = {}
         for name in state:
             self.ones[name] += ones[name]
@@ -163,7 +162,7 @@ class EdgePopupAggregator(MaskAggregator):
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
         votes = robust_vote(masks, weights, self.config)
-        server_lr, density = self.config["edge-popup-server-lr"], self.config["density"]
+        server_lr, density = self.config.edge_popup_server_lr, self.config.density
         new_state = {}
         for name, scores in state.items():
             magnitude = _standardised(np.abs(scores.astype(np.float64)))
@@ -207,12 +206,12 @@ class SlotMachineAggregator(MaskAggregator):
         new_state = {}
         for name, scores in state.items():
             centred = _centred(scores.astype(np.float64)).astype(np.float64)
-            if self.config["slot-selection"] == "greedy":
+            if self.config.slot_selection == "greedy":
                 current = candidate.reshape(-1, *[1] * (scores.ndim - 1)) == centred.argmax(axis=0)[None]
             else:
                 shifted = np.exp(centred - centred.max(axis=0, keepdims=True))
                 current = shifted / shifted.sum(axis=0, keepdims=True)
-            new_state[name] = _centred(centred + self.config["slot-server-lr"] * (votes[name] - current))
+            new_state[name] = _centred(centred + self.config.slot_server_lr * (votes[name] - current))
         return new_state
 
 
@@ -228,28 +227,3 @@ class BipropAggregator(EdgePopupAggregator):
     edge-popup; clients use ``sign(w) * alpha * mask``, so only the layer maths differ."""
 
     mask_mode = "biprop"
-
-
-BUILTIN = {"fedpm": FedPMAggregator, "edge-popup": EdgePopupAggregator, "biprop": BipropAggregator,
-           "slot-machines": SlotMachineAggregator}
-
-
-def load_aggregator(method: str, config: dict[str, Any]) -> MaskAggregator:
-    """The aggregator for ``method``: a built-in name or ``module:Class``."""
-    if method in BUILTIN:
-        return BUILTIN[method](config)
-    module_name, _, class_name = method.partition(":")
-    if os.getcwd() not in sys.path:  # plug-ins live in the user's project, beside the config
-        sys.path.append(os.getcwd())
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"method: cannot load plug-in {method!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, MaskAggregator)):
-        raise ValueError(f"method: {method!r} must be a subclass of server.aggregators.MaskAggregator")
-    if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise ValueError(f"method: {method!r} does not implement {missing}")
-    if cls.mask_mode not in MASK_MODES:
-        raise ValueError(f"method: {method!r} has mask_mode {cls.mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
-    return cls(config)

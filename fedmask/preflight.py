@@ -1,0 +1,55 @@
+"""Everything that can be checked before a run starts, so that errors come before Ray.
+
+``fedmask run`` and the ServerApp under ``flwr run`` call :func:`check_before_start`; a
+problem raises :class:`~fedmask.config.ConfigError` (or ``DataError``) with a message that
+names the key, and the command exits with code 2 before any round.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from fedmask import task
+from fedmask.config import ConfigError, RunConfig
+from fedmask.data import client_split
+from fedmask.masking import get_scores
+
+
+def check_before_start(config: RunConfig) -> None:
+    """Load data, partition it, build the model and the aggregator's first state, check resources."""
+    if (config.num_gpus > 0 or config.device == "cuda") and not torch.cuda.is_available():
+        raise ConfigError("config key 'num-gpus'/'device': expected num-gpus = 0 and device != 'cuda' on a "
+                          "machine without CUDA (Ray would wait forever for a GPU)")
+    cores = os.cpu_count() or 1
+    if config.num_cpus > cores:
+        raise ConfigError(f"config key 'num-cpus': expected at most this machine's {cores} cores (Ray would "
+                          f"wait forever for a worker), got {config.num_cpus}")
+    splits = task.splits_of(config)
+    for pid in range(config.num_clients):
+        client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
+                     config.dirichlet_alpha, config.classes_per_client)
+    method = config.method_entry
+    if method.dense:
+        return
+    try:
+        model = task.make_model(config, splits, method.mask_mode)
+    except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
+        raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: {err}") from None
+    name = method.name
+    try:
+        aggregator = method.make_aggregator(config)
+        initial = aggregator.initial_state(get_scores(model))
+    except Exception as err:  # noqa: BLE001 - a plug-in may fail in any way; say which class
+        raise ConfigError(f"config key 'method': {name!r} failed to start: {type(err).__name__}: {err}") from None
+    scores = get_scores(model)
+    for tensor, value in scores.items():
+        got = initial.get(tensor) if isinstance(initial, dict) else None
+        if not isinstance(got, np.ndarray) or got.dtype.kind != "f" or got.shape != value.shape:
+            raise ConfigError(f"config key 'method': {name!r}.initial_state must return float arrays of the "
+                              f"model's shapes; '{tensor}' is {type(got).__name__} "
+                              f"{getattr(got, 'dtype', '')} {getattr(got, 'shape', '')}")
+        if not np.isfinite(got).all():
+            raise ConfigError(f"config key 'method': {name!r}.initial_state returned NaN or inf in '{tensor}'")

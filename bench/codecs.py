@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
 import json
 import math
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.common import prepare_dirs, run_fedmask
+from bench.common import (ROOT, SOURCES, figure, fmt, git_head, machine_info, md_checks, md_failures, md_machine,
+                          md_table, per_client_mean, prepare_dirs, run_fedmask, source_digest)
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = {"digits": "configs/quickstart.toml", "mnist": "configs/mnist-fedpm.toml"}
 TASK_NAMES = {"digits": "digits (sklearn 8x8, MLP)", "mnist": "MNIST-10k (8k train / 2k test, LeNet-300-100)"}
 # (uplink codec, downlink codec, downlink bits); bits matter only for "quantized".
@@ -63,7 +58,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float | None = None
     error: str | None = None
-    code_changed: bool = False  # library sources changed while this run ran
+    code_changed: bool = False  # library sources or configs changed while this run ran
     note: str | None = None
 
     @property
@@ -75,11 +70,7 @@ class Run:
 
     def up_bytes_per_client(self) -> float | None:
         """Mean over rounds of the round's uplink payload / the clients that uploaded."""
-        if not self.rows:
-            return None
-        per_round = [r["uplink_payload_bytes"] / max(sum("uplink_payload_bytes" in c for c in r["per_client"]), 1)
-                     for r in self.rows]
-        return sum(per_round) / len(per_round)
+        return per_client_mean(self.rows, "uplink_payload_bytes", "uplink")
 
     def mean(self, key: str) -> float | None:
         values = [r[key] for r in self.rows if key in r]
@@ -103,13 +94,13 @@ def run_flower_retry(task: str, uplink: str, downlink: str, bits: int, rounds: i
 
     Both facts are kept on the result (``code_changed``, ``note``) and listed in codecs.md.
     """
-    before = library_mtime()
+    before = source_digest()
     run = run_flower(task, uplink, downlink, bits, rounds, run_dir)
-    run.code_changed = library_mtime() != before
+    run.code_changed = source_digest() != before
     if run.error and run.code_changed:
         first_error = run.error.splitlines()[0]
         run = run_flower(task, uplink, downlink, bits, rounds, run_dir)
-        run.code_changed = library_mtime() != before
+        run.code_changed = source_digest() != before
         run.note = f"re-run after a failure during library edits ({first_error})"
     return run
 
@@ -279,37 +270,40 @@ def write_csv(runs: list[Run], path: Path) -> None:
 
 def plot(runs: list[Run], path: Path) -> None:
     """Per task: uplink bpp (coded vs ideal vs formula) and downlink bpp per codec, by round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(dict.fromkeys(r.task for r in runs))
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
-    colors = dict(zip((downlink_name(d, b) for _, d, b in PAIRS[1:]), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for (up_ax, down_ax), task in zip(axes, tasks):
-        for r in (r for r in runs if r.task == task and r.rows):
-            x = [row["round"] for row in r.rows]
-            if r.uplink == "packbits":
-                up_ax.plot(x, [row["uplink_bpp"] for row in r.rows], color="gray", label="packbits coded")
-                continue
-            c = colors[r.downlink]
-            main = r.downlink == "float32"
-            up_ax.plot(x, [row["uplink_bpp"] for row in r.rows], color=c, lw=2 if main else 1,
-                       marker="." if main else None, label=f"entropy coded ({r.downlink} down)")
-            if main:
-                up_ax.plot(x, [row.get("uplink_ideal_bpp") for row in r.rows], color="k", ls=":", label="ideal (float32 down)")
-                up_ax.plot(x, [row.get("uplink_formula_bpp") for row in r.rows], color="k", ls="--",
-                           label="FedPM formula H(f)+log2(N)/N (float32 down)")
-            down_ax.plot(x, [row["downlink_bpp"] for row in r.rows], color=c, marker=".", label=r.downlink)
-        up_ax.set(title=f"{TASK_NAMES[task]}: uplink", xlabel="round", ylabel="bits per parameter per client")
-        down_ax.set(title=f"{TASK_NAMES[task]}: downlink", xlabel="round", ylabel="bits per parameter", yscale="log")
-        for ax in (up_ax, down_ax):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    colors = {downlink_name(d, b): f"C{i}" for i, (_, d, b) in enumerate(PAIRS[1:])}  # the default cycle
+    with figure(path, len(tasks), 2, (12, 4 * len(tasks))) as axes:
+        for (up_ax, down_ax), task in zip(axes, tasks):
+            for r in (r for r in runs if r.task == task and r.rows):
+                x = [row["round"] for row in r.rows]
+                if r.uplink == "packbits":
+                    up_ax.plot(x, [row["uplink_bpp"] for row in r.rows], color="gray", label="packbits coded")
+                    continue
+                c = colors[r.downlink]
+                main = r.downlink == "float32"
+                up_ax.plot(x, [row["uplink_bpp"] for row in r.rows], color=c, lw=2 if main else 1,
+                           marker="." if main else None, label=f"entropy coded ({r.downlink} down)")
+                if main:
+                    up_ax.plot(x, [row.get("uplink_ideal_bpp") for row in r.rows], color="k", ls=":",
+                               label="ideal (float32 down)")
+                    up_ax.plot(x, [row.get("uplink_formula_bpp") for row in r.rows], color="k", ls="--",
+                               label="FedPM formula H(f)+log2(N)/N (float32 down)")
+                down_ax.plot(x, [row["downlink_bpp"] for row in r.rows], color=c, marker=".", label=r.downlink)
+            up_ax.set(title=f"{TASK_NAMES[task]}: uplink", xlabel="round", ylabel="bits per parameter per client")
+            down_ax.set(title=f"{TASK_NAMES[task]}: downlink", xlabel="round", ylabel="bits per parameter",
+                        yscale="log")
+            up_ax.legend(fontsize=7)
+            down_ax.legend(fontsize=7)
+
+
+SPEED_TABLE = ("coder", "encode s", "decode s", "encode + decode s", "enc MB/s", "dec MB/s", "total MB/s",
+               "coded bytes", "roundtrip")
+SPEED_CELLS = (("encode_s", ".3f"), ("decode_s", ".3f"), ("total_s", ".3f"), ("encode_mb_s", ".1f"),
+               ("decode_mb_s", ".1f"), ("total_mb_s", ".1f"), ("coded_bytes", ","))
+
+
+def speed_cells(name: str, s: dict[str, Any]) -> list[str]:
+    return [name, *(fmt(s[k], spec) for k, spec in SPEED_CELLS), "exact" if s["roundtrip_ok"] else "WRONG"]
 
 
 TABLE = ("uplink", "downlink", "final acc %", "Δ vs float32 (pts)", "up bpp coded", "up bpp ideal",
@@ -317,9 +311,6 @@ TABLE = ("uplink", "downlink", "final acc %", "Δ vs float32 (pts)", "up bpp cod
 
 
 def table_rows(runs: list[Run], task: str) -> list[list[str]]:
-    def f(v: float | None, fmt: str) -> str:
-        return "–" if v is None else format(v, fmt)
-
     mine = [r for r in runs if r.task == task]
     ref = next((r for r in mine if (r.uplink, r.downlink) == REFERENCE), None)
     base = ref.final_acc() if ref else None
@@ -328,10 +319,10 @@ def table_rows(runs: list[Run], task: str) -> list[list[str]]:
         fin, acc = r.final, r.final_acc()
         delta = acc - base if acc is not None and base is not None else None
         ratio = fin["uplink_bpp"] / fin["uplink_formula_bpp"] if fin.get("uplink_formula_bpp") else None
-        rows.append([r.uplink, r.downlink + (" FAILED" if r.error else ""), f(acc, ".2f"), f(delta, "+.2f"),
-                     f(fin.get("uplink_bpp"), ".4f"), f(fin.get("uplink_ideal_bpp"), ".4f"),
-                     f(fin.get("uplink_formula_bpp"), ".4f"), f(ratio, ".3f"), f(r.up_bytes_per_client(), ",.0f"),
-                     f(r.mean("downlink_bpp"), ".3f"), f(r.wall_s, ".1f")])
+        rows.append([r.uplink, r.downlink + (" FAILED" if r.error else ""), fmt(acc, ".2f"), fmt(delta, "+.2f"),
+                     fmt(fin.get("uplink_bpp"), ".4f"), fmt(fin.get("uplink_ideal_bpp"), ".4f"),
+                     fmt(fin.get("uplink_formula_bpp"), ".4f"), fmt(ratio, ".3f"),
+                     fmt(r.up_bytes_per_client(), ",.0f"), fmt(r.mean("downlink_bpp"), ".3f"), fmt(r.wall_s, ".1f")])
     return rows
 
 
@@ -341,8 +332,7 @@ def markdown(runs: list[Run], checked: list[dict[str, Any]], speed: dict[str, An
     lines = ["# fedmask benchmark: uplink and downlink codecs (FedPM)", ""]
     for task in dict.fromkeys(r.task for r in runs):
         lines += [f"## {TASK_NAMES[task]}: `{TASKS[task]}`, {rounds} rounds", "",
-                  "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE)]
-        lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs, task)]
+                  md_table(TABLE, table_rows(runs, task))]
         n = next((r.final.get("num_params") for r in runs if r.task == task and r.rows), None)
         lines += ["", f"{n:,} masked parameters." if n else "", ""]
     lines += [
@@ -363,13 +353,8 @@ def markdown(runs: list[Run], checked: list[dict[str, Any]], speed: dict[str, An
                       f"Bernoulli(theta) ({100 * speed['mask_ones_fraction']:.1f}% ones); best of 3 each. "
                       "MB/s = mask megabytes per second = 10M bits / 8 / 1e6 / seconds "
                       f"({speed['entries'] / 8 / 1e6:g} MB).", "",
-                      "| coder | encode s | decode s | encode + decode s | enc MB/s | dec MB/s | total MB/s | "
-                      "coded bytes | roundtrip |", "|" + "---|" * 9]
-            for name in ("entropy", "packbits", "np.packbits"):
-                s = speed[name]
-                lines.append(f"| {name} | {s['encode_s']:.3f} | {s['decode_s']:.3f} | {s['total_s']:.3f} | "
-                             f"{s['encode_mb_s']:.1f} | {s['decode_mb_s']:.1f} | {s['total_mb_s']:.1f} | "
-                             f"{s['coded_bytes']:,} | {'exact' if s['roundtrip_ok'] else 'WRONG'} |")
+                      md_table(SPEED_TABLE, [speed_cells(name, speed[name])
+                                             for name in ("entropy", "packbits", "np.packbits")])]
             e = speed["entropy"]
             lines += ["", f"Entropy-coded size: {8 * e['coded_bytes']:,} bits = {e['coded_bpp']:.4f} bpp vs ideal "
                       f"{speed['ideal_bits']:,.0f} bits ({speed['ideal_bits'] / speed['entries']:.4f} bpp): "
@@ -377,62 +362,16 @@ def markdown(runs: list[Run], checked: list[dict[str, Any]], speed: dict[str, An
                       f"({speed['formula_bits'] / speed['entries']:.4f} bpp). `mask_prior` (float64 copy of "
                       "theta, done once per round at each end) is outside the timing.", ""]
     lines += ["## Target checks", ""]
-    lines += [f"- **{'PASS' if c['pass'] else 'FAIL'}** [{c['task']}] {c['check']}: {c['detail']}" for c in checked]
+    lines += md_checks(checked)
     notes = [r for r in runs if r.note or r.code_changed]
     if notes:
         lines += ["", "## Runs during library edits", ""]
         lines += [f"- {r.task} / {r.uplink} / {r.downlink}: "
                   + "; ".join(filter(None, [r.note, "library sources changed during the run" if r.code_changed
                                             else None])) for r in notes]
-    errors = [r for r in runs if r.error]
-    if errors:
-        lines += ["", "## Failed runs", ""]
-        for r in errors:
-            lines += [f"### {r.task} / {r.uplink} / {r.downlink}", "", "```", r.error, "```", ""]
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()]
+    lines += md_failures((f"{r.task} / {r.uplink} / {r.downlink}", r.error) for r in runs if r.error)
+    lines += md_machine(machine)
     return "\n".join(lines) + "\n"
-
-
-LIBRARY_DIRS = ("fedmask", "server", "clients")
-
-
-def library_mtime() -> float:
-    """Newest modification time of the library's sources: others edit them while we run."""
-    return max(p.stat().st_mtime for d in LIBRARY_DIRS for p in (ROOT / d).rglob("*.py"))
-
-
-def git_head() -> str:
-    """HEAD and whether library files differ from it (read-only git commands)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *LIBRARY_DIRS], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-        return head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else " (library clean)")
-    except (OSError, subprocess.CalledProcessError) as err:
-        return f"unknown ({err})"
-
-
-def machine_info(argv: list[str], total_s: float, code_start: str, edited: bool) -> dict[str, Any]:
-    import flwr
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "constriction": importlib.metadata.version("constriction"),
-        "numpy": importlib.metadata.version("numpy"),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": " ".join(["python -m bench.codecs", *map(shlex.quote, argv)]),
-        "bench_total_s": round(total_s, 1),
-        "code at start": code_start,
-        "code at end": git_head(),
-        "library edited during the bench": "YES: runs may mix code versions" if edited else "no",
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir, runs_dir = prepare_dirs(args.out, "fedmask-codecs-")
     start, runs, layers = time.perf_counter(), [], {}
-    code_start, mtime_start = git_head(), library_mtime()
+    code_start, digest_start = git_head(SOURCES), source_digest()
     for task in [args.only] if args.only else list(TASKS):
         layers[task] = num_layers(task)
         for uplink, downlink, bits in PAIRS:
@@ -472,10 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    FAILED: {err}", flush=True)
 
     checked = checks(runs, layers, speed)
-    edited = library_mtime() != mtime_start
+    edited = source_digest() != digest_start
     if edited:
         print("warning: library sources changed during the bench; runs may mix code versions", flush=True)
-    machine = machine_info(argv, time.perf_counter() - start, code_start, edited)
+    machine = machine_info("python -m bench.codecs", argv, time.perf_counter() - start, {
+        "code at start": code_start,
+        "code at end": git_head(SOURCES),
+        "library edited during the bench": "YES: runs may mix code versions" if edited else "no",
+    })
     md = markdown(runs, checked, speed, machine)
     (out_dir / "codecs.md").write_text(md)
     (out_dir / "codecs.json").write_text(json.dumps(

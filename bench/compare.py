@@ -13,20 +13,15 @@ back and judged by ratios.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import prepare_dirs, run_fedmask
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import (ROOT, figure, fmt, machine_info, md_checks, md_failures, md_machine, md_table,
+                          mixed_code_warning, per_client_mean, prepare_dirs, run_fedmask, source_digest)
 
 TASKS: dict[str, dict[str, str]] = {
     "digits": {
@@ -42,7 +37,6 @@ TASKS: dict[str, dict[str, str]] = {
 }
 TASK_NAMES = {"digits": "digits (sklearn, 8x8)", "mnist": "MNIST-10k, 8k train / 2k test"}
 PLAIN = "fedpm (plain loop)"
-SOURCES = ("fedmask", "server", "clients", "configs", "bench/plain_loop.py")
 
 # Targets (accuracy in points, i.e. percent)
 FEDPM_MAX_DROP, EDGE_POPUP_MAX_DROP = 1.0, 3.0
@@ -71,27 +65,6 @@ class Result:
     accuracy: list[float] = field(default_factory=list)
     error: str | None = None
     source: str = ""  # source_digest() when the run started
-
-
-def source_digest() -> str:
-    """Hash of the library code and configs: others edit them while the bench runs, and a
-    table whose rows saw different code must say so."""
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        top = ROOT / name
-        for path in sorted(top.rglob("*") if top.is_dir() else [top]):
-            if path.suffix in (".py", ".toml"):
-                digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def per_client_mean(rows: list[dict[str, Any]], key: str, direction: str) -> float:
-    """Mean over rounds of (round's total bytes / clients that sent or got a message)."""
-    values = []
-    for row in rows:
-        clients = sum(1 for c in row["per_client"] if f"{direction}_payload_bytes" in c)
-        values.append(row[key] / max(clients, 1))
-    return sum(values) / len(values)
 
 
 def run_flower(task: str, method: str, config_path: str, rounds: int, epochs: int, run_dir: Path) -> Result:
@@ -193,19 +166,14 @@ HEADER = ("task", "method", "rounds", "epochs", "final acc %", "best acc %", "up
 
 
 def cells(r: Result) -> list[str]:
-    def f(v: float | None, fmt: str) -> str:
-        return "–" if v is None else format(v, fmt)
-
-    rounds_s = "–" if r.rounds_s is None else f"{r.rounds_s:.1f} ({r.rounds_timed} rds)"
+    rounds_s = fmt(r.rounds_s, ".1f") + ("" if r.rounds_s is None else f" ({r.rounds_timed} rds)")
     return [r.task, r.method + (" FAILED" if r.error else ""), str(r.rounds), str(r.local_epochs),
-            f(r.final_acc, ".2f"), f(r.best_acc, ".2f"), f(r.up_payload, ",.0f"), f(r.up_message, ",.0f"),
-            f(r.down_payload, ",.0f"), f(r.up_bpp, ".3f"), f(r.wall_s, ".1f"), rounds_s]
+            fmt(r.final_acc, ".2f"), fmt(r.best_acc, ".2f"), fmt(r.up_payload, ",.0f"), fmt(r.up_message, ",.0f"),
+            fmt(r.down_payload, ",.0f"), fmt(r.up_bpp, ".3f"), fmt(r.wall_s, ".1f"), rounds_s]
 
 
 def markdown(results: list[Result], checked: list[dict[str, Any]], machine: dict[str, Any]) -> str:
-    lines = ["# fedmask benchmark: FedAvg vs FedPM vs edge-popup", ""]
-    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in results]
+    lines = ["# fedmask benchmark: FedAvg vs FedPM vs edge-popup", "", md_table(HEADER, map(cells, results))]
     lines += ["", "Tasks: " + "; ".join(f"**{k}** = {v}" for k, v in TASK_NAMES.items()) + ". "
               "10 IID clients, all 10 train every round. Bytes are means over rounds of the round's "
               "total divided by the clients in it: *payload* = bytes of the arrays, *msg* = Flower's "
@@ -216,57 +184,22 @@ def markdown(results: list[Result], checked: list[dict[str, Any]], machine: dict
               "", "The plain loop runs in the bench process with `torch.set_num_threads(1)`, "
               "like one Ray client (num-cpus = 1); Flower runs up to as many clients at once as "
               "there are cores.", "", "## Target checks", ""]
-    lines += [f"- **{'PASS' if c['pass'] else 'FAIL'}** [{c['task']}] {c['check']}: {c['detail']}"
-              for c in checked]
-    digests = {r.source for r in results} | {machine["source_digest_end"]}
-    if len(digests) > 1:
-        lines += ["", "**WARNING: the library or configs changed while the bench ran** (source digests "
-                  + ", ".join(f"{r.task}/{r.method} {r.source}" for r in results)
-                  + f", end {machine['source_digest_end']}): the rows do not all measure the same code."]
-    errors = [r for r in results if r.error]
-    if errors:
-        lines += ["", "## Failed runs", ""]
-        for r in errors:
-            lines += [f"### {r.task} / {r.method}", "", "```", r.error, "```", ""]
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()]
+    lines += md_checks(checked)
+    lines += mixed_code_warning(((f"{r.task}/{r.method}", r.source) for r in results), machine["source_digest_end"])
+    lines += md_failures((f"{r.task} / {r.method}", r.error) for r in results if r.error)
+    lines += md_machine(machine)
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(dict.fromkeys(r.task for r in results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for r in (r for r in results if r.task == task and r.accuracy):
-            ax.plot(range(1, len(r.accuracy) + 1), r.accuracy, label=r.method,
-                    linestyle="--" if r.method == PLAIN else "-", marker="." if r.method != PLAIN else None)
-        ax.set(title=TASK_NAMES[task], xlabel="round", ylabel="test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def machine_info(argv: list[str], total_s: float) -> dict[str, Any]:
-    import flwr
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": " ".join(["python -m bench.compare", *map(shlex.quote, argv)]),
-        "bench_total_s": round(total_s, 1),
-        "source_digest_end": source_digest(),
-    }
+    with figure(path, 1, len(tasks), (6 * len(tasks), 4)) as axes:
+        for ax, task in zip(axes[0], tasks):
+            for r in (r for r in results if r.task == task and r.accuracy):
+                ax.plot(range(1, len(r.accuracy) + 1), r.accuracy, label=r.method,
+                        linestyle="--" if r.method == PLAIN else "-", marker="." if r.method != PLAIN else None)
+            ax.set(title=TASK_NAMES[task], xlabel="round", ylabel="test accuracy (%)")
+            ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"wall {r.wall_s:.1f} s · rounds {r.rounds_s:.1f} s"), flush=True)
 
     checked = checks(results)
-    machine = machine_info(argv, time.perf_counter() - start)
+    machine = machine_info("python -m bench.compare", argv, time.perf_counter() - start)
     md = markdown(results, checked, machine)
     (out_dir / "compare.md").write_text(md)
     (out_dir / "compare.json").write_text(json.dumps(

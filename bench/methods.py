@@ -28,10 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info, prepare_dirs, run_fedmask
-from bench.compare import per_client_mean, source_digest
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import (ROOT, figure, fmt, machine_info, md_checks, md_failures, md_machine, md_table,
+                          mixed_code_warning, per_client_mean, prepare_dirs, run_fedmask, source_digest)
 
 METHODS = ("fedavg", "fedpm", "edge-popup", "biprop", "slot-machines", "edge-popup-iwr", "biprop-iwr")
 CONFIGS = {
@@ -158,20 +156,15 @@ HEADER = ("task", "method", "federated acc %", "central acc %", "fed - central",
 
 
 def cells(r: Row) -> list[str]:
-    def f(v: float | None, fmt: str) -> str:
-        return "–" if v is None else format(v, fmt)
-
     gap = None if r.fed_acc is None or r.central_acc is None else r.fed_acc - r.central_acc
-    return [r.task, r.method + (" (FAILED)" if r.error else ""), f(r.fed_acc, ".2f"), f(r.central_acc, ".2f"),
-            f(gap, "+.2f"), f(r.up_bytes, ",.0f"), f(r.down_bytes, ",.0f"),
-            f(r.recycle_bytes, ",.0f") if r.recycle_bytes else "–", f(r.up_bpp, ".3f"),
-            f(r.fed_wall_s, ".0f"), f(r.central_wall_s, ".0f")]
+    return [r.task, r.method + (" (FAILED)" if r.error else ""), fmt(r.fed_acc, ".2f"), fmt(r.central_acc, ".2f"),
+            fmt(gap, "+.2f"), fmt(r.up_bytes, ",.0f"), fmt(r.down_bytes, ",.0f"),
+            fmt(r.recycle_bytes or None, ",.0f"), fmt(r.up_bpp, ".3f"),
+            fmt(r.fed_wall_s, ".0f"), fmt(r.central_wall_s, ".0f")]
 
 
 def markdown(rows: list[Row], checked: list[dict[str, Any]], machine: dict[str, Any], rounds: int) -> str:
-    lines = ["# fedmask benchmark: every method, federated and central", ""]
-    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines = ["# fedmask benchmark: every method, federated and central", "", md_table(HEADER, map(cells, rows))]
     lines += ["", "Tasks: " + "; ".join(f"**{k}** = {v}" for k, v in TASK_NAMES.items()) + ". "
               f"Federated: {rounds} rounds, 10 IID clients, all train every round, 1 local epoch, "
               "through Flower's Ray engine; accuracy after the last round. Central: the same config "
@@ -180,51 +173,31 @@ def markdown(rows: list[Row], checked: list[dict[str, Any]], machine: dict[str, 
               "ledger, mean over rounds. *up bits/connection* = uplink bits per masked weight "
               "(Slot Machines: per connection, whatever K), per parameter for FedAvg.", "",
               "## Target checks", ""]
-    lines += [f"- **{'PASS' if c['pass'] else 'FAIL'}** {c['check']}: {c['detail']}" for c in checked]
-    digests = {r.source for r in rows} | {machine["source_digest_end"]}
-    if len(digests) > 1:
-        end = machine["source_digest_end"]
-        differ = [f"{r.task}/{r.method} {r.source}" for r in rows if r.source != end]
-        lines += ["", f"**WARNING: not every row measured the code at the end ({end})**: the library or "
-                  "configs changed while the bench ran, or rows were kept from an earlier run with "
-                  "`--merge`. Rows measured with other code: " + ", ".join(differ) + "."]
-    failed = [r for r in rows if r.error]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        for r in failed:
-            lines += [f"### {r.task} / {r.method}", "", "```", r.error or "", "```", ""]
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()]
+    lines += md_checks(checked)
+    lines += mixed_code_warning(((f"{r.task}/{r.method}", r.source) for r in rows), machine["source_digest_end"])
+    lines += md_failures((f"{r.task} / {r.method}", r.error) for r in rows if r.error)
+    lines += md_machine(machine)
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(dict.fromkeys(r.task for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
-    for ax, task_name in zip(axes[0], tasks):
-        for i, r in enumerate(r for r in rows if r.task == task_name):
-            color = f"C{i}"
-            if r.fed_curve:
-                ax.plot(range(1, len(r.fed_curve) + 1), r.fed_curve, color=color, label=f"{r.method} (fed)")
-            if r.central_curve:
-                ax.plot(range(1, len(r.central_curve) + 1), r.central_curve, color=color, linestyle=":",
-                        label=f"{r.method} (central)")
-        ax.set(title=TASK_NAMES[task_name], xlabel="round (federated) / epoch (central)",
-               ylabel="test accuracy (%)", ylim=(max(0, ax.get_ylim()[0]), 100))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, len(tasks), (7 * len(tasks), 4.5)) as axes:
+        for ax, task_name in zip(axes[0], tasks):
+            for i, r in enumerate(r for r in rows if r.task == task_name):
+                color = f"C{i}"
+                if r.fed_curve:
+                    ax.plot(range(1, len(r.fed_curve) + 1), r.fed_curve, color=color, label=f"{r.method} (fed)")
+                if r.central_curve:
+                    ax.plot(range(1, len(r.central_curve) + 1), r.central_curve, color=color, linestyle=":",
+                            label=f"{r.method} (central)")
+            ax.set(title=TASK_NAMES[task_name], xlabel="round (federated) / epoch (central)",
+                   ylabel="test accuracy (%)", ylim=(max(0, ax.get_ylim()[0]), 100))
+            ax.legend(fontsize=7, ncol=2)
 
 
 def write(rows: list[Row], out_dir: Path, argv: list[str], start: float, rounds: int, runs_dir: Path) -> None:
     machine = machine_info("python -m bench.methods", argv, time.perf_counter() - start)
-    machine["source_digest_end"] = source_digest()
     checked = checks(rows)
     (out_dir / "methods.md").write_text(markdown(rows, checked, machine, rounds))
     (out_dir / "methods.json").write_text(json.dumps(

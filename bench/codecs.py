@@ -111,8 +111,9 @@ def num_layers(task: str) -> int:
     from fedmask.config import load
 
     config = load(ROOT / TASKS[task], [])
-    model = fm_task.make_model(config, fm_task.splits_of(config))
-    return len(fm_task.ModelSpec.of(config, model).layout.shapes)
+    mode = config.method_entry.mask_mode
+    model = fm_task.make_model(config, fm_task.splits_of(config), mode)
+    return len(fm_task.ModelSpec.of(config, model, mode).layout.shapes)
 
 
 # ---------------------------------------------------------------- checks

@@ -26,7 +26,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
 
 from bench.common import (ROOT, figure, fmt, machine_info, md_checks, md_failures, md_machine, md_table,
                           mixed_code_warning, per_client_mean, prepare_dirs, run_fedmask, source_digest)
@@ -63,7 +66,7 @@ class Row:
     error: str | None = None
 
 
-def train_central(config: dict[str, Any]) -> tuple[list[float], float]:
+def train_central(config: RunConfig) -> tuple[list[float], float]:
     """Accuracy (percent) after each epoch of training on the pooled data, and the time."""
     import torch
 
@@ -72,25 +75,20 @@ def train_central(config: dict[str, Any]) -> tuple[list[float], float]:
     from fedmask.masking import get_scores
     from fedmask.recycling import apply_plan, recycle_plan
     from fedmask.weights import derive_seed
-    from fedmask.aggregators import load_aggregator
 
     torch.set_num_threads(1)
-    config = dict(config)
     splits = task.splits_of(config)
     parts = [client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                           config.dirichlet_alpha, config.classes_per_client)
              for pid in range(config.num_clients)]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # what the clients hold
-    mode = None
-    if config.method != "fedavg":
-        aggregator = load_aggregator(config.method, config)
-        mode = config["mask-mode"] = aggregator.mask_mode
-    model = task.make_model(config, splits)
+    mode = config.method_entry.mask_mode
+    model = task.make_model(config, splits, mode)
     if mode is not None:
-        task.load_state(model, aggregator.initial_state(get_scores(model)), mode)
+        task.load_state(model, config.method_entry.make_aggregator(config).initial_state(get_scores(model)), mode)
     device = task.pick_device(config)
     epochs = config.num_rounds * config.local_epochs
-    one_epoch = {**config, "local-epochs": 1}
+    one_epoch = config.replace(local_epochs=1)
     curve, start = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
         # the model (and the optimizer state with it) is rebuilt by train() each call, as on a

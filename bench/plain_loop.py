@@ -10,29 +10,27 @@ import time
 from typing import Any
 
 from fedmask import task
+from fedmask.config import RunConfig
 from fedmask.data import client_split
 from fedmask.masking import get_scores, upload_arrays
 from fedmask.recycling import apply_plan, is_recycle_round, recycle_plan
+from fedmask.sampling import sample_partitions
 from fedmask.weights import derive_seed
-from fedmask.aggregators import load_aggregator
-from server.strategies import sample_partitions
 
 
-def run_plain(config: dict[str, Any]) -> dict[str, Any]:
+def run_plain(config: RunConfig) -> dict[str, Any]:
     """Rounds of sample -> local train -> aggregate -> evaluate; returns accuracies."""
-    config = dict(config)
     splits = task.splits_of(config)
     device = task.pick_device(config)
-    dense = config.method == "fedavg"
-    aggregator = None if dense else load_aggregator(config.method, config)
-    mode = None if dense else aggregator.mask_mode
-    config["mask-mode"] = mode or ""
-    model = task.make_model(config, splits)
+    method = config.method_entry
+    dense, mode = method.dense, method.mask_mode
+    aggregator = None if dense else method.make_aggregator(config)
+    model = task.make_model(config, splits, mode)
     state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
     accuracies, start = [], time.perf_counter()
     for server_round in range(1, config.num_rounds + 1):
         masks, weights, dense_states = [], [], []
-        for pid in sample_partitions(config, server_round):
+        for pid in sample_partitions(config.seed, config.num_clients, config.clients_per_round, server_round):
             x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                                 config.dirichlet_alpha, config.classes_per_client)
             if dense:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmask.config import SCHEMA, ConfigError, RunConfig
+from fedmask.config import ConfigError, RunConfig
 from fedmask.masking import MASK_MODES
 
 INSTRUCTION_KEYS = ("server-round", "partition-id", "mask-mode")

@@ -19,12 +19,27 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bench.common import (ROOT, SOURCES, figure, fmt, git_head, machine_info, md_checks, md_failures, md_machine,
-                          md_table, per_client_mean, prepare_dirs, run_fedmask, source_digest)
+from bench.common import (
+    ROOT,
+    SOURCES,
+    figure,
+    fmt,
+    git_head,
+    machine_info,
+    md_checks,
+    md_failures,
+    md_machine,
+    md_table,
+    per_client_mean,
+    prepare_dirs,
+    run_fedmask,
+    source_digest,
+)
 
 TASKS = {"digits": "configs/quickstart.toml", "mnist": "configs/mnist-fedpm.toml"}
 TASK_NAMES = {"digits": "digits (sklearn 8x8, MLP)", "mnist": "MNIST-10k (8k train / 2k test, LeNet-300-100)"}

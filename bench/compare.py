@@ -20,8 +20,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (ROOT, figure, fmt, machine_info, md_checks, md_failures, md_machine, md_table,
-                          mixed_code_warning, per_client_mean, prepare_dirs, run_fedmask, source_digest)
+from bench.common import (
+    ROOT,
+    figure,
+    fmt,
+    machine_info,
+    md_checks,
+    md_failures,
+    md_machine,
+    md_table,
+    mixed_code_warning,
+    per_client_mean,
+    prepare_dirs,
+    run_fedmask,
+    source_digest,
+)
 
 TASKS: dict[str, dict[str, str]] = {
     "digits": {

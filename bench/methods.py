@@ -1,7 +1,8 @@
 """Every method federated and trained centrally: what federation costs, in accuracy and bytes.
 
 Run from the project root: ``python -m bench.methods [--rounds 30] [--tasks digits,mnist]
-[--methods fedavg,slot-machines,...]`` (about 50 min on 2 cores for everything). Writes bench/results/methods.md, .json and
+[--methods fedavg,slot-machines,...]`` (about 50 min on 2 cores for everything). Writes
+bench/results/methods.md, .json and
 methods_accuracy.png, rewriting the table after every run so a stopped bench keeps its rows.
 
 For each task (digits, MNIST-10k; 10 IID clients, all of them every round) and method:
@@ -31,8 +32,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
-from bench.common import (ROOT, figure, fmt, machine_info, md_checks, md_failures, md_machine, md_table,
-                          mixed_code_warning, per_client_mean, prepare_dirs, run_fedmask, source_digest)
+from bench.common import (
+    ROOT,
+    figure,
+    fmt,
+    machine_info,
+    md_checks,
+    md_failures,
+    md_machine,
+    md_table,
+    mixed_code_warning,
+    per_client_mean,
+    prepare_dirs,
+    run_fedmask,
+    source_digest,
+)
 
 METHODS = ("fedavg", "fedpm", "edge-popup", "biprop", "slot-machines", "edge-popup-iwr", "biprop-iwr")
 CONFIGS = {

@@ -33,5 +33,5 @@ def train(msg: Message, context: Context) -> Message:
     masks = current_masks(done.model, sample=True)
     # one weight per client: FedPM counts masks unweighted, and sums are what the server sees
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([masks[n].astype(np.float32) for n in names]),
-                    num_examples=1, metrics=done.metrics)
+                    num_examples=1, metrics=dict(done.metrics))
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

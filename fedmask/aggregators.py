@@ -51,7 +51,7 @@ class MaskAggregator(ABC):
         """Memory kept between rounds (saved in checkpoints); none by default."""
         return {}
 
-    def load_state_dict(self, arrays: State) -> None:
+    def load_state_dict(self, arrays: State) -> None:  # noqa: B027 - an optional hook, empty by default
         """Restore what :meth:`state_dict` returned, when a run resumes."""
 
     @abstractmethod
@@ -69,7 +69,7 @@ def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
     """Per weight, the weighted fraction of clients that kept it."""
     total = float(sum(weights))
     return {
-        name: (sum(w * m[name].astype(np.float64) for w, m in zip(weights, masks)) / total)
+        name: np.asarray(sum(w * m[name].astype(np.float64) for w, m in zip(weights, masks))) / total
         for name in masks[0]
     }
 

@@ -34,7 +34,7 @@ class Checkpoint:
         meta = json.dumps({"round": self.round, "records": self.records})
         arrays["meta"] = np.frombuffer(meta.encode(), dtype=np.uint8)
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         tmp = Path(run_dir) / (FILENAME + ".tmp")
         with tmp.open("wb") as handle:
             handle.write(buffer.getvalue())

@@ -48,7 +48,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
     else:
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
     if not args.resume and (run_dir / "rounds.jsonl").exists() and not args.overwrite:
         print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -64,7 +64,7 @@ class MaskLayout:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "MaskLayout":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MaskLayout:
         return cls(tuple((name, tuple(a.shape)) for name, a in sorted(arrays.items())))
 
     @property
@@ -303,7 +303,8 @@ def _encode_section(bits: np.ndarray, prior: np.ndarray | None) -> bytes:
         encoder = constriction.stream.queue.RangeEncoder()
         symbols = bits.astype(np.int32)
         if model == MODEL_FREQUENCY:
-            encoder.encode(symbols, constriction.stream.model.Bernoulli(_frequency_probs(param, bits.size), perfect=False))
+            frequency_model = constriction.stream.model.Bernoulli(_frequency_probs(param, bits.size), perfect=False)
+            encoder.encode(symbols, frequency_model)
         else:
             encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False),
                            _side_probs(prior.ravel().astype(np.float64), param))
@@ -347,7 +348,8 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
     try:
         decoder = constriction.stream.queue.RangeDecoder(words)
         if model == MODEL_FREQUENCY:
-            symbols = decoder.decode(constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False), size)
+            frequency_model = constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False)
+            symbols = decoder.decode(frequency_model, size)
         else:
             symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
                                      _side_probs(prior[name].ravel().astype(np.float64), param))

@@ -26,6 +26,7 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -273,7 +274,7 @@ def _read_torchvision_files(name: str, root: Path) -> tuple[np.ndarray, ...]:
     expected = [folder / stem for stem in _MNIST_FILES]
     if not all(_existing(path) for path in expected):
         raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected])
-    train_images, train_labels, test_images, test_labels = (_existing(p) for p in expected)
+    train_images, train_labels, test_images, test_labels = (cast(Path, _existing(p)) for p in expected)
     return (*_read_idx_pair(train_images, train_labels),
             *_read_idx_pair(test_images, test_labels))
 

@@ -119,7 +119,8 @@ def _decode_quantized(blob: np.ndarray, layout: MaskLayout) -> dict[str, np.ndar
         offset += _SECTION.size
         data = payload[offset : offset + length]
         offset += length
-        if count != size or len(data) != length or model not in (0, 1) or not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        bounds_ok = math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+        if count != size or len(data) != length or model not in (0, 1) or not bounds_ok:
             raise StateCodecError(f"'{name}' section", f"{size} values, model 0/1, finite lo <= hi",
                                   (count, model, lo, hi, len(data)))
         levels = _decode_levels(name, model, data, size, bits)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -206,13 +207,13 @@ def to_masked(
     _freeze_batchnorm(model, affine=False)
     for name, module, tensor_name in list(_maskable(model)):
         frozen_param = getattr(module, tensor_name)
-        layer_fan_in = fan_in(tuple(module.weight.shape))
+        layer_fan_in = fan_in(tuple(cast(torch.Tensor, module.weight).shape))
         frozen_param.requires_grad_(False)
         if mode == "slots":
             candidates = frozen_tensor(seed, name, (slots, *frozen_param.shape), layer_fan_in, init)
             with torch.no_grad():
                 frozen_param.zero_()
-            parametrization: nn.Module = SlotChoice(candidates, slot_selection, eval_mask)
+            parametrization: ScoreMask | SlotChoice = SlotChoice(candidates, slot_selection, eval_mask)
         else:
             frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init)
             with torch.no_grad():
@@ -256,7 +257,12 @@ def original_tensor(model: nn.Module, name: str) -> torch.Tensor:
     """The parametrization's ``original`` of tensor ``name`` (the frozen values, in place)."""
     module_name, _, tensor_name = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    return module.parametrizations[tensor_name].original
+    return cast(torch.Tensor, _parametrizations(module)[tensor_name].original)
+
+
+def _parametrizations(module: nn.Module) -> Any:
+    """The ModuleDict that ``parametrize`` adds to a module (untyped in torch's stubs)."""
+    return cast(Any, module).parametrizations
 
 
 def frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -264,7 +270,10 @@ def frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     agree bit for bit."""
     out = {}
     for name, module in score_masks(model).items():
-        out[name] = module.candidates.detach() if module.mode == "slots" else original_tensor(model, name).detach()
+        if isinstance(module, SlotChoice):
+            out[name] = cast(torch.Tensor, module.candidates).detach()
+        else:
+            out[name] = original_tensor(model, name).detach()
     return out
 
 
@@ -272,10 +281,10 @@ def frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def regenerate_frozen(model: nn.Module, seed: int, init: str) -> None:
     """Put back the seeded frozen values (undoing weight recycling), as :func:`to_masked` drew them."""
     for name, module, tensor_name in _maskable(model):
-        plist = module.parametrizations[tensor_name]
+        plist = _parametrizations(module)[tensor_name]
         if plist[0].mode == "slots":
             raise ValueError("weight recycling applies to top-k masks (edge-popup, biprop), not slots")
-        weight_shape = tuple(module.parametrizations["weight"].original.shape)
+        weight_shape = tuple(_parametrizations(module)["weight"].original.shape)
         values = frozen_tensor(seed, name, tuple(plist.original.shape), fan_in(weight_shape), init)
         plist.original.copy_(values.to(plist.original.device))
 
@@ -312,7 +321,7 @@ def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.
     """
     out = {}
     for name, module in score_masks(model).items():
-        if module.mode == "slots":
+        if isinstance(module, SlotChoice):
             raise ValueError("slot models choose candidates, they have no binary mask: use current_choices")
         if module.mode == "bernoulli" and sample is not None:
             probs = torch.sigmoid(module.scores)
@@ -332,7 +341,7 @@ def current_choices(model: nn.Module, sample: bool | None = None) -> dict[str, n
     """
     out = {}
     for name, module in score_masks(model).items():
-        if module.mode != "slots":
+        if not isinstance(module, SlotChoice):
             raise ValueError(f"'{name}' is a {module.mode} mask, not a slot choice: use current_masks")
         sampling = module.sampling() if sample is None else sample and module.selection == "probabilistic"
         out[name] = slot_index(module.scores, sampling).cpu().numpy().astype(np.uint8)

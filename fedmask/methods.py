@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from fedmask.aggregators import (BipropAggregator, EdgePopupAggregator, FedPMAggregator, MaskAggregator,
-                                 SlotMachineAggregator)
+from fedmask.aggregators import (
+    BipropAggregator,
+    EdgePopupAggregator,
+    FedPMAggregator,
+    MaskAggregator,
+    SlotMachineAggregator,
+)
 from fedmask.masking import MASK_MODES, TOPK_MODES
 
 

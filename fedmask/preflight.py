@@ -37,7 +37,8 @@ def check_before_start(config: RunConfig) -> None:
     try:
         model = task.make_model(config, splits, method.mask_mode)
     except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
-        raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: {err}") from None
+        raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
+                          f"{err}") from None
     name = method.name
     try:
         aggregator = method.make_aggregator(config)

@@ -103,7 +103,7 @@ class RecycleLog:
         return ArrayRecord(arrays)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RecycleLog":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RecycleLog:
         """From the record's (or a checkpoint's) arrays; says which field is wrong."""
         if "rounds" not in arrays:
             raise MaskCodecError("recycle log", "an array 'rounds'", sorted(arrays))
@@ -126,18 +126,18 @@ def sync_frozen(model: nn.Module, log: RecycleLog, state_layout: MaskLayout, fin
     every event, so the result never depends on which rounds this party saw.
     """
     wanted = log.digests()
-    applied = getattr(model, "_recycled", ())
+    applied: tuple[str, ...] = getattr(model, "_recycled", ())
     if wanted[: len(applied)] != applied:
         regenerate_frozen(model, seed, init)
         applied = ()
     layout = plan_layout(state_layout)
-    model._recycled = ("incomplete",)  # noqa: SLF001 - until done: a failure here forces a replay
+    setattr(model, "_recycled", ("incomplete",))  # noqa: B010 - until done: a failure here forces a replay
     for (_, blob), digest in list(zip(log.events, wanted))[len(applied):]:
         plan = decode_masks(blob, layout, fingerprint)
         check_plan(plan, state_layout)
         apply_plan(model, plan)
         applied = (*applied, digest)
-    model._recycled = applied  # noqa: SLF001
+    setattr(model, "_recycled", applied)  # noqa: B010 - a plain attribute, not a submodule
 
 
 def is_recycle_round(config: RunConfig, server_round: int) -> bool:

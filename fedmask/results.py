@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomli_w

@@ -104,4 +104,4 @@ def legacy_context(context: Context, config: RunConfig, strategy: SecureFedPM) -
 
 
 def save_final_state(run_dir: Path, state: State) -> None:
-    np.savez(Path(run_dir) / "final_state.npz", **state)
+    np.savez(Path(run_dir) / "final_state.npz", **state)  # type: ignore[arg-type]  # numpy's **kwds stub

@@ -77,8 +77,9 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
         def load_global() -> None:
             task.load_dense_state(model, strategy.state)
     else:
+        mode = method.mask_mode
         aggregator = method.make_aggregator(config)
-        spec = task.ModelSpec.of(config, model, method.mask_mode)
+        spec = task.ModelSpec.of(config, model, mode)
         num_params = spec.num_connections  # Slot Machines' state has K scores per connection
         mask_strategy = MaskStrategy(config, ledger, aggregator, spec, aggregator.initial_state(get_scores(model)))
         strategy = mask_strategy
@@ -86,7 +87,7 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
         def load_global() -> None:
             # The state as clients decode it (the downlink codec may be lossy), and the
             # frozen weights after the recycling log, exactly as a client replays it.
-            task.load_state(model, mask_strategy.deployed(), method.mask_mode)
+            task.load_state(model, mask_strategy.deployed(), mode)
             if config.recycle_every:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
     recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None)

@@ -144,7 +144,7 @@ class SeededFedAvg(FedAvg):
         for reply in sorted(replies, key=self.ledger.partition_of):
             pid, node = self.ledger.partition_of(reply), reply.metadata.src_node_id
             if reply.has_error():
-                self.record_failure(server_round, Failure("client-error", pid, node, reply.error.reason))
+                self.record_failure(server_round, Failure("client-error", pid, node, reply.error.reason or ""))
                 continue
             try:
                 _check_metrics(reply)
@@ -167,7 +167,8 @@ class SeededFedAvg(FedAvg):
         """Record how many uploads went in and their train metrics; returns the metrics."""
         metrics = self.train_metrics(usable)
         outcome = self.outcome(server_round)
-        outcome.aggregated, outcome.train = len(usable), dict(metrics)
+        outcome.aggregated = len(usable)
+        outcome.train = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return metrics
 
     def train_metrics(self, usable: list[tuple[Message, float]]) -> MetricRecord:
@@ -211,6 +212,8 @@ class DenseFedAvg(SeededFedAvg):
         if self.too_few(server_round, len(good)):
             return None, None
         arrays, _ = super().aggregate_train(server_round, [reply for reply, _ in good])
+        if arrays is None:
+            return None, None
         self.state = record_state(arrays)
         return arrays, self.finish_round(server_round, good)
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from clients.client_app import app as client_app
+from fedmask.aggregators import BipropAggregator
 from fedmask.codec import HEADER_BYTES
 from fedmask.config import resolve
 from fedmask.masking import current_masks, frozen_weights, score_masks, to_masked
-from fedmask.aggregators import BipropAggregator
 from fedmask.methods import get_method
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server

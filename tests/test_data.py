@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmask import data
-from fedmask.data import (DATASETS, PARTITIONERS, DataError, Splits, client_split,
-                          load_dataset, partition)
+from fedmask.data import DATASETS, PARTITIONERS, DataError, Splits, client_split, load_dataset, partition
 
 MNIST_T10K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 IMAGES_MAGIC, LABELS_MAGIC = 0x803, 0x801

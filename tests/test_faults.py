@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
 from fedmask import task
+from fedmask.aggregators import FedPMAggregator, robust_vote
 from fedmask.config import resolve
 from fedmask.faults import attackers, client_fault
 from fedmask.ledger import Ledger
 from fedmask.masking import get_scores
-from fedmask.aggregators import FedPMAggregator, robust_vote
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 from server.strategies import MaskStrategy
@@ -111,7 +111,8 @@ def test_trimmed_aggregation_recovers_accuracy_under_attack(tmp_path):
     attack = {"num-clients": 10, "clients-per-round": 10, "num-rounds": 6, "attack": "invert",
               "attack-fraction": 0.3, "eval-mask": "threshold"}
     plain = _run(tmp_path, "plain", **attack)[-1]["accuracy"]
-    robust = _run(tmp_path, "robust", **attack, **{"robust-aggregation": "trimmed", "trim-fraction": 0.3})[-1]["accuracy"]
+    trimmed = {"robust-aggregation": "trimmed", "trim-fraction": 0.3}
+    robust = _run(tmp_path, "robust", **attack, **trimmed)[-1]["accuracy"]
     assert robust > plain + 0.2
 
 

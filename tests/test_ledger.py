@@ -13,13 +13,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from fedmask import task
+from fedmask.aggregators import FedPMAggregator
 from fedmask.config import resolve
 from fedmask.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
 from fedmask.masking import get_scores
 from fedmask.models import build_model
-from fedmask.aggregators import FedPMAggregator
-from server.inprocess_grid import InProcessGrid
 from fedmask.sampling import sample_partitions
+from server.inprocess_grid import InProcessGrid
 from server.strategies import MaskStrategy, state_record
 
 HEADER_BYTES = 4 + 1 + 1 + 2 + 8 + 8 + 4  # codec header, from its format spec

@@ -12,12 +12,20 @@ from torch import nn
 from clients.client_app import app as client_app
 from clients.client_app import local_round
 from fedmask import task
-from fedmask.codec import MaskCodecError
+from fedmask.codec import MaskCodecError, MaskLayout, decode_masks
 from fedmask.config import ConfigError, RunConfig, resolve
-from fedmask.instruction import TrainInstruction
 from fedmask.downlink import encode_state
+from fedmask.instruction import TrainInstruction
 from fedmask.masking import frozen_weights, get_scores, to_masked
-from fedmask.recycling import RecycleLog, apply_plan, check_plan, is_recycle_round, recycle_plan, sync_frozen
+from fedmask.recycling import (
+    RecycleLog,
+    apply_plan,
+    check_plan,
+    is_recycle_round,
+    plan_layout,
+    recycle_plan,
+    sync_frozen,
+)
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 
@@ -41,7 +49,7 @@ def test_plan_takes_lowest_and_highest_scores():
     plan = recycle_plan({"w": scores}, 0.2)  # 2 of 10 by |score|
     assert np.flatnonzero(plan["w/low"].ravel()).tolist() == [6, 9]  # |0.05|, |0.0|
     assert np.flatnonzero(plan["w/high"].ravel()).tolist() == [1, 7]  # |-3|, |-4|
-    check_plan(plan, __import__("fedmask.codec", fromlist=["MaskLayout"]).MaskLayout((("w", (2, 5)),)))
+    check_plan(plan, MaskLayout((("w", (2, 5)),)))
 
 
 def test_apply_copies_high_values_onto_low_weights_in_index_order():
@@ -87,10 +95,8 @@ def test_client_and_server_weights_are_bitwise_identical_after_recycling(method)
     for name in server_w:
         assert torch.equal(server_w[name], client_w[name]) and torch.equal(server_w[name], fresh_w[name])
     assert any(not torch.equal(server_w[n], seeded[n]) for n in server_w)  # recycling did change weights
-    assert all(np.array_equal(v, recycle_plan(state, 0.2)[k]) for k, v in
-               __import__("fedmask.codec", fromlist=["decode_masks"]).decode_masks(
-                   log.events[-1][1], __import__("fedmask.recycling", fromlist=["plan_layout"]).plan_layout(spec.layout),
-                   spec.fingerprint).items())
+    logged = decode_masks(log.events[-1][1], plan_layout(spec.layout), spec.fingerprint)
+    assert all(np.array_equal(v, recycle_plan(state, 0.2)[k]) for k, v in logged.items())
 
 
 def test_a_shorter_log_regenerates_from_the_seed():

@@ -12,12 +12,31 @@ import torch
 from torch import nn
 
 from clients.client_app import app as client_app
-from fedmask.codec import (HEADER_BYTES, SECTION_BYTES, MaskCodecError, MaskLayout, choices_to_planes, decode_masks,
-                           encode_masks, mask_prior, planes_to_choices, slot_bits, upload_layout)
-from fedmask.config import ConfigError, load, resolve
-from fedmask.masking import (current_choices, frozen_weights, get_scores, score_masks, set_scores, slot_index,
-                             to_masked, upload_arrays)
 from fedmask.aggregators import SlotMachineAggregator
+from fedmask.codec import (
+    HEADER_BYTES,
+    SECTION_BYTES,
+    MaskCodecError,
+    MaskLayout,
+    choices_to_planes,
+    decode_masks,
+    encode_masks,
+    mask_prior,
+    planes_to_choices,
+    slot_bits,
+    upload_layout,
+)
+from fedmask.config import ConfigError, load, resolve
+from fedmask.masking import (
+    current_choices,
+    frozen_weights,
+    get_scores,
+    score_masks,
+    set_scores,
+    slot_index,
+    to_masked,
+    upload_arrays,
+)
 from fedmask.methods import get_method
 from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
@@ -110,7 +129,8 @@ def test_entropy_code_of_unchanged_choices_is_far_below_log2_k():
     layout = MaskLayout.from_arrays(state)
     uplayout = upload_layout(layout, "slots")
     choices = {"w": np.argmax(state["w"], axis=0).astype(np.uint8)}
-    blob = encode_masks(choices_to_planes(choices, 8), uplayout, b"12345678", "entropy", mask_prior(state, "slots", 0.5))
+    prior = mask_prior(state, "slots", 0.5)
+    blob = encode_masks(choices_to_planes(choices, 8), uplayout, b"12345678", "entropy", prior)
     assert 8 * blob.size / 60_000 < 0.05
 
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmask.masking import (current_masks, frozen_weights, get_scores, score_masks,
-                             set_scores, to_masked)
+from fedmask.masking import current_masks, frozen_weights, get_scores, score_masks, set_scores, to_masked
 from fedmask.models import build_model
 from fedmask.weights import derive_seed, fan_in, frozen_tensor
 

@@ -284,17 +284,19 @@ def test_bit_flip_in_payload_crc_magic_or_version_refused(data, bits):
 
 
 @pytest.mark.parametrize("bit", range(16))
-def test_bit_flip_in_reserved_field_does_not_change_values(bit):
-    """The reserved u16 is not checked (unlike the uplink's): a flip there must at least not
-    change what is decoded."""
+def test_nonzero_reserved_field_is_refused_even_with_a_valid_crc(bit):
+    """A broadcast whose reserved u16 is not 0 is refused by the reserved-field check.
+
+    The CRC is recomputed after the flip (``reseal``), so the CRC check passes and the
+    refusal can only come from the header check on ``reserved``.
+    """
     blob, layout, _ = small_blob()
-    clean = decode_state({"state": blob}, layout)
+    decode_state({"state": blob}, layout)  # the untouched blob decodes
     blob[6 + bit // 8] ^= np.uint8(1 << (bit % 8))
-    try:
-        decoded = decode_state({"state": blob}, layout)
-    except StateCodecError:
-        return
-    assert all(np.array_equal(decoded[k], clean[k]) for k in clean)
+    resealed = reseal(blob.tobytes())
+    assert SPEC_HEADER.unpack_from(resealed.tobytes())[3] == 1 << bit
+    err = refused({"state": resealed}, layout)
+    assert "header" in str(err) and "reserved 0" in str(err) and "crc32" not in str(err)
 
 
 @pytest.mark.parametrize("bits, flip", [(4, 0), (12, 0), (2, 0)])

@@ -45,8 +45,22 @@ SECTION_BYTES = _SECTION.size
 # An entropy-coded section must beat the packed bits by this much to be chosen: the range
 # coder ends on a whole 32-bit word and may need one more.
 _CODER_SLACK_BYTES = 8
-_HEADER = struct.Struct("<4sBBHQ8sI")
+# The header's fields in wire order, with their struct formats; the offsets below follow.
+HEADER_FIELDS = (("magic", "4s"), ("format", "B"), ("codec", "B"), ("reserved", "H"),
+                 ("bit count", "Q"), ("fingerprint", "8s"), ("crc32", "I"))
+_HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
 HEADER_BYTES = _HEADER.size
+
+
+def header_field(name: str) -> slice:
+    """The bytes of one header field in an upload, e.g. ``blob[header_field("crc32")]``."""
+    names = [field for field, _ in HEADER_FIELDS]
+    index = names.index(name)
+    start = struct.calcsize("<" + "".join(fmt for _, fmt in HEADER_FIELDS[:index]))
+    return slice(start, start + struct.calcsize("<" + HEADER_FIELDS[index][1]))
+
+
+FINGERPRINT_BYTES = header_field("fingerprint")
 
 
 class MaskCodecError(ValueError):

@@ -7,7 +7,9 @@
   for every Array in every ArrayRecord): for a mask upload, the packed mask and its header.
 - ``message``: the size of the whole message serialized with Flower's own protobuf
   serde (``message_to_proto(...).ByteSize()``): payload plus the npy framing of each
-  array, the config and metric records, and the metadata.
+  array, the config and metric records, and the metadata, with the metadata's ids at
+  their widest (see :func:`message_bytes`), so that the figure does not change with the
+  random node and message ids of a run.
 
 Nothing is computed from a formula: a message that was not sent is not counted.
 """
@@ -62,9 +64,38 @@ def record_payload_bytes(message: Message, record_name: str) -> int:
     return sum(_array_bytes(array) for array in message.content.array_records[record_name].values())
 
 
+# Placeholders for the metadata's ids, as wide as the ids can be: a uint64 id as a varint
+# takes 1 to 10 bytes (and none at all when 0), depending on its value; a message id is
+# Flower's 64-hex-character SHA-256 digest (the in-process grid's uuid4 ids are shorter).
+_UINT64_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id")
+_OPTIONAL_UINT64_ID_FIELDS = ("src_task_id", "dst_task_id")
+_STRING_ID_FIELDS = ("message_id", "reply_to_message_id")
+_WIDEST_UINT64 = 2**64 - 1
+_MESSAGE_ID_CHARS = 64
+
+
 def message_bytes(message: Message) -> int:
-    """Size of the message as Flower serializes it for the wire."""
-    return message_to_proto(message).ByteSize()
+    """Size of the message as Flower serializes it for the wire, with every id at full width.
+
+    Node, run and task ids are serialized as varints, so the real size varies with their
+    (random) values, and so would two runs with one seed. Here the message is serialized
+    with each id replaced by a placeholder of the maximum width: uint64 ids by 2**64 - 1
+    (10 bytes; a 0 id, which protobuf leaves out, is counted too), message ids (and a
+    reply's reply-to id) by 64 characters, or the id's own length if longer. Everything
+    else is the message as sent. The figure is thus an upper bound on the serialized size
+    that does not depend on the ids, and exceeds it by at most a few tens of bytes.
+    """
+    proto = message_to_proto(message)
+    meta = proto.metadata
+    for name in _UINT64_ID_FIELDS:
+        setattr(meta, name, _WIDEST_UINT64)
+    for name in _OPTIONAL_UINT64_ID_FIELDS:
+        if meta.HasField(name):
+            setattr(meta, name, _WIDEST_UINT64)
+    for name in _STRING_ID_FIELDS:
+        if name == "message_id" or getattr(meta, name):  # an instruction has no reply-to id
+            setattr(meta, name, "f" * max(_MESSAGE_ID_CHARS, len(getattr(meta, name))))
+    return proto.ByteSize()
 
 
 @dataclass

@@ -27,9 +27,10 @@ def _over_the_wire(message: Message) -> Message:
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` simulated nodes, each with its own persistent Context."""
+    """``num_nodes`` simulated nodes, each with its own persistent Context; their node ids
+    are ``first_node_id``, ``first_node_id + 1``, ..."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int):
+    def __init__(self, client_app: ClientApp, num_nodes: int, first_node_id: int = 1001):
         self.client_app = client_app
         self.contexts = {
             node_id: Context(
@@ -39,7 +40,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for i, node_id in enumerate(range(1001, 1001 + num_nodes))
+            for i, node_id in enumerate(range(first_node_id, first_node_id + num_nodes))
         }
         self._replies: dict[str, Message] = {}
         # Message() takes the sender's identity from here; the ServerApp is node 0.

@@ -8,16 +8,15 @@ the round and the partition id. The frozen weights are regenerated here from the
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmask import task
 from fedmask.codec import choices_to_planes, encode_masks, mask_prior
 from fedmask.downlink import decode_state
-from fedmask.faults import attack_masks, attackers, client_fault, corrupt_upload
+from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, corrupt_upload
 from fedmask.config import SCHEMA, resolve
 from fedmask.data import client_split
 from fedmask.masking import upload_arrays
@@ -84,9 +83,9 @@ def train(msg: Message, context: Context) -> Message:
         upload = _dense_upload(model, fault == "corrupt")
     else:
         upload = _mask_upload(model, spec, prior, config, server_round, pid, fault == "corrupt")
-    if fault == "slow":
-        time.sleep(config["fault-slow-delay"])
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": examples, **metrics})})
+    if fault == "slow":  # delivered late by the server's grid (see faults.SLOW_RECORD)
+        reply[SLOW_RECORD] = ConfigRecord({"delay": float(config["fault-slow-delay"])})
     return Message(reply, reply_to=msg)
 
 

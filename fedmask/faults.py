@@ -18,6 +18,11 @@ from fedmask.weights import derive_seed
 FAULTS = ("drop", "crash", "corrupt", "slow")
 ATTACKS = ("none", "invert", "all-ones", "random")
 CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
+# A slow client answers at once with this ConfigRecord ({"delay": seconds}) in its reply;
+# the server's MeasuringGrid strips it and delivers the reply that many seconds after it
+# pulled it (lost if that is past round-timeout). Slowness is late delivery, not a client
+# blocking a worker with a sleep.
+SLOW_RECORD = "fault-slow"
 
 
 def client_fault(config: dict[str, Any], server_round: int, partition_id: int) -> str | None:

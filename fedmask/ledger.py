@@ -27,6 +27,8 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
+from fedmask.faults import SLOW_RECORD
+
 
 def payload_bytes(message: Message) -> int:
     """Bytes of the arrays in a message (0 for an error reply).
@@ -174,6 +176,8 @@ class MeasuringGrid(Grid):
 
     def __init__(self, inner: Grid, ledger: Ledger, pull_interval: float = 0.02):
         self.inner, self.ledger, self.pull_interval = inner, ledger, pull_interval
+        # replies of simulated slow clients, by instruction id: (arrival time, reply)
+        self._held: dict[str, tuple[float, Message]] = {}
 
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
         self.inner.set_run(run)
@@ -201,9 +205,28 @@ class MeasuringGrid(Grid):
             )
         return ids
 
+    def _deliver(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies from the inner grid, with those of slow clients (see
+        :data:`fedmask.faults.SLOW_RECORD`) held back until ``delay`` seconds after they
+        were pulled, their marker removed; then the held replies whose time has come."""
+        message_ids = list(message_ids)
+        now = time.monotonic()
+        ready = []
+        for reply in self.inner.pull_messages(message_ids):
+            if reply.has_content() and SLOW_RECORD in reply.content.config_records:
+                delay = float(reply.content.config_records[SLOW_RECORD]["delay"])
+                del reply.content[SLOW_RECORD]
+                self._held[reply.metadata.reply_to_message_id] = (now + delay, reply)
+            else:
+                ready.append(reply)
+        for msg_id in message_ids:
+            if msg_id in self._held and self._held[msg_id][0] <= now:
+                ready.append(self._held.pop(msg_id)[1])
+        return ready
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
-        for reply in self.inner.pull_messages(message_ids):
+        for reply in self._deliver(message_ids):
             if not reply.has_error() and (not reply.has_content() or len(reply.content) == 0):
                 # An empty reply is how the simulator marks a dropped client: it is lost, as
                 # if round-timeout had passed, without making every test wait that long.
@@ -228,5 +251,8 @@ class MeasuringGrid(Grid):
             replies.extend(got)
             pending -= {r.metadata.reply_to_message_id for r in got} | self.ledger.dropped
             if pending:
-                time.sleep(self.pull_interval)
+                wait = self.pull_interval if deadline is None else min(self.pull_interval, deadline - time.monotonic())
+                time.sleep(max(wait, 0.0))
+        for msg_id in pending:  # past the deadline: a late reply is lost, as on a real network
+            self._held.pop(msg_id, None)
         return replies

@@ -3,7 +3,10 @@
 Each instruction and each reply goes through Flower's protobuf serde and back before it
 is delivered, as it would over the wire, so a client never shares an object with the
 server. A ClientApp that raises becomes an error reply, as in Flower's engines. Use it for
-fast tests and debugging (``fedmask run --engine inprocess``); it runs one client at a time.
+fast tests and debugging (``fedmask run --engine inprocess``); it runs one client at a time,
+when the instructions are pushed. ``send_and_receive`` honours its timeout as
+:class:`fedmask.ledger.MeasuringGrid` does: a simulated slow client's reply arrives its
+delay after the others, and is lost if that is past the deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedmask.ledger import Ledger, MeasuringGrid
 
 _RUN_ID = 1
 
@@ -78,4 +83,4 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return MeasuringGrid(self, Ledger()).send_and_receive(messages, timeout=timeout)

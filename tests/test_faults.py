@@ -70,12 +70,36 @@ def test_every_injected_fault_is_recorded_with_its_reason(tmp_path):
         assert np.isfinite(row["accuracy"])
 
 
-def test_slow_client_past_the_timeout_is_lost_not_waited_for_forever(tmp_path):
-    """A client slower than round-timeout counts as no reply; the round ends at the timeout."""
+def test_slow_clients_past_the_timeout_are_lost_and_the_round_ends_at_the_timeout(tmp_path):
+    """round-timeout 1.5 s, fault-slow-delay 30 s: exactly the slow clients are recorded as
+    'no reply before round-timeout', every other client is aggregated, and each round ends
+    after about the timeout, not the delay."""
+    overrides = {"num-clients": 6, "clients-per-round": 6, "num-rounds": 2, "fault-slow-rate": 0.4,
+                 "fault-slow-delay": 30.0, "round-timeout": 1.5}
+    config = resolve({**SMALL, **overrides})
     start = time.monotonic()
-    rows = _run(tmp_path, "slow", **{"num-rounds": 1, "fault-slow-rate": 1.0, "fault-slow-delay": 0.05,
-                                     "round-timeout": 30.0})
-    assert rows[0]["failures"] == 0 and time.monotonic() - start < 60  # slow but in time: all count
+    rows = _run(tmp_path, "slow", **overrides)
+    took = time.monotonic() - start
+    slow_seen = 0
+    for row in rows:
+        slow = {p for p in range(6) if client_fault(config, row["round"], p) == "slow"}
+        slow_seen += len(slow)
+        recorded = {f["partition_id"]: f["reason"] for f in row["failure_details"]}
+        assert set(recorded) == slow
+        assert all(reason == "no reply before round-timeout" for reason in recorded.values())
+        assert row["clients"] == 6 - len(slow)
+        assert {c["partition_id"] for c in row["per_client"] if c["uplink_message_bytes"]} == set(range(6)) - slow
+    assert slow_seen and any(row["clients"] for row in rows)
+    assert took < 2 * 1.5 + 20  # two rounds of ~1.5 s (plus training), far below one 30 s delay
+
+
+def test_slow_client_within_the_timeout_is_aggregated(tmp_path):
+    """A client late by 0.3 s against a 5 s round-timeout still counts."""
+    start = time.monotonic()
+    rows = _run(tmp_path, "slow", **{"num-rounds": 1, "fault-slow-rate": 1.0, "fault-slow-delay": 0.3,
+                                     "round-timeout": 5.0})
+    assert rows[0]["failures"] == 0 and rows[0]["clients"] == 4
+    assert time.monotonic() - start < 30
 
 
 def _one_of_each_corruption(config: dict) -> dict[str, tuple[int, int]]:

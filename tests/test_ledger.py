@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.client_app import app as client_app
 from fedmask import task
 from fedmask.config import resolve
+from fedmask.faults import SLOW_RECORD
 from fedmask.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
 from fedmask.masking import get_scores
 from fedmask.models import build_model
@@ -224,3 +226,49 @@ def test_raising_client_becomes_error_reply_with_zero_payload():
     assert down.payload_bytes == state.nbytes and down.partition_id == 1
     assert up.payload_bytes == 0 and up.partition_id == 1 and up.node_id == nodes[1]
     assert up.message_bytes == message_bytes(replies[0]) and weighs_about(up.message_bytes, replies[0])
+
+
+# ---------------------------------------------------------------- a late client
+
+
+def _late_app(delay: float) -> ClientApp:
+    """A ClientApp that answers at once, marked as delivered ``delay`` seconds late."""
+    app = ClientApp()
+
+    @app.train()
+    def _late(msg: Message, context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1}),
+                                   SLOW_RECORD: ConfigRecord({"delay": delay})}), reply_to=msg)
+
+    return app
+
+
+def _instruction(grid) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1, "partition-id": 0})}),
+                   dst_node_id=sorted(grid.get_node_ids())[0], message_type=MessageType.TRAIN, group_id="1")
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_reply_held_past_the_timeout_is_lost_at_the_deadline(measured):
+    """A reply due 30 s late against a 0.3 s timeout: send_and_receive (in-process, and
+    through MeasuringGrid) returns without it after ~0.3 s; the ledger calls it no reply."""
+    ledger = Ledger()
+    grid = InProcessGrid(_late_app(30.0), 1)
+    grid = MeasuringGrid(grid, ledger) if measured else grid
+    start = time.monotonic()
+    assert list(grid.send_and_receive([_instruction(grid)], timeout=0.3)) == []
+    assert 0.3 <= time.monotonic() - start < 5
+    if measured:
+        assert ledger.unanswered(1, []) == [(1001, 0, "no reply before round-timeout")] and not ledger.uplink[1]
+
+
+def test_reply_late_within_the_timeout_arrives_without_its_marker_and_is_weighed_so():
+    """A reply due 0.2 s late against a 5 s timeout arrives after ~0.2 s, without the
+    slow-client marker, and the ledger weighs it as delivered."""
+    ledger = Ledger()
+    grid = MeasuringGrid(InProcessGrid(_late_app(0.2), 1), ledger)
+    start = time.monotonic()
+    [reply] = grid.send_and_receive([_instruction(grid)], timeout=5.0)
+    assert 0.2 <= time.monotonic() - start < 4
+    assert SLOW_RECORD not in reply.content.config_records
+    assert ledger.uplink[1][0].message_bytes == message_bytes(reply)

@@ -9,12 +9,11 @@ regenerated here from the seed.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmask import task
@@ -22,7 +21,7 @@ from fedmask.codec import Prior, choices_to_planes, encode_masks, mask_prior
 from fedmask.config import RunConfig
 from fedmask.data import client_split
 from fedmask.downlink import decode_state
-from fedmask.faults import attack_masks, attackers, client_fault, corrupt_upload
+from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, corrupt_upload
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import upload_arrays
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
@@ -84,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({}), reply_to=msg)
     if fault == "crash":
         raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
-    arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    arrays = {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
     recycle = msg.content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: array.numpy() for name, array in recycle.items()}
     done = local_round(instruction, arrays, recycle_arrays)
@@ -92,10 +91,10 @@ def train(msg: Message, context: Context) -> Message:
         upload = _dense_upload(done.model, fault == "corrupt")
     else:
         upload = _mask_upload(done, instruction, fault == "corrupt")
-    if fault == "slow":
-        time.sleep(config.fault_slow_delay)
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": done.num_examples,
                                                                    **done.metrics})})
+    if fault == "slow":  # delivered late by the server's grid (see faults.SLOW_RECORD)
+        reply[SLOW_RECORD] = ConfigRecord({"delay": config.fault_slow_delay})
     return Message(reply, reply_to=msg)
 
 

@@ -45,8 +45,22 @@ SECTION_BYTES = _SECTION.size
 # An entropy-coded section must beat the packed bits by this much to be chosen: the range
 # coder ends on a whole 32-bit word and may need one more.
 _CODER_SLACK_BYTES = 8
-_HEADER = struct.Struct("<4sBBHQ8sI")
+# The header's fields in wire order, with their struct formats; the offsets below follow.
+HEADER_FIELDS = (("magic", "4s"), ("format", "B"), ("codec", "B"), ("reserved", "H"),
+                 ("bit count", "Q"), ("fingerprint", "8s"), ("crc32", "I"))
+_HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
 HEADER_BYTES = _HEADER.size
+
+
+def header_field(name: str) -> slice:
+    """The bytes of one header field in an upload, e.g. ``blob[header_field("crc32")]``."""
+    names = [field for field, _ in HEADER_FIELDS]
+    index = names.index(name)
+    start = struct.calcsize("<" + "".join(fmt for _, fmt in HEADER_FIELDS[:index]))
+    return slice(start, start + struct.calcsize("<" + HEADER_FIELDS[index][1]))
+
+
+FINGERPRINT_BYTES = header_field("fingerprint")
 
 
 class MaskCodecError(ValueError):
@@ -98,8 +112,9 @@ def encode_masks(
         sections = [_encode_section(b, None if prior is None else prior[name])
                     for b, (name, _) in zip(bits, layout.shapes)]
         payload = np.frombuffer(b"".join(sections), dtype=np.uint8)
-    uses_prior = codec == "entropy" and _first_side_section(payload.tobytes(), layout) is not None
-    crc = zlib.crc32(payload, _prior_digest(prior, layout) if uses_prior else 0)
+    payload_bytes = payload.tobytes()
+    uses_prior = codec == "entropy" and _first_side_section(payload_bytes, layout) is not None
+    crc = zlib.crc32(payload_bytes, _prior_digest(prior, layout) if uses_prior else 0)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, UPLINK_CODECS[codec], 0, layout.num_params, fingerprint, crc)
     return np.concatenate([np.frombuffer(header, dtype=np.uint8), payload])
 
@@ -140,15 +155,16 @@ def decode_masks(
         raise MaskCodecError("length", f"at most {packed_len + SECTION_BYTES * len(layout.shapes) + 64} "
                              "bytes (never more than packed bits)", f"{blob.size} bytes")
     payload = blob[HEADER_BYTES:]
+    payload_bytes = payload.tobytes()
     seed = 0
-    side = _first_side_section(payload.tobytes(), layout) if codec == CODEC_ENTROPY else None
+    side = _first_side_section(payload_bytes, layout) if codec == CODEC_ENTROPY else None
     if side is not None:
         if prior is None:
             raise MaskCodecError(f"section '{side}' side information", "the last broadcast state", "none")
         seed = _prior_digest(prior, layout)
-    if zlib.crc32(payload, seed) != crc:
+    if zlib.crc32(payload_bytes, seed) != crc:
         why = "corrupted payload, or coded against another broadcast state" if seed else "corrupted payload"
-        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload, seed):08x} ({why})")
+        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload_bytes, seed):08x} ({why})")
     if codec == CODEC_PACKBITS:
         bits = np.unpackbits(payload, count=num_bits).astype(bool)
         out, start = {}, 0
@@ -215,7 +231,7 @@ def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> 
     if mask_mode == "bernoulli":
         return {k: v.astype(np.float64) for k, v in state.items()}
     if mask_mode == "slots":
-        prior = {}
+        prior: dict[str, np.ndarray] = {}
         for name, scores in state.items():
             planes = choices_to_planes({name: np.argmax(scores, axis=0)}, scores.shape[0])
             prior |= {k: v.astype(np.float64) for k, v in planes.items()}
@@ -306,6 +322,7 @@ def _encode_section(bits: np.ndarray, prior: np.ndarray | None) -> bytes:
             frequency_model = constriction.stream.model.Bernoulli(_frequency_probs(param, bits.size), perfect=False)
             encoder.encode(symbols, frequency_model)
         else:
+            assert prior is not None  # the side model is chosen only when there is a prior
             encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False),
                            _side_probs(prior.ravel().astype(np.float64), param))
         data = encoder.get_compressed().astype("<u4").tobytes()
@@ -351,6 +368,7 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
             frequency_model = constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False)
             symbols = decoder.decode(frequency_model, size)
         else:
+            assert prior is not None  # checked above for the side model
             symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
                                      _side_probs(prior[name].ravel().astype(np.float64), param))
     except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad

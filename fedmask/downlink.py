@@ -72,11 +72,6 @@ def decode_state(arrays: dict[str, np.ndarray], layout: MaskLayout) -> dict[str,
     return {name: a.astype(np.float32) for name, a in arrays.items()}
 
 
-def roundtrip(state: dict[str, np.ndarray], layout: MaskLayout, codec: str, bits: int = 8) -> dict[str, np.ndarray]:
-    """What a client will hold after decoding this broadcast (the server uses it too)."""
-    return decode_state(encode_state(state, layout, codec, bits), layout)
-
-
 def _levels(values: np.ndarray, bits: int) -> tuple[float, float, np.ndarray]:
     lo, hi = float(np.float32(values.min())), float(np.float32(values.max()))
     top = 2**bits - 1

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedmask import codec
 from fedmask.weights import derive_seed
 
 if TYPE_CHECKING:
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 FAULTS = ("drop", "crash", "corrupt", "slow")
 ATTACKS = ("none", "invert", "all-ones", "random")
 CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
+# A slow client answers at once with this ConfigRecord ({"delay": seconds}) in its reply;
+# the server's MeasuringGrid strips it and delivers the reply that many seconds after it
+# pulled it (lost if that is past round-timeout). Slowness is late delivery, not a client
+# blocking a worker with a sleep.
+SLOW_RECORD = "fault-slow"
 
 
 def client_fault(config: RunConfig, server_round: int, partition_id: int) -> str | None:
@@ -40,11 +46,13 @@ def corrupt_upload(blob: np.ndarray, config: RunConfig, server_round: int, parti
     broken = blob.copy()
     if kind == "truncate":
         broken = broken[: int(rng.integers(0, blob.size))]
-    elif kind == "bit-flip":
-        position = int(rng.integers(28, blob.size)) if blob.size > 28 else 0
+    elif kind == "bit-flip":  # a payload byte, past the header (byte 0 if there is no payload)
+        header = codec.HEADER_BYTES
+        position = int(rng.integers(header, blob.size)) if blob.size > header else 0
         broken[position] ^= np.uint8(1 << int(rng.integers(8)))
-    else:  # a mask made for another model: the fingerprint (bytes 16..23) differs
-        broken[16:24] = rng.integers(0, 256, 8, dtype=np.uint8)
+    else:  # a mask made for another model: the header's fingerprint differs
+        field = codec.FINGERPRINT_BYTES
+        broken[field] = rng.integers(0, 256, field.stop - field.start, dtype=np.uint8)
     return broken, kind
 
 

@@ -7,7 +7,9 @@
   for every Array in every ArrayRecord): for a mask upload, the packed mask and its header.
 - ``message``: the size of the whole message serialized with Flower's own protobuf
   serde (``message_to_proto(...).ByteSize()``): payload plus the npy framing of each
-  array, the config and metric records, and the metadata.
+  array, the config and metric records, and the metadata, with the metadata's ids at
+  their widest (see :func:`message_bytes`), so that the figure does not change with the
+  random node and message ids of a run.
 
 Nothing is computed from a formula: a message that was not sent is not counted.
 """
@@ -17,15 +19,17 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
 from fedmask.failures import Failure
+from fedmask.faults import SLOW_RECORD
 
 
 def payload_bytes(message: Message) -> int:
@@ -43,9 +47,8 @@ def payload_bytes(message: Message) -> int:
                 total += len(value)
             elif isinstance(value, list) and value and isinstance(value[0], bytes):
                 total += sum(len(v) for v in value)
-    for record in message.content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(_array_bytes(array) for array in record.values())
+    for array_record in message.content.array_records.values():
+        total += sum(_array_bytes(array) for array in array_record.values())
     return total
 
 
@@ -64,9 +67,38 @@ def record_payload_bytes(message: Message, record_name: str) -> int:
     return sum(_array_bytes(array) for array in message.content.array_records[record_name].values())
 
 
+# Placeholders for the metadata's ids, as wide as the ids can be: a uint64 id as a varint
+# takes 1 to 10 bytes (and none at all when 0), depending on its value; a message id is
+# Flower's 64-hex-character SHA-256 digest (the in-process grid's uuid4 ids are shorter).
+_UINT64_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id")
+_OPTIONAL_UINT64_ID_FIELDS = ("src_task_id", "dst_task_id")
+_STRING_ID_FIELDS = ("message_id", "reply_to_message_id")
+_WIDEST_UINT64 = 2**64 - 1
+_MESSAGE_ID_CHARS = 64
+
+
 def message_bytes(message: Message) -> int:
-    """Size of the message as Flower serializes it for the wire."""
-    return message_to_proto(message).ByteSize()
+    """Size of the message as Flower serializes it for the wire, with every id at full width.
+
+    Node, run and task ids are serialized as varints, so the real size varies with their
+    (random) values, and so would two runs with one seed. Here the message is serialized
+    with each id replaced by a placeholder of the maximum width: uint64 ids by 2**64 - 1
+    (10 bytes; a 0 id, which protobuf leaves out, is counted too), message ids (and a
+    reply's reply-to id) by 64 characters, or the id's own length if longer. Everything
+    else is the message as sent. The figure is thus an upper bound on the serialized size
+    that does not depend on the ids, and exceeds it by at most a few tens of bytes.
+    """
+    proto = message_to_proto(message)
+    meta = proto.metadata
+    for name in _UINT64_ID_FIELDS:
+        setattr(meta, name, _WIDEST_UINT64)
+    for name in _OPTIONAL_UINT64_ID_FIELDS:
+        if meta.HasField(name):  # type: ignore[arg-type]  # the stub wants the field names as literals
+            setattr(meta, name, _WIDEST_UINT64)
+    for name in _STRING_ID_FIELDS:
+        if name == "message_id" or getattr(meta, name):  # an instruction has no reply-to id
+            setattr(meta, name, "f" * max(_MESSAGE_ID_CHARS, len(getattr(meta, name))))
+    return proto.ByteSize()
 
 
 @dataclass
@@ -136,9 +168,16 @@ class Ledger:
 def _round_and_partition(message: Message) -> tuple[int, int]:
     """From our ConfigRecord, or (SecAgg+ stages, legacy FitIns) the group id and any config."""
     configs = message.content.config_records.values() if message.has_content() else []
-    config = next((c for c in configs if "partition-id" in c), {})
+    config: Mapping[str, Any] = next((c for c in configs if "partition-id" in c), {})
     server_round = config.get("server-round") or (message.metadata.group_id or "0")
     return int(server_round), int(config.get("partition-id", -1))
+
+
+def _slow_delay(value: object) -> float:
+    """The simulator's delay of a slow reply; anything but a finite number >= 0 counts as none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
 
 
 class MeasuringGrid(Grid):
@@ -146,6 +185,8 @@ class MeasuringGrid(Grid):
 
     def __init__(self, inner: Grid, ledger: Ledger, pull_interval: float = 0.02):
         self.inner, self.ledger, self.pull_interval = inner, ledger, pull_interval
+        # replies of simulated slow clients, by instruction id: (arrival time, reply)
+        self._held: dict[str, tuple[float, Message]] = {}
 
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
         self.inner.set_run(run)
@@ -173,9 +214,28 @@ class MeasuringGrid(Grid):
             )
         return ids
 
+    def _deliver(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies from the inner grid, with those of slow clients (see
+        :data:`fedmask.faults.SLOW_RECORD`) held back until ``delay`` seconds after they
+        were pulled, their marker removed; then the held replies whose time has come."""
+        message_ids = list(message_ids)
+        now = time.monotonic()
+        ready = []
+        for reply in self.inner.pull_messages(message_ids):
+            if reply.has_content() and SLOW_RECORD in reply.content.config_records:
+                delay = _slow_delay(reply.content.config_records[SLOW_RECORD].get("delay"))
+                del reply.content[SLOW_RECORD]
+                self._held[reply.metadata.reply_to_message_id] = (now + delay, reply)
+            else:
+                ready.append(reply)
+        for msg_id in message_ids:
+            if msg_id in self._held and self._held[msg_id][0] <= now:
+                ready.append(self._held.pop(msg_id)[1])
+        return ready
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
-        for reply in self.inner.pull_messages(message_ids):
+        for reply in self._deliver(message_ids):
             if not reply.has_error() and (not reply.has_content() or len(reply.content) == 0):
                 # An empty reply is how the simulator marks a dropped client: it is lost, as
                 # if round-timeout had passed, without making every test wait that long.
@@ -200,5 +260,8 @@ class MeasuringGrid(Grid):
             replies.extend(got)
             pending -= {r.metadata.reply_to_message_id for r in got} | self.ledger.dropped
             if pending:
-                time.sleep(self.pull_interval)
+                wait = self.pull_interval if deadline is None else min(self.pull_interval, deadline - time.monotonic())
+                time.sleep(max(wait, 0.0))
+        for msg_id in pending:  # past the deadline: a late reply is lost, as on a real network
+            self._held.pop(msg_id, None)
         return replies

@@ -4,7 +4,7 @@ Any model built from ``nn.Linear`` and ``nn.Conv2d`` becomes a masked model thro
 :func:`to_masked`; no layer class is copied. The frozen tensor stays the parametrization's
 ``original`` (never trained, never sent); the only trainable tensors are the scores.
 
-Two ways to turn scores into a mask:
+Three ways to turn scores into a mask:
 
 - ``topk`` (edge-popup): keep the ``density`` fraction of largest ``|score|`` per tensor.
 - ``bernoulli`` (FedPM): ``theta = sigmoid(score)``, ``mask ~ Bernoulli(theta)`` in every

@@ -6,7 +6,6 @@ so the three train and measure the same thing.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from fedmask.codec import MaskLayout, upload_layout
 from fedmask.data import Splits, load_dataset
-from fedmask.masking import get_scores, num_connections, score_masks, set_scores, to_masked
+from fedmask.masking import get_scores, num_connections, set_scores, to_masked
 from fedmask.models import build_model
 
 if TYPE_CHECKING:
@@ -29,13 +28,19 @@ def pick_device(config: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=4)
-def dataset_for(name: str, data_dir: str, test_fraction: float, seed: int) -> Splits:
-    return load_dataset(name, data_dir, test_fraction, seed)
+_SPLITS: dict[tuple, Splits] = {}  # loaded splits by data key, oldest first
+_SPLITS_KEPT = 4
 
 
 def splits_of(config: RunConfig) -> Splits:
-    return dataset_for(config.dataset, config.data_dir, config.test_fraction, config.seed)
+    """The run's data, loaded once per process for each (dataset, data-dir, test-fraction,
+    seed): the ServerApp and every ClientApp round share it. The last 4 keys are kept."""
+    key = (config.dataset, config.data_dir, config.test_fraction, config.seed)
+    if key not in _SPLITS:
+        if len(_SPLITS) >= _SPLITS_KEPT:
+            del _SPLITS[next(iter(_SPLITS))]
+        _SPLITS[key] = load_dataset(*key)
+    return _SPLITS[key]
 
 
 def make_model(config: RunConfig, splits: Splits, mode: str | None) -> nn.Module:
@@ -120,6 +125,7 @@ def train(
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -163,7 +169,3 @@ def evaluate(
         total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
     return total_loss / len(x), correct / len(x)
-
-
-def num_masked_params(model: nn.Module) -> int:
-    return sum(m.scores.numel() for m in score_masks(model).values())

@@ -3,7 +3,10 @@
 Each instruction and each reply goes through Flower's protobuf serde and back before it
 is delivered, as it would over the wire, so a client never shares an object with the
 server. A ClientApp that raises becomes an error reply, as in Flower's engines. Use it for
-fast tests and debugging (``fedmask run --engine inprocess``); it runs one client at a time.
+fast tests and debugging (``fedmask run --engine inprocess``); it runs one client at a time,
+when the instructions are pushed. ``send_and_receive`` honours its timeout as
+:class:`fedmask.ledger.MeasuringGrid` does: a simulated slow client's reply arrives its
+delay after the others, and is lost if that is past the deadline.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmask.ledger import Ledger, MeasuringGrid
+
 _RUN_ID = 1
 
 
@@ -27,9 +32,10 @@ def _over_the_wire(message: Message) -> Message:
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` simulated nodes, each with its own persistent Context."""
+    """``num_nodes`` simulated nodes, each with its own persistent Context; their node ids
+    are ``first_node_id``, ``first_node_id + 1``, ..."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int):
+    def __init__(self, client_app: ClientApp, num_nodes: int, first_node_id: int = 1001):
         self.client_app = client_app
         self.contexts = {
             node_id: Context(
@@ -39,7 +45,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for i, node_id in enumerate(range(1001, 1001 + num_nodes))
+            for i, node_id in enumerate(range(first_node_id, first_node_id + num_nodes))
         }
         self._replies: dict[str, Message] = {}
         # Message() takes the sender's identity from here; the ServerApp is node 0.
@@ -77,4 +83,4 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return MeasuringGrid(self, Ledger()).send_and_receive(messages, timeout=timeout)

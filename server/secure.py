@@ -29,6 +29,8 @@ from fedmask.instruction import TrainInstruction
 from fedmask.results import RoundOutcome
 from fedmask.sampling import sample_partitions
 
+_JOIN_TIMEOUT_S = 60  # how long the first round waits for every client node to connect
+
 
 class SecureFedPM(Strategy):
     """Legacy-API strategy: seeded sampling, FedPM from secure sums, server evaluation."""
@@ -47,7 +49,12 @@ class SecureFedPM(Strategy):
         return self._parameters()
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
-        client_manager.wait_for(min(self.config.num_clients, 1), timeout=60)
+        # Every simulated client must have joined: partitions map to nodes by index, so
+        # starting with fewer nodes would send two partitions to one node.
+        needed = self.config.num_clients
+        if not client_manager.wait_for(needed, timeout=_JOIN_TIMEOUT_S):
+            raise RuntimeError(f"SecAgg+: {client_manager.num_available()} of num-clients={needed} "
+                               f"client nodes connected within {_JOIN_TIMEOUT_S} s")
         proxies = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
         instructions = []
         cfg = self.config

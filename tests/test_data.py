@@ -383,3 +383,29 @@ def test_splits_is_hashable_by_identity():
     first = Splits(tensor, labels, tensor, labels, 1)
     second = Splits(tensor, labels, tensor, labels, 1)
     assert first != second and len({first, second}) == 2
+
+
+def test_splits_of_is_the_one_cached_loader(monkeypatch, tmp_path):
+    """``task.splits_of`` loads a (dataset, data-dir, test-fraction, seed) once and keeps it
+    (configs differing in other keys share it); it is the only loader, no ``dataset_for``."""
+    from fedmask import task
+    from fedmask.config import resolve
+
+    calls = []
+    monkeypatch.setattr(task, "load_dataset", lambda *key: calls.append(key) or object())
+    base = resolve({"data-dir": str(tmp_path)})  # a data key no other test has cached
+    first = task.splits_of(base)
+    assert task.splits_of(base.replace(lr=0.5, num_rounds=7)) is first
+    other_seed = task.splits_of(base.replace(seed=base.seed + 1))
+    assert other_seed is not first and task.splits_of(base.replace(seed=base.seed + 1)) is other_seed
+    assert calls == [(base.dataset, str(tmp_path), base.test_fraction, base.seed),
+                     (base.dataset, str(tmp_path), base.test_fraction, base.seed + 1)]
+    assert not hasattr(task, "dataset_for")
+
+
+def test_unused_helpers_are_gone():
+    """task.num_masked_params and downlink.roundtrip had no caller outside tests: removed."""
+    from fedmask import downlink, task
+
+    assert not hasattr(task, "num_masked_params")
+    assert not hasattr(downlink, "roundtrip")

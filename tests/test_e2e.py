@@ -101,6 +101,29 @@ def test_same_seed_same_numbers(tmp_path):
     assert a != c
 
 
+def test_same_seed_same_rounds_whatever_the_node_ids(tmp_path):
+    """Two runs with one seed, on nodes with other ids (1001.. and 2**40..: other varint
+    widths), write the same rounds.jsonl, message byte counts included; only timings and
+    the node ids themselves differ."""
+    config = resolve({**SMALL, "method": "fedpm"})
+    for name, first in (("low", 1001), ("high", 2**40 + 3)):
+        run_server(InProcessGrid(real_client_app, config.num_clients, first_node_id=first),
+                   config, tmp_path / name)
+
+    def strip(rows):
+        out = []
+        for row in rows:
+            row = {k: v for k, v in row.items() if k not in TIMING_KEYS}
+            row["per_client"] = [{k: v for k, v in c.items() if k != "node_id"} for c in row["per_client"]]
+            out.append(row)
+        return out
+
+    low, high = _rounds(tmp_path / "low"), _rounds(tmp_path / "high")
+    assert {c["node_id"] for c in low[0]["per_client"]} != {c["node_id"] for c in high[0]["per_client"]}
+    assert all(r["downlink_message_bytes"] > 0 and r["failures"] == 0 for r in low)
+    assert strip(low) == strip(high)
+
+
 def test_quickstart_learns_on_digits(tmp_path):
     """The quickstart config passes 90% test accuracy on digits (in-process, same rounds)."""
     assert cli.main(["run", str(ROOT / "configs/quickstart.toml"), "--engine", "inprocess",

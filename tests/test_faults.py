@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
-from fedmask import task
+from fedmask import codec, task
 from fedmask.aggregators import FedPMAggregator, robust_vote
+from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
 from fedmask.config import resolve
-from fedmask.faults import attackers, client_fault
+from fedmask.faults import CORRUPTIONS, attackers, client_fault, corrupt_upload
 from fedmask.ledger import Ledger
 from fedmask.masking import get_scores
 from server.inprocess_grid import InProcessGrid
@@ -69,12 +70,95 @@ def test_every_injected_fault_is_recorded_with_its_reason(tmp_path):
         assert np.isfinite(row["accuracy"])
 
 
-def test_slow_client_past_the_timeout_is_lost_not_waited_for_forever(tmp_path):
-    """A client slower than round-timeout counts as no reply; the round ends at the timeout."""
+def test_slow_clients_past_the_timeout_are_lost_and_the_round_ends_at_the_timeout(tmp_path):
+    """round-timeout 1.5 s, fault-slow-delay 30 s: exactly the slow clients are recorded as
+    'no reply before round-timeout', every other client is aggregated, and each round ends
+    after about the timeout, not the delay."""
+    overrides = {"num-clients": 6, "clients-per-round": 6, "num-rounds": 2, "fault-slow-rate": 0.4,
+                 "fault-slow-delay": 30.0, "round-timeout": 1.5}
+    config = resolve({**SMALL, **overrides})
     start = time.monotonic()
-    rows = _run(tmp_path, "slow", **{"num-rounds": 1, "fault-slow-rate": 1.0, "fault-slow-delay": 0.05,
-                                     "round-timeout": 30.0})
-    assert rows[0]["failures"] == 0 and time.monotonic() - start < 60  # slow but in time: all count
+    rows = _run(tmp_path, "slow", **overrides)
+    took = time.monotonic() - start
+    slow_seen = 0
+    for row in rows:
+        slow = {p for p in range(6) if client_fault(config, row["round"], p) == "slow"}
+        slow_seen += len(slow)
+        recorded = {f["partition_id"]: f["reason"] for f in row["failure_details"]}
+        assert set(recorded) == slow
+        assert all(reason == "no reply before round-timeout" for reason in recorded.values())
+        assert row["clients"] == 6 - len(slow)
+        assert {c["partition_id"] for c in row["per_client"] if c["uplink_message_bytes"]} == set(range(6)) - slow
+    assert slow_seen and any(row["clients"] for row in rows)
+    assert took < 2 * 1.5 + 20  # two rounds of ~1.5 s (plus training), far below one 30 s delay
+
+
+def test_slow_client_within_the_timeout_is_aggregated(tmp_path):
+    """A client late by 0.3 s against a 5 s round-timeout still counts."""
+    start = time.monotonic()
+    rows = _run(tmp_path, "slow", **{"num-rounds": 1, "fault-slow-rate": 1.0, "fault-slow-delay": 0.3,
+                                     "round-timeout": 5.0})
+    assert rows[0]["failures"] == 0 and rows[0]["clients"] == 4
+    assert time.monotonic() - start < 30
+
+
+def _one_of_each_corruption(config: dict) -> dict[str, tuple[int, int]]:
+    """A (round, partition) for which :func:`corrupt_upload` picks each kind."""
+    found: dict[str, tuple[int, int]] = {}
+    dummy = np.zeros(64, dtype=np.uint8)
+    for server_round in range(1, 50):
+        for pid in range(10):
+            found.setdefault(corrupt_upload(dummy, config, server_round, pid)[1], (server_round, pid))
+    assert set(found) == set(CORRUPTIONS)
+    return found
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> set[int]:
+    return {int(i) for i in np.flatnonzero(a != b)}
+
+
+def test_each_corruption_hits_its_field_and_decode_refuses_it_for_that_field():
+    """bit-flip changes one payload byte (refused as crc32), foreign-fingerprint changes only
+    the header's fingerprint bytes (refused as fingerprint), truncate shortens (length)."""
+    config = resolve({})
+    layout = MaskLayout((("a", (40, 30)), ("b", (77,))))
+    fingerprint = layout.fingerprint(0, "mlp", "x")
+    rng = np.random.default_rng(0)
+    blob = encode_masks({n: rng.random(s) < 0.5 for n, s in layout.shapes}, layout, fingerprint, "packbits")
+    fp_bytes = set(range(codec.FINGERPRINT_BYTES.start, codec.FINGERPRINT_BYTES.stop))
+    assert len(fp_bytes) == 8
+    for kind, (server_round, pid) in _one_of_each_corruption(config).items():
+        broken, got_kind = corrupt_upload(blob, config, server_round, pid)
+        assert got_kind == kind
+        with pytest.raises(MaskCodecError) as err:
+            decode_masks(broken, layout, fingerprint)
+        if kind == "truncate":
+            assert broken.size < blob.size and err.value.field == "length"
+        elif kind == "bit-flip":
+            (position,) = _changed(broken, blob)
+            assert position >= codec.HEADER_BYTES and err.value.field == "crc32"
+        else:
+            assert _changed(broken, blob) <= fp_bytes and len(_changed(broken, blob)) >= 7
+            assert err.value.field == "fingerprint"
+
+
+def test_corrupt_upload_follows_the_codec_header_layout(monkeypatch):
+    """With the codec's header constants moved, the corruptions move with them: offsets come
+    from fedmask.codec, not from numbers of its own."""
+    config = resolve({})
+    monkeypatch.setattr(codec, "HEADER_BYTES", 48)
+    monkeypatch.setattr(codec, "FINGERPRINT_BYTES", slice(36, 44))
+    blob = np.zeros(200, dtype=np.uint8)
+    seen = set()
+    for server_round in range(1, 30):  # many draws, so a hard-coded offset would show
+        for pid in range(10):
+            broken, kind = corrupt_upload(blob, config, server_round, pid)
+            seen.add(kind)
+            if kind == "bit-flip":
+                assert min(_changed(broken, blob)) >= 48
+            elif kind == "foreign-fingerprint":
+                assert _changed(broken, blob) <= set(range(36, 44)) and _changed(broken, blob)
+    assert seen == set(CORRUPTIONS)
 
 
 def test_round_below_min_clients_is_skipped_and_state_kept(tmp_path):

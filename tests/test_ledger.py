@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from clients.client_app import app as client_app
 from fedmask import task
 from fedmask.aggregators import FedPMAggregator
 from fedmask.config import resolve
+from fedmask.failures import Failure
+from fedmask.faults import SLOW_RECORD
 from fedmask.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
 from fedmask.masking import get_scores
 from fedmask.models import build_model
@@ -29,6 +32,16 @@ def wire_size(message: Message) -> int:
     return len(message_to_proto(message).SerializeToString())
 
 
+# message_bytes counts the ids at full width: at most 5 uint64 ids of 1 + 10 bytes and
+# 2 message ids of 2 + 64 bytes more than the message as serialized (see ledger).
+ID_SLACK = 5 * 11 + 2 * 66
+
+
+def weighs_about(measured: int, message: Message) -> bool:
+    """``measured`` is the message's size with ids at full width: >= the real size, by at most the ids."""
+    return wire_size(message) <= measured <= wire_size(message) + ID_SLACK
+
+
 @pytest.fixture
 def identity(monkeypatch):
     """Flower's Message() needs the sending task's identity."""
@@ -41,7 +54,8 @@ def identity(monkeypatch):
 
 
 def test_payload_and_message_bytes_of_a_hand_built_message(identity):
-    """payload = sum of the arrays' nbytes; message = serialized size, larger than payload."""
+    """payload = sum of the arrays' nbytes; message = serialized size (ids at full width),
+    larger than payload."""
     arrays = {
         "w": np.arange(12, dtype=np.float32).reshape(3, 4),
         "i": np.arange(5, dtype=np.int64),
@@ -58,7 +72,7 @@ def test_payload_and_message_bytes_of_a_hand_built_message(identity):
     expected_payload = sum(a.nbytes for a in arrays.values())
     assert expected_payload == 48 + 40 + 7 + 64
     assert payload_bytes(message) == expected_payload
-    assert message_bytes(message) == wire_size(message)
+    assert weighs_about(message_bytes(message), message)
     assert message_bytes(message) > payload_bytes(message) + 100  # config string is not payload
 
 
@@ -67,7 +81,42 @@ def test_message_without_arrays_has_zero_payload(identity):
     message = Message(RecordDict({"config": ConfigRecord({"a": 1}), "metrics": MetricRecord({"b": 2.0})}),
                       dst_node_id=5, message_type=MessageType.TRAIN, group_id="1")
     assert payload_bytes(message) == 0
-    assert message_bytes(message) == wire_size(message) > 0
+    assert weighs_about(message_bytes(message), message) and wire_size(message) > 0
+
+
+def _message_pair(identity_ids: tuple[int, str, int, str]) -> tuple[Message, Message]:
+    """An instruction and its reply, with the given dst node, message id, reply src node
+    and reply message id; everything else fixed."""
+    dst, msg_id, src, reply_id = identity_ids
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(10, dtype=np.float32))}),
+                          "config": ConfigRecord({"server-round": 1, "partition-id": 0})})
+    instruction = Message(content, dst_node_id=dst, message_type=MessageType.TRAIN, group_id="1")
+    instruction.metadata.__dict__["_message_id"] = msg_id
+    instruction.metadata.__dict__["_created_at"] = 1.5
+    reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = src
+    reply.metadata.__dict__["_message_id"] = reply_id
+    reply.metadata.__dict__["_created_at"] = 2.5
+    return instruction, reply
+
+
+def test_message_bytes_do_not_depend_on_node_or_message_ids(identity):
+    """Messages identical but for node ids and message ids (any width, 0 included) weigh
+    the same, although their serialized sizes differ."""
+    small = _message_pair((0, "b", 1, "a"))
+    large = _message_pair((2**63 + 12345, "e" * 64, 2**62, "d" * 64))
+    uuid = _message_pair((1001, "0f8a4a4c-9a1b-4bde-8f8c-3f2f3f4e5a6b", 1001, "7" * 36))
+    for one, two, three in zip(small, large, uuid):
+        assert wire_size(one) != wire_size(two)
+        assert message_bytes(one) == message_bytes(two) == message_bytes(three)
+
+
+def test_message_bytes_are_an_upper_bound_on_the_serialized_size(identity):
+    """The id-independent figure is never below the real size, and above it only by the
+    ids' widths (at most 5 uint64 ids of 11 bytes and 2 string ids of 66)."""
+    for ids in ((0, "", 1, "a"), (5, "x" * 36, 7, "y" * 36), (2**64 - 1, "e" * 64, 2**64 - 1, "d" * 64)):
+        for message in _message_pair(ids):
+            assert wire_size(message) <= message_bytes(message) <= wire_size(message) + 5 * 11 + 2 * 66
 
 
 # ---------------------------------------------------------------- a real round
@@ -121,17 +170,20 @@ def test_downlink_payload_is_float32_state(fedpm_round):
     assert [t.payload_bytes for t in fedpm_round["ledger"].downlink[1]] == [expected, expected]
 
 
-def test_recorded_message_bytes_equal_serialized_sizes(fedpm_round):
-    """Recorded message bytes equal the serialized size of the messages sent and replies got."""
+def test_recorded_message_bytes_are_the_sizes_of_the_messages_sent_and_replies_got(fedpm_round):
+    """Recorded message bytes are message_bytes of the messages sent and replies got: their
+    serialized sizes with ids at full width."""
     ledger = fedpm_round["ledger"]
     by_partition = {t.partition_id: t for t in ledger.uplink[1]}
     for reply in fedpm_round["replies"]:
-        assert by_partition[ledger.partition_of(reply)].message_bytes == wire_size(reply)
+        recorded = by_partition[ledger.partition_of(reply)].message_bytes
+        assert recorded == message_bytes(reply) and weighs_about(recorded, reply)
         assert wire_size(reply) > by_partition[ledger.partition_of(reply)].payload_bytes
-    sent = {int(m.content["config"]["partition-id"]): wire_size(m) for m in fedpm_round["messages"]}
+    sent = {int(m.content["config"]["partition-id"]): message_bytes(m) for m in fedpm_round["messages"]}
     assert {t.partition_id: t.message_bytes for t in ledger.downlink[1]} == sent
+    assert all(weighs_about(message_bytes(m), m) for m in fedpm_round["messages"])
     totals = ledger.round_totals(1)
-    assert totals["uplink_message_bytes"] == sum(wire_size(r) for r in fedpm_round["replies"])
+    assert totals["uplink_message_bytes"] == sum(message_bytes(r) for r in fedpm_round["replies"])
     assert totals["downlink_payload_bytes"] == 2 * 4 * fedpm_round["num_params"]
 
 
@@ -175,4 +227,51 @@ def test_raising_client_becomes_error_reply_with_zero_payload():
     [down], [up] = ledger.downlink[3], ledger.uplink[3]
     assert down.payload_bytes == state.nbytes and down.partition_id == 1
     assert up.payload_bytes == 0 and up.partition_id == 1 and up.node_id == nodes[1]
-    assert up.message_bytes == wire_size(replies[0]) > 0
+    assert up.message_bytes == message_bytes(replies[0]) and weighs_about(up.message_bytes, replies[0])
+
+
+# ---------------------------------------------------------------- a late client
+
+
+def _late_app(delay: float) -> ClientApp:
+    """A ClientApp that answers at once, marked as delivered ``delay`` seconds late."""
+    app = ClientApp()
+
+    @app.train()
+    def _late(msg: Message, context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1}),
+                                   SLOW_RECORD: ConfigRecord({"delay": delay})}), reply_to=msg)
+
+    return app
+
+
+def _instruction(grid) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1, "partition-id": 0})}),
+                   dst_node_id=sorted(grid.get_node_ids())[0], message_type=MessageType.TRAIN, group_id="1")
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_reply_held_past_the_timeout_is_lost_at_the_deadline(measured):
+    """A reply due 30 s late against a 0.3 s timeout: send_and_receive (in-process, and
+    through MeasuringGrid) returns without it after ~0.3 s; the ledger calls it no reply."""
+    ledger = Ledger()
+    grid = InProcessGrid(_late_app(30.0), 1)
+    grid = MeasuringGrid(grid, ledger) if measured else grid
+    start = time.monotonic()
+    assert list(grid.send_and_receive([_instruction(grid)], timeout=0.3)) == []
+    assert 0.3 <= time.monotonic() - start < 5
+    if measured:
+        assert ledger.unanswered(1, []) == [Failure("no-reply", 0, 1001, "no reply before round-timeout")]
+        assert not ledger.uplink[1]
+
+
+def test_reply_late_within_the_timeout_arrives_without_its_marker_and_is_weighed_so():
+    """A reply due 0.2 s late against a 5 s timeout arrives after ~0.2 s, without the
+    slow-client marker, and the ledger weighs it as delivered."""
+    ledger = Ledger()
+    grid = MeasuringGrid(InProcessGrid(_late_app(0.2), 1), ledger)
+    start = time.monotonic()
+    [reply] = grid.send_and_receive([_instruction(grid)], timeout=5.0)
+    assert 0.2 <= time.monotonic() - start < 4
+    assert SLOW_RECORD not in reply.content.config_records
+    assert ledger.uplink[1][0].message_bytes == message_bytes(reply)

@@ -22,6 +22,7 @@ from fedmask import codec, task
 from fedmask.aggregators import FedPMAggregator, robust_vote
 from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
 from fedmask.config import resolve
+from fedmask.failures import FAILURE_KINDS
 from fedmask.faults import CORRUPTIONS, attackers, client_fault, corrupt_upload
 from fedmask.ledger import Ledger
 from fedmask.masking import get_scores
@@ -53,21 +54,28 @@ def test_fault_plan_is_seeded_and_follows_the_rates():
     assert client_fault(resolve({}), 1, 0) is None
 
 
-def test_every_injected_fault_is_recorded_with_its_reason(tmp_path):
-    """Drops, crashes and corrupt uploads appear in rounds.jsonl per client; rounds go on."""
+def test_every_injected_fault_is_recorded_with_its_kind_and_reason(tmp_path):
+    """Drops, crashes and corrupt uploads appear in rounds.jsonl per client with the kind that
+    matches the injected fault (dropped, client-error, rejected); summary.json counts them by
+    kind; rounds go on."""
     overrides = {"num-clients": 8, "clients-per-round": 8, "num-rounds": 3, "fault-drop-rate": 0.15,
                  "fault-crash-rate": 0.15, "fault-corrupt-rate": 0.2}
     config = resolve(overrides)
     rows = _run(tmp_path, "faults", **overrides)
     for row in rows:
         expected = {p: client_fault(config, row["round"], p) for p in range(8)}
-        recorded = {f["partition_id"]: f["reason"] for f in row["failure_details"]}
+        recorded = {f["partition_id"]: f for f in row["failure_details"]}
         assert set(recorded) == {p for p, fault in expected.items() if fault}
-        for pid, reason in recorded.items():
-            word = {"drop": "dropped", "crash": "injected crash", "corrupt": "mask rejected"}[expected[pid]]
-            assert word in reason, (pid, reason)
+        for pid, failure in recorded.items():
+            kind, word = {"drop": ("dropped", "dropped"), "crash": ("client-error", "injected crash"),
+                          "corrupt": ("rejected", "mask rejected")}[expected[pid]]
+            assert failure["kind"] == kind and word in failure["reason"], (pid, failure)
         assert row["clients"] == 8 - len(recorded)
         assert np.isfinite(row["accuracy"])
+    summary = json.loads((tmp_path / "faults" / "summary.json").read_text())
+    kinds = [f["kind"] for row in rows for f in row["failure_details"]]
+    assert summary["failures_by_kind"] == {kind: kinds.count(kind) for kind in FAILURE_KINDS}
+    assert {"dropped", "client-error", "rejected"} <= set(kinds)
 
 
 def test_slow_clients_past_the_timeout_are_lost_and_the_round_ends_at_the_timeout(tmp_path):
@@ -87,6 +95,7 @@ def test_slow_clients_past_the_timeout_are_lost_and_the_round_ends_at_the_timeou
         recorded = {f["partition_id"]: f["reason"] for f in row["failure_details"]}
         assert set(recorded) == slow
         assert all(reason == "no reply before round-timeout" for reason in recorded.values())
+        assert {f["kind"] for f in row["failure_details"]} <= {"no-reply"}
         assert row["clients"] == 6 - len(slow)
         assert {c["partition_id"] for c in row["per_client"] if c["uplink_message_bytes"]} == set(range(6)) - slow
     assert slow_seen and any(row["clients"] for row in rows)

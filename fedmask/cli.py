@@ -8,21 +8,11 @@ without a GPU) is found here, before Ray starts, and ends the command with exit 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 EXIT_BAD_CONFIG = 2
-
-
-def _quiet_logs() -> None:
-    """Flower logs every step at INFO; the live table says it better. Warnings stay."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("fedmask").addHandler(handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -54,31 +44,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
-    if config.secure_aggregation:
-        from clients.secure_client_app import app as client_app
-    else:
-        from clients.client_app import app as client_app
-    from server.server_app import make_server_app, run_server
+    from fedmask.api import execute
 
-    _quiet_logs()
-
-    if args.engine == "inprocess":
-        from server.inprocess_grid import InProcessGrid
-
-        run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=bool(args.resume))
-    else:
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        from flwr.simulation import run_simulation
-
-        run_simulation(
-            server_app=make_server_app(config, run_dir, resume=bool(args.resume)),
-            client_app=client_app,
-            num_supernodes=config.num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-                "init_args": {"logging_level": "ERROR", "log_to_driver": True},
-            },
-        )
+    execute(config, run_dir, args.engine, resume=bool(args.resume))
     if not (run_dir / "summary.json").exists():
         print(f"fedmask: error: the run did not finish; see the log above and {run_dir}", file=sys.stderr)
         return 1
@@ -111,10 +79,72 @@ def main(argv: list[str] | None = None) -> int:
                      help="ray: Flower's simulation engine (default); inprocess: no Ray, one client at a time")
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     commands.add_parser("keys", help="list every config key with its default and rule")
+    commands.add_parser("list", help="methods, models, datasets, partitioners, codecs and attacks, one line each")
+    sweep = commands.add_parser("sweep", help="run a grid of settings over seeds, resumably, and summarise it")
+    sweep.add_argument("config", help="TOML file, the base of every run")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds (default 0), e.g. 0,1,2")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=A,B,C",
+                       help="a config key and its values (repeatable: the product is run)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
+    sweep.add_argument("--out", help="sweep folder (default runs/sweep-<config>-<time>); the same --out continues")
+    sweep.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
+    sweep.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds/bytes-to-target")
+    compare = commands.add_parser("compare", help="compare finished runs and sweeps: table and plots")
+    compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    compare.add_argument("--format", choices=("table", "md", "csv"), default="table")
+    compare.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds/bytes-to-target")
+    compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative uplink bytes")
     args = parser.parse_args(argv)
     if args.command == "keys":
         return _print_keys()
+    if args.command == "list":
+        from fedmask.catalog import format_catalog
+
+        print(format_catalog())
+        return 0
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "compare":
+        return _compare(args)
     return _run(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedmask.config import ConfigError
+    from fedmask.sweep import run_sweep
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"fedmask: error: --seeds expects comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.config).stem}-{stamp}"
+    try:
+        failed = run_sweep(args.config, seeds, args.grid, args.set, out, args.engine, args.target)
+    except ConfigError as err:
+        print(f"fedmask: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedmask import report
+
+    try:
+        runs = report.find_runs(args.paths)
+    except FileNotFoundError as err:
+        print(f"fedmask: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if not runs:
+        print(f"fedmask: error: no run directories under {' '.join(args.paths)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    settings = report.group_runs(runs)
+    print(report.format_rows(report.summarise(settings, args.target), args.format, args.target), end="")
+    if args.plot:
+        report.plot(settings, args.plot)
+        print(f"plot → {args.plot}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

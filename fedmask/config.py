@@ -21,18 +21,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmask.codec import UPLINK_CODECS
 from fedmask.data import DATASETS, PARTITIONERS
 from fedmask.downlink import DOWNLINK_CODECS
 from fedmask.faults import ATTACKS, FAULTS
 from fedmask.masking import EVAL_MASKS, SLOT_SELECTIONS
 from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
 from fedmask.models import MODELS
+from fedmask.tracking import TRACKERS
 from fedmask.weights import INITS
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
-UPLINK_CODECS = ("packbits", "entropy")
 ROBUST_RULES = ("none", "trimmed", "median")
 MAX_SEED = 2**63 - 1  # seeds feed numpy and torch generators, which take 64-bit values
 
@@ -126,7 +127,7 @@ class RunConfig:
                                    check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
     uplink_codec: str = _key("entropy", "how clients code their masks: 'packbits' (1 bit per "
                              "parameter) or 'entropy' (range-coded against the broadcast state, "
-                             "packed bits when that is shorter)", choices=UPLINK_CODECS)
+                             "packed bits when that is shorter)", choices=tuple(UPLINK_CODECS))
     downlink_codec: str = _key("float32", "how the server codes the broadcast state", choices=DOWNLINK_CODECS)
     downlink_bits: int = _key(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
                               check=lambda v: 2 <= v <= 16, rule="in 2..16")
@@ -160,6 +161,9 @@ class RunConfig:
     device: str = _key("auto", "where tensors live: auto uses CUDA when present", choices=("auto", "cpu", "cuda"))
     round_timeout: float = _key(600.0, "seconds the server waits for replies in a round",
                                 check=_between(0, 86_400 * 7, open_lo=True), rule="in (0, 604800]")
+    tracker: str = _key("none", "mirror every round's numbers to an experiment tracker: 'tensorboard' "
+                        "(RUN_DIR/tensorboard) or 'mlflow' (RUN_DIR/mlflow.db); needs the 'track' extra",
+                        choices=TRACKERS)
 
     # ------------------------------------------------------------------ views
 

@@ -7,6 +7,7 @@ names the key, and the command exits with code 2 before any round.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -27,6 +28,11 @@ def check_before_start(config: RunConfig) -> None:
     if config.num_cpus > cores:
         raise ConfigError(f"config key 'num-cpus': expected at most this machine's {cores} cores (Ray would "
                           f"wait forever for a worker), got {config.num_cpus}")
+    if config.tracker != "none":
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[config.tracker]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"config key 'tracker': {config.tracker!r} needs the {module} package, which is not "
+                              "installed: pip install -e \".[track]\"")
     splits = task.splits_of(config)
     for pid in range(config.num_clients):
         client_split(splits, pid, config.num_clients, config.partitioner, config.seed,

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fedmask.failures import FAILURE_KINDS, Failure
 from fedmask.ledger import Ledger
+from fedmask.tracking import make_tracker
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -65,6 +66,7 @@ class RunRecorder:
         self.console = console or Console(highlight=False, width=max(Console().width, 80))
         self.start = time.perf_counter()
         self.initial: dict[str, float] = {}
+        self.tracker = make_tracker(config.tracker, self.run_dir, config.to_dict())
         if resume_after is None:
             atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
             self.rounds_path.write_text("")
@@ -122,6 +124,7 @@ class RunRecorder:
             handle.flush()
             os.fsync(handle.fileno())
         self.rows.append(row)
+        self.tracker.log_round(server_round, row)
         self._print_row(row)
         return row
 
@@ -165,6 +168,7 @@ class RunRecorder:
             "wall_s": time.perf_counter() - self.start,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.tracker.close()
         self._plot()
         self.console.print(
             f"final accuracy {summary['final_accuracy']:.4f} · uplink "

@@ -1,0 +1,237 @@
+"""Compare finished runs: a table of what each setting reached, at what cost, over seeds.
+
+Runs are found under any folder (a run directory, a sweep, a folder of both). Runs whose
+configs differ only in ``seed`` are one *setting*; each figure is the mean over its seeds,
+with the sample standard deviation when there are several. ``fedmask compare`` prints the
+table (terminal, Markdown or CSV) and draws accuracy against rounds and against cumulative
+uplink bytes, the seed spread as a band.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmask.api import Result, load_run
+
+FORMATS = ("table", "md", "csv")
+# Keys that name a setting in labels first; any other key that differs between settings follows.
+_LABEL_KEYS = ("method", "uplink-codec", "downlink-codec")
+_IGNORED = ("seed",)
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Result]:
+    """Every run directory at or below ``paths`` (a folder with config.toml and rounds.jsonl)."""
+    found: dict[Path, Result] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run or folder")
+        candidates = [path] if (path / "config.toml").exists() else []
+        candidates += sorted(p.parent for p in path.rglob("config.toml") if p.parent != path)
+        for run_dir in candidates:
+            if (run_dir / "rounds.jsonl").exists() and run_dir.resolve() not in found:
+                found[run_dir.resolve()] = load_run(run_dir)
+    return list(found.values())
+
+
+@dataclass
+class Setting:
+    """Runs that differ only in their seed."""
+
+    label: str
+    runs: list[Result]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.config.seed for run in self.runs]
+
+
+def group_runs(runs: Sequence[Result]) -> list[Setting]:
+    """Runs grouped by config (all keys but the seed), labelled by method, codecs and the
+    keys that differ between the groups, in first-seen order."""
+    groups: dict[tuple, list[Result]] = {}
+    for run in runs:
+        key = tuple((k, v) for k, v in run.config.to_dict().items() if k not in _IGNORED)
+        groups.setdefault(key, []).append(run)
+    configs = [dict(key) for key in groups]
+    varying = [k for k in configs[0] if k not in _LABEL_KEYS and len({repr(c[k]) for c in configs}) > 1] \
+        if configs else []
+    settings = []
+    for key, members in groups.items():
+        config = dict(key)
+        label = f"{config['method']} ({config['uplink-codec']} up, {config['downlink-codec']} down)"
+        extra = ", ".join(f"{k}={config[k]}" for k in varying)
+        settings.append(Setting(f"{label} {extra}".strip(), sorted(members, key=lambda r: r.config.seed)))
+    return settings
+
+
+def run_metrics(run: Result, target: float) -> dict[str, float | None]:
+    """One run's figures; ``rounds_to_target`` and ``uplink_to_target`` are None if never reached."""
+    accuracy = run.accuracy
+    cumulative = run.cumulative_uplink_bytes
+    reached = next((i for i, a in enumerate(accuracy) if a >= target), None)
+    rows = run.rounds
+    return {
+        "final_accuracy": accuracy[-1] if accuracy else None,
+        "best_accuracy": max(accuracy) if accuracy else None,
+        "rounds": float(len(rows)),
+        "rounds_to_target": None if reached is None else float(reached + 1),
+        "uplink_to_target": None if reached is None else float(cumulative[reached]),
+        "uplink_bytes": float(sum(r["uplink_payload_bytes"] for r in rows)),
+        "downlink_bytes": float(sum(r["downlink_payload_bytes"] for r in rows)),
+        "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])) if rows else None,
+        "wall_s": run.summary.get("wall_s", rows[-1]["elapsed_s"] if rows else None),
+    }
+
+
+COLUMNS = ("final_accuracy", "best_accuracy", "rounds", "rounds_to_target", "uplink_to_target", "uplink_bytes",
+           "downlink_bytes", "mean_uplink_bpp", "wall_s")
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation of the values that exist, and their count.
+
+    A figure some seeds never reached (None) is left out of the mean; the count says how
+    many went in."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, 0
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return float(np.mean(present)), std, len(present)
+
+
+def summarise(settings: Sequence[Setting], target: float) -> list[dict[str, Any]]:
+    """One row per setting: for every column, mean, std and the number of seeds behind it."""
+    rows = []
+    for setting in settings:
+        per_run = [run_metrics(run, target) for run in setting.runs]
+        row: dict[str, Any] = {"setting": setting.label, "seeds": setting.seeds}
+        for column in COLUMNS:
+            mean, std, count = mean_std([m[column] for m in per_run])
+            row[column] = {"mean": mean, "std": std, "n": count}
+        rows.append(row)
+    return rows
+
+
+_HEADERS = {"final_accuracy": "final acc", "best_accuracy": "best acc", "rounds": "rounds",
+            "rounds_to_target": "rounds to {t}", "uplink_to_target": "uplink B to {t}",
+            "uplink_bytes": "uplink B", "downlink_bytes": "downlink B", "mean_uplink_bpp": "up bpp",
+            "wall_s": "wall s"}
+
+
+def _cell(column: str, value: dict[str, Any], runs: int) -> str:
+    mean, std, count = value["mean"], value["std"], value["n"]
+    if mean is None:
+        return "–"
+    if column.endswith("accuracy"):
+        text, spread = f"{100 * mean:.2f}", None if std is None else f"{100 * std:.2f}"
+    elif column in ("rounds", "rounds_to_target", "mean_uplink_bpp", "wall_s"):
+        digits = 3 if column == "mean_uplink_bpp" else 1
+        text, spread = f"{mean:.{digits}f}", None if std is None else f"{std:.{digits}f}"
+    else:
+        text, spread = f"{mean:,.0f}", None if std is None else f"{std:,.0f}"
+    text += "" if spread is None else f" ± {spread}"
+    return text + ("" if count == runs else f" ({count}/{runs})")
+
+
+def format_rows(rows: Sequence[dict[str, Any]], fmt: str, target: float) -> str:
+    """The summary as a terminal table, a Markdown table or CSV (mean and std columns)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    t = f"{target:g}"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["setting", "seeds", *[f"{c}_{part}" for c in COLUMNS for part in ("mean", "std", "n")]])
+        for row in rows:
+            writer.writerow([row["setting"], " ".join(map(str, row["seeds"])),
+                             *[row[c][part] for c in COLUMNS for part in ("mean", "std", "n")]])
+        return buffer.getvalue()
+    header = ["setting", "seeds", *[_HEADERS[c].format(t=t) for c in COLUMNS]]
+    body = [[row["setting"], str(len(row["seeds"])), *[_cell(c, row[c], len(row["seeds"])) for c in COLUMNS]]
+            for row in rows]
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header, title=f"accuracy in %, mean ± std over seeds; target {t}")
+    for cells in body:
+        table.add_row(*cells)
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, highlight=False).print(table)
+    return buffer.getvalue()
+
+
+@dataclass
+class Curve:
+    """A setting's mean curve and its spread over seeds, as plotted."""
+
+    label: str
+    rounds: np.ndarray
+    accuracy_mean: np.ndarray
+    accuracy_std: np.ndarray
+    uplink_mean: np.ndarray  # cumulative uplink payload bytes, mean over seeds
+
+
+def curves(settings: Sequence[Setting]) -> list[Curve]:
+    """Mean accuracy and cumulative uplink per round over a setting's seeds (rounds all
+    seeds finished)."""
+    out = []
+    for setting in settings:
+        length = min(len(run.rounds) for run in setting.runs)
+        if length == 0:
+            continue
+        acc = np.array([run.accuracy[:length] for run in setting.runs])
+        up = np.array([run.cumulative_uplink_bytes[:length] for run in setting.runs], dtype=np.float64)
+        std = acc.std(axis=0, ddof=1) if len(acc) > 1 else np.zeros(length)
+        out.append(Curve(setting.label, np.arange(1, length + 1), acc.mean(axis=0), std, up.mean(axis=0)))
+    return out
+
+
+def plot(settings: Sequence[Setting], path: str | Path, title: str = "") -> Any:
+    """Accuracy against round and against cumulative uplink bytes (log axis), a band of
+    ± one standard deviation over seeds; writes ``path`` and returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for curve in curves(settings):
+        low, high = curve.accuracy_mean - curve.accuracy_std, curve.accuracy_mean + curve.accuracy_std
+        (line,) = by_round.plot(curve.rounds, curve.accuracy_mean, label=curve.label)
+        by_round.fill_between(curve.rounds, low, high, color=line.get_color(), alpha=0.2)
+        by_bytes.plot(curve.uplink_mean, curve.accuracy_mean, label=curve.label, color=line.get_color())
+        by_bytes.fill_between(curve.uplink_mean, low, high, color=line.get_color(), alpha=0.2)
+    by_round.set(xlabel="round", ylabel="test accuracy", title=title or "accuracy by round")
+    by_bytes.set(xlabel="cumulative uplink payload bytes (all clients)", ylabel="test accuracy", xscale="log",
+                 title="accuracy by uplink bytes")
+    for ax in (by_round, by_bytes):
+        ax.grid(alpha=0.3)
+    by_round.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def nan_to_none(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return value

@@ -17,13 +17,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmask import task
-from fedmask.codec import Prior, choices_to_planes, encode_masks, mask_prior
+from fedmask.codec import MaskLayout, Prior, choices_to_planes, encode_masks, mask_prior
+from fedmask.compression import ErrorFeedback, compress
 from fedmask.config import RunConfig
 from fedmask.data import client_split
 from fedmask.downlink import decode_state
 from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, corrupt_upload
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import upload_arrays
+from fedmask.methods import get_method
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
 from fedmask.weights import derive_seed
 
@@ -57,6 +59,37 @@ def _dense_upload(model: torch.nn.Module, corrupt: bool) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in weights.items()})
 
 
+_EF_RECORD, _EF_OWNER = "error-feedback", "error-feedback-owner"  # a node's memory, and whose it is
+
+
+def _compressed_upload(done: LocalRound, instruction: TrainInstruction, broadcast: dict[str, np.ndarray],
+                       context: Context, corrupt: bool) -> ArrayRecord:
+    """A compressed dense baseline's upload: ``delta = local - broadcast`` (plus the error
+    memory this node keeps in ``context.state`` for error-feedback methods), coded."""
+    config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
+    method = get_method(config.method)
+    assert method.compressor is not None
+    local = task.dense_state(done.model)
+    delta = {k: local[k].astype(np.float32) - np.asarray(broadcast[k], dtype=np.float32) for k in local}
+    owner = context.state.config_records.get(_EF_OWNER)
+    memory = None
+    if method.error_feedback and owner is not None and owner.get("partition-id") == pid:
+        memory = {k: a.numpy() for k, a in context.state.array_records[_EF_RECORD].items()}
+    feedback = ErrorFeedback(memory)
+    corrected = feedback.add(delta)
+    layout = MaskLayout.from_arrays(local)
+    rng = np.random.default_rng(derive_seed(config.seed, "compress", server_round, pid))
+    blob, sent = compress(corrected, layout, layout.fingerprint(config.seed, config.model, "dense"),
+                          method.compressor, rng, config.qsgd_levels, config.topk_fraction)
+    if method.error_feedback:
+        feedback.keep(corrected, sent)
+        context.state[_EF_RECORD] = ArrayRecord({k: Array(v) for k, v in feedback.memory.items()})
+        context.state[_EF_OWNER] = ConfigRecord({"partition-id": pid})
+    if corrupt:
+        blob, _ = corrupt_upload(blob, config, server_round, pid)
+    return ArrayRecord({"update": Array(blob)})
+
+
 def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool) -> ArrayRecord:
     """A fresh Bernoulli sample (FedPM), the top-k mask (edge-popup, biprop) or the slot
     choices as bit-planes (Slot Machines), coded."""
@@ -87,7 +120,9 @@ def train(msg: Message, context: Context) -> Message:
     recycle = msg.content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: array.numpy() for name, array in recycle.items()}
     done = local_round(instruction, arrays, recycle_arrays)
-    if done.spec is None:
+    if done.spec is None and get_method(config.method).compressor:
+        upload = _compressed_upload(done, instruction, arrays, context, fault == "corrupt")
+    elif done.spec is None:
         upload = _dense_upload(done.model, fault == "corrupt")
     else:
         upload = _mask_upload(done, instruction, fault == "corrupt")

@@ -72,7 +72,8 @@ def _method(v: str) -> bool:
 class RunConfig:
     """Every setting of a run, checked. Build it with :func:`resolve` or :func:`load`."""
 
-    method: str = _key("fedpm", "fedpm | edge-popup | biprop | slot-machines | fedavg, or a plug-in "
+    method: str = _key("fedpm", "a mask method (fedpm, edge-popup, biprop, slot-machines), the dense baseline "
+                       "fedavg, a compressed dense baseline (signsgd, ef-signsgd, qsgd, topk-ef), or a plug-in "
                        "'module:Class'", check=_method, rule=f"one of {', '.join(BUILTIN)} or 'module:Class'")
     seed: int = _key(0, "seed of the frozen weights, scores, data split and sampling",
                      check=_between(0, MAX_SEED), rule=f"in 0..{MAX_SEED} (64-bit)")
@@ -119,6 +120,12 @@ class RunConfig:
     slot_server_lr: float = _key(2.0, "Slot Machines: how far the clients' choices move the global "
                                  "scores, in units of the score spread",
                                  check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    signsgd_server_lr: float = _key(0.002, "SignSGD: how far the majority sign moves each weight per round",
+                                    check=_between(0, 1e3, open_lo=True), rule="in (0, 1000]")
+    qsgd_levels: int = _key(4, "QSGD: quantization levels s per sign (0..s)", check=lambda v: 1 <= v <= 1024,
+                            rule="in 1..1024")
+    topk_fraction: float = _key(0.01, "top-k: share of each tensor's update entries sent",
+                                check=_between(0, 1, open_lo=True), rule="in (0, 1]")
     recycle_every: int = _key(0, "Iterative Weight Recycling (edge-popup, biprop): recycle after "
                               "every N-th round's aggregation (0 = never)",
                               check=_between(0, 1_000_000), rule="in 0..10^6")

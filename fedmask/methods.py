@@ -54,6 +54,8 @@ class Method:
     keys: tuple[str, ...] = ()  # keys that only this method (among the built-ins) reads
     restrictions: Mapping[str, Restriction] = field(default_factory=dict)
     secure_aggregation: bool = False  # runs under Flower's SecAgg+ (the server needs sums only)
+    compressor: str | None = None  # dense baselines: how the update is compressed (fedmask.compression)
+    error_feedback: bool = False  # dense baselines: the client keeps what compression left out
 
     @property
     def dense(self) -> bool:
@@ -105,6 +107,18 @@ BUILTIN: Mapping[str, Method] = MappingProxyType({
     "fedavg": Method(
         "fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)",
         None, None, ("momentum",), mode_restrictions(None)),
+    "signsgd": Method(
+        "signsgd", "SignSGD with majority vote: 1 bit per parameter up, the server steps by the majority sign",
+        None, None, ("signsgd-server-lr",), mode_restrictions(None), compressor="sign"),
+    "ef-signsgd": Method(
+        "ef-signsgd", "EF-SignSGD: scaled signs (1 bit per parameter + a scale per tensor) with error feedback",
+        None, None, (), mode_restrictions(None), compressor="scaled-sign", error_feedback=True),
+    "qsgd": Method(
+        "qsgd", "QSGD: norm, signs and qsgd-levels stochastic levels per parameter, range-coded",
+        None, None, ("qsgd-levels",), mode_restrictions(None), compressor="qsgd"),
+    "topk-ef": Method(
+        "topk-ef", "top-k sparsification with error feedback: topk-fraction of each tensor, positions coded",
+        None, None, ("topk-fraction",), mode_restrictions(None), compressor="topk", error_feedback=True),
 })
 
 

@@ -33,7 +33,7 @@ from fedmask.recycling import RecycleLog, sync_frozen
 from fedmask.results import RoundOutcome, RunRecorder
 from fedmask.weights import derive_seed
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
-from server.strategies import DenseFedAvg, MaskStrategy, SeededFedAvg, state_record
+from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, state_record
 
 _RECYCLE_PREFIX = "recycle/"  # the recycling log's arrays in a checkpoint's aggregator memory
 
@@ -72,7 +72,8 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
     if method.mask_mode is None:
         initial = task.dense_state(model)
         num_params = sum(v.size for v in initial.values())
-        strategy: SeededFedAvg = DenseFedAvg(config, ledger, initial)
+        strategy: SeededFedAvg = (CompressedFedAvg(config, ledger, initial, method.compressor) if method.compressor
+                                  else DenseFedAvg(config, ledger, initial))
 
         def load_global() -> None:
             task.load_dense_state(model, strategy.state)

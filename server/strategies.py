@@ -22,7 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmask.aggregators import MaskAggregator, State
-from fedmask.codec import MaskCodecError, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
+from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
+from fedmask.compression import CompressionError, aggregate_updates, decompress
 from fedmask.config import RunConfig
 from fedmask.downlink import decode_state, encode_state
 from fedmask.failures import Failure
@@ -325,3 +326,40 @@ class MaskStrategy(SeededFedAvg):
                 )
             if not np.isfinite(got).all():
                 raise ValueError(f"{type(self.aggregator).__name__}.aggregate returned NaN/inf in '{name}'")
+
+
+class CompressedFedAvg(DenseFedAvg):
+    """The compressed dense baselines (SignSGD, EF-SignSGD, QSGD, top-k): clients upload a
+    coded update in one Array 'update'; the server decodes each, checks it like a mask, and
+    applies :func:`fedmask.compression.aggregate_updates`."""
+
+    def __init__(self, run_config: RunConfig, ledger: Ledger, reference: dict[str, np.ndarray], compressor: str):
+        super().__init__(run_config, ledger, reference)
+        self.compressor = compressor
+        self.layout = MaskLayout.from_arrays(reference)
+        self.fingerprint = self.layout.fingerprint(run_config.seed, run_config.model, "dense")
+
+    def decode_update(self, reply: Message) -> dict[str, np.ndarray]:
+        record = reply.content.array_records.get("arrays")
+        if record is None or list(record.keys()) != ["update"]:
+            keys = None if record is None else list(record.keys())
+            raise RejectedReply(f"arrays: expected one Array 'update', got {keys}")
+        array = record["update"]
+        if array.stype != "numpy.ndarray" or array.dtype != "uint8" or len(array.shape) != 1:
+            raise RejectedReply(f"arrays 'update': expected a 1-D uint8 array, got {array.dtype} {array.shape}")
+        return decompress(array.numpy(), self.layout, self.fingerprint, self.compressor, self.run_config.qsgd_levels)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        server_round += self.round_offset
+        updates, good = [], []
+        for reply, weight in self.usable_replies(server_round, replies):
+            try:
+                updates.append(self.decode_update(reply))
+                good.append((reply, weight))
+            except (CompressionError, RejectedReply, ValueError, TypeError) as err:
+                self.reject(server_round, reply, str(err))
+        if self.too_few(server_round, len(good)):
+            return None, None
+        self.state = aggregate_updates(self.compressor, self.state, updates, [w for _, w in good],
+                                       self.run_config.signsgd_server_lr)
+        return state_record(self.state), self.finish_round(server_round, good)

@@ -1,0 +1,224 @@
+"""Non-IID data: mask methods against FedAvg and the compressed dense baselines, over seeds.
+
+``python -m bench.noniid [--tasks fmnist,mnist] [--partitions iid,dir0.1,dir0.3,dir1.0,classes2]
+[--methods ...] [--seeds 0,1,2] [--rounds 40] [--engine inprocess|ray]`` runs every
+(task, partition, method, seed) as a normal ``fedmask run`` (100 clients, 10 a round), keeps
+finished runs when started again (so a stopped bench continues), and writes
+bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partition):
+
+- final accuracy, mean ± std over seeds, and whether the curve is flat (the mean over the
+  last 5 rounds within 1 point of the 5 before);
+- accuracy reached within cumulative uplink budgets of B bits per parameter per client
+  (B = 1, 4, 16, 64: a mask method spends about 0.3-1 per round, FedAvg 32);
+- uplink bits per parameter per round and total bytes per client per round, both ways;
+- the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
+  fewer uplink bytes (Fashion-MNIST and MNIST-10k, IID and Dirichlet 0.3); the best mask
+  method above SignSGD, QSGD and top-k at every budget below 1 bit per parameter per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import ROOT, figure, machine_info, md_machine, md_table, run_fedmask
+
+TASKS = {
+    "fmnist": ("Fashion-MNIST (70k, 60k/10k re-split), LeNet-300-100", "fmnist"),
+    "mnist": ("MNIST-10k (8k train / 2k test), LeNet-300-100", "mnist"),
+}
+MNIST_100 = ["num-clients=100", "clients-per-round=10"]  # the mnist-* configs have 10 clients
+PARTITIONS = {
+    "iid": ['partitioner="iid"'],
+    "dir0.1": ['partitioner="dirichlet"', "dirichlet-alpha=0.1"],
+    "dir0.3": ['partitioner="dirichlet"', "dirichlet-alpha=0.3"],
+    "dir1.0": ['partitioner="dirichlet"', "dirichlet-alpha=1.0"],
+    "classes2": ['partitioner="classes"', "classes-per-client=2"],
+}
+MASK_METHODS = ("fedpm", "edge-popup")
+BASELINES = ("signsgd", "ef-signsgd", "qsgd", "topk-ef")
+METHODS = ("fedavg", *MASK_METHODS, *BASELINES)
+BUDGETS = (1, 4, 16, 64)  # cumulative uplink bits per parameter per client
+
+
+def config_of(task: str, method: str) -> tuple[str, list[str]]:
+    """The config file and the extra --set items of one (task, method)."""
+    prefix = TASKS[task][1]
+    extra = MNIST_100 if task == "mnist" else []
+    if method in BASELINES:  # the dense model trained as FedAvg's, the update compressed
+        return f"configs/{prefix}-fedavg.toml", [*extra, f'method="{method}"']
+    return f"configs/{prefix}-{method}.toml", extra
+
+
+def run_dir(out: Path, task: str, partition: str, method: str, seed: int) -> Path:
+    return out / "runs" / task / partition / method / f"seed-{seed}"
+
+
+def finished(path: Path, rounds: int) -> bool:
+    summary = path / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("rounds") == rounds
+
+
+def curves(path: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    clients = max(rows[0]["clients"], 1) if rows else 1
+    params = rows[0]["num_params"] if rows else 1
+    cumulative_bits = np.cumsum([8 * r["uplink_payload_bytes"] / (params * max(r["clients"], 1)) for r in rows])
+    return {
+        "accuracy": [r["accuracy"] for r in rows],
+        "bits_per_param": cumulative_bits.tolist(),  # cumulative uplink bits per parameter per client
+        "up_bytes_per_client": float(np.mean([r["uplink_payload_bytes"] / max(r["clients"], 1) for r in rows])),
+        "down_bytes_per_client": float(np.mean([r["downlink_payload_bytes"] / clients for r in rows])),
+        "up_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
+    }
+
+
+def at_budget(curve: dict[str, Any], budget: float) -> float | None:
+    reached = [a for a, b in zip(curve["accuracy"], curve["bits_per_param"]) if b <= budget]
+    return max(reached) if reached else None
+
+
+def mean_std(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    text = f"{100 * np.mean(present):.2f}"
+    if len(present) > 1:
+        text += f" ± {100 * np.std(present, ddof=1):.2f}"
+    return text + ("" if len(present) == len(values) else f" ({len(present)}/{len(values)})")
+
+
+def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[str], seeds: list[int],
+              rounds: int) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, lines = [], []
+    for task in tasks:
+        for partition in partitions:
+            group = {}
+            for method in methods:
+                paths = [run_dir(out, task, partition, method, s) for s in seeds]
+                done = [curves(p) for p in paths if finished(p, rounds)]
+                if done:
+                    group[method] = done
+            if not group:
+                continue
+            lines += [f"### {TASKS[task][0]} · {partition} · 100 clients, 10 a round, {rounds} rounds", ""]
+            table = []
+            for method, runs in group.items():
+                finals = [c["accuracy"][-1] for c in runs]
+                flat = all(len(c["accuracy"]) >= 10 and
+                           abs(np.mean(c["accuracy"][-5:]) - np.mean(c["accuracy"][-10:-5])) < 0.01 for c in runs)
+                row = {"task": task, "partition": partition, "method": method, "seeds": len(runs),
+                       "final": finals, "flat": flat,
+                       "budgets": {b: [at_budget(c, b) for c in runs] for b in BUDGETS},
+                       "up_bpp": float(np.mean([c["up_bpp"] for c in runs])),
+                       "up_bytes_per_client": float(np.mean([c["up_bytes_per_client"] for c in runs])),
+                       "down_bytes_per_client": float(np.mean([c["down_bytes_per_client"] for c in runs]))}
+                rows.append(row)
+                table.append([method, len(runs), mean_std(finals), "yes" if flat else "no",
+                              *[mean_std(row["budgets"][b]) for b in BUDGETS], f"{row['up_bpp']:.3f}",
+                              f"{row['up_bytes_per_client']:,.0f}", f"{row['down_bytes_per_client']:,.0f}"])
+            lines += [md_table(["method", "seeds", "final acc %", "flat", *[f"acc % at {b} b/param" for b in BUDGETS],
+                                "up bpp/round", "up B/client/round", "down B/client/round"], table), ""]
+            plot_frontier(out, task, partition, group)
+            lines += [f"![frontier](noniid_{task}_{partition}.png)", ""]
+    return rows, lines
+
+
+def plot_frontier(out: Path, task: str, partition: str, group: dict[str, list[dict[str, Any]]]) -> None:
+    with figure(out / f"noniid_{task}_{partition}.png", 1, 1, (7, 4.5)) as axes:
+        ax = axes[0][0]
+        for method, runs in group.items():
+            length = min(len(c["accuracy"]) for c in runs)
+            acc = np.mean([c["accuracy"][:length] for c in runs], axis=0)
+            bits = np.mean([c["bits_per_param"][:length] for c in runs], axis=0)
+            ax.plot(bits, acc, label=method, linestyle="-" if method in (*MASK_METHODS, "fedavg") else "--")
+        ax.set(xscale="log", xlabel="cumulative uplink bits per parameter per client", ylabel="test accuracy",
+               title=f"{TASKS[task][0]} · {partition} (mean over seeds)")
+        ax.legend(fontsize=7)
+
+
+def checks(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's targets, each with its numbers."""
+    lines = []
+    by = {(r["task"], r["partition"], r["method"]): r for r in rows}
+    for task in TASKS:
+        for partition in ("iid", "dir0.3"):
+            fedavg = by.get((task, partition, "fedavg"))
+            if fedavg is None:
+                continue
+            for method in MASK_METHODS:
+                row = by.get((task, partition, method))
+                if row is None:
+                    continue
+                gap = 100 * (np.mean(fedavg["final"]) - np.mean(row["final"]))
+                ratio = fedavg["up_bytes_per_client"] / max(row["up_bytes_per_client"], 1)
+                ok = gap <= 2 and ratio >= 30
+                lines.append(f"- {'PASS' if ok else 'FAIL'} {task} {partition} {method}: {gap:+.2f} points below "
+                             f"FedAvg (target <= 2), {ratio:.0f}x fewer uplink bytes (target >= 30)")
+    for task, partition, method in list(by):
+        if method != "fedavg":
+            continue
+        masks = [by[(task, partition, m)] for m in MASK_METHODS if (task, partition, m) in by]
+        bases = [by[(task, partition, m)] for m in BASELINES if (task, partition, m) in by]
+        if not masks or not bases:
+            continue
+        for budget in BUDGETS:
+            best_mask = max(np.mean([v for v in m["budgets"][budget] if v is not None] or [0]) for m in masks)
+            best_base = max(np.mean([v for v in b["budgets"][budget] if v is not None] or [0]) for b in bases)
+            lines.append(f"- {'PASS' if best_mask >= best_base else 'FAIL'} {task} {partition} at {budget} bits/param: "
+                         f"best mask method {100 * best_mask:.2f}% vs best compressed baseline {100 * best_base:.2f}%")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="fmnist,mnist")
+    parser.add_argument("--partitions", default=",".join(PARTITIONS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--engine", choices=("ray", "inprocess"), default="inprocess")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    tasks, partitions = args.tasks.split(","), args.partitions.split(",")
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = [t for t in tasks if t not in TASKS] + [p for p in partitions if p not in PARTITIONS] + \
+        [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"bench.noniid: unknown task, partition or method: {unknown}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    plan = [(t, p, m, s) for t in tasks for p in partitions for m in methods for s in seeds]
+    for i, (task, partition, method, seed) in enumerate(plan, 1):
+        path = run_dir(out, task, partition, method, seed)
+        if finished(path, args.rounds):
+            continue
+        config, sets = config_of(task, method)
+        print(f"[{i}/{len(plan)}] {task} {partition} {method} seed {seed}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = run_fedmask(config, [*sets, *PARTITIONS[partition], f"seed={seed}"], path, args.rounds, args.engine)
+        if run.error:
+            print(f"    FAILED: {run.error.splitlines()[0]}", flush=True)
+    rows, lines = summarise(out, tasks, partitions, methods, seeds, args.rounds)
+    machine = machine_info("python -m bench.noniid", sys.argv[1:] if argv is None else argv,
+                           time.perf_counter() - start)
+    text = ["# Non-IID: mask methods, FedAvg and compressed baselines", "",
+            "Accuracy in %, mean ± std over seeds; budgets are cumulative uplink bits per parameter per client.",
+            "Run directories: `bench/results/runs/` (not committed).", "", *lines, "## Targets", "",
+            *checks(rows), "", *md_machine(machine)]
+    (out / "noniid.md").write_text("\n".join(text) + "\n")
+    (out / "noniid.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2, default=str))
+    print(f"→ {out / 'noniid.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

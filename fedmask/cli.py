@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_CONFIG = 2
 
@@ -70,13 +71,16 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         from flwr.simulation import run_simulation
 
+        init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+        if args.ray_address:  # join a running cluster; without it Ray itself honours RAY_ADDRESS
+            init_args["address"] = args.ray_address
         run_simulation(
             server_app=make_server_app(config, run_dir, resume=bool(args.resume)),
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config={
                 "client_resources": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-                "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+                "init_args": init_args,
             },
         )
     if not (run_dir / "summary.json").exists():
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                      help="ray: Flower's simulation engine (default); inprocess: no Ray, one client at a time")
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="join a running Ray cluster ('auto', or the head's HOST:PORT) instead of starting a "
+                          "private Ray (Ray's RAY_ADDRESS variable does the same)")
     commands.add_parser("keys", help="list every config key with its default and rule")
     args = parser.parse_args(argv)
     if args.command == "keys":

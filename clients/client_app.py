@@ -4,12 +4,22 @@ Everything a client needs comes in the message: the global state (probabilities 
 scores; dense weights for the FedAvg baseline) and a :class:`TrainInstruction` (the run
 config, the round, the partition id and the mask mode). The frozen weights are
 regenerated here from the seed.
+
+A SuperNode started with ``--node-config "partition-id=K num-partitions=N"`` (N the run's
+``num-clients``) holds partition K and trains on it whatever the message says; the server
+learns which node holds what from a QUERY message (see :mod:`fedmask.placement`). A node
+config may also set ``data-dir``, where this node keeps its dataset files. This is also
+the app ``flwr run`` starts: a SecAgg+ message goes to the secure ClientApp
+(:mod:`clients.secure_client_app`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +36,7 @@ from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, c
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import upload_arrays
 from fedmask.methods import get_method
+from fedmask.placement import NODE_RECORD, TRAINED_RECORD, held_partition, node_info
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
 from fedmask.weights import derive_seed
 
@@ -106,9 +117,34 @@ def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool)
     return ArrayRecord({"mask": Array(blob)})
 
 
+_SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+
+
+def on_this_node(instruction: TrainInstruction, node_config: Mapping[str, Any]) -> TrainInstruction:
+    """The instruction as this node carries it out: its own partition (node config) wins,
+    and a node config's ``data-dir`` says where this node keeps the dataset."""
+    own = held_partition(node_info(node_config), instruction.config.num_clients) if instruction.node_data else None
+    if own is not None and own != instruction.partition_id:
+        instruction = dataclasses.replace(instruction, partition_id=own)
+    data_dir = node_config.get("data-dir")
+    if isinstance(data_dir, str) and data_dir and data_dir != instruction.config.data_dir:
+        instruction = dataclasses.replace(instruction, config=instruction.config.replace(data_dir=data_dir))
+    return instruction
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """What this node holds: its node config's partition-id and num-partitions (none in plain simulation)."""
+    return Message(RecordDict({NODE_RECORD: ConfigRecord(node_info(context.node_config))}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    instruction = TrainInstruction.from_flat(msg.content["config"])
+    if _SECAGG_RECORD in msg.content.config_records:  # a SecAgg+ stage: the run asked for secure aggregation
+        from clients.secure_client_app import app as secure_app
+
+        return secure_app(msg, context)
+    instruction = on_this_node(TrainInstruction.from_flat(msg.content["config"]), context.node_config)
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     torch.set_num_threads(config.num_cpus)
     fault = client_fault(config, server_round, pid)
@@ -127,7 +163,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         upload = _mask_upload(done, instruction, fault == "corrupt")
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": done.num_examples,
-                                                                   **done.metrics})})
+                                                                   **done.metrics}),
+                        TRAINED_RECORD: ConfigRecord({"partition-id": pid})})
     if fault == "slow":  # delivered late by the server's grid (see faults.SLOW_RECORD)
         reply[SLOW_RECORD] = ConfigRecord({"delay": config.fault_slow_delay})
     return Message(reply, reply_to=msg)

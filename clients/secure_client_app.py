@@ -15,17 +15,19 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from clients.client_app import local_round
+from clients.client_app import local_round, on_this_node
+from clients.client_app import query as query_node
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import current_masks
 
 app = ClientApp(mods=[secaggplus_mod])
+app.query()(query_node)  # which partition this node holds (the mod passes queries through)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
-    instruction = TrainInstruction.from_flat(fitins.config)
+    instruction = on_this_node(TrainInstruction.from_flat(fitins.config), context.node_config)
     torch.set_num_threads(instruction.config.num_cpus)
     names = [str(name) for name in str(fitins.config["tensor-names"]).split(",")]
     arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))

@@ -66,8 +66,13 @@ def _quiet_logs() -> None:
         logger.addHandler(handler)
 
 
-def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool = False) -> None:
-    """Run the rounds of a checked config on ``engine``, writing ``run_dir``."""
+def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool = False,
+            ray_address: str | None = None) -> None:
+    """Run the rounds of a checked config on ``engine``, writing ``run_dir``.
+
+    ``ray_address`` joins a running Ray cluster ('auto', or the head's HOST:PORT) instead of
+    starting a private Ray; without it Ray itself honours the ``RAY_ADDRESS`` variable.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     if config.secure_aggregation:
@@ -85,13 +90,16 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if ray_address:
+        init_args["address"] = ray_address
     run_simulation(
         server_app=make_server_app(config, run_dir, resume=resume),
         client_app=client_app,
         num_supernodes=config.num_clients,
         backend_config={
             "client_resources": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+            "init_args": init_args,
         },
     )
 

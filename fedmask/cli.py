@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from fedmask.api import execute
 
-    execute(config, run_dir, args.engine, resume=bool(args.resume))
+    execute(config, run_dir, args.engine, resume=bool(args.resume), ray_address=args.ray_address)
     if not (run_dir / "summary.json").exists():
         print(f"fedmask: error: the run did not finish; see the log above and {run_dir}", file=sys.stderr)
         return 1
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                      help="ray: Flower's simulation engine (default); inprocess: no Ray, one client at a time")
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="join a running Ray cluster ('auto', or the head's HOST:PORT) instead of starting a "
+                          "private Ray (Ray's RAY_ADDRESS variable does the same)")
     commands.add_parser("keys", help="list every config key with its default and rule")
     commands.add_parser("list", help="methods, models, datasets, partitioners, codecs and attacks, one line each")
     sweep = commands.add_parser("sweep", help="run a grid of settings over seeds, resumably, and summarise it")

@@ -16,7 +16,7 @@ from typing import Any
 from fedmask.config import ConfigError, RunConfig
 from fedmask.masking import MASK_MODES
 
-INSTRUCTION_KEYS = ("server-round", "partition-id", "mask-mode")
+INSTRUCTION_KEYS = ("server-round", "partition-id", "mask-mode", "node-data")
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,14 @@ class TrainInstruction:
     server_round: int
     partition_id: int
     mask_mode: str | None  # None: the dense baseline
+    # A deployment: a node that holds a partition of its own (node config) trains on it
+    # (fedmask.placement); in simulation every node trains the partition named here.
+    node_data: bool = False
 
     def to_flat(self) -> dict[str, Any]:
         """The config's keys and the instruction's, as a ConfigRecord (or FitIns config) holds them."""
         return {**self.config.to_dict(), "server-round": self.server_round,
-                "partition-id": self.partition_id, "mask-mode": self.mask_mode or ""}
+                "partition-id": self.partition_id, "mask-mode": self.mask_mode or "", "node-data": self.node_data}
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> TrainInstruction:
@@ -47,4 +50,7 @@ class TrainInstruction:
         mode = values.get("mask-mode")
         if mode not in ("", *MASK_MODES):
             raise ConfigError(f"instruction 'mask-mode': expected '' or one of {', '.join(MASK_MODES)}, got {mode!r}")
-        return cls(config, fields["server-round"], fields["partition-id"], mode or None)
+        node_data = values.get("node-data", False)
+        if not isinstance(node_data, bool):
+            raise ConfigError(f"instruction 'node-data': expected true or false, got {node_data!r}")
+        return cls(config, fields["server-round"], fields["partition-id"], mode or None, node_data)

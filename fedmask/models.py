@@ -7,7 +7,6 @@ turns it into a masked one. The dense form is what the FedAvg baseline trains.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 MODELS = ("mlp", "lenet-300-100", "conv2", "conv4", "conv6", "resnet18")
@@ -44,6 +43,8 @@ def _conv_net(blocks: tuple[int, ...], input_shape: tuple[int, ...], num_classes
 
 def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with a CIFAR-style stem (3x3 conv, no max-pool)."""
+    import torchvision  # here, not at the top: it adds ~2 s to every process start (a ClientApp per message)
+
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

@@ -36,8 +36,11 @@ class SecureFedPM(Strategy):
     """Legacy-API strategy: seeded sampling, FedPM from secure sums, server evaluation."""
 
     def __init__(self, config: RunConfig, state: State,
-                 evaluate: Callable[[int, State, RoundOutcome], tuple[float, float]]):
+                 evaluate: Callable[[int, State, RoundOutcome], tuple[float, float]],
+                 placement: dict[int, int] | None = None, deployment: bool = False):
         self.config, self.state, self.evaluate_state = config, state, evaluate
+        self.placement = placement  # partition -> node id (server.nodes.node_placement); None: by index
+        self.deployment = deployment  # nodes train the partition they hold, if any
         self.names = list(state)
         self.aggregator = FedPMAggregator(config)
         self.outcomes: dict[int, RoundOutcome] = {}
@@ -56,12 +59,14 @@ class SecureFedPM(Strategy):
             raise RuntimeError(f"SecAgg+: {client_manager.num_available()} of num-clients={needed} "
                                f"client nodes connected within {_JOIN_TIMEOUT_S} s")
         proxies = sorted(client_manager.all().values(), key=lambda proxy: proxy.node_id)
+        by_node = {proxy.node_id: proxy for proxy in proxies}
         instructions = []
         cfg = self.config
         for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
-            settings = {**TrainInstruction(cfg, server_round, pid, "bernoulli").to_flat(),
+            settings = {**TrainInstruction(cfg, server_round, pid, "bernoulli", node_data=self.deployment).to_flat(),
                         "tensor-names": ",".join(self.names)}
-            instructions.append((proxies[pid % len(proxies)], FitIns(parameters, settings)))
+            proxy = by_node[self.placement[pid]] if self.placement else proxies[pid % len(proxies)]
+            instructions.append((proxy, FitIns(parameters, settings)))
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201

@@ -11,6 +11,8 @@ global model, write the round's line and a checkpoint), which both paths share.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,16 +27,19 @@ from torch import nn
 from fedmask import task
 from fedmask.aggregators import MaskAggregator
 from fedmask.checkpoint import Checkpoint
-from fedmask.config import RunConfig, resolve
-from fedmask.data import Splits
+from fedmask.config import ConfigError, RunConfig, resolve
+from fedmask.data import DataError, Splits
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
+from fedmask.preflight import check_before_start
 from fedmask.recycling import RecycleLog, sync_frozen
 from fedmask.results import RoundOutcome, RunRecorder
 from fedmask.weights import derive_seed
+from server.nodes import node_placement
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
 from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, state_record
 
+log = logging.getLogger("fedmask")
 _RECYCLE_PREFIX = "recycle/"  # the recycling log's arrays in a checkpoint's aggregator memory
 
 
@@ -135,15 +140,18 @@ def end_round(run: ServerRun, server_round: int) -> MetricRecord:
 
 
 def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False,
-               context: Context | None = None) -> dict[str, Any]:
+               context: Context | None = None, deployment: bool = False) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; returns the summary.
 
     With ``resume``, the run directory's checkpoint restores the state after its last
     finished round and the remaining rounds run as they would have without the stop.
+    With ``deployment`` (``flwr run``), nodes that hold their own partition (node config)
+    train on it; in simulation each node trains the partition its message names.
     """
     if config.secure_aggregation:
-        return run_secure_server(grid, config, run_dir, context)
+        return run_secure_server(grid, config, run_dir, context, deployment)
     run = build(config, run_dir, resume)
+    run.strategy.deployment = deployment
     if resume:
         restore(run, run_dir)
     run.recorder.header()
@@ -166,7 +174,8 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
     return run.recorder.finish()
 
 
-def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None) -> dict[str, Any]:
+def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None,
+                      deployment: bool = False) -> dict[str, Any]:
     """FedPM under SecAgg+ (Flower's workflow): the same model, evaluation and run directory."""
     method = config.method_entry
     splits = task.splits_of(config)
@@ -185,9 +194,11 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
             recorder.end_round(server_round, accuracy, loss, ledger, outcome)
         return loss, accuracy
 
-    strategy = SecureFedPM(config, initial, evaluate)
+    measuring = MeasuringGrid(grid, ledger)
+    placement = node_placement(measuring, config, deployment)
+    strategy = SecureFedPM(config, initial, evaluate, placement, deployment)
     context = context or Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    secagg_workflow(config)(MeasuringGrid(grid, ledger), legacy_context(context, config, strategy))
+    secagg_workflow(config)(measuring, legacy_context(context, config, strategy))
     save_final_state(run_dir, strategy.state)
     return recorder.finish()
 
@@ -206,8 +217,23 @@ def make_server_app(config: RunConfig, run_dir: Path, resume: bool = False) -> S
 app = ServerApp()
 
 
+def flwr_run_dir(config: RunConfig, stamp: str | None = None) -> Path:
+    """Where a ``flwr run`` writes its run directory: ``runs/<method>-<time>`` under the
+    ServerApp's working directory, or under ``$FEDMASK_RUNS_DIR`` when set."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    return Path(os.environ.get("FEDMASK_RUNS_DIR") or "runs") / f"{config.method.replace(':', '-')}-{stamp}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the run config comes from pyproject.toml."""
-    config = resolve(dict(context.run_config))
-    run_server(grid, config, Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Entry point for ``flwr run .``: the run config (pyproject.toml's table and ``--run-config``)
+    is checked as ``fedmask run`` checks a config file, before any message is sent."""
+    try:
+        config = resolve(dict(context.run_config))
+        check_before_start(config)
+    except (ConfigError, DataError) as err:
+        log.error("fedmask: error: %s", err)
+        raise
+    run_dir = flwr_run_dir(config)
+    log.warning("fedmask: run directory %s", run_dir.resolve())
+    run_server(grid, config, run_dir, context=context, deployment=True)

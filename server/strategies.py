@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,10 +29,12 @@ from fedmask.failures import Failure
 from fedmask.instruction import TrainInstruction
 from fedmask.ledger import Ledger
 from fedmask.masking import TOPK_MODES
+from fedmask.placement import TRAINED_RECORD
 from fedmask.recycling import RECORD, RecycleLog, is_recycle_round, recycle_plan
 from fedmask.results import RoundOutcome
 from fedmask.sampling import sample_partitions
 from fedmask.task import ModelSpec
+from server.nodes import node_placement
 
 log = logging.getLogger("fedmask")
 
@@ -60,6 +61,14 @@ def _num_examples(reply: Message) -> float:
     return float(value)
 
 
+def _check_partition(reply: Message, sent: int) -> None:
+    """A client that holds its own partition trains on it: it must be the one it was sent."""
+    record = reply.content.config_records.get(TRAINED_RECORD)
+    trained = sent if record is None else record.get("partition-id", sent)
+    if trained != sent:
+        raise RejectedReply(f"partition-id: sent partition {sent}, the client trained on {trained!r}")
+
+
 def _check_metrics(reply: Message) -> None:
     for name, record in reply.content.metric_records.items():
         for key, value in record.items():
@@ -77,7 +86,8 @@ class SeededFedAvg(FedAvg):
         self.outcomes: dict[int, RoundOutcome] = {}
         self.round_offset = 0  # rounds already done before a resume
         self.state: dict[str, np.ndarray] = {}
-        self._nodes: list[int] | None = None
+        self._nodes: dict[int, int] | None = None  # partition -> node id
+        self.deployment = False  # query the nodes for the partitions they hold (flwr run); else by index
 
     def outcome(self, server_round: int) -> RoundOutcome:
         return self.outcomes.setdefault(server_round, RoundOutcome())
@@ -89,33 +99,26 @@ class SeededFedAvg(FedAvg):
     def load_records(self, records: dict[str, Any]) -> None:
         self.outcomes = {int(r): RoundOutcome(**o) for r, o in records.get("outcomes", {}).items()}
 
-    def _node_ids(self, grid: Grid) -> list[int]:
-        """All nodes, sorted; waits (once) until every simulated client has joined."""
+    def _placement(self, grid: Grid) -> dict[int, int]:
+        """partition -> node, found once: nodes that hold a partition (node config) get it."""
         if self._nodes is None:
-            deadline = time.monotonic() + 60.0
-            while True:
-                nodes = sorted(grid.get_node_ids())
-                if len(nodes) >= self.run_config.num_clients or (nodes and time.monotonic() > deadline):
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("no client node connected within 60 s")
-                time.sleep(0.1)
-            self._nodes = nodes
+            self._nodes = node_placement(grid, self.run_config, self.deployment)
         return self._nodes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        nodes = self._node_ids(grid)
+        nodes = self._placement(grid)
         messages = []
         cfg = self.run_config
         for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
-            instruction = ConfigRecord(TrainInstruction(cfg, server_round, pid, self.mask_mode).to_flat())
+            instruction = ConfigRecord(
+                TrainInstruction(cfg, server_round, pid, self.mask_mode, node_data=self.deployment).to_flat())
             messages.append(
                 Message(
                     RecordDict({"arrays": arrays, "config": instruction}),
-                    dst_node_id=nodes[pid % len(nodes)],
+                    dst_node_id=nodes[pid],
                     message_type=MessageType.TRAIN,
                     group_id=str(server_round),
                 )
@@ -148,6 +151,7 @@ class SeededFedAvg(FedAvg):
                 self.record_failure(server_round, Failure("client-error", pid, node, reply.error.reason or ""))
                 continue
             try:
+                _check_partition(reply, pid)
                 _check_metrics(reply)
                 usable.append((reply, _num_examples(reply)))
             except RejectedReply as err:

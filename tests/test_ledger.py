@@ -150,7 +150,7 @@ def test_round_records_one_down_and_one_up_transfer_per_sampled_client(fedpm_rou
     assert sorted(t.partition_id for t in ledger.downlink[1]) == sampled
     assert sorted(t.partition_id for t in ledger.uplink[1]) == sampled
     assert all(t.round == 1 for t in ledger.downlink[1] + ledger.uplink[1])
-    assert set(ledger.downlink) == set(ledger.uplink) == {1}
+    assert set(ledger.downlink) == set(ledger.uplink) == {1}  # simulation: no placement query round
     assert ledger.unanswered(1, fedpm_round["replies"]) == []
     assert sorted(ledger.partition_of(r) for r in fedpm_round["replies"]) == sampled
 

@@ -453,3 +453,10 @@ def client_split(splits: Splits, partition_id: int, num_clients: int, partitione
                               dirichlet_alpha, classes_per_client)
     index = torch.from_numpy(parts[partition_id].copy())
     return splits.x_train[index], splits.y_train[index]
+
+
+def partition_sizes(splits: Splits, num_clients: int, partitioner: str, seed: int,
+                    dirichlet_alpha: float, classes_per_client: int) -> tuple[int, ...]:
+    """Every client's number of train samples: the most ``num-examples`` it can honestly claim."""
+    parts = _cached_partition(splits, num_clients, partitioner, seed, dirichlet_alpha, classes_per_client)
+    return tuple(len(part) for part in parts)

@@ -26,7 +26,7 @@ from fedmask import task
 from fedmask.aggregators import MaskAggregator
 from fedmask.checkpoint import Checkpoint
 from fedmask.config import RunConfig, resolve
-from fedmask.data import Splits
+from fedmask.data import Splits, partition_sizes
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
 from fedmask.recycling import RecycleLog, sync_frozen
@@ -90,6 +90,8 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
             task.load_state(model, mask_strategy.deployed(), mode)
             if config.recycle_every:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
+    strategy.partition_sizes = partition_sizes(splits, config.num_clients, config.partitioner, config.seed,
+                                               config.dirichlet_alpha, config.classes_per_client)
     recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None)
     return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
 

@@ -25,7 +25,26 @@ def _quiet_logs() -> None:
     logging.getLogger("fedmask").addHandler(handler)
 
 
+def _check_out(run_dir: Path, overwrite: bool) -> None:
+    """A run directory that is a folder, empty or new, unless --overwrite (which replaces
+    a fedmask run's files and keeps any others)."""
+    from fedmask.config import ConfigError
+    from fedmask.results import RUN_FILES
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: expected a folder, got a file")
+    if overwrite or not run_dir.exists():
+        return
+    held = sorted(p.name for p in run_dir.iterdir())
+    if any(name in RUN_FILES for name in held):
+        raise ConfigError(f"--out {run_dir} already holds a run; pass --overwrite or another --out")
+    if held:
+        raise ConfigError(f"--out {run_dir} is not empty and not a fedmask run (it holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); pass --overwrite or another --out")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from fedmask.checkpoint import check_resumable
     from fedmask.config import ConfigError, load
     from fedmask.data import DataError
     from fedmask.preflight import check_before_start
@@ -33,25 +52,26 @@ def _run(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.resume):
         print("fedmask: error: give a CONFIG or --resume RUN_DIR (one of them)", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    try:
-        if args.resume:
-            if args.set:
-                raise ConfigError("--resume continues a run as it was configured; --set is not allowed")
-            config = load(Path(args.resume) / "config.toml")
-        else:
-            config = load(args.config, args.set)
-        check_before_start(config)
-    except (ConfigError, DataError, ValueError) as err:
-        print(f"fedmask: error: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-
     if args.resume:
         run_dir = Path(args.resume)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
-    if not args.resume and (run_dir / "rounds.jsonl").exists() and not args.overwrite:
-        print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
+    try:
+        if args.resume:
+            if args.set or args.out or args.overwrite:
+                raise ConfigError("--resume continues a run as it was configured, where it is; "
+                                  "--set, --out and --overwrite are not allowed with it")
+            if not run_dir.is_dir():
+                raise ConfigError(f"--resume {run_dir}: expected a run directory, got none")
+            config = load(run_dir / "config.toml")
+            check_resumable(run_dir, config)
+        else:
+            config = load(args.config, args.set)
+            _check_out(run_dir, args.overwrite)
+        check_before_start(config)
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     if config.secure_aggregation:

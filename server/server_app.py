@@ -24,7 +24,7 @@ from torch import nn
 
 from fedmask import task
 from fedmask.aggregators import MaskAggregator
-from fedmask.checkpoint import Checkpoint
+from fedmask.checkpoint import Checkpoint, check_resumable, config_digest
 from fedmask.config import RunConfig, resolve
 from fedmask.data import Splits, partition_sizes
 from fedmask.ledger import Ledger, MeasuringGrid
@@ -131,7 +131,8 @@ def end_round(run: ServerRun, server_round: int) -> MetricRecord:
     else:
         run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round))
         Checkpoint(server_round, run.strategy.state, run.aggregator_memory(),
-                   {**run.strategy.records(), "initial": run.recorder.initial}).save(run.recorder.run_dir)
+                   {**run.strategy.records(), "initial": run.recorder.initial},
+                   config_digest(run.config)).save(run.recorder.run_dir)
     return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
@@ -144,6 +145,8 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
     """
     if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context)
+    if resume:
+        check_resumable(run_dir, config)
     run = build(config, run_dir, resume)
     if resume:
         restore(run, run_dir)

@@ -11,6 +11,7 @@ global model, write the round's line and a checkpoint), which both paths share.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from fedmask.aggregators import MaskAggregator
 from fedmask.checkpoint import Checkpoint, check_resumable, config_digest
 from fedmask.config import RunConfig, resolve
 from fedmask.data import Splits, partition_sizes
+from fedmask.faults import robustness_warning
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
 from fedmask.recycling import RecycleLog, sync_frozen
@@ -145,6 +147,9 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
     """
     if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context)
+    warning = robustness_warning(config)
+    if warning:
+        logging.getLogger("fedmask").warning("%s", warning)
     if resume:
         check_resumable(run_dir, config)
     run = build(config, run_dir, resume)

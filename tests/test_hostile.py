@@ -263,3 +263,100 @@ def test_fedpm_and_edge_popup_aggregators_take_huge_weights():
     config = resolve({})
     assert np.isfinite(FedPMAggregator(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
     assert np.isfinite(EdgePopupAggregator(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
+
+
+# ---------------------------------------------------------------- robust defaults (item 5)
+
+
+def test_colluding_attackers_all_send_the_complement_of_the_global_mask():
+    from fedmask.codec import MaskLayout, planes_to_choices
+    from fedmask.faults import colluding_masks
+
+    theta = {"w": np.array([0.1, 0.6, 0.5, 0.9], np.float32)}
+    assert colluding_masks(theta, "bernoulli", 0.5)["w"].tolist() == [True, False, False, False]
+    scores = {"w": np.array([3.0, -0.1, 2.0, 0.5], np.float32)}
+    assert colluding_masks(scores, "topk", 0.5)["w"].tolist() == [False, True, False, True]
+    slots = {"w": np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)}
+    planes = colluding_masks(slots, "slots", 0.5)
+    choices = planes_to_choices(planes, MaskLayout((("w", (5, 7)),)))["w"]
+    assert np.array_equal(choices, 4 - slots["w"].argmax(axis=0)) and choices.max() < 5
+
+
+@pytest.mark.parametrize("method", ["fedpm", "edge-popup", "slot-machines"])
+def test_colluding_attack_runs_and_every_attacker_sends_one_mask(tmp_path, method):
+    overrides = {**SMALL, "num-rounds": 2, "method": method, "attack": "colluding", "attack-fraction": 0.5,
+                 "uplink-codec": "packbits"}
+    if method == "slot-machines":
+        overrides["init"] = "kaiming-uniform"
+    config = resolve(overrides)
+    uploads: dict[int, bytes] = {}
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = real_train(msg, context)
+        uploads[TrainInstruction.from_flat(msg.content["config"]).partition_id] = reply.content["arrays"]["mask"].data
+        return reply
+
+    run_server(InProcessGrid(app, 4), config, tmp_path / "run")
+    rows = _rounds(tmp_path / "run")
+    assert all(r["failures"] == 0 and r["clients"] == 4 for r in rows)
+    from fedmask.faults import attackers
+
+    liars = sorted(attackers(config))
+    assert len(liars) == 2 and uploads[liars[0]] == uploads[liars[1]]
+
+
+def test_warning_when_the_robust_rule_cannot_hold_the_attackers(tmp_path, caplog):
+    from fedmask.faults import robustness_warning
+
+    base = {"attack": "colluding", "attack-fraction": 0.3}
+    assert "trim-fraction" in robustness_warning(resolve({**base, "robust-aggregation": "trimmed"}))
+    assert robustness_warning(resolve({**base, "robust-aggregation": "trimmed", "trim-fraction": 0.3})) is None
+    assert robustness_warning(resolve({**base, "robust-aggregation": "median"})) is None
+    assert "median" in robustness_warning(resolve({**base, "attack-fraction": 0.5, "robust-aggregation": "median"}))
+    assert "'none'" in robustness_warning(resolve(base))
+    assert robustness_warning(resolve({})) is None
+    with caplog.at_level("WARNING", logger="fedmask"):
+        config = resolve({**SMALL, "num-rounds": 1, **base, "robust-aggregation": "trimmed"})
+        run_server(InProcessGrid(real_client_app, 4), config, tmp_path / "run")
+    assert any("trim-fraction" in record.getMessage() for record in caplog.records)
+
+
+def test_dense_robust_rules_ignore_an_outlier():
+    from fedmask.aggregators import dense_aggregate
+
+    honest = [{"w": np.full(3, v, np.float32)} for v in (1.0, 1.1, 0.9)]
+    states = [*honest, {"w": np.full(3, 1e30, np.float32)}]
+    plain = dense_aggregate(states, [1.0] * 4, resolve({}))["w"]
+    median = dense_aggregate(states, [1.0] * 4, resolve({"robust-aggregation": "median"}))["w"]
+    trimmed = dense_aggregate(states, [1.0] * 4, resolve({"robust-aggregation": "trimmed", "trim-fraction": 0.25}))
+    assert plain.min() > 1e29
+    assert np.allclose(median, 1.05) and median.dtype == np.float32
+    assert np.allclose(trimmed["w"], 1.05)
+
+
+def _scaling_app(factor: float) -> ClientApp:
+    """Partition 1 uploads its dense weights times ``factor`` (finite, so they pass the checks)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = real_train(msg, context)
+        if TrainInstruction.from_flat(msg.content["config"]).partition_id == 1:
+            arrays = {k: Array((v.numpy() * factor).astype(np.float32)) for k, v in reply.content["arrays"].items()}
+            reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+
+    return app
+
+
+def test_fedavg_median_holds_off_a_scaling_client(tmp_path):
+    base = {**SMALL, "method": "fedavg", "optimizer": "sgd", "lr": 0.05}
+    rows = {}
+    for rule in ("none", "median"):
+        config = resolve({**base, "robust-aggregation": rule})
+        run_server(InProcessGrid(_scaling_app(1e4), 4), config, tmp_path / rule)
+        rows[rule] = _rounds(tmp_path / rule)
+    assert rows["median"][-1]["accuracy"] > 0.5
+    assert rows["median"][-1]["accuracy"] > rows["none"][-1]["accuracy"] + 0.2

@@ -15,6 +15,38 @@ import time
 from pathlib import Path
 
 EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+RAY_SHUTDOWN_S = 8.0  # how long a Ctrl-C waits for Ray to stop before leaving anyway
+
+
+def _stop_on_interrupt(run_dir: Path) -> None:
+    """Under Ray, a Ctrl-C stops the command within seconds with exit 130.
+
+    Flower's simulation keeps waiting for its threads after a KeyboardInterrupt (over a
+    minute). Every finished round is already in rounds.jsonl and in the checkpoint (written
+    to a temporary file and renamed), so nothing is lost by leaving at once: Ray is given
+    a few seconds to shut down, then the process exits; ``--resume`` continues the run.
+    """
+    import signal
+    import threading
+
+    def leave(signum: int, frame: object) -> None:
+        print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr, flush=True)
+
+        def shutdown() -> None:
+            try:
+                import ray
+
+                ray.shutdown()
+            except Exception:  # noqa: BLE001, S110 - leaving anyway
+                pass
+
+        stopper = threading.Thread(target=shutdown, daemon=True)
+        stopper.start()
+        stopper.join(RAY_SHUTDOWN_S)
+        os._exit(EXIT_INTERRUPTED)
+
+    signal.signal(signal.SIGINT, leave)
 
 
 def _quiet_logs() -> None:
@@ -85,11 +117,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine == "inprocess":
         from server.inprocess_grid import InProcessGrid
 
-        run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=bool(args.resume))
+        try:
+            run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=bool(args.resume))
+        except KeyboardInterrupt:
+            print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr)
+            return EXIT_INTERRUPTED
     else:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         from flwr.simulation import run_simulation
 
+        _stop_on_interrupt(run_dir)
         run_simulation(
             server_app=make_server_app(config, run_dir, resume=bool(args.resume)),
             client_app=client_app,

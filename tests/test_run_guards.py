@@ -292,8 +292,7 @@ def test_overwrite_clears_the_old_run_so_a_resume_cannot_mix_them(finished_run, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(server_app, "end_round", lambda run_, server_round: killed() if server_round else None)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["run", str(new), "--engine", "inprocess", "--out", str(run), "--overwrite"])
+    assert cli.main(["run", str(new), "--engine", "inprocess", "--out", str(run), "--overwrite"]) == 130
     monkeypatch.undo()
     for name in ("checkpoint.npz", "summary.json", "curves.png"):
         assert not (run / name).exists(), name

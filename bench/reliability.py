@@ -1,8 +1,12 @@
 """Reliability table: accuracy under drops, corrupt uploads and Byzantine clients.
 
-``python -m bench.reliability [--rounds 30] [--engine ray|inprocess]`` runs FedPM on
-MNIST-10k (configs/mnist-fedpm.toml: 10 IID clients, all sampled) with each fault or
-attack, and writes bench/results/reliability.md and .json. For every run it counts the
+``python -m bench.reliability [--rounds 30] [--seeds 0,1,2] [--engine ray|inprocess]
+[--only TEXT]`` runs FedPM on MNIST-10k (configs/mnist-fedpm.toml: 10 IID clients, all
+sampled) with each fault, and with 10/20/30% attackers (``invert``, and ``colluding``: all
+attackers send the complement of the global mask) under plain, trimmed (trim-fraction 0.1,
+0.2, 0.3) and median votes, each scenario with every seed, and writes
+bench/results/reliability.md and .json (mean and spread of the final accuracy over the
+seeds). ``--only`` keeps the scenarios whose name holds TEXT. For every run it counts the
 uploads the server rejected (failure records of kind ``rejected``) and the results lost:
 rounds missing from rounds.jsonl, or a rejected or missing upload that the failure records
 do not explain (must be zero).
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,15 +25,19 @@ from typing import Any
 from bench.common import ROOT, machine_info, md_machine, md_table, prepare_dirs, run_fedmask
 
 CONFIG = "configs/mnist-fedpm.toml"
-ROBUST = ['robust-aggregation="trimmed"', "trim-fraction=0.3"]
+ATTACK_SHARES = (10, 20, 30)
+RULES: list[tuple[str, list[str]]] = [
+    ("plain", []),
+    *[(f"trimmed {t}", ['robust-aggregation="trimmed"', f"trim-fraction={t}"]) for t in (0.1, 0.2, 0.3)],
+    ("median", ['robust-aggregation="median"']),
+]
 SCENARIOS: list[tuple[str, list[str]]] = [
     ("no faults", []),
     ("10% dropped", ["fault-drop-rate=0.1"]),
     ("30% dropped", ["fault-drop-rate=0.3"]),
     ("10% corrupt uploads", ["fault-corrupt-rate=0.1"]),
-    *[(f"{p}% attackers (invert), plain", ['attack="invert"', f"attack-fraction={p / 100}"]) for p in (10, 20, 30)],
-    *[(f"{p}% attackers (invert), trimmed", ['attack="invert"', f"attack-fraction={p / 100}", *ROBUST])
-      for p in (10, 20, 30)],
+    *[(f"{p}% attackers ({attack}), {rule}", [f'attack="{attack}"', f"attack-fraction={p / 100}", *sets])
+      for attack in ("invert", "colluding") for p in ATTACK_SHARES for rule, sets in RULES],
 ]
 
 
@@ -50,46 +59,57 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every scenario runs with each")
+    parser.add_argument("--only", default="", help="run only the scenarios whose name holds this text")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    scenarios = [(name, sets) for name, sets in SCENARIOS if args.only in name]
     out_dir, work = prepare_dirs(args.out, "fedmask-reliability-")
     start, results = time.perf_counter(), []
-    for i, (name, sets) in enumerate(SCENARIOS):
-        print(f"[{i + 1}/{len(SCENARIOS)}] {name}", flush=True)
-        run = run_fedmask(CONFIG, sets, work / f"run{i}", args.rounds, args.engine)
-        rows = run.rows
+    for i, (name, sets) in enumerate(scenarios):
+        print(f"[{i + 1}/{len(scenarios)}] {name}", flush=True)
+        runs = [run_fedmask(CONFIG, [*sets, f"seed={seed}"], work / f"run{i}-seed{seed}", args.rounds, args.engine)
+                for seed in seeds]
+        accuracies = [run.rows[-1]["accuracy"] for run in runs if run.rows and not run.error]
         results.append({
             "scenario": name,
             "settings": sets,
-            "final_accuracy": rows[-1]["accuracy"] if rows else None,
-            "rejected_uploads": rejected_uploads(rows),
-            "failures": sum(r["failures"] for r in rows),
-            "skipped_rounds": sum(1 for r in rows if r["skipped"]),
-            "lost_results": lost_results(rows, args.rounds, 10),
-            "wall_s": round(run.wall_s, 1),
-            "error": run.error,
+            "seeds": seeds,
+            "final_accuracy": statistics.fmean(accuracies) if len(accuracies) == len(runs) else None,
+            "final_accuracy_sd": statistics.pstdev(accuracies) if len(accuracies) == len(runs) else None,
+            "final_accuracies": accuracies,
+            "rejected_uploads": sum(rejected_uploads(run.rows) for run in runs),
+            "failures": sum(r["failures"] for run in runs for r in run.rows),
+            "skipped_rounds": sum(1 for run in runs for r in run.rows if r["skipped"]),
+            "lost_results": sum(lost_results(run.rows, args.rounds, 10) for run in runs),
+            "wall_s": round(sum(run.wall_s for run in runs), 1),
+            "error": next((run.error for run in runs if run.error), None),
         })
         print(f"    accuracy {results[-1]['final_accuracy']}, failures {results[-1]['failures']}, "
               f"lost {results[-1]['lost_results']}", flush=True)
-        write(out_dir, results, argv, start, args.rounds)  # after each run: partial tables count
+        write(out_dir, results, argv, start, args.rounds, len(scenarios))  # after each: partial tables count
     print((out_dir / "reliability.md").read_text())
     return 1 if any(r["error"] or r["lost_results"] for r in results) else 0
 
 
-def write(out: Path, results: list[dict[str, Any]], argv: list[str] | None, start: float, rounds: int) -> None:
+def write(out: Path, results: list[dict[str, Any]], argv: list[str] | None, start: float, rounds: int,
+          planned: int) -> None:
     machine = machine_info("python -m bench.reliability", sys.argv[1:] if argv is None else argv,
                            time.perf_counter() - start)
-    done = f"{len(results)} of {len(SCENARIOS)} scenarios"
+    done = f"{len(results)} of {planned} scenarios"
     (out / "reliability.json").write_text(json.dumps({"results": results, "machine": machine, "done": done},
                                                      indent=2) + "\n")
     (out / "reliability.md").write_text(markdown(results, machine, rounds) + f"\n({done} run.)\n")
 
 
-TABLE = ("scenario", "final accuracy %", "rejected uploads", "failures recorded", "skipped rounds", "lost results")
+TABLE = ("scenario", "final accuracy % (mean ± sd over seeds)", "rejected uploads", "failures recorded",
+         "skipped rounds", "lost results")
 
 
 def cells(r: dict[str, Any]) -> list[Any]:
-    acc = "error" if r["final_accuracy"] is None else f"{100 * r['final_accuracy']:.2f}"
+    acc = ("error" if r["final_accuracy"] is None
+           else f"{100 * r['final_accuracy']:.2f} ± {100 * (r.get('final_accuracy_sd') or 0):.2f}")
     return [r["scenario"], acc, r["rejected_uploads"], r["failures"], r["skipped_rounds"], r["lost_results"]]
 
 
@@ -104,8 +124,11 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int
         "(bad mask, CRC, fingerprint). *failures recorded*: every failure record: rejected, dropped by "
         "the simulator, no reply before the round timeout, or a client error. "
         "*lost results*: rounds missing from rounds.jsonl plus clients neither aggregated nor "
-        "recorded as failed; must be 0. Attackers upload the inverse of their mask every round "
-        "they are sampled; *trimmed* cuts 30% of the votes at each end per weight.",
+        "recorded as failed; must be 0. Attackers are a seeded fixed subset of the clients: *invert* "
+        "attackers upload the inverse of their own mask, *colluding* attackers all upload one crafted "
+        "mask, the complement of the global mask (theta < 0.5). *trimmed t* cuts the share t of the "
+        "votes at each end per weight; *median* is the per-weight majority. Counts are summed over "
+        "the seeds.",
         *md_machine(machine),
         "",
     ]

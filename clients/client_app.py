@@ -32,7 +32,7 @@ from fedmask.compression import ErrorFeedback, compress
 from fedmask.config import RunConfig
 from fedmask.data import client_split
 from fedmask.downlink import decode_state
-from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, corrupt_upload
+from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, colluding_masks, corrupt_upload
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import upload_arrays
 from fedmask.methods import get_method
@@ -60,6 +60,7 @@ class LocalRound:
     prior: Prior | None  # what the entropy coder codes the mask against (the broadcast)
     num_examples: int
     metrics: dict[str, float]
+    broadcast: dict[str, np.ndarray] | None = None  # the global state as decoded (mask modes)
 
 
 def _dense_upload(model: torch.nn.Module, corrupt: bool) -> ArrayRecord:
@@ -110,7 +111,10 @@ def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool)
     if instruction.mask_mode == "slots":
         masks = choices_to_planes(masks, config.slots)
     if pid in attackers(config):
-        masks = attack_masks(masks, config, server_round, pid)
+        crafted = None
+        if config.attack == "colluding" and done.broadcast is not None and instruction.mask_mode:
+            crafted = colluding_masks(done.broadcast, instruction.mask_mode, config.density)
+        masks = attack_masks(masks, config, server_round, pid, crafted)
     blob = encode_masks(masks, done.spec.upload, done.spec.fingerprint, codec=config.uplink_codec, prior=done.prior)
     if corrupt:
         blob, _ = corrupt_upload(blob, config, server_round, pid)
@@ -181,7 +185,7 @@ def local_round(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
     x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                         config.dirichlet_alpha, config.classes_per_client)
     model, spec = _model_for(config, mode)
-    prior = None
+    prior, state = None, None
     if mode is None or spec is None:
         task.load_dense_state(model, arrays)
     else:
@@ -197,4 +201,4 @@ def local_round(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
     seed = derive_seed(config.seed, "train", instruction.server_round, pid)
     metrics = task.train(model, x, y, config, task.pick_device(config), seed=seed)
     model.cpu()
-    return LocalRound(model, spec, prior, len(x), metrics)
+    return LocalRound(model, spec, prior, len(x), metrics, state)

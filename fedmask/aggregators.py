@@ -19,6 +19,7 @@ The meaning of the state follows ``mask_mode`` (clients rely on it):
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -65,8 +66,18 @@ class MaskAggregator(ABC):
         """
 
 
+def _relative(weights: list[float]) -> list[float]:
+    """The weights as they are, or divided by the largest when their sum would overflow
+    (the vote is the same; a client's claim cannot turn it into inf/inf = NaN)."""
+    if math.isfinite(sum(float(w) for w in weights)):
+        return [float(w) for w in weights]
+    scale = max(weights)
+    return [float(w) / scale for w in weights]
+
+
 def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
     """Per weight, the weighted fraction of clients that kept it."""
+    weights = _relative(weights)
     total = float(sum(weights))
     return {
         name: np.asarray(sum(w * m[name].astype(np.float64) for w, m in zip(weights, masks))) / total
@@ -94,6 +105,38 @@ def robust_vote(masks: list[Masks], weights: list[float], config: RunConfig) -> 
         else:
             cut = int(config.trim_fraction * n)
             out[name] = np.clip(ones - cut, 0, n - 2 * cut) / (n - 2 * cut)
+    return out
+
+
+def dense_aggregate(states: list[State], weights: list[float], config: RunConfig) -> State:
+    """The dense baseline's next weights, as ``robust-aggregation`` says.
+
+    ``none`` is Flower's FedAvg mean (``weight / total`` per client, accumulated in the
+    tensors' dtype, clients in the order given). ``trimmed`` is Flower's FedTrimmedAvg rule,
+    the unweighted coordinate-wise mean after cutting ``trim-fraction`` of the values at
+    each end; ``median`` is FedMedian's coordinate-wise median.
+    """
+    rule = config.robust_aggregation
+    out: State = {}
+    if rule == "none":
+        weights = _relative(weights)
+        total = sum(weights)
+        for state, factor in zip(states, [w / total for w in weights]):
+            for name, value in state.items():
+                if name in out:
+                    out[name] += value * factor
+                else:
+                    out[name] = value * factor
+        return {name: np.asarray(v) for name, v in out.items()}
+    n = len(states)
+    for name, first in states[0].items():
+        stacked = np.stack([state[name] for state in states])
+        if rule == "median":
+            merged = np.median(stacked, axis=0)
+        else:
+            cut = int(config.trim_fraction * n)
+            merged = np.sort(stacked, axis=0)[cut:n - cut].mean(axis=0)
+        out[name] = merged.astype(first.dtype)
     return out
 
 

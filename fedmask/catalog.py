@@ -49,6 +49,7 @@ _ATTACKS = {
     "invert": "Byzantine clients upload the complement of their mask",
     "all-ones": "Byzantine clients keep every weight",
     "random": "Byzantine clients upload a fair coin per weight",
+    "colluding": "every Byzantine client uploads the same crafted mask: the complement of the global one",
 }
 _INITS = {
     "signed-kaiming-constant": "±sqrt(2/fan_in), edge-popup's frozen weights",

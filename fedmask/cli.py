@@ -8,14 +8,66 @@ without a GPU) is found here, before Ray starts, and ends the command with exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+RAY_SHUTDOWN_S = 8.0  # how long a Ctrl-C waits for Ray to stop before leaving anyway
+
+
+def _stop_on_interrupt(run_dir: Path) -> None:
+    """Under Ray, a Ctrl-C stops the command within seconds with exit 130.
+
+    Flower's simulation keeps waiting for its threads after a KeyboardInterrupt (over a
+    minute). Every finished round is already in rounds.jsonl and in the checkpoint (written
+    to a temporary file and renamed), so nothing is lost by leaving at once: Ray is given
+    a few seconds to shut down, then the process exits; ``--resume`` continues the run.
+    """
+    import signal
+    import threading
+
+    def leave(signum: int, frame: object) -> None:
+        print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr, flush=True)
+
+        def shutdown() -> None:
+            try:
+                import ray
+
+                ray.shutdown()
+            except Exception:  # noqa: BLE001, S110 - leaving anyway
+                pass
+
+        stopper = threading.Thread(target=shutdown, daemon=True)
+        stopper.start()
+        stopper.join(RAY_SHUTDOWN_S)
+        os._exit(EXIT_INTERRUPTED)
+
+    signal.signal(signal.SIGINT, leave)
+
+
+def _check_out(run_dir: Path, overwrite: bool) -> None:
+    """A run directory that is a folder, empty or new, unless --overwrite (which replaces
+    a fedmask run's files and keeps any others)."""
+    from fedmask.config import ConfigError
+    from fedmask.results import RUN_FILES
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: expected a folder, got a file")
+    if overwrite or not run_dir.exists():
+        return
+    held = sorted(p.name for p in run_dir.iterdir())
+    if any(name in RUN_FILES for name in held):
+        raise ConfigError(f"--out {run_dir} already holds a run; pass --overwrite or another --out")
+    if held:
+        raise ConfigError(f"--out {run_dir} is not empty and not a fedmask run (it holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); pass --overwrite or another --out")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from fedmask.checkpoint import check_resumable
     from fedmask.config import ConfigError, load
     from fedmask.data import DataError
     from fedmask.preflight import check_before_start
@@ -23,30 +75,37 @@ def _run(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.resume):
         print("fedmask: error: give a CONFIG or --resume RUN_DIR (one of them)", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    try:
-        if args.resume:
-            if args.set:
-                raise ConfigError("--resume continues a run as it was configured; --set is not allowed")
-            config = load(Path(args.resume) / "config.toml")
-        else:
-            config = load(args.config, args.set)
-        check_before_start(config)
-    except (ConfigError, DataError, ValueError) as err:
-        print(f"fedmask: error: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-
     if args.resume:
         run_dir = Path(args.resume)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{stamp}"
-    if not args.resume and (run_dir / "rounds.jsonl").exists() and not args.overwrite:
-        print(f"fedmask: error: {run_dir} already holds a run; pass --overwrite or another --out", file=sys.stderr)
+    try:
+        if args.resume:
+            if args.set or args.out or args.overwrite:
+                raise ConfigError("--resume continues a run as it was configured, where it is; "
+                                  "--set, --out and --overwrite are not allowed with it")
+            if not run_dir.is_dir():
+                raise ConfigError(f"--resume {run_dir}: expected a run directory, got none")
+            config = load(run_dir / "config.toml")
+            check_resumable(run_dir, config)
+        else:
+            config = load(args.config, args.set)
+            _check_out(run_dir, args.overwrite)
+        check_before_start(config)
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
     from fedmask.api import execute
 
-    execute(config, run_dir, args.engine, resume=bool(args.resume), ray_address=args.ray_address)
+    if args.engine == "ray":
+        _stop_on_interrupt(run_dir)
+    try:
+        execute(config, run_dir, args.engine, resume=bool(args.resume), ray_address=args.ray_address)
+    except KeyboardInterrupt:
+        print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not (run_dir / "summary.json").exists():
         print(f"fedmask: error: the run did not finish; see the log above and {run_dir}", file=sys.stderr)
         return 1

@@ -154,8 +154,9 @@ class RunConfig:
     attack: str = _key("none", "what Byzantine clients upload instead of their mask", choices=ATTACKS)
     attack_fraction: float = _key(0.0, "share of partitions that are Byzantine (a seeded subset)",
                                   check=_between(0, 1), rule="in [0, 1]")
-    robust_aggregation: str = _key("none", "how votes are combined: 'none' (mean), 'trimmed' "
-                                   "(coordinate-wise trimmed mean), 'median' (majority)", choices=ROBUST_RULES)
+    robust_aggregation: str = _key("none", "how votes (FedAvg: weights) are combined: 'none' (mean), 'trimmed' "
+                                   "(coordinate-wise trimmed mean), 'median' (majority; FedAvg: the "
+                                   "coordinate-wise median)", choices=ROBUST_RULES)
     trim_fraction: float = _key(0.1, "'trimmed': share of votes cut at each end per weight",
                                 check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)")
     secure_aggregation: bool = _key(False, "FedPM under Flower's SecAgg+: the server learns only the "

@@ -23,6 +23,7 @@ import gzip
 import math
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -125,6 +126,12 @@ def _seeded_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
 def _to_splits(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                y_test: np.ndarray) -> Splits:
     """Scale 8-bit images to [0, 1], standardise with train stats, wrap as tensors."""
+    if x_train.ndim != 4 or any(n == 0 for n in x_train.shape[1:]):
+        raise DataError(f"images must be non-empty (C, H, W) arrays; got train images of shape "
+                        f"{tuple(x_train.shape[1:])}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"train images are {tuple(x_train.shape[1:])} (C, H, W) but test images are "
+                        f"{tuple(x_test.shape[1:])}; both splits must have one image size")
     x_train, x_test = (_unit_scale(x) for x in (x_train, x_test))
     axes = (0, 2, 3)
     mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
@@ -179,8 +186,8 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from error
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a corrupt .gz stream
+        raise DataError(f"{path}: cannot read ({type(error).__name__}: {error})") from None
 
 
 def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -453,3 +460,10 @@ def client_split(splits: Splits, partition_id: int, num_clients: int, partitione
                               dirichlet_alpha, classes_per_client)
     index = torch.from_numpy(parts[partition_id].copy())
     return splits.x_train[index], splits.y_train[index]
+
+
+def partition_sizes(splits: Splits, num_clients: int, partitioner: str, seed: int,
+                    dirichlet_alpha: float, classes_per_client: int) -> tuple[int, ...]:
+    """Every client's number of train samples: the most ``num-examples`` it can honestly claim."""
+    parts = _cached_partition(splits, num_clients, partitioner, seed, dirichlet_alpha, classes_per_client)
+    return tuple(len(part) for part in parts)

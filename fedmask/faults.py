@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
 FAULTS = ("drop", "crash", "corrupt", "slow")
-ATTACKS = ("none", "invert", "all-ones", "random")
+ATTACKS = ("none", "invert", "all-ones", "random", "colluding")
 CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
 # A slow client answers at once with this ConfigRecord ({"delay": seconds}) in its reply;
 # the server's MeasuringGrid strips it and delivers the reply that many seconds after it
@@ -65,10 +65,47 @@ def attackers(config: RunConfig) -> frozenset[int]:
     return frozenset(int(p) for p in order[:count])
 
 
+def colluding_masks(broadcast: dict[str, np.ndarray], mask_mode: str, density: float) -> dict[str, np.ndarray]:
+    """The one crafted upload every colluding attacker sends: the complement of the global
+    mask as any party derives it from the broadcast state (FedPM: theta < 0.5; top-k: the
+    weights outside the global top-k; Slot Machines: candidate K-1-argmax, as bit-planes)."""
+    from fedmask.masking import topk_mask_np
+
+    if mask_mode == "bernoulli":
+        return {k: v < 0.5 for k, v in broadcast.items()}
+    if mask_mode == "slots":
+        planes: dict[str, np.ndarray] = {}
+        for name, scores in broadcast.items():
+            slots = scores.shape[0]
+            planes |= codec.choices_to_planes({name: slots - 1 - np.argmax(scores, axis=0)}, slots)
+        return planes
+    return {k: ~topk_mask_np(np.abs(v), density).astype(bool) for k, v in broadcast.items()}
+
+
+def robustness_warning(config: RunConfig) -> str | None:
+    """Why the configured robust aggregation cannot hold off the configured attackers, if so."""
+    if config.attack == "none" or config.attack_fraction <= 0:
+        return None
+    share = f"attack-fraction = {config.attack_fraction:g}"
+    if config.robust_aggregation == "none":
+        return f"{share} with robust-aggregation = 'none': every attacker's vote counts in full"
+    if config.robust_aggregation == "trimmed" and config.attack_fraction > config.trim_fraction:
+        return (f"{share} exceeds trim-fraction = {config.trim_fraction:g}: the trimmed vote cannot cut "
+                "all attackers' votes (raise trim-fraction to at least the attackers' share)")
+    if config.robust_aggregation == "median" and config.attack_fraction >= 0.5:
+        return f"{share}: the median (majority) cannot hold off half or more of the clients"
+    return None
+
+
 def attack_masks(masks: dict[str, np.ndarray], config: RunConfig, server_round: int,
-                 partition_id: int) -> dict[str, np.ndarray]:
-    """What a Byzantine client uploads instead of its honest mask."""
+                 partition_id: int, crafted: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """What a Byzantine client uploads instead of its honest mask (``crafted``: the
+    colluders' common mask, :func:`colluding_masks`)."""
     kind = config.attack
+    if kind == "colluding":
+        if crafted is None:
+            raise ValueError("attack 'colluding' needs the colluders' crafted mask")
+        return crafted
     if kind == "invert":
         return {k: ~m.astype(bool) for k, m in masks.items()}
     if kind == "all-ones":

@@ -5,6 +5,7 @@
 
 - ``payload``: the bytes of the arrays the message carries (dtype size x element count
   for every Array in every ArrayRecord): for a mask upload, the packed mask and its header.
+  It is counted from the bytes that arrived, never from the shape a client declares.
 - ``message``: the size of the whole message serialized with Flower's own protobuf
   serde (``message_to_proto(...).ByteSize()``): payload plus the npy framing of each
   array, the config and metric records, and the metadata, with the metadata's ids at
@@ -23,13 +24,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flwr.app import Array, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
 from fedmask.failures import Failure
 from fedmask.faults import SLOW_RECORD
+from fedmask.replies import arrived_bytes
 
 
 def payload_bytes(message: Message) -> int:
@@ -53,11 +54,10 @@ def payload_bytes(message: Message) -> int:
 
 
 def _array_bytes(array: Array) -> int:
-    """dtype size x element count; for legacy Parameters (the SecAgg+ path), whose arrays
-    are opaque serialized tensors, the length of those bytes."""
-    if array.dtype:
-        return math.prod(array.shape) * np.dtype(array.dtype).itemsize
-    return len(array.data)
+    """The bytes that arrived (see :func:`fedmask.replies.arrived_bytes`): element count x
+    dtype size for a well-formed array, every data byte of a malformed one or of legacy
+    Parameters (the SecAgg+ path); never a size computed from a declared shape."""
+    return arrived_bytes(array)
 
 
 def record_payload_bytes(message: Message, record_name: str) -> int:
@@ -88,7 +88,10 @@ def message_bytes(message: Message) -> int:
     else is the message as sent. The figure is thus an upper bound on the serialized size
     that does not depend on the ids, and exceeds it by at most a few tens of bytes.
     """
-    proto = message_to_proto(message)
+    try:
+        proto = message_to_proto(message)
+    except Exception:  # noqa: BLE001 - a hostile reply that cannot be serialized again
+        return payload_bytes(message)
     meta = proto.metadata
     for name in _UINT64_ID_FIELDS:
         setattr(meta, name, _WIDEST_UINT64)

@@ -38,13 +38,13 @@ def check_before_start(config: RunConfig) -> None:
         client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                      config.dirichlet_alpha, config.classes_per_client)
     method = config.method_entry
-    if method.dense:
-        return
     try:
         model = task.make_model(config, splits, method.mask_mode)
     except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
         raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
-                          f"{err}") from None
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if method.dense:
+        return
     name = method.name
     try:
         aggregator = method.make_aggregator(config)

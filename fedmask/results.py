@@ -24,10 +24,22 @@ from fedmask.tracking import make_tracker
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
-__all__ = ["FAILURE_KINDS", "RoundOutcome", "RunRecorder", "atomic_write"]
+__all__ = ["FAILURE_KINDS", "RUN_FILES", "RoundOutcome", "RunRecorder", "atomic_write", "clear_run_files"]
 
 _COLUMNS = (("round", 5), ("accuracy", 8), ("loss", 6), ("clients", 7), ("fail", 4),
             ("uplink B", 11), ("downlink B", 12), ("up bpp", 6), ("time s", 6))
+
+
+# What a run writes in its directory: a fresh run removes them first, so that nothing of
+# an older run (a checkpoint, a summary) is ever read as this run's.
+RUN_FILES = ("config.toml", "rounds.jsonl", "summary.json", "curves.png", "checkpoint.npz", "final_state.npz")
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """Remove what a fedmask run writes in ``run_dir`` (and temporary files of it); keep the rest."""
+    for name in RUN_FILES:
+        for path in (run_dir / name, run_dir / (name + ".tmp"), run_dir / name.replace(".", ".tmp.", 1)):
+            path.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -68,6 +80,7 @@ class RunRecorder:
         self.initial: dict[str, float] = {}
         self.tracker = make_tracker(config.tracker, self.run_dir, config.to_dict())
         if resume_after is None:
+            clear_run_files(self.run_dir)
             atomic_write(self.run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
             self.rounds_path.write_text("")
             return

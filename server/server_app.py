@@ -26,9 +26,10 @@ from torch import nn
 
 from fedmask import task
 from fedmask.aggregators import MaskAggregator
-from fedmask.checkpoint import Checkpoint
+from fedmask.checkpoint import Checkpoint, check_resumable, config_digest
 from fedmask.config import ConfigError, RunConfig, resolve
-from fedmask.data import DataError, Splits
+from fedmask.data import DataError, Splits, partition_sizes
+from fedmask.faults import robustness_warning
 from fedmask.ledger import Ledger, MeasuringGrid
 from fedmask.masking import get_scores
 from fedmask.preflight import check_before_start
@@ -96,6 +97,8 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
             task.load_state(model, mask_strategy.deployed(), mode)
             if config.recycle_every:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
+    strategy.partition_sizes = partition_sizes(splits, config.num_clients, config.partitioner, config.seed,
+                                               config.dirichlet_alpha, config.classes_per_client)
     recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None)
     return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
 
@@ -135,7 +138,8 @@ def end_round(run: ServerRun, server_round: int) -> MetricRecord:
     else:
         run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round))
         Checkpoint(server_round, run.strategy.state, run.aggregator_memory(),
-                   {**run.strategy.records(), "initial": run.recorder.initial}).save(run.recorder.run_dir)
+                   {**run.strategy.records(), "initial": run.recorder.initial},
+                   config_digest(run.config)).save(run.recorder.run_dir)
     return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
@@ -150,6 +154,11 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
     """
     if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context, deployment)
+    warning = robustness_warning(config)
+    if warning:
+        logging.getLogger("fedmask").warning("%s", warning)
+    if resume:
+        check_resumable(run_dir, config)
     run = build(config, run_dir, resume)
     run.strategy.deployment = deployment
     if resume:

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmask.aggregators import MaskAggregator, State
+from fedmask.aggregators import MaskAggregator, State, dense_aggregate
 from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
 from fedmask.compression import CompressionError, aggregate_updates, decompress
 from fedmask.config import RunConfig
@@ -31,6 +31,7 @@ from fedmask.ledger import Ledger
 from fedmask.masking import TOPK_MODES
 from fedmask.placement import TRAINED_RECORD
 from fedmask.recycling import RECORD, RecycleLog, is_recycle_round, recycle_plan
+from fedmask.replies import BadArray, checked_numpy
 from fedmask.results import RoundOutcome
 from fedmask.sampling import sample_partitions
 from fedmask.task import ModelSpec
@@ -51,13 +52,36 @@ def record_state(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def _num_examples(reply: Message) -> float:
+def reply_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A reply's arrays, each checked (:func:`fedmask.replies.checked_numpy`); RejectedReply
+    names the first bad one."""
+    arrays = {}
+    for name, array in record.items():
+        try:
+            arrays[name] = checked_numpy(array)
+        except BadArray as err:
+            raise RejectedReply(f"arrays '{str(name)[:40]}': {err}") from None
+    return arrays
+
+
+# A client's weight when the server does not know its partition's size: beyond 2**53 a
+# float no longer holds every integer, and no partition is that large.
+MAX_CLIENT_WEIGHT = float(2**53)
+
+
+def _num_examples(reply: Message, most: int | None = None) -> float:
+    """The reply's ``num-examples``: a positive number, at most ``most`` (the partition's
+    size, when the server knows it) or :data:`MAX_CLIENT_WEIGHT`."""
     metrics = reply.content.metric_records.get("metrics")
     if metrics is None or "num-examples" not in metrics:
         raise RejectedReply("num-examples: expected a MetricRecord 'metrics' with it, got none")
     value = metrics["num-examples"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise RejectedReply(f"num-examples: expected a positive number, got {value!r}")
+    if most is not None and value > most:
+        raise RejectedReply(f"num-examples: expected at most {most} (the partition's size), got {value!r}")
+    if value > MAX_CLIENT_WEIGHT:
+        raise RejectedReply(f"num-examples: expected at most 2**53, got {value!r}")
     return float(value)
 
 
@@ -88,6 +112,9 @@ class SeededFedAvg(FedAvg):
         self.state: dict[str, np.ndarray] = {}
         self._nodes: dict[int, int] | None = None  # partition -> node id
         self.deployment = False  # query the nodes for the partitions they hold (flwr run); else by index
+        # train samples of each partition, when the server knows them: a client's weight
+        # (num-examples) above its partition's size is refused
+        self.partition_sizes: tuple[int, ...] | None = None
 
     def outcome(self, server_round: int) -> RoundOutcome:
         return self.outcomes.setdefault(server_round, RoundOutcome())
@@ -150,10 +177,12 @@ class SeededFedAvg(FedAvg):
             if reply.has_error():
                 self.record_failure(server_round, Failure("client-error", pid, node, reply.error.reason or ""))
                 continue
+            sizes = self.partition_sizes
+            most = sizes[pid] if sizes is not None and 0 <= pid < len(sizes) else None
             try:
                 _check_partition(reply, pid)
                 _check_metrics(reply)
-                usable.append((reply, _num_examples(reply)))
+                usable.append((reply, _num_examples(reply, most)))
             except RejectedReply as err:
                 self.reject(server_round, reply, str(err))
         return usable
@@ -178,9 +207,11 @@ class SeededFedAvg(FedAvg):
 
     def train_metrics(self, usable: list[tuple[Message, float]]) -> MetricRecord:
         """Example-weighted mean of the clients' finite train metrics."""
-        total = sum(w for _, w in usable)
+        scale = max((w for _, w in usable), default=1.0)  # weights relative to the largest: no overflow
+        total = sum(w / scale for _, w in usable)
         sums: dict[str, float] = {}
         for reply, weight in usable:
+            weight /= scale
             for key, value in reply.content.metric_records["metrics"].items():
                 if key != "num-examples" and isinstance(value, (int, float)) and math.isfinite(value):
                     sums[key] = sums.get(key, 0.0) + weight * float(value)
@@ -195,32 +226,33 @@ class DenseFedAvg(SeededFedAvg):
         self.reference = {k: (v.shape, v.dtype) for k, v in reference.items()}
         self.state = reference
 
-    def _check_weights(self, reply: Message) -> None:
+    def _checked_weights(self, reply: Message) -> dict[str, np.ndarray]:
+        """The reply's weights: the model's tensors, shapes and dtypes, finite."""
         record = reply.content.array_records.get("arrays")
-        if record is None:
-            raise RejectedReply("arrays: expected an ArrayRecord 'arrays', got none")
-        got = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in record.items()}
+        if record is None or len(reply.content.array_records) != 1:
+            raise RejectedReply("arrays: expected one ArrayRecord 'arrays', got "
+                                f"{[str(k)[:40] for k in reply.content.array_records.keys()][:5]}")
+        weights = reply_arrays(record)
+        got = {k: (v.shape, v.dtype) for k, v in weights.items()}
         if got != self.reference:
             raise RejectedReply("arrays: expected the model's tensors and shapes, got others")
-        if not all(np.isfinite(a.numpy()).all() for a in record.values()):
+        if not all(np.isfinite(v).all() for v in weights.values()):
             raise RejectedReply("arrays: expected finite values, got NaN or inf")
+        return weights
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
         server_round += self.round_offset
-        good = []
+        good, states = [], []
         for reply, weight in self.usable_replies(server_round, replies):
             try:
-                self._check_weights(reply)
+                states.append(self._checked_weights(reply))
                 good.append((reply, weight))
             except RejectedReply as err:
                 self.reject(server_round, reply, str(err))
         if self.too_few(server_round, len(good)):
             return None, None
-        arrays, _ = super().aggregate_train(server_round, [reply for reply, _ in good])
-        if arrays is None:
-            return None, None
-        self.state = record_state(arrays)
-        return arrays, self.finish_round(server_round, good)
+        self.state = dense_aggregate(states, [w for _, w in good], self.run_config)
+        return state_record(self.state), self.finish_round(server_round, good)
 
 
 class MaskStrategy(SeededFedAvg):
@@ -274,10 +306,13 @@ class MaskStrategy(SeededFedAvg):
     def decode(self, reply: Message) -> dict[str, np.ndarray]:
         """The upload's binary tensors (masks, or Slot Machines' bit-planes), checked."""
         record = reply.content.array_records.get("arrays")
-        if record is None or list(record.keys()) != ["mask"]:
-            keys = None if record is None else list(record.keys())
-            raise RejectedReply(f"arrays: expected one Array 'mask', got {keys}")
-        return decode_masks(record["mask"].numpy(), self.spec.upload, self.spec.fingerprint, self.prior)
+        if record is None or list(record.keys()) != ["mask"] or len(reply.content.array_records) != 1:
+            keys = None if record is None else [str(k)[:40] for k in list(record.keys())[:5]]
+            raise RejectedReply(f"arrays: expected one ArrayRecord 'arrays' with one Array 'mask', got {keys}")
+        blob = reply_arrays(record)["mask"]
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise RejectedReply(f"arrays 'mask': expected a 1-D uint8 blob, got {blob.dtype} {blob.shape}")
+        return decode_masks(blob, self.spec.upload, self.spec.fingerprint, self.prior)
 
     def votes_of(self, bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What the aggregator gets: the masks, or the slot indices the planes spell."""
@@ -306,6 +341,9 @@ class MaskStrategy(SeededFedAvg):
             except (MaskCodecError, RejectedReply) as err:
                 self.reject(server_round, reply, str(err))
                 continue
+            except Exception as err:  # noqa: BLE001 - no reply may stop the server, whatever it holds
+                self.reject(server_round, reply, f"cannot decode: {type(err).__name__}: {str(err)[:200]}")
+                continue
             weights.append(weight)
             usable.append((reply, weight))
         if self.too_few(server_round, len(masks)):
@@ -320,14 +358,17 @@ class MaskStrategy(SeededFedAvg):
         return state_record(new_state), self.finish_round(server_round, usable)
 
     def _check_state(self, new_state: State) -> None:
-        """An aggregator (maybe a plug-in) must keep the state's names and shapes."""
+        """An aggregator (maybe a plug-in) must keep the state's names and shapes, as floats."""
         for name, value in self.state.items():
-            got = new_state.get(name)
-            if got is None or got.shape != value.shape:
+            got = new_state.get(name) if isinstance(new_state, dict) else None
+            if not isinstance(got, np.ndarray) or got.shape != value.shape:
                 raise ValueError(
                     f"{type(self.aggregator).__name__}.aggregate returned a state without "
                     f"'{name}' of shape {value.shape}"
                 )
+            if got.dtype.kind != "f":
+                raise ValueError(f"{type(self.aggregator).__name__}.aggregate returned {got.dtype} values in "
+                                 f"'{name}'; expected floats")
             if not np.isfinite(got).all():
                 raise ValueError(f"{type(self.aggregator).__name__}.aggregate returned NaN/inf in '{name}'")
 
@@ -348,10 +389,13 @@ class CompressedFedAvg(DenseFedAvg):
         if record is None or list(record.keys()) != ["update"]:
             keys = None if record is None else list(record.keys())
             raise RejectedReply(f"arrays: expected one Array 'update', got {keys}")
-        array = record["update"]
-        if array.stype != "numpy.ndarray" or array.dtype != "uint8" or len(array.shape) != 1:
-            raise RejectedReply(f"arrays 'update': expected a 1-D uint8 array, got {array.dtype} {array.shape}")
-        return decompress(array.numpy(), self.layout, self.fingerprint, self.compressor, self.run_config.qsgd_levels)
+        try:
+            blob = checked_numpy(record["update"])
+        except BadArray as err:
+            raise RejectedReply(f"arrays 'update': {err}") from None
+        if blob.dtype != np.uint8 or blob.ndim != 1:
+            raise RejectedReply(f"arrays 'update': expected a 1-D uint8 array, got {blob.dtype} {blob.shape}")
+        return decompress(blob, self.layout, self.fingerprint, self.compressor, self.run_config.qsgd_levels)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
         server_round += self.round_offset

@@ -21,7 +21,7 @@ from clients.client_app import app as client_app
 from fedmask import codec, task
 from fedmask.aggregators import FedPMAggregator, robust_vote
 from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
-from fedmask.config import resolve
+from fedmask.config import load, resolve
 from fedmask.failures import FAILURE_KINDS
 from fedmask.faults import CORRUPTIONS, attackers, client_fault, corrupt_upload
 from fedmask.ledger import Ledger
@@ -298,3 +298,65 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["rounds"] == 6
     assert not list(killed.glob("*.tmp"))
     assert math.isfinite(json.loads((killed / "summary.json").read_text())["final_accuracy"])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedmask.cli", "run", *args]
+
+
+@pytest.mark.ray
+@pytest.mark.xfail(reason="issue 15 item 4, open: under Ray any round-timeout well below 600 s (10 s here) "
+                   "loses every reply, slow or not, in every round; to be fixed", strict=True)
+def test_slow_clients_past_the_timeout_under_ray_cost_only_their_own_replies(tmp_path):
+    """Under Ray, round-timeout 10 s (Ray's workers start within round 1) and fault-slow-delay
+    60 s: the slow clients are recorded as no reply, every honest client is aggregated, and
+    rounds end at the timeout."""
+    sets = ["num-clients=4", "clients-per-round=4", "num-rounds=2", "fault-slow-rate=0.4",
+            "fault-slow-delay=60", "round-timeout=10"]
+    out = tmp_path / "ray-slow"
+    start = time.monotonic()
+    proc = subprocess.run(_cli(str(ROOT / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)],
+                               "--out", str(out)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert time.monotonic() - start < 60  # not even one full delay
+    config = load(ROOT / "configs/quickstart.toml", sets)
+    slow_seen = 0
+    for row in _rounds(out):
+        slow = {p for p in range(4) if client_fault(config, row["round"], p) == "slow"}
+        slow_seen += len(slow)
+        assert {(f["partition_id"], f["kind"]) for f in row["failure_details"]} == {(p, "no-reply") for p in slow}
+        assert row["clients"] == 4 - len(slow)
+    assert slow_seen
+
+
+@pytest.mark.ray
+def test_ctrl_c_under_ray_stops_within_seconds_and_the_run_resumes(tmp_path):
+    """SIGINT after the first round: exit 130 within 20 s; --resume finishes the run."""
+    out = tmp_path / "ray-int"
+    sets = ["num-clients=2", "clients-per-round=2", "num-rounds=40"]
+    proc = subprocess.Popen(_cli(str(ROOT / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)],
+                                 "--out", str(out)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = out / "rounds.jsonl"
+        if path.exists() and path.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("fedmask did not stop within 20 s of Ctrl-C")
+    assert code == 130, proc.stderr.read()[-2000:]
+    assert time.monotonic() - sent < 20
+    done = len(_rounds(out))
+    assert 1 <= done < 40
+    resumed = subprocess.run(_cli("--resume", str(out), "--engine", "inprocess"), capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["round"] for r in _rounds(out)] == list(range(1, 41))

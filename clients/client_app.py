@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from fedmask.data import client_split
 from fedmask.downlink import decode_state
 from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, colluding_masks, corrupt_upload
 from fedmask.instruction import TrainInstruction
-from fedmask.masking import upload_arrays
+from fedmask.masking import set_scores, upload_arrays
 from fedmask.methods import get_method
 from fedmask.placement import NODE_RECORD, TRAINED_RECORD, held_partition, node_info
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
@@ -49,6 +50,44 @@ def _model_for(config: RunConfig, mode: str | None) -> tuple[torch.nn.Module, ta
     model = task.make_model(config, task.splits_of(config), mode)
     spec = task.ModelSpec.of(config, model, mode) if mode else None
     return model, spec
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A decoded broadcast: what every client of a round starts from."""
+
+    state: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]  # what the model's scores are set to (logit(theta) for FedPM)
+    prior: Prior | None  # the entropy coder's side information
+
+
+_BROADCASTS: dict[tuple, Broadcast] = {}  # by (config, mode, digest of the arrays); newest last
+_BROADCASTS_KEPT = 2
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> bytes:
+    """A digest of named arrays: names, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes() if value.ndim == 0 else value.view(np.uint8).data)
+    return digest.digest()
+
+
+def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
+    """The broadcast decoded once per process and round, not once per client: a round's
+    clients get the same arrays, found again here by a digest of their bytes."""
+    key = (config, mode, arrays_digest(arrays))
+    found = _BROADCASTS.get(key)
+    if found is None:
+        state = decode_state(arrays, spec.layout)
+        prior = mask_prior(state, mode, config.density) if config.uplink_codec == "entropy" else None
+        found = Broadcast(state, task.scores_of_state(state, mode), prior)
+        while len(_BROADCASTS) >= _BROADCASTS_KEPT:
+            del _BROADCASTS[next(iter(_BROADCASTS))]
+        _BROADCASTS[key] = found
+    return found
 
 
 @dataclass
@@ -160,11 +199,20 @@ def train(msg: Message, context: Context) -> Message:
     recycle = msg.content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: array.numpy() for name, array in recycle.items()}
     done = local_round(instruction, arrays, recycle_arrays)
+    upload = None
     if done.spec is None and get_method(config.method).compressor:
         upload = _compressed_upload(done, instruction, arrays, context, fault == "corrupt")
-    elif done.spec is None:
+    return reply_of(msg, instruction, done, fault, upload)
+
+
+def reply_of(msg: Message, instruction: TrainInstruction, done: LocalRound, fault: str | None,
+             upload: ArrayRecord | None = None) -> Message:
+    """The reply to a train instruction after its local round: the coded upload (``upload``
+    when the caller coded it already) and the metrics."""
+    config, pid = instruction.config, instruction.partition_id
+    if upload is None and done.spec is None:
         upload = _dense_upload(done.model, fault == "corrupt")
-    else:
+    elif upload is None:
         upload = _mask_upload(done, instruction, fault == "corrupt")
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": done.num_examples,
                                                                    **done.metrics}),
@@ -180,25 +228,37 @@ def local_round(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
 
     ``recycle`` is the broadcast's weight-recycling log, replayed onto the frozen weights.
     """
-    config, mode, pid = instruction.config, instruction.mask_mode, instruction.partition_id
-    splits = task.splits_of(config)
-    x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
-                        config.dirichlet_alpha, config.classes_per_client)
-    model, spec = _model_for(config, mode)
-    prior, state = None, None
-    if mode is None or spec is None:
-        task.load_dense_state(model, arrays)
-    else:
-        state = decode_state(arrays, spec.layout)
-        task.load_state(model, state, mode)
-        if config.recycle_every:
-            if recycle is None:
-                raise ValueError("recycle-every is set but the broadcast carries no 'recycle' log")
-            sync_frozen(model, RecycleLog.from_arrays(recycle), spec.layout, spec.fingerprint,
-                        config.seed, config.init)
-        if config.uplink_codec == "entropy":
-            prior = mask_prior(state, mode, config.density)
+    config, pid = instruction.config, instruction.partition_id
+    model, spec, prior, state = prepare_model(instruction, arrays, recycle)
+    x, y = client_data(instruction)
     seed = derive_seed(config.seed, "train", instruction.server_round, pid)
     metrics = task.train(model, x, y, config, task.pick_device(config), seed=seed)
     model.cpu()
     return LocalRound(model, spec, prior, len(x), metrics, state)
+
+
+def client_data(instruction: TrainInstruction) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instruction's partition of the training split."""
+    config = instruction.config
+    return client_split(task.splits_of(config), instruction.partition_id, config.num_clients, config.partitioner,
+                        config.seed, config.dirichlet_alpha, config.classes_per_client)
+
+
+def prepare_model(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
+                  recycle: dict[str, np.ndarray] | None
+                  ) -> tuple[torch.nn.Module, task.ModelSpec | None, Prior | None, dict[str, np.ndarray] | None]:
+    """This process's model with the broadcast loaded (and the recycling log replayed);
+    the prior the upload is coded against, and the decoded global state (None if dense)."""
+    config, mode = instruction.config, instruction.mask_mode
+    model, spec = _model_for(config, mode)
+    if mode is None or spec is None:
+        task.load_dense_state(model, arrays)
+        return model, spec, None, None
+    broadcast = broadcast_of(config, mode, spec, arrays)
+    set_scores(model, broadcast.scores)
+    if config.recycle_every:
+        if recycle is None:
+            raise ValueError("recycle-every is set but the broadcast carries no 'recycle' log")
+        sync_frozen(model, RecycleLog.from_arrays(recycle), spec.layout, spec.fingerprint,
+                    config.seed, config.init)
+    return model, spec, broadcast.prior, broadcast.state

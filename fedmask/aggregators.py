@@ -55,6 +55,26 @@ class MaskAggregator(ABC):
     def load_state_dict(self, arrays: State) -> None:  # noqa: B027 - an optional hook, empty by default
         """Restore what :meth:`state_dict` returned, when a run resumes."""
 
+    # ------------------------------------------------------------ streaming
+    # The server folds each decoded upload in as it arrives (in partition order) and asks
+    # for the next state at the end, so it never holds a round's masks. A plug-in that
+    # defines only ``aggregate`` gets this default: the masks are kept until ``finish``.
+
+    def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
+        """Take one client's decoded mask (same keys and shapes as ``aggregate`` gets)."""
+        _pending(self).append((mask, weight))
+
+    def finish(self, server_round: int, state: State) -> State:
+        """The next state from everything folded since the last ``finish`` (or ``discard``)."""
+        pending = _pending(self)
+        masks, weights = [m for m, _ in pending], [w for _, w in pending]
+        self.discard()
+        return self.aggregate(server_round, state, masks, weights)
+
+    def discard(self) -> None:
+        """Forget what was folded (a round skipped for too few uploads)."""
+        self.__dict__["_fold_pending"] = []
+
     @abstractmethod
     def aggregate(
         self, server_round: int, state: State, masks: list[Masks], weights: list[float]
@@ -73,6 +93,71 @@ def _relative(weights: list[float]) -> list[float]:
         return [float(w) for w in weights]
     scale = max(weights)
     return [float(w) / scale for w in weights]
+
+
+def _pending(aggregator: MaskAggregator) -> list[tuple[Masks, float]]:
+    return aggregator.__dict__.setdefault("_fold_pending", [])
+
+
+class VoteSums:
+    """Running per-weight sums of 0/1 votes, one client folded in at a time.
+
+    What :func:`robust_vote` computes from a list, kept as sums: the weighted sum of the
+    votes and the total weight for ``none``, the unweighted count of ones for ``trimmed``
+    and ``median`` (for 0/1 votes a trimmed mean and a median need only that count). The
+    sums are added in the order the clients are folded in, with the same float64
+    operations as the list version, so folding in the list's order gives the same bits.
+    """
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.rule = config.robust_aggregation
+        self.sums: State = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, mask: Masks, weight: float) -> None:
+        for name, m in mask.items():
+            value = m.astype(np.float64)
+            if self.rule == "none":
+                value *= weight
+            if name in self.sums:
+                self.sums[name] += value
+            else:
+                self.sums[name] = value
+        self.total += weight
+        self.count += 1
+
+    def votes(self) -> State:
+        if self.rule == "none":
+            return {name: s / self.total for name, s in self.sums.items()}
+        return _robust_from_counts(self.sums, self.count, self.config)
+
+
+class _StreamingVotes(MaskAggregator):
+    """Built-in rules: ``fold`` adds to :class:`VoteSums`; ``finish`` turns the sums into
+    the next state (``_from_votes``), equal bit for bit to ``aggregate`` on the list."""
+
+    def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
+        sums = self.__dict__.get("_vote_sums")
+        if sums is None:
+            sums = self.__dict__["_vote_sums"] = VoteSums(self.config)
+        sums.add(self._votes_of(mask), weight)
+
+    def finish(self, server_round: int, state: State) -> State:
+        sums = self.__dict__.pop("_vote_sums", None)
+        if sums is None:
+            raise ValueError(f"{type(self).__name__}.finish: nothing was folded in this round")
+        return self._from_votes(server_round, state, sums.votes(), sums.count)
+
+    def discard(self) -> None:
+        self.__dict__.pop("_vote_sums", None)
+
+    def _votes_of(self, mask: Masks) -> Masks:
+        return mask
+
+    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
+        raise NotImplementedError
 
 
 def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
@@ -97,10 +182,15 @@ def robust_vote(masks: list[Masks], weights: list[float], config: RunConfig) -> 
     if rule == "none":
         return weighted_vote(masks, weights)
     n = len(masks)
+    counts = {name: np.asarray(sum(m[name].astype(np.float64) for m in masks)) for name in masks[0]}
+    return _robust_from_counts(counts, n, config)
+
+
+def _robust_from_counts(counts: State, n: int, config: RunConfig) -> State:
+    """``trimmed`` or ``median`` votes from per-weight counts of ones among ``n`` clients."""
     out = {}
-    for name in masks[0]:
-        ones = sum(m[name].astype(np.float64) for m in masks)
-        if rule == "median":
+    for name, ones in counts.items():
+        if config.robust_aggregation == "median":
             out[name] = np.where(ones * 2 > n, 1.0, np.where(ones * 2 == n, 0.5, 0.0))
         else:
             cut = int(config.trim_fraction * n)
@@ -140,7 +230,7 @@ def dense_aggregate(states: list[State], weights: list[float], config: RunConfig
     return out
 
 
-class FedPMAggregator(MaskAggregator):
+class FedPMAggregator(_StreamingVotes):
     """FedPM's Bayesian aggregation (Isik et al., ICLR 2023).
 
     A Beta(1, 1) prior per weight counts the ones and zeros of the uploaded samples;
@@ -168,6 +258,12 @@ class FedPMAggregator(MaskAggregator):
         votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
         return self.aggregate_counts(server_round, state, {k: v * len(masks) for k, v in votes.items()}, len(masks))
 
+    def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
+        super().fold(server_round, state, mask, 1.0)  # counts are unweighted
+
+    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
+        return self.aggregate_counts(server_round, state, {k: v * clients for k, v in votes.items()}, clients)
+
     def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
         """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
         period = self.config.fedpm_prior_reset
@@ -185,7 +281,7 @@ class FedPMAggregator(MaskAggregator):
         return new_state
 
 
-class EdgePopupAggregator(MaskAggregator):
+class EdgePopupAggregator(_StreamingVotes):
     """Federated edge-popup: votes move scores, they do not replace them.
 
     Setting each score to its vote frequency (the naive rule) leaves the scores in a few
@@ -204,7 +300,9 @@ class EdgePopupAggregator(MaskAggregator):
         return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        votes = robust_vote(masks, weights, self.config)
+        return self._from_votes(server_round, state, robust_vote(masks, weights, self.config), len(masks))
+
+    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
         server_lr, density = self.config.edge_popup_server_lr, self.config.density
         new_state = {}
         for name, scores in state.items():
@@ -220,7 +318,7 @@ def _standardised(magnitude: np.ndarray) -> np.ndarray:
     return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
-class SlotMachineAggregator(MaskAggregator):
+class SlotMachineAggregator(_StreamingVotes):
     """Federated Slot Machines: a client's choice of candidate is a vote; votes move scores.
 
     Per connection the server keeps K scores, centred (their mean over the K candidates
@@ -241,11 +339,22 @@ class SlotMachineAggregator(MaskAggregator):
         return {name: _centred(v.astype(np.float64)) for name, v in scores.items()}
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        slots = next(iter(state.values())).shape[0]
-        candidate = np.arange(slots)
-        onehots = [{name: candidate.reshape(-1, *[1] * idx.ndim) == idx[None] for name, idx in m.items()}
-                   for m in masks]
+        onehots = [self._votes_of(m, state) for m in masks]
         votes = robust_vote(onehots, weights, self.config)  # per candidate: share choosing it
+        return self._from_votes(server_round, state, votes, len(masks))
+
+    def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
+        self.__dict__["_slots"] = next(iter(state.values())).shape[0]
+        super().fold(server_round, state, mask, weight)
+
+    def _votes_of(self, mask: Masks, state: State | None = None) -> Masks:
+        """Per candidate, whether the client chose it (K, *shape) bools."""
+        slots = self.__dict__["_slots"] if state is None else next(iter(state.values())).shape[0]
+        candidate = np.arange(slots)
+        return {name: candidate.reshape(-1, *[1] * idx.ndim) == idx[None] for name, idx in mask.items()}
+
+    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
+        candidate = np.arange(next(iter(state.values())).shape[0])
         new_state = {}
         for name, scores in state.items():
             centred = _centred(scores.astype(np.float64)).astype(np.float64)

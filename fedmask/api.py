@@ -28,7 +28,7 @@ import numpy as np
 
 from fedmask.config import ConfigError, RunConfig, load, read_toml, resolve
 
-ENGINES = ("ray", "inprocess")
+ENGINES = ("ray", "inprocess", "batched")
 
 
 @dataclass
@@ -87,6 +87,12 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
 
         run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=resume)
         return
+    if engine == "batched":
+        check_engine(config, engine)
+        from server.batched_grid import BatchedGrid
+
+        run_server(BatchedGrid(client_app, config.num_clients), config, run_dir, resume=resume)
+        return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
@@ -102,6 +108,16 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
             "init_args": init_args,
         },
     )
+
+
+def check_engine(config: RunConfig, engine: str) -> None:
+    """ConfigError naming ``engine`` when the config cannot run on it."""
+    if engine == "batched":
+        from fedmask.batched import unsupported
+
+        why = unsupported(config, config.method_entry.mask_mode)
+        if why:
+            raise ConfigError(f"engine: 'batched' cannot run this config: {why}; use --engine inprocess or ray")
 
 
 def config_from(source: str | Path | RunConfig | Mapping[str, Any], **overrides: Any) -> RunConfig:
@@ -127,6 +143,7 @@ def simulate(source: str | Path | RunConfig | Mapping[str, Any], *, engine: str 
 
     config = config_from(source, **overrides)
     check_before_start(config)
+    check_engine(config, engine)
     run_dir = Path(out) if out is not None else Path("runs") / f"{config.method.replace(':', '-')}-{_stamp()}"
     if (run_dir / "rounds.jsonl").exists():
         raise ConfigError(f"out: {run_dir} already holds a run; choose another folder")

@@ -93,6 +93,9 @@ def _run(args: argparse.Namespace) -> int:
             config = load(args.config, args.set)
             _check_out(run_dir, args.overwrite)
         check_before_start(config)
+        from fedmask.api import check_engine
+
+        check_engine(config, args.engine)
     except (ConfigError, DataError, ValueError) as err:
         print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -134,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (repeatable), e.g. --set num-rounds=5")
     run.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
-    run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
-                     help="ray: Flower's simulation engine (default); inprocess: no Ray, one client at a time")
+    run.add_argument("--engine", choices=("ray", "inprocess", "batched"), default="ray",
+                     help="ray: Flower's simulation engine (default); inprocess: no Ray, one client at a time; "
+                          "batched: no Ray, a round's clients trained together (mask methods, mlp/lenet-300-100)")
     run.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     run.add_argument("--ray-address", metavar="ADDRESS",
                      help="join a running Ray cluster ('auto', or the head's HOST:PORT) instead of starting a "

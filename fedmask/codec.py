@@ -109,7 +109,7 @@ def encode_masks(
     if codec == "packbits":
         payload = np.packbits(np.concatenate(bits))
     else:
-        sections = [_encode_section(b, None if prior is None else prior[name])
+        sections = [_encode_section(b, None if prior is None else _tables(prior, name))
                     for b, (name, _) in zip(bits, layout.shapes)]
         payload = np.frombuffer(b"".join(sections), dtype=np.uint8)
     payload_bytes = payload.tobytes()
@@ -120,9 +120,51 @@ def encode_masks(
 
 
 def decode_masks(
-    blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None = None
+    blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None = None,
+    lengths: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The masks in ``blob``, or :class:`MaskCodecError` naming the first thing wrong."""
+    """The masks in ``blob``, or :class:`MaskCodecError` naming the first thing wrong.
+
+    With a ``lengths`` dict, also what :func:`code_lengths` reports for the upload
+    (``ideal_bits`` under the models the sections name, ``formula_bits``), measured in the
+    same pass instead of a second one over the decoded masks.
+    """
+    sections: list[tuple[str, int, int]] = []
+    out = _decode_masks(blob, layout, fingerprint, prior, sections)
+    if lengths is not None:
+        lengths.update(_measured_lengths(out, layout, prior, sections))
+    return out
+
+
+def _measured_lengths(masks: dict[str, np.ndarray], layout: MaskLayout, prior: Prior | None,
+                      sections: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Ideal bits of decoded masks under the models their sections were coded with."""
+    ones = {name: int(np.count_nonzero(masks[name])) for name, _ in layout.shapes}
+    if not sections:  # packed bits: one bit per parameter
+        ideal = float(layout.num_params)
+    else:
+        ideal = 0.0
+        for name, model, param in sections:
+            size = masks[name].size
+            if model == MODEL_PACKED:
+                ideal += 8.0 * ((size + 7) // 8)
+            elif model == MODEL_FREQUENCY:
+                ideal += _frequency_bits(ones[name], size)
+            else:
+                assert prior is not None  # a side section decodes only with a prior
+                ideal += _side_bits(masks[name].ravel(), _tables(prior, name), param)
+    return {"ideal_bits": ideal, "formula_bits": _formula_bits(sum(ones.values()), layout.num_params)}
+
+
+def _formula_bits(ones: int, n: int) -> float:
+    """FedPM's ``n * H(f) + log2(n)``, ``f`` the fraction of ones."""
+    f = ones / n
+    entropy = 0.0 if f in (0.0, 1.0) else -(f * math.log2(f) + (1 - f) * math.log2(1 - f))
+    return n * entropy + math.log2(n)
+
+
+def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
+                  sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
     if not isinstance(blob, np.ndarray):
         raise MaskCodecError("type", "numpy.ndarray", type(blob).__name__)
     if blob.dtype != np.uint8:
@@ -173,7 +215,7 @@ def decode_masks(
             out[name] = bits[start : start + size].reshape(shape)
             start += size
         return out
-    return _decode_sections(payload.tobytes(), layout, prior)
+    return _decode_sections(payload.tobytes(), layout, prior, sections)
 
 
 def slot_bits(slots: int) -> int:
@@ -255,18 +297,84 @@ def _first_side_section(payload: bytes, layout: MaskLayout) -> str | None:
 
 
 def _prior_digest(prior: Prior | None, layout: MaskLayout) -> int:
-    """CRC32 of the prior's float64 values in layout order (what both ends code against)."""
+    """CRC32 of the prior's float64 values in layout order (what both ends code against).
+
+    A round codes every client's mask against one prior: the digest is computed once per
+    prior (the cache holds the prior object, so its id stays valid; see :func:`_tables`).
+    """
     if prior is None:
         return 0
-    digest = 0
-    for name, shape in layout.shapes:
-        if name not in prior:
-            raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
-        values = np.ascontiguousarray(prior[name], dtype=np.float64)
-        if values.size != math.prod(shape):
-            raise MaskCodecError(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
-        digest = zlib.crc32(values.tobytes(), digest)
-    return digest
+    entry = _prior_entry(prior)
+    key = layout.shapes
+    if key not in entry.digests:
+        digest = 0
+        for name, shape in layout.shapes:
+            if name not in prior:
+                raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
+            values = _tables(prior, name).values
+            if values.size != math.prod(shape):
+                raise MaskCodecError(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
+            digest = zlib.crc32(values.tobytes(), digest)
+        entry.digests[key] = digest
+    return entry.digests[key]
+
+
+@dataclass
+class _SideTables:
+    """What the side model needs of one prior tensor, computed once per broadcast.
+
+    ``values`` are the prior's float64 values, flat; ``hard`` marks entries that are 0 or 1
+    (the flip rate is estimated on them); for a flip rate of 0 (no hard entry) the coder's
+    probabilities ``q0`` and the code length's terms are fixed, so a mask's ideal length is
+    one dot product: ``base - bits . gain``.
+    """
+
+    values: np.ndarray
+    hard: np.ndarray
+    hard_count: int
+    all_hard: bool
+    hard_ones: np.ndarray  # values == 1 on the hard entries (the bit the prior predicts)
+    q0: np.ndarray | None = None
+    base: float = 0.0
+    gain: np.ndarray | None = None
+
+
+@dataclass
+class _PriorEntry:
+    prior: Prior  # held so that the id the cache is keyed by stays this object's
+    tensors: dict[str, _SideTables]
+    digests: dict[tuple, int]
+
+
+_PRIOR_CACHE: dict[int, _PriorEntry] = {}
+_PRIOR_CACHE_KEPT = 2  # the current broadcast's prior, and the one before it
+
+
+def _prior_entry(prior: Prior) -> _PriorEntry:
+    entry = _PRIOR_CACHE.get(id(prior))
+    if entry is None or entry.prior is not prior:
+        while len(_PRIOR_CACHE) >= _PRIOR_CACHE_KEPT:
+            del _PRIOR_CACHE[next(iter(_PRIOR_CACHE))]
+        entry = _PRIOR_CACHE[id(prior)] = _PriorEntry(prior, {}, {})
+    return entry
+
+
+def _tables(prior: Prior, name: str) -> _SideTables:
+    """The side tables of ``prior[name]`` (a prior is a dict built once per broadcast and
+    never changed afterwards; a new dict is a new prior)."""
+    entry = _prior_entry(prior)
+    tables = entry.tensors.get(name)
+    if tables is None:
+        values = np.ascontiguousarray(prior[name], dtype=np.float64).ravel()
+        hard = (values == 0.0) | (values == 1.0)
+        hard_count = int(hard.sum())
+        tables = _SideTables(values, hard, hard_count, hard_count == values.size, values[hard] == 1.0)
+        if hard_count == 0:
+            q0 = _side_probs(values, 0)
+            log_one, log_zero = np.log2(q0), np.log2(1.0 - q0)
+            tables.q0, tables.base, tables.gain = q0, float(-log_zero.sum()), log_one - log_zero
+        entry.tensors[name] = tables
+    return tables
 
 
 def _entropy_bits(bits: np.ndarray, probs: np.ndarray | float) -> float:
@@ -280,28 +388,63 @@ def _side_probs(prior: np.ndarray, flip_param: int) -> np.ndarray:
     return np.clip(prior * (1.0 - 2.0 * flip) + flip, 1e-9, 1.0 - 1e-9)
 
 
-def _flip_param(bits: np.ndarray, prior: np.ndarray) -> int:
+def _flip_param(bits: np.ndarray, prior: np.ndarray | _SideTables) -> int:
     """Flip rate for the entries where the prior is certain (0 or 1); 0 when none is."""
-    hard = (prior == 0.0) | (prior == 1.0)
-    if not hard.any():
+    tables = prior if isinstance(prior, _SideTables) else _SideTables(
+        prior, hard := (prior == 0.0) | (prior == 1.0), int(hard.sum()), False, prior[hard] == 1.0)
+    if not tables.hard_count:
         return 0
-    flips = int((bits[hard] != (prior[hard] == 1.0)).sum())
-    return int(min(max(round((flips + 0.5) / (hard.sum() + 1.0) * 2**32), 1), 2**31))
+    hard_bits = bits if tables.all_hard else bits[tables.hard]
+    flips = int(np.count_nonzero(hard_bits != tables.hard_ones))
+    return int(min(max(round((flips + 0.5) / (tables.hard_count + 1.0) * 2**32), 1), 2**31))
 
 
 def _frequency_probs(ones: int, size: int) -> float:
     return min(max(ones / size, 1e-9), 1.0 - 1e-9)
 
 
-def section_candidates(bits: np.ndarray, prior: np.ndarray | None) -> list[tuple[int, int, float]]:
-    """(model, param, ideal bits) of every model that can code this tensor."""
+def _frequency_bits(ones: int, size: int) -> float:
+    """Ideal length of ``size`` bits with ``ones`` ones under one probability: closed form."""
+    p = _frequency_probs(ones, size)
+    return -(ones * math.log2(p) + (size - ones) * math.log2(1.0 - p))
+
+
+def _side_bits(bits: np.ndarray, tables: _SideTables, param: int) -> float:
+    """Ideal length of ``bits`` under the side model with flip ``param``, in one pass.
+
+    Flip 0 (a soft prior, FedPM's theta): a dot product with the per-broadcast table. An
+    all-hard prior (edge-popup's global top-k): two probabilities, so a closed form from
+    the count of bits that agree with it. Otherwise the sum over every entry.
+    """
+    if param == 0 and tables.gain is not None:
+        return tables.base - float(tables.gain[bits].sum())
+    if tables.all_hard:
+        flip = param / 2.0**32
+        agree_p = min(max(1.0 - flip, 1e-9), 1.0 - 1e-9)
+        flip_p = min(max(flip, 1e-9), 1.0 - 1e-9)
+        flips = int(np.count_nonzero(bits != tables.hard_ones))
+        return -((bits.size - flips) * math.log2(agree_p) + flips * math.log2(flip_p))
+    return _entropy_bits(bits, _side_probs(tables.values, param))
+
+
+def section_candidates(bits: np.ndarray, prior: np.ndarray | None,
+                       tables: _SideTables | None = None) -> list[tuple[int, int, float]]:
+    """(model, param, ideal bits) of every model that can code this tensor.
+
+    The lengths are closed forms or one vectorised pass (:func:`_side_bits`), not trial
+    codings; they equal the sums of ``-log2 p(bit)`` up to floating-point summation order.
+    """
+    bits = np.asarray(bits, dtype=bool).ravel()
     candidates = [(MODEL_PACKED, 0, 8.0 * ((bits.size + 7) // 8))]
-    ones = int(bits.sum())
-    candidates.append((MODEL_FREQUENCY, ones, _entropy_bits(bits, _frequency_probs(ones, bits.size))))
-    if prior is not None:
-        prior = prior.ravel().astype(np.float64)
-        param = _flip_param(bits, prior)
-        candidates.append((MODEL_SIDE, param, _entropy_bits(bits, _side_probs(prior, param))))
+    ones = int(np.count_nonzero(bits))
+    candidates.append((MODEL_FREQUENCY, ones, _frequency_bits(ones, bits.size)))
+    if prior is not None or tables is not None:
+        if tables is None:
+            assert prior is not None
+            values = np.ascontiguousarray(prior, dtype=np.float64).ravel()
+            tables = _tables({"t": values}, "t")
+        param = _flip_param(bits, tables)
+        candidates.append((MODEL_SIDE, param, _side_bits(bits, tables, param)))
     return candidates
 
 
@@ -311,8 +454,8 @@ def _choose(candidates: list[tuple[int, int, float]]) -> tuple[int, int, float]:
     return best if best[2] / 8.0 + _CODER_SLACK_BYTES < packed[2] / 8.0 else packed
 
 
-def _encode_section(bits: np.ndarray, prior: np.ndarray | None) -> bytes:
-    model, param, _ = _choose(section_candidates(bits, prior))
+def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
+    model, param, _ = _choose(section_candidates(bits, None, tables))
     if model == MODEL_PACKED:
         data = np.packbits(bits).tobytes()
     else:
@@ -322,14 +465,21 @@ def _encode_section(bits: np.ndarray, prior: np.ndarray | None) -> bytes:
             frequency_model = constriction.stream.model.Bernoulli(_frequency_probs(param, bits.size), perfect=False)
             encoder.encode(symbols, frequency_model)
         else:
-            assert prior is not None  # the side model is chosen only when there is a prior
-            encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False),
-                           _side_probs(prior.ravel().astype(np.float64), param))
+            assert tables is not None  # the side model is chosen only when there is a prior
+            encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
         data = encoder.get_compressed().astype("<u4").tobytes()
     return _SECTION.pack(model, param, len(data)) + data
 
 
-def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None) -> dict[str, np.ndarray]:
+def _side_q(tables: _SideTables, param: int) -> np.ndarray:
+    """The coder's per-symbol probabilities (cached for flip 0)."""
+    if param == 0 and tables.q0 is not None:
+        return tables.q0
+    return _side_probs(tables.values, param)
+
+
+def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None,
+                     sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
     out, offset = {}, 0
     for name, shape in layout.shapes:
         size = math.prod(shape)
@@ -342,6 +492,7 @@ def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None) ->
         data = payload[offset : offset + length]
         offset += length
         out[name] = _decode_section(name, model, param, data, size, prior).reshape(shape)
+        sections.append((name, model, param))
     if offset != len(payload):
         raise MaskCodecError("length", f"{HEADER_BYTES + offset} bytes", f"{HEADER_BYTES + len(payload)} bytes")
     return out
@@ -369,8 +520,10 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
             symbols = decoder.decode(frequency_model, size)
         else:
             assert prior is not None  # checked above for the side model
-            symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
-                                     _side_probs(prior[name].ravel().astype(np.float64), param))
+            tables = _tables(prior, name)
+            if tables.values.size != size:
+                raise MaskCodecError(f"side information '{name}'", f"{size} values", tables.values.size)
+            symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
     except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
         raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
     if symbols.size != size:
@@ -391,8 +544,7 @@ def code_lengths(masks: dict[str, np.ndarray], layout: MaskLayout, codec: str,
         if codec == "packbits":
             ideal += bits.size
         else:
-            ideal += _choose(section_candidates(bits, None if prior is None else prior[name]))[2]
-    n = layout.num_params
-    f = sum(int(np.asarray(m, dtype=bool).sum()) for m in masks.values()) / n
-    entropy = 0.0 if f in (0.0, 1.0) else -(f * math.log2(f) + (1 - f) * math.log2(1 - f))
-    return {"ideal_bits": ideal, "formula_bits": n * entropy + math.log2(n)}
+            tables = None if prior is None else _tables(prior, name)
+            ideal += _choose(section_candidates(bits, None, tables))[2]
+    ones = sum(int(np.count_nonzero(np.asarray(m, dtype=bool))) for m in masks.values())
+    return {"ideal_bits": ideal, "formula_bits": _formula_bits(ones, layout.num_params)}

@@ -172,6 +172,8 @@ class RunConfig:
     tracker: str = _key("none", "mirror every round's numbers to an experiment tracker: 'tensorboard' "
                         "(RUN_DIR/tensorboard) or 'mlflow' (RUN_DIR/mlflow.db); needs the 'track' extra",
                         choices=TRACKERS)
+    per_client: bool = _key(True, "write each client's bytes as the per_client list of every rounds.jsonl line; "
+                            "false keeps the file small when thousands of clients train a round")
 
     # ------------------------------------------------------------------ views
 

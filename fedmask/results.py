@@ -130,7 +130,7 @@ class RunRecorder:
             "elapsed_s": time.perf_counter() - self.start,
             "train": outcome.train,
             "failure_details": outcome.failures,
-            "per_client": ledger.per_client(server_round),
+            "per_client": ledger.per_client(server_round) if self.config.per_client else [],
         }
         with self.rounds_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")

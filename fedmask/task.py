@@ -91,9 +91,14 @@ class ModelSpec:
 
 def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> None:
     """Scores from a broadcast state: scores as is (topk) or logit(theta) (bernoulli)."""
+    set_scores(model, scores_of_state(state, mode))
+
+
+def scores_of_state(state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """The scores a client starts from: the state as is (topk, slots) or logit(theta) (bernoulli)."""
     if mode == "bernoulli":
-        state = {k: _logit(v) for k, v in state.items()}
-    set_scores(model, state)
+        return {k: _logit(v) for k, v in state.items()}
+    return state
 
 
 def _logit(theta: np.ndarray) -> np.ndarray:

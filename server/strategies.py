@@ -303,8 +303,11 @@ class MaskStrategy(SeededFedAvg):
                 message.content[RECORD] = record
         return messages
 
-    def decode(self, reply: Message) -> dict[str, np.ndarray]:
-        """The upload's binary tensors (masks, or Slot Machines' bit-planes), checked."""
+    def decode(self, reply: Message, lengths: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+        """The upload's binary tensors (masks, or Slot Machines' bit-planes), checked.
+
+        With ``lengths``, the upload's ideal and formula bits are measured in the same pass.
+        """
         record = reply.content.array_records.get("arrays")
         if record is None or list(record.keys()) != ["mask"] or len(reply.content.array_records) != 1:
             keys = None if record is None else [str(k)[:40] for k in list(record.keys())[:5]]
@@ -312,7 +315,7 @@ class MaskStrategy(SeededFedAvg):
         blob = reply_arrays(record)["mask"]
         if blob.dtype != np.uint8 or blob.ndim != 1:
             raise RejectedReply(f"arrays 'mask': expected a 1-D uint8 blob, got {blob.dtype} {blob.shape}")
-        return decode_masks(blob, self.spec.upload, self.spec.fingerprint, self.prior)
+        return decode_masks(blob, self.spec.upload, self.spec.fingerprint, self.prior, lengths)
 
     def votes_of(self, bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What the aggregator gets: the masks, or the slot indices the planes spell."""
@@ -320,9 +323,12 @@ class MaskStrategy(SeededFedAvg):
             return planes_to_choices(bits, self.spec.layout)
         return bits
 
-    def _measure_code(self, server_round: int, masks: dict[str, np.ndarray]) -> None:
-        """Ideal code length under the uplink model, and FedPM's formula, for this mask."""
-        lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
+    def _measure_code(self, server_round: int, masks: dict[str, np.ndarray],
+                      lengths: dict[str, float] | None = None) -> None:
+        """Ideal code length under the uplink model, and FedPM's formula, for this mask
+        (``lengths`` when the decoder measured them already)."""
+        if lengths is None:
+            lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
         outcome = self.outcome(server_round)
         if outcome.code_lengths is None:
             outcome.code_lengths = {"ideal_bits": 0.0, "formula_bits": 0.0}
@@ -331,24 +337,28 @@ class MaskStrategy(SeededFedAvg):
             totals[key] += value
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
+        """Decode each usable upload, in partition order, and fold it into the aggregator
+        at once: the round's masks are never held together (streaming aggregation)."""
         server_round += self.round_offset
-        masks, weights, usable = [], [], []
+        usable = []
+        self.aggregator.discard()
         for reply, weight in self.usable_replies(server_round, replies):
             try:
-                bits = self.decode(reply)
-                masks.append(self.votes_of(bits))
-                self._measure_code(server_round, bits)
+                lengths: dict[str, float] = {}
+                votes = self.votes_of(self.decode(reply, lengths))
+                self._measure_code(server_round, votes, lengths)
             except (MaskCodecError, RejectedReply) as err:
                 self.reject(server_round, reply, str(err))
                 continue
             except Exception as err:  # noqa: BLE001 - no reply may stop the server, whatever it holds
                 self.reject(server_round, reply, f"cannot decode: {type(err).__name__}: {str(err)[:200]}")
                 continue
-            weights.append(weight)
+            self.aggregator.fold(server_round, self.state, votes, weight)
             usable.append((reply, weight))
-        if self.too_few(server_round, len(masks)):
+        if self.too_few(server_round, len(usable)):
+            self.aggregator.discard()
             return None, None
-        new_state = self.aggregator.aggregate(server_round, self.state, masks, weights)
+        new_state = self.aggregator.finish(server_round, self.state)
         self._check_state(new_state)
         self.state = new_state
         if is_recycle_round(self.run_config, server_round):

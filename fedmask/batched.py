@@ -1,0 +1,265 @@
+"""Several clients' local rounds as one batched computation (the ``batched`` engine).
+
+The frozen weights are the same for every client of a round; only the scores differ. So
+the scores of B clients are stacked (B, *shape) and one batched matmul per layer trains
+all of them at once, on the CPU or on CUDA. What each client would have done alone is
+kept: its own batch order (its randperm generator), its own mask samples (its own
+generator, drawn in the order the one-at-a-time forward draws them: each Linear's weight,
+then its bias), its own Adam (or SGD) state, its own loss, mean over its own batch. The
+results equal the one-at-a-time path up to the summation order of the batched matmuls
+(``tests/test_scale.py``: at least 99.9% of the mask entries agree after a round).
+
+Supported: ``nn.Sequential`` models of ``Flatten``, ``Linear`` and ``ReLU`` (``mlp``,
+``lenet-300-100``) with FedPM (``bernoulli``), edge-popup (``topk``) or ``biprop``
+masks. :func:`unsupported` says why anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmask.masking import TOPK_MODES, ScoreMask, bernoulli_sample, original_tensor, score_masks
+
+if TYPE_CHECKING:
+    from fedmask.config import RunConfig
+
+BATCHED_MODES = ("bernoulli", "topk", "biprop")
+BATCHED_MODELS = ("mlp", "lenet-300-100")
+
+
+def unsupported(config: RunConfig, mode: str | None) -> str | None:
+    """Why ``config`` cannot run batched (a sentence naming the key), or None."""
+    if mode is None:
+        return f"method {config.method!r} trains dense weights; batched clients train masks " \
+               f"({', '.join(BATCHED_MODES)})"
+    if mode not in BATCHED_MODES:
+        return f"method {config.method!r} trains {mode!r}; batched clients train {', '.join(BATCHED_MODES)} masks"
+    if config.model not in BATCHED_MODELS:
+        return f"model {config.model!r}: batched clients support {', '.join(BATCHED_MODELS)} (Linear layers)"
+    if config.secure_aggregation:
+        return "secure-aggregation runs Flower's SecAgg+ workflow, one client at a time"
+    return None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: a precomputed sample (or top-k mask); backward: the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass
+class _Layer:
+    weight: torch.Tensor  # frozen (out, in)
+    bias: torch.Tensor  # frozen (out,)
+    names: tuple[str, str]  # the score tensors' names: weight, bias
+
+
+@dataclass
+class ClientResult:
+    """One client's trained scores, metrics, and its generator after training (the
+    upload's sample continues from it, as the one-at-a-time path continues torch's)."""
+
+    scores: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    generator: torch.Generator
+
+
+def _layers(model: nn.Module) -> list[nn.Module | _Layer]:
+    masks = score_masks(model)
+    out: list[nn.Module | _Layer] = []
+    for name, module in cast(nn.Sequential, model).named_children():
+        if isinstance(module, nn.Linear):
+            w, b = f"{name}.weight", f"{name}.bias"
+            out.append(_Layer(original_tensor(model, w).detach(), original_tensor(model, b).detach(), (w, b)))
+            if not isinstance(masks[w], ScoreMask):
+                raise ValueError(f"batched clients: '{w}' is not a score mask")
+        elif isinstance(module, (nn.Flatten, nn.ReLU)):
+            out.append(module)
+        else:
+            raise ValueError(f"batched clients: layer {name} ({type(module).__name__}) is not Flatten/Linear/ReLU")
+    return out
+
+
+def train_batched(
+    model: nn.Module,
+    scores: dict[str, np.ndarray],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    seeds: list[int],
+    config: RunConfig,
+    device: torch.device,
+) -> list[ClientResult]:
+    """Train ``len(data)`` clients from the same starting ``scores`` (the broadcast), each
+    on its own data with its own seed, together; the model is only read."""
+    mode = next(iter(score_masks(model).values())).mode
+    layers = _layers(model)
+    frozen = [(m.weight.to(device), m.bias.to(device)) if isinstance(m, _Layer) else None for m in layers]
+    clients = len(data)
+    params = {name: torch.as_tensor(value, dtype=torch.float32).to(device).expand(clients, *value.shape).clone()
+              for name, value in scores.items()}
+    for value in params.values():
+        value.requires_grad_(True)
+    sample_gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    upload_gens = sample_gens if device.type == "cpu" else [torch.Generator().manual_seed(s) for s in seeds]
+    order_gens = [torch.Generator().manual_seed(s) for s in seeds]
+    bs = config.batch_size
+    # every client steps once per iteration until its own batches end, so the clients of
+    # one iteration share their step count (Adam's bias correction)
+    batches: list[list[torch.Tensor]] = []
+    for (x, _), gen in zip(data, order_gens):
+        own = []
+        for _ in range(config.local_epochs):
+            order = torch.randperm(len(x), generator=gen)
+            own += [order[start : start + bs] for start in range(0, len(x), bs)]
+        batches.append(own)
+    optimizer = _Optimizer(config, params)
+    totals = np.zeros((clients, 3))  # loss sum, correct, seen
+    for step in range(max(len(b) for b in batches)):
+        active = [i for i in range(clients) if step < len(batches[i])]
+        idx = torch.tensor(active, device=device)
+        sizes = [len(batches[i][step]) for i in active]
+        width = max(sizes)
+        xb = torch.stack([_padded(data[i][0][batches[i][step]], width) for i in active]).to(device)
+        yb = torch.stack([_padded(data[i][1][batches[i][step]], width) for i in active]).to(device)
+        valid = (torch.arange(width).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)).to(device)
+        h = xb
+        for layer, tensors in zip(layers, frozen):
+            if isinstance(layer, _Layer):
+                assert tensors is not None
+                weight = _masked(mode, tensors[0], params[layer.names[0]], idx, active, sample_gens, config)
+                bias = _masked(mode, tensors[1], params[layer.names[1]], idx, active, sample_gens, config)
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            elif isinstance(layer, nn.Flatten):
+                h = h.flatten(2)
+            else:
+                h = torch.relu(h)
+        losses = nn.functional.cross_entropy(h.flatten(0, 1), yb.flatten(), reduction="none").view(len(active), width)
+        per_client = (losses * valid).sum(1) / torch.tensor(sizes, device=device, dtype=losses.dtype)
+        optimizer.zero_grad()
+        per_client.sum().backward()
+        optimizer.step(idx, step + 1)
+        with torch.no_grad():
+            correct = ((h.argmax(2) == yb) & valid).sum(1)
+        for row, i in enumerate(active):
+            totals[i] += (float(per_client[row].detach()) * sizes[row], int(correct[row]), sizes[row])
+    results = []
+    for i in range(clients):
+        seen = max(totals[i, 2], 1)
+        results.append(ClientResult(
+            {name: value[i].detach().cpu().numpy().copy() for name, value in params.items()},
+            {"train-loss": totals[i, 0] / seen, "train-accuracy": totals[i, 1] / seen},
+            upload_gens[i]))
+    return results
+
+
+def _padded(value: torch.Tensor, width: int) -> torch.Tensor:
+    if len(value) == width:
+        return value
+    pad = value.new_zeros((width - len(value), *value.shape[1:]))
+    return torch.cat([value, pad])
+
+
+def _masked(mode: str, frozen: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, active: list[int],
+            gens: list[torch.Generator], config: RunConfig) -> torch.Tensor:
+    """The active clients' masked tensors (A, *shape), as ScoreMask.forward computes each."""
+    own = scores if len(active) == scores.shape[0] else scores.index_select(0, idx)
+    if mode in TOPK_MODES:
+        magnitudes = own.abs()
+        flat = magnitudes.flatten(1)
+        kept = max(1, round(config.density * flat.shape[1]))
+        chosen = torch.zeros_like(flat)
+        chosen.scatter_(1, flat.topk(kept, dim=1, sorted=False).indices, 1.0)
+        mask = _StraightThrough.apply(magnitudes, chosen.view_as(magnitudes))
+        if mode == "biprop":
+            with torch.no_grad():
+                alpha = (frozen.abs() * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
+            return torch.sign(frozen) * alpha.view(-1, *[1] * frozen.dim()) * mask
+        return frozen * mask
+    probs = torch.sigmoid(own)
+    with torch.no_grad():
+        sample = torch.empty_like(probs)
+        if probs.device.type == "cpu":
+            # each client's uniforms from its own generator, then one comparison for all
+            # (bernoulli_sample's identity); the draws run on the pool's threads
+            def draw(row: int) -> None:
+                torch.rand(probs.shape[1:], generator=gens[active[row]], out=sample[row])
+
+            if torch.get_num_threads() > 1:
+                list(_pool().map(draw, range(len(active))))
+            else:
+                for row in range(len(active)):
+                    draw(row)
+            sample.lt_(probs)
+        else:
+            for row, i in enumerate(active):
+                sample[row] = bernoulli_sample(probs[row], gens[i])
+    return frozen * _StraightThrough.apply(probs, sample)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that draw different clients' random numbers at once (torch releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="fedmask-draw")
+    return _POOL
+
+
+class _Optimizer:
+    """torch's single-tensor Adam / SGD, per client: rows of the stacked scores step only
+    when their client has a batch."""
+
+    def __init__(self, config: RunConfig, params: dict[str, torch.Tensor]):
+        self.config, self.params = config, params
+        self.buffers = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+        self.started = False
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor, step: int) -> None:
+        cfg = self.config
+        for name, param in self.params.items():
+            full = len(idx) == param.shape[0]
+            p = param if full else param.index_select(0, idx)
+            grad = cast(torch.Tensor, param.grad)
+            grad = grad if full else grad.index_select(0, idx)
+            first, second = (b if full else b.index_select(0, idx) for b in self.buffers[name])
+            if cfg.weight_decay != 0:
+                grad = grad.add(p, alpha=cfg.weight_decay)
+            if cfg.optimizer == "adam":
+                beta1, beta2, eps = 0.9, 0.999, 1e-8
+                first.lerp_(grad, 1 - beta1)
+                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = cfg.lr / (1 - beta1**step)
+                denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                p.addcdiv_(first, denom, value=-step_size)
+            else:
+                if cfg.momentum:
+                    if step == 1:
+                        first.copy_(grad)
+                    else:
+                        first.mul_(cfg.momentum).add_(grad)
+                    grad = first
+                p.add_(grad, alpha=-cfg.lr)
+            if not full:
+                param.index_copy_(0, idx, p)
+                self.buffers[name][0].index_copy_(0, idx, first)
+                self.buffers[name][1].index_copy_(0, idx, second)

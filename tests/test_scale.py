@@ -1,0 +1,248 @@
+"""Tests for issue 11 (scale): the fast Bernoulli sample, closed-form code lengths and the
+lengths measured while decoding, streaming aggregation (fold/finish) against batch
+aggregation, the per-client switch, the broadcast cache, and the batched engine against
+one client at a time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedmask import codec, task
+from fedmask.aggregators import (
+    BipropAggregator,
+    EdgePopupAggregator,
+    FedPMAggregator,
+    MaskAggregator,
+    SlotMachineAggregator,
+)
+from fedmask.api import check_engine, config_from
+from fedmask.codec import MaskLayout, code_lengths, decode_masks, encode_masks, mask_prior
+from fedmask.config import ConfigError, resolve
+from fedmask.instruction import TrainInstruction
+from fedmask.masking import bernoulli_sample, get_scores
+
+SHAPES = {"a.weight": (40, 30), "a.bias": (40,), "b.weight": (3, 7, 5)}
+
+
+# ------------------------------------------------------------------ Bernoulli sample
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 4097, 235_200])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_fast_bernoulli_sample_is_torch_bernoulli_bit_for_bit(size, seed):
+    """bernoulli_sample (rand < p) gives exactly torch.bernoulli's bits from the same generator
+    state, and leaves the generator where torch.bernoulli leaves it (two draws in a row)."""
+    probs = torch.rand(size, generator=torch.Generator().manual_seed(seed + 100))
+    probs[::5], probs[1::7] = 0.0, 1.0
+    torch.manual_seed(seed)
+    expected = [torch.bernoulli(probs), torch.bernoulli(probs)]
+    torch.manual_seed(seed)
+    got = [bernoulli_sample(probs), bernoulli_sample(probs)]
+    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    gen = torch.Generator().manual_seed(seed)
+    assert torch.equal(bernoulli_sample(probs, gen), expected[0])
+
+
+# ------------------------------------------------------------------ code lengths
+
+def _reference_bits(bits: np.ndarray, probs) -> float:
+    p_bit = np.where(bits, probs, 1.0 - np.asarray(probs, dtype=np.float64))
+    return float(-np.log2(np.maximum(p_bit, 1e-300)).sum())
+
+
+@pytest.mark.parametrize("prior_kind", ["soft", "hard", "mixed", None])
+def test_closed_form_candidates_equal_the_per_bit_sums(prior_kind):
+    """Every candidate's ideal length equals the sum of -log2 p(bit) over the tensor (the
+    definition) to 1e-9 relative, for soft (FedPM), hard (top-k) and mixed priors."""
+    rng = np.random.default_rng(1)
+    bits = rng.random(5000) < 0.3
+    prior = {"soft": rng.random(5000), "hard": (rng.random(5000) < 0.3).astype(float),
+             "mixed": np.where(rng.random(5000) < 0.5, rng.random(5000), 1.0), None: None}[prior_kind]
+    for model, param, length in codec.section_candidates(bits, prior):
+        if model == codec.MODEL_FREQUENCY:
+            expected = _reference_bits(bits, codec._frequency_probs(param, bits.size))
+        elif model == codec.MODEL_SIDE:
+            expected = _reference_bits(bits, codec._side_probs(prior, param))
+        else:
+            expected = 8.0 * math.ceil(bits.size / 8)
+        assert length == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "topk"])
+def test_lengths_measured_while_decoding_equal_code_lengths(mode):
+    """decode_masks(..., lengths) reports the ideal and formula bits that the separate
+    second pass (code_lengths) computes, for the mask it decodes."""
+    rng = np.random.default_rng(2)
+    layout = MaskLayout.from_arrays({k: np.zeros(s) for k, s in SHAPES.items()})
+    state = {k: rng.random(s).astype(np.float32) for k, s in SHAPES.items()}
+    prior = mask_prior(state, mode, 0.4)
+    masks = {k: rng.random(s) < (state[k] if mode == "bernoulli" else 0.4) for k, s in SHAPES.items()}
+    blob = encode_masks(masks, layout, b"12345678", "entropy", prior)
+    lengths: dict[str, float] = {}
+    decoded = decode_masks(blob, layout, b"12345678", prior, lengths)
+    assert all(np.array_equal(decoded[k], masks[k]) for k in masks)
+    reference = code_lengths(masks, layout, "entropy", prior)
+    assert lengths["ideal_bits"] == pytest.approx(reference["ideal_bits"], rel=1e-12)
+    assert lengths["formula_bits"] == pytest.approx(reference["formula_bits"], rel=1e-12)
+
+
+# ------------------------------------------------------------------ streaming aggregation
+
+def _masks(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{k: rng.random(s) < rng.random() for k, s in SHAPES.items()} for _ in range(n)]
+
+
+def _fold_finish(aggregator: MaskAggregator, state, masks, weights, server_round=1):
+    for mask, weight in zip(masks, weights):
+        aggregator.fold(server_round, state, mask, weight)
+    return aggregator.finish(server_round, state)
+
+
+@pytest.mark.parametrize("rule", ["none", "trimmed", "median"])
+@pytest.mark.parametrize("cls", [FedPMAggregator, EdgePopupAggregator, BipropAggregator])
+def test_streaming_equals_batch_aggregation_bit_for_bit(cls, rule):
+    """fold each mask in order then finish gives exactly aggregate's arrays, two rounds running
+    (FedPM's prior carries over), for every robust rule."""
+    config = resolve({"robust-aggregation": rule, "trim-fraction": 0.2, "fedpm-prior-reset": 0})
+    rng = np.random.default_rng(3)
+    weights = [float(w) for w in rng.integers(1, 100, 9)]
+    batch, stream = cls(config), cls(config)
+    state = {k: rng.random(s).astype(np.float32) for k, s in SHAPES.items()}
+    for server_round in (1, 2):
+        masks = _masks(9, server_round)
+        expected = batch.aggregate(server_round, state, masks, weights)
+        got = _fold_finish(stream, state, masks, weights, server_round)
+        assert all(np.array_equal(expected[k], got[k]) and expected[k].dtype == got[k].dtype for k in expected)
+        state = expected
+
+
+def test_streaming_slot_machines_equals_batch():
+    """Slot Machines' per-candidate counts stream too: equal to aggregate bit for bit."""
+    config = resolve({"method": "slot-machines", "slots": 5, "init": "kaiming-uniform"})
+    rng = np.random.default_rng(4)
+    state = {k: rng.standard_normal((5, *s)).astype(np.float32) for k, s in SHAPES.items()}
+    choices = [{k: rng.integers(0, 5, s).astype(np.uint8) for k, s in SHAPES.items()} for _ in range(6)]
+    weights = [3.0, 1.0, 2.0, 5.0, 1.0, 1.0]
+    expected = SlotMachineAggregator(config).aggregate(1, state, choices, weights)
+    got = _fold_finish(SlotMachineAggregator(config), state, choices, weights)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+
+
+def test_plugin_with_only_aggregate_gets_the_masks_through_the_default_fold():
+    """A plug-in that defines only aggregate receives every folded mask and weight, in order;
+    discard forgets what was folded."""
+    seen = []
+
+    class Recording(MaskAggregator):
+        def aggregate(self, server_round, state, masks, weights):
+            seen.append((masks, weights))
+            return state
+
+    plugin, masks = Recording(resolve({})), _masks(3, 5)
+    plugin.fold(1, {}, masks[0], 9.0)
+    plugin.discard()
+    _fold_finish(plugin, {}, masks, [1.0, 2.0, 3.0])
+    assert seen[0][1] == [1.0, 2.0, 3.0] and seen[0][0] == masks
+
+
+def test_finish_without_fold_is_a_clear_error():
+    """A built-in rule asked to finish a round with nothing folded says so."""
+    with pytest.raises(ValueError, match="nothing was folded"):
+        FedPMAggregator(resolve({})).finish(1, {})
+
+
+# ------------------------------------------------------------------ run-level switches and caches
+
+def test_per_client_false_keeps_rounds_small(tmp_path):
+    """per-client = false writes an empty per_client list; the totals stay."""
+    import fedmask
+
+    result = fedmask.simulate({"num-clients": 3, "clients-per-round": 3, "num-rounds": 1, "per-client": False},
+                              engine="inprocess", out=tmp_path / "r")
+    assert result.rounds[0]["per_client"] == [] and result.rounds[0]["uplink_payload_bytes"] > 0
+
+
+def test_broadcast_is_decoded_once_per_distinct_arrays():
+    """Equal broadcast bytes in new array objects hit the cache (the same Broadcast object);
+    other bytes decode anew."""
+    from clients.client_app import _model_for, broadcast_of
+
+    config = resolve({})
+    _, spec = _model_for(config, "bernoulli")
+    rng = np.random.default_rng(6)
+    state = {name: rng.random(shape).astype(np.float32) for name, shape in spec.layout.shapes}
+    first = broadcast_of(config, "bernoulli", spec, state)
+    again = broadcast_of(config, "bernoulli", spec, {k: v.copy() for k, v in state.items()})
+    other = broadcast_of(config, "bernoulli", spec, {k: v * 0.5 for k, v in state.items()})
+    assert again is first and other is not first
+    assert np.allclose(first.scores[spec.layout.shapes[0][0]],
+                       np.log(state[spec.layout.shapes[0][0]] / (1 - state[spec.layout.shapes[0][0]])), atol=1e-4)
+
+
+# ------------------------------------------------------------------ batched engine
+
+@pytest.mark.parametrize("overrides", [{"method": "slot-machines", "init": "kaiming-uniform"}, {"method": "fedavg"},
+                                       {"model": "conv2"}])
+def test_batched_engine_refuses_what_it_does_not_support(overrides):
+    """A ConfigError naming the engine (and the method or model) before anything runs."""
+    config = resolve({"model": "mlp", **overrides})
+    with pytest.raises(ConfigError, match="engine: 'batched'"):
+        check_engine(config, "batched")
+
+
+def _round_uploads(grid_cls, config, pids):
+    from clients.client_app import app
+    from server.strategies import state_record
+
+    method = config.method_entry
+    model = task.make_model(config, task.splits_of(config), method.mask_mode)
+    spec = task.ModelSpec.of(config, model, method.mask_mode)
+    state = method.make_aggregator(config).initial_state(get_scores(model))
+    grid = grid_cls(app, config.num_clients)
+    record = state_record(state)
+    messages = [Message(RecordDict({"arrays": record, "config": ConfigRecord(
+        TrainInstruction(config, 1, pid, method.mask_mode).to_flat())}), dst_node_id=1001 + pid,
+        message_type=MessageType.TRAIN, group_id="1") for pid in pids]
+    replies = list(grid.pull_messages(list(grid.push_messages(messages))))
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    prior = mask_prior(state, method.mask_mode, config.density)
+    return [(decode_masks(r.content.array_records["arrays"]["mask"].numpy(), spec.upload, spec.fingerprint, prior),
+             dict(r.content.metric_records["metrics"])) for r in replies]
+
+
+@pytest.mark.parametrize("method", ["fedpm", "edge-popup", "biprop"])
+def test_batched_clients_match_one_at_a_time(method):
+    """After one round, every client's uploaded mask from the batched engine agrees with the
+    one-at-a-time engine's on at least 99.9% of entries (same seeds), and so do the metrics;
+    the clients' partitions have different sizes (Dirichlet), so batches are ragged."""
+    from server.batched_grid import BatchedGrid
+    from server.inprocess_grid import InProcessGrid
+
+    config = config_from({"method": method, "num-clients": 12, "partitioner": "dirichlet", "local-epochs": 2,
+                          "batch-size": 16, "model": "mlp"})
+    pids = [0, 3, 4, 7, 11]
+    alone, together = _round_uploads(InProcessGrid, config, pids), _round_uploads(BatchedGrid, config, pids)
+    for (mask_a, metrics_a), (mask_b, metrics_b) in zip(alone, together):
+        agree = np.mean(np.concatenate([(mask_a[k] == mask_b[k]).ravel() for k in mask_a]))
+        assert agree >= 0.999
+        assert metrics_a["num-examples"] == metrics_b["num-examples"]
+        assert metrics_a["train-loss"] == pytest.approx(metrics_b["train-loss"], rel=1e-3)
+
+
+def test_batched_engine_runs_a_whole_run_with_faults(tmp_path):
+    """fedmask.simulate(engine='batched') finishes, and dropped/crashed clients are recorded
+    as failures exactly as on the in-process engine (same kinds, same partitions)."""
+    import fedmask
+
+    base = {"num-clients": 8, "clients-per-round": 8, "num-rounds": 2, "fault-drop-rate": 0.2,
+            "fault-crash-rate": 0.2}
+    runs = {engine: fedmask.simulate(base, engine=engine, out=tmp_path / engine) for engine in ("inprocess", "batched")}
+    kinds = {e: [[(f["kind"], f["partition_id"]) for f in row["failure_details"]] for row in r.rounds]
+             for e, r in runs.items()}
+    assert kinds["batched"] == kinds["inprocess"] and any(kinds["batched"])
+    assert runs["batched"].finished

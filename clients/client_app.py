@@ -24,6 +24,7 @@ from fedmask.data import client_split
 from fedmask.downlink import decode_state
 from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, corrupt_upload
 from fedmask.instruction import TrainInstruction
+from fedmask.laperm import arrangement, encode_ranks
 from fedmask.masking import upload_arrays
 from fedmask.methods import get_method
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
@@ -91,10 +92,17 @@ def _compressed_upload(done: LocalRound, instruction: TrainInstruction, broadcas
 
 
 def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool) -> ArrayRecord:
-    """A fresh Bernoulli sample (FedPM), the top-k mask (edge-popup, biprop) or the slot
-    choices as bit-planes (Slot Machines), coded."""
+    """A fresh Bernoulli sample (FedPM), the top-k mask (edge-popup, biprop), the slot
+    choices as bit-planes (Slot Machines) or LaPerm's ranks, coded."""
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     assert done.spec is not None
+    if instruction.mask_mode == "laperm":  # an arrangement, coded against the broadcast ranks
+        rng = np.random.default_rng(derive_seed(config.seed, "laperm-rank-step", server_round, pid))
+        blob = encode_ranks(arrangement(done.model), done.spec.upload, done.spec.fingerprint,
+                            codec=config.uplink_codec, prior=done.prior, step=config.laperm_rank_step, rng=rng)
+        if corrupt:
+            blob, _ = corrupt_upload(blob, config, server_round, pid)
+        return ArrayRecord({"mask": Array(blob)})
     masks = upload_arrays(done.model)
     if instruction.mask_mode == "slots":
         masks = choices_to_planes(masks, config.slots)

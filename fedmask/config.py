@@ -72,7 +72,7 @@ def _method(v: str) -> bool:
 class RunConfig:
     """Every setting of a run, checked. Build it with :func:`resolve` or :func:`load`."""
 
-    method: str = _key("fedpm", "a mask method (fedpm, edge-popup, biprop, slot-machines), the dense baseline "
+    method: str = _key("fedpm", "a mask method (fedpm, edge-popup, biprop, slot-machines, laperm), the dense baseline "
                        "fedavg, a compressed dense baseline (signsgd, ef-signsgd, qsgd, topk-ef), or a plug-in "
                        "'module:Class'", check=_method, rule=f"one of {', '.join(BUILTIN)} or 'module:Class'")
     seed: int = _key(0, "seed of the frozen weights, scores, data split and sampling",
@@ -120,6 +120,13 @@ class RunConfig:
     slot_server_lr: float = _key(2.0, "Slot Machines: how far the clients' choices move the global "
                                  "scores, in units of the score spread",
                                  check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    laperm_sync: int = _key(20, "LaPerm: rewire every k inner-optimizer steps (the paper's sync period k)",
+                            check=_between(1, 1_000_000), rule="in 1..10^6")
+    laperm_lr: float = _key(0.001, "LaPerm: learning rate of the inner Adam on the shadow weights",
+                            check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    laperm_rank_step: int = _key(1, "LaPerm upload: rank displacements are sent divided by this step, "
+                                 "stochastically rounded (1 = exact ranks, lossless; 4 saves about 2 bits "
+                                 "per weight)", check=_between(1, 65535), rule="in 1..65535")
     signsgd_server_lr: float = _key(0.002, "SignSGD: how far the majority sign moves each weight per round",
                                     check=_between(0, 1e3, open_lo=True), rule="in (0, 1000]")
     qsgd_levels: int = _key(4, "QSGD: quantization levels s per sign (0..s)", check=lambda v: 1 <= v <= 1024,

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from fedmask.weights import derive_seed, fan_in, frozen_tensor
 
-MASK_MODES = ("topk", "bernoulli", "biprop", "slots")
+MASK_MODES = ("topk", "bernoulli", "biprop", "slots", "laperm")
 TOPK_MODES = ("topk", "biprop")  # modes whose state is scores and whose mask is top-k
 EVAL_MASKS = ("threshold", "sample")
 SLOT_SELECTIONS = ("greedy", "probabilistic")
@@ -202,6 +202,8 @@ def to_masked(
     the whole masked model is a function of ``seed`` alone. With ``mode = "slots"`` each
     tensor instead gets ``slots`` seeded candidates per entry and a :class:`SlotChoice`.
     """
+    if mode == "laperm":  # LaPerm permutes the seeded values: the parametrization is in fedmask.laperm
+        from fedmask.laperm import Rewired
     if mode == "slots" and not 2 <= slots <= 64:
         raise ValueError(f"slots: expected a candidate count in 2..64, got {slots}")
     _freeze_batchnorm(model, affine=False)
@@ -213,7 +215,13 @@ def to_masked(
             candidates = frozen_tensor(seed, name, (slots, *frozen_param.shape), layer_fan_in, init)
             with torch.no_grad():
                 frozen_param.zero_()
-            parametrization: ScoreMask | SlotChoice = SlotChoice(candidates, slot_selection, eval_mask)
+            parametrization: Any = SlotChoice(candidates, slot_selection, eval_mask)
+        elif mode == "laperm":
+            frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init)
+            with torch.no_grad():
+                frozen_param.copy_(frozen)
+            parametrize.register_parametrization(module, tensor_name, Rewired(frozen))
+            continue  # the shadow weights start at the seeded values
         else:
             frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init)
             with torch.no_grad():
@@ -242,7 +250,7 @@ def _init_scores(scores: torch.Tensor, seed: int, name: str, mode: str, layer_fa
             scores.copy_(torch.randn(scores.shape, generator=generator))
 
 
-def score_masks(model: nn.Module) -> dict[str, ScoreMask | SlotChoice]:
+def score_masks(model: nn.Module) -> dict[str, Any]:
     """The model's parametrizations by tensor name (``"0.weight"``), in a fixed order."""
     found = {}
     for module_name, module in model.named_modules():
@@ -323,6 +331,8 @@ def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.
     for name, module in score_masks(model).items():
         if isinstance(module, SlotChoice):
             raise ValueError("slot models choose candidates, they have no binary mask: use current_choices")
+        if module.mode == "laperm":
+            raise ValueError("LaPerm models permute weights, they have no binary mask: use laperm.arrangement")
         if module.mode == "bernoulli" and sample is not None:
             probs = torch.sigmoid(module.scores)
             mask = torch.bernoulli(probs) if sample else (probs > 0.5).float()
@@ -349,7 +359,12 @@ def current_choices(model: nn.Module, sample: bool | None = None) -> dict[str, n
 
 
 def upload_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """What a client uploads: a fresh mask sample (FedPM), the top-k mask, or slot choices."""
+    """What a client uploads: a fresh mask sample (FedPM), the top-k mask, slot choices, or
+    LaPerm's arrangement (the rank of every weight in its row)."""
+    if any(m.mode == "laperm" for m in score_masks(model).values()):
+        from fedmask.laperm import arrangement
+
+        return arrangement(model)
     if any(m.mode == "slots" for m in score_masks(model).values()):
         return current_choices(model, sample=True)
     return current_masks(model, sample=True)

@@ -90,7 +90,13 @@ class ModelSpec:
 
 
 def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> None:
-    """Scores from a broadcast state: scores as is (topk) or logit(theta) (bernoulli)."""
+    """Scores from a broadcast state: scores as is (topk), logit(theta) (bernoulli), or
+    LaPerm's arrangement (ranks -> the seeded values in that order)."""
+    if mode == "laperm":
+        from fedmask.laperm import load_ranks
+
+        load_ranks(model, state)
+        return
     if mode == "bernoulli":
         state = {k: _logit(v) for k, v in state.items()}
     set_scores(model, state)
@@ -120,8 +126,13 @@ def train(
     """Local training of whatever is trainable (scores, or dense weights for FedAvg).
 
     ``seed`` fixes the batch order and the Bernoulli samples, so one client's round is
-    reproducible wherever it runs.
+    reproducible wherever it runs. A LaPerm model trains the paper's way instead (inner Adam
+    at ``laperm-lr``, a rewire every ``laperm-sync`` steps and at the end; fedmask.laperm).
     """
+    from fedmask import laperm
+
+    if laperm.is_laperm(model):
+        return laperm.train(model, x, y, config, device, seed)
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmask import laperm
 from fedmask.aggregators import MaskAggregator, State
 from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
 from fedmask.compression import CompressionError, aggregate_updates, decompress
@@ -273,6 +274,9 @@ class MaskStrategy(SeededFedAvg):
         if record is None or list(record.keys()) != ["mask"]:
             keys = None if record is None else list(record.keys())
             raise RejectedReply(f"arrays: expected one Array 'mask', got {keys}")
+        if self.aggregator.mask_mode == "laperm":  # ranks, coded against the broadcast ranks
+            return laperm.decode_ranks(record["mask"].numpy(), self.spec.upload, self.spec.fingerprint, self.prior,
+                                       self.run_config.laperm_rank_step)
         return decode_masks(record["mask"].numpy(), self.spec.upload, self.spec.fingerprint, self.prior)
 
     def votes_of(self, bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -283,7 +287,11 @@ class MaskStrategy(SeededFedAvg):
 
     def _measure_code(self, server_round: int, masks: dict[str, np.ndarray]) -> None:
         """Ideal code length under the uplink model, and FedPM's formula, for this mask."""
-        lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
+        if self.aggregator.mask_mode == "laperm":
+            lengths = laperm.code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior,
+                                          self.run_config.laperm_rank_step)
+        else:
+            lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
         outcome = self.outcome(server_round)
         if outcome.code_lengths is None:
             outcome.code_lengths = {"ideal_bits": 0.0, "formula_bits": 0.0}

@@ -148,7 +148,7 @@ def _laperm_central(config: RunConfig, splits: Any, x: Any, y: Any) -> tuple[lis
     trainer = laperm.LaPermTrainer(model, config.laperm_lr, config.laperm_sync, device)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "central"))
     curve, start = [], time.perf_counter()
-    for epoch in range(1, config.num_rounds * config.local_epochs + 1):
+    for _ in range(config.num_rounds * config.local_epochs):
         trainer.epoch(x, y, config.batch_size, generator)
         shadow = get_scores(model)
         laperm.rewire(model)

@@ -97,17 +97,19 @@ _TOPK_KEYS = ("density", "edge-popup-server-lr", "recycle-every", "recycle-fract
 BUILTIN: Mapping[str, Method] = MappingProxyType({
     "fedpm": Method(
         "fedpm", "FedPM: Bernoulli masks, Bayesian (Beta posterior) aggregation; broadcasts theta",
-        "bernoulli", FedPMAggregator, ("fedpm-eps", "fedpm-prior-reset", "eval-mask", "secure-aggregation"),
+        "bernoulli", FedPMAggregator, ("fedpm-eps", "fedpm-prior-reset", "fedpm-prior-reset-rule", "fedpm-gradient",
+                                        "eval-mask", "secure-aggregation"),
         mode_restrictions("bernoulli"), secure_aggregation=True),
     "edge-popup": Method(
         "edge-popup", "edge-popup: top-k masks over scores; votes move the global scores",
         "topk", EdgePopupAggregator, _TOPK_KEYS, mode_restrictions("topk")),
     "biprop": Method(
         "biprop", "Biprop: top-k masks, weights sign(w) * alpha; aggregated as edge-popup",
-        "biprop", BipropAggregator, _TOPK_KEYS, mode_restrictions("biprop")),
+        "biprop", BipropAggregator, (*_TOPK_KEYS, "biprop-gradient", "biprop-scale-fan"),
+        mode_restrictions("biprop")),
     "slot-machines": Method(
         "slot-machines", "Slot Machines: K seeded candidates per connection; clients upload their choice",
-        "slots", SlotMachineAggregator, ("slots", "slot-selection", "slot-server-lr", "eval-mask"),
+        "slots", SlotMachineAggregator, ("slots", "slot-selection", "slot-server-lr", "slot-score-init", "eval-mask"),
         mode_restrictions("slots")),
     "laperm": Method(
         "laperm", "LaPerm: clients permute each row's seeded weight values; ranks up, Borda-merged ranks down",

@@ -65,6 +65,11 @@ def make_model(config: RunConfig, splits: Splits, mode: str | None) -> nn.Module
         eval_mask=config.eval_mask,
         slots=config.slots,
         slot_selection=config.slot_selection,
+        fedpm_gradient=config.fedpm_gradient,
+        biprop_gradient=config.biprop_gradient,
+        biprop_scale_fan=config.biprop_scale_fan,
+        slot_score_init=config.slot_score_init,
+        batchnorm=config.batchnorm,
     )
 
 

@@ -28,7 +28,7 @@ from fedmask.checkpoint import Checkpoint
 from fedmask.config import RunConfig, resolve
 from fedmask.data import Splits
 from fedmask.ledger import Ledger, MeasuringGrid
-from fedmask.masking import get_scores
+from fedmask.masking import check_batchnorm, get_scores
 from fedmask.recycling import RecycleLog, sync_frozen
 from fedmask.results import RoundOutcome, RunRecorder
 from fedmask.weights import derive_seed
@@ -65,6 +65,7 @@ class ServerRun:
 def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
     """The model, strategy and recorder of a run (plain, not secure aggregation)."""
     method = config.method_entry
+    check_batchnorm(config.batchnorm, config.model)  # running statistics cannot be federated
     splits = task.splits_of(config)
     ledger = Ledger()
     model = task.make_model(config, splits, method.mask_mode)

@@ -12,7 +12,7 @@ from typing import Any
 from fedmask import task
 from fedmask.config import RunConfig
 from fedmask.data import client_split
-from fedmask.masking import get_scores, upload_arrays
+from fedmask.masking import check_batchnorm, get_scores, upload_arrays
 from fedmask.recycling import apply_plan, is_recycle_round, recycle_plan
 from fedmask.sampling import sample_partitions
 from fedmask.weights import derive_seed
@@ -20,6 +20,7 @@ from fedmask.weights import derive_seed
 
 def run_plain(config: RunConfig) -> dict[str, Any]:
     """Rounds of sample -> local train -> aggregate -> evaluate; returns accuracies."""
+    check_batchnorm(config.batchnorm, config.model)  # one model trained by every client in turn
     splits = task.splits_of(config)
     device = task.pick_device(config)
     method = config.method_entry

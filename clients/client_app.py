@@ -35,6 +35,7 @@ from fedmask.data import client_split
 from fedmask.downlink import decode_state
 from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, colluding_masks, corrupt_upload
 from fedmask.instruction import TrainInstruction
+from fedmask.laperm import arrangement, encode_ranks
 from fedmask.masking import set_scores, upload_arrays
 from fedmask.methods import get_method
 from fedmask.placement import NODE_RECORD, TRAINED_RECORD, held_partition, node_info
@@ -142,10 +143,17 @@ def _compressed_upload(done: LocalRound, instruction: TrainInstruction, broadcas
 
 
 def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool) -> ArrayRecord:
-    """A fresh Bernoulli sample (FedPM), the top-k mask (edge-popup, biprop) or the slot
-    choices as bit-planes (Slot Machines), coded."""
+    """A fresh Bernoulli sample (FedPM), the top-k mask (edge-popup, biprop), the slot
+    choices as bit-planes (Slot Machines) or LaPerm's ranks, coded."""
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     assert done.spec is not None
+    if instruction.mask_mode == "laperm":  # an arrangement, coded against the broadcast ranks
+        rng = np.random.default_rng(derive_seed(config.seed, "laperm-rank-step", server_round, pid))
+        blob = encode_ranks(arrangement(done.model), done.spec.upload, done.spec.fingerprint,
+                            codec=config.uplink_codec, prior=done.prior, step=config.laperm_rank_step, rng=rng)
+        if corrupt:
+            blob, _ = corrupt_upload(blob, config, server_round, pid)
+        return ArrayRecord({"mask": Array(blob)})
     masks = upload_arrays(done.model)
     if instruction.mask_mode == "slots":
         masks = choices_to_planes(masks, config.slots)
@@ -255,7 +263,10 @@ def prepare_model(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
         task.load_dense_state(model, arrays)
         return model, spec, None, None
     broadcast = broadcast_of(config, mode, spec, arrays)
-    set_scores(model, broadcast.scores)
+    if mode == "laperm":  # ranks: the seeded values put in that order
+        task.load_state(model, broadcast.state, mode)
+    else:
+        set_scores(model, broadcast.scores)
     if config.recycle_every:
         if recycle is None:
             raise ValueError("recycle-every is set but the broadcast carries no 'recycle' log")

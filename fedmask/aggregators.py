@@ -237,7 +237,8 @@ class FedPMAggregator(_StreamingVotes):
     the new theta is the posterior mode ``(alpha-1)/(alpha+beta-2)``, clamped to
     ``[eps, 1-eps]`` so that no weight is decided for good. Counts are unweighted, as in
     the reference; the prior is reset every ``fedpm-prior-reset`` rounds (1 = every round,
-    which makes theta the plain mean of this round's samples; 0 = never).
+    which makes theta the plain mean of this round's samples; 0 = never), on the rounds
+    :func:`prior_resets` names for ``fedpm-prior-reset-rule``.
     """
 
     mask_mode = "bernoulli"
@@ -266,8 +267,8 @@ class FedPMAggregator(_StreamingVotes):
 
     def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
         """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
-        period = self.config.fedpm_prior_reset
-        if not self.ones or (period and (server_round - 1) % period == 0):
+        if not self.ones or prior_resets(server_round, self.config.fedpm_prior_reset,
+                                         self.config.fedpm_prior_reset_rule):
             self.ones = {k: np.zeros(v.shape) for k, v in state.items()}
             self.zeros = {k: np.zeros(v.shape) for k, v in state.items()}
         eps = self.config.fedpm_eps
@@ -279,6 +280,21 @@ class FedPMAggregator(_StreamingVotes):
             mode = (alpha - 1.0) / (alpha + beta - 2.0)
             new_state[name] = np.clip(mode, eps, 1.0 - eps).astype(np.float32)
         return new_state
+
+
+def prior_resets(server_round: int, period: int, rule: str = "fedmask") -> bool:
+    """Whether FedPM's Beta prior is reset before this round's counts (``period`` 0: never).
+
+    ``fedmask``: rounds 1, period+1, 2*period+1, ...; ``fl4health``: rounds with
+    ``(round + 1) % period == 0`` (FL4Health's FedPm). With period 1 or 2 they agree on
+    which rounds reset (every round; every other round, from round 1 in both cases as the
+    counts start empty); from period 3 on they do not.
+    """
+    if not period:
+        return False
+    if rule == "fl4health":
+        return (server_round + 1) % period == 0
+    return (server_round - 1) % period == 0
 
 
 class EdgePopupAggregator(_StreamingVotes):

@@ -55,7 +55,8 @@ _INITS = {
     "signed-kaiming-constant": "±sqrt(2/fan_in), edge-popup's frozen weights",
     "signed-constant-e": "±e*sqrt(1/fan_in), FedPM's reference weights",
     "kaiming-normal": "N(0, 2/fan_in)",
-    "kaiming-uniform": "U(±sqrt(6/fan_in)), Slot Machines' candidates",
+    "kaiming-uniform": "U(±sqrt(6/fan_in)) (He uniform): fedmask's Slot Machines and LaPerm configs",
+    "glorot-uniform": "U(±sqrt(6/(fan_in+fan_out))): Slot Machines' reference candidates",
 }
 
 

@@ -266,12 +266,15 @@ def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> 
     Machines broadcasts (K, *shape) scores: each bit-plane's prior is that bit of the
     global argmax index (also under probabilistic selection: argmax is exact comparisons,
     so every machine derives the same prior, where a softmax's ``exp`` may differ in the
-    last bit between CPUs and make the CRC refuse every upload).
+    last bit between CPUs and make the CRC refuse every upload). LaPerm broadcasts ranks:
+    the prior is those ranks, as integers (see :mod:`fedmask.laperm`).
     """
     from fedmask.masking import topk_mask_np
 
     if mask_mode == "bernoulli":
         return {k: v.astype(np.float64) for k, v in state.items()}
+    if mask_mode == "laperm":  # the broadcast ranks: uploads are coded as displacements from them
+        return {k: np.rint(v).astype(np.int64) for k, v in state.items()}
     if mask_mode == "slots":
         prior: dict[str, np.ndarray] = {}
         for name, scores in state.items():

@@ -25,7 +25,14 @@ from fedmask.codec import UPLINK_CODECS
 from fedmask.data import DATASETS, PARTITIONERS
 from fedmask.downlink import DOWNLINK_CODECS
 from fedmask.faults import ATTACKS, FAULTS
-from fedmask.masking import EVAL_MASKS, SLOT_SELECTIONS
+from fedmask.masking import (
+    BATCHNORMS,
+    BIPROP_GRADIENTS,
+    EVAL_MASKS,
+    FEDPM_GRADIENTS,
+    SLOT_SCORE_INITS,
+    SLOT_SELECTIONS,
+)
 from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
 from fedmask.models import MODELS
 from fedmask.tracking import TRACKERS
@@ -72,7 +79,7 @@ def _method(v: str) -> bool:
 class RunConfig:
     """Every setting of a run, checked. Build it with :func:`resolve` or :func:`load`."""
 
-    method: str = _key("fedpm", "a mask method (fedpm, edge-popup, biprop, slot-machines), the dense baseline "
+    method: str = _key("fedpm", "a mask method (fedpm, edge-popup, biprop, slot-machines, laperm), the dense baseline "
                        "fedavg, a compressed dense baseline (signsgd, ef-signsgd, qsgd, topk-ef), or a plug-in "
                        "'module:Class'", check=_method, rule=f"one of {', '.join(BUILTIN)} or 'module:Class'")
     seed: int = _key(0, "seed of the frozen weights, scores, data split and sampling",
@@ -109,6 +116,24 @@ class RunConfig:
     fedpm_prior_reset: int = _key(1, "FedPM: reset the Beta prior every N rounds "
                                   "(1 = every round, as the reference; 0 = never)",
                                   check=_between(0, 1_000_000), rule="in 0..10^6")
+    fedpm_prior_reset_rule: str = _key("fedmask", "FedPM: which rounds reset the prior with fedpm-prior-reset = N: "
+                                       "'fedmask' when (round - 1) % N == 0 (rounds 1, N+1, ...), 'fl4health' "
+                                       "when (round + 1) % N == 0, as FL4Health's FedPm; they differ for N >= 3",
+                                       choices=("fedmask", "fl4health"))
+    fedpm_gradient: str = _key("straight-through", "FedPM: the gradient through the Bernoulli sample: "
+                               "'straight-through' passes g (fedmask's default), 'reference' passes theta * g "
+                               "as FedPM's reference code", choices=FEDPM_GRADIENTS)
+    biprop_gradient: str = _key("fedmask", "Biprop: the scores' gradient: 'fedmask' g * sign(w) * alpha, "
+                                "'reference' g * |w| as chrundle/biprop", choices=BIPROP_GRADIENTS)
+    biprop_scale_fan: bool = _key(False, "Biprop: divide the frozen weights by sqrt(density), as the "
+                                  "reference's kaiming-normal configs (scale_fan)")
+    slot_score_init: str = _key("kaiming-uniform", "Slot Machines: initial scores: 'kaiming-uniform' "
+                                "U(+-1/sqrt(fan_in)) (fedmask's default) or 'reference' U(0, "
+                                "sqrt(6/(fan_in+fan_out))); the reference's candidates are init = "
+                                "'glorot-uniform'", choices=SLOT_SCORE_INITS)
+    batchnorm: str = _key("stateless", "BatchNorm (non-affine): 'stateless' uses batch statistics also in "
+                          "evaluation; 'running' keeps running statistics as edge-popup's reference, refused "
+                          "for federated runs of models with BatchNorm", choices=BATCHNORMS)
     edge_popup_server_lr: float = _key(2.0, "edge-popup, biprop: how far one unanimous vote moves a "
                                        "score, in units of the score spread",
                                        check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
@@ -120,6 +145,13 @@ class RunConfig:
     slot_server_lr: float = _key(2.0, "Slot Machines: how far the clients' choices move the global "
                                  "scores, in units of the score spread",
                                  check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    laperm_sync: int = _key(20, "LaPerm: rewire every k inner-optimizer steps (the paper's sync period k)",
+                            check=_between(1, 1_000_000), rule="in 1..10^6")
+    laperm_lr: float = _key(0.001, "LaPerm: learning rate of the inner Adam on the shadow weights",
+                            check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    laperm_rank_step: int = _key(1, "LaPerm upload: rank displacements are sent divided by this step, "
+                                 "stochastically rounded (1 = exact ranks, lossless; 4 saves about 2 bits "
+                                 "per weight)", check=_between(1, 65535), rule="in 1..65535")
     signsgd_server_lr: float = _key(0.002, "SignSGD: how far the majority sign moves each weight per round",
                                     check=_between(0, 1e3, open_lo=True), rule="in (0, 1000]")
     qsgd_levels: int = _key(4, "QSGD: quantization levels s per sign (0..s)", check=lambda v: 1 <= v <= 1024,
@@ -279,6 +311,9 @@ def _check_across_keys(config: RunConfig) -> None:
     if fault_total > 1:
         raise ConfigError(f"config keys 'fault-*-rate': expected a sum <= 1 (one fault per client "
                           f"and round at most), got {fault_total:g}")
+    if config.biprop_scale_fan and config.recycle_every:
+        raise ConfigError("config key 'biprop-scale-fan': expected false with recycle-every > 0 (recycling "
+                          "regenerates unscaled weights)")
     if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config.clients_per_round}), got {config.min_clients}")

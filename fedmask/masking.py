@@ -17,8 +17,15 @@ Slot Machines (``slots``) choose instead of mask: every connection holds K seede
 candidate values and K scores, and the weight used is the chosen candidate (the argmax
 score, ``greedy``, or a softmax sample, ``probabilistic``); see :class:`SlotChoice`.
 
+LaPerm (``laperm``) neither masks nor chooses: the weight is a shadow copy trained by an
+inner Adam and rewired every few steps to an arrangement of the seeded values
+(:class:`fedmask.laperm.Rewired`).
+
 All are straight-through: the backward pass hands the mask's (or the one-hot choice's)
-gradient to its input as is.
+gradient to its input as is. Two references differ, each available as a setting:
+FedPM's references pass ``theta * grad`` back through the Bernoulli sample
+(``fedpm-gradient = "reference"``), and Biprop's reference gives the scores ``g * |w|``
+where fedmask's default gives ``g * sign(w) * alpha`` (``biprop-gradient = "reference"``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedmask.weights import derive_seed, fan_in, frozen_tensor
+from fedmask.weights import derive_seed, fan_in, fan_out, frozen_tensor
 
-MASK_MODES = ("topk", "bernoulli", "biprop", "slots")
+MASK_MODES = ("topk", "bernoulli", "biprop", "slots", "laperm")
 TOPK_MODES = ("topk", "biprop")  # modes whose state is scores and whose mask is top-k
 EVAL_MASKS = ("threshold", "sample")
 SLOT_SELECTIONS = ("greedy", "probabilistic")
+SLOT_SCORE_INITS = ("kaiming-uniform", "reference")
 
 
 class TopKMask(torch.autograd.Function):
@@ -69,16 +77,33 @@ def bernoulli_sample(probs: torch.Tensor, generator: torch.Generator | None = No
     return torch.bernoulli(probs, generator=generator)
 
 
+FEDPM_GRADIENTS = ("straight-through", "reference")
+BIPROP_GRADIENTS = ("fedmask", "reference")
+BATCHNORMS = ("stateless", "running")
+
+
 class BernoulliMask(torch.autograd.Function):
-    """A sample of ``Bernoulli(probs)``; the gradient reaches ``probs`` unchanged."""
+    """A sample of ``Bernoulli(probs)``.
+
+    ``straight-through`` (fedmask's default): the gradient reaches ``probs`` unchanged.
+    ``reference``: it reaches ``probs`` as ``probs * grad``, as both FedPM references do
+    (BerivanIsik/sparse-random-networks and FL4Health); with Adam the two differ little,
+    with SGD the reference's steps shrink for small theta.
+    """
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, probs: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        ctx.reference = reference
+        if reference:
+            ctx.save_for_backward(probs)
         return bernoulli_sample(probs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.reference:
+            (probs,) = ctx.saved_tensors
+            return probs * grad, None
+        return grad, None
 
 
 def slot_index(scores: torch.Tensor, sample: bool) -> torch.Tensor:
@@ -144,8 +169,14 @@ class SlotChoice(nn.Module):
 class ScoreMask(nn.Module):
     """Parametrization holding one score per frozen value."""
 
-    def __init__(self, shape: torch.Size, mode: str, density: float, eval_mask: str):
+    def __init__(self, shape: torch.Size, mode: str, density: float, eval_mask: str,
+                 fedpm_gradient: str = "straight-through", biprop_gradient: str = "fedmask"):
         super().__init__()
+        if fedpm_gradient not in FEDPM_GRADIENTS:
+            raise ValueError(f"fedpm-gradient: expected one of {', '.join(FEDPM_GRADIENTS)}, got {fedpm_gradient!r}")
+        if biprop_gradient not in BIPROP_GRADIENTS:
+            raise ValueError(f"biprop-gradient: expected one of {', '.join(BIPROP_GRADIENTS)}, got {biprop_gradient!r}")
+        self.fedpm_gradient, self.biprop_gradient = fedpm_gradient, biprop_gradient
         if mode not in MASK_MODES:
             raise ValueError(f"mode: expected one of {', '.join(MASK_MODES)}, got {mode!r}")
         if mode in TOPK_MODES and not 0.0 < density <= 1.0:
@@ -162,7 +193,7 @@ class ScoreMask(nn.Module):
             return TopKMask.apply(self.scores.abs(), self.density)
         probs = torch.sigmoid(self.scores)
         if self.training or self.eval_mask == "sample":
-            return BernoulliMask.apply(probs)
+            return BernoulliMask.apply(probs, self.fedpm_gradient == "reference")
         return (probs > 0.5).to(probs.dtype)
 
     def forward(self, frozen: torch.Tensor) -> torch.Tensor:
@@ -170,6 +201,10 @@ class ScoreMask(nn.Module):
         if self.mode == "biprop":
             with torch.no_grad():  # alpha is a statistic of the kept weights, not trained
                 alpha = (frozen.abs() * mask).sum() / mask.sum().clamp(min=1.0)
+            if self.biprop_gradient == "reference":
+                # the same value; the mask (so the scores) gets g * |w|, as chrundle/biprop
+                used = frozen.abs() * mask
+                return torch.sign(frozen) * alpha * mask.detach() + used - used.detach()
             return torch.sign(frozen) * alpha * mask
         return frozen * mask
 
@@ -183,19 +218,24 @@ def _maskable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
                     yield f"{prefix}{tensor_name}", module, tensor_name
 
 
-def _freeze_batchnorm(model: nn.Module, affine: bool) -> None:
-    """Swap BatchNorm for a stateless one (batch statistics only).
+def _freeze_batchnorm(model: nn.Module, affine: bool, batchnorm: str = "stateless") -> None:
+    """Swap BatchNorm for a non-affine one (no trained scale or shift, as edge-popup's reference).
 
-    Running statistics would be per-party floats that neither masks nor the seed can
-    carry; edge-popup's reference uses non-affine BatchNorm for the same reason.
+    ``stateless`` (fedmask's default) uses batch statistics only, also in evaluation:
+    running statistics would be per-party floats that neither masks nor the seed carry.
+    ``running`` keeps running statistics for evaluation, as edge-popup's reference does;
+    federated runs refuse it (no upload carries them; :func:`check_batchnorm`), the central
+    training of the benchmark can use it.
     """
+    if batchnorm not in BATCHNORMS:
+        raise ValueError(f"batchnorm: expected one of {', '.join(BATCHNORMS)}, got {batchnorm!r}")
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.BatchNorm2d):
                 setattr(
                     parent,
                     child_name,
-                    nn.BatchNorm2d(child.num_features, affine=affine, track_running_stats=False),
+                    nn.BatchNorm2d(child.num_features, affine=affine, track_running_stats=batchnorm == "running"),
                 )
 
 
@@ -208,6 +248,11 @@ def to_masked(
     eval_mask: str = "threshold",
     slots: int = 8,
     slot_selection: str = "greedy",
+    fedpm_gradient: str = "straight-through",
+    biprop_gradient: str = "fedmask",
+    biprop_scale_fan: bool = False,
+    slot_score_init: str = "kaiming-uniform",
+    batchnorm: str = "stateless",
 ) -> nn.Module:
     """Turn a plain model into a masked one, in place, and return it.
 
@@ -216,24 +261,40 @@ def to_masked(
     the whole masked model is a function of ``seed`` alone. With ``mode = "slots"`` each
     tensor instead gets ``slots`` seeded candidates per entry and a :class:`SlotChoice`.
     """
+    if mode == "laperm":  # LaPerm permutes the seeded values: the parametrization is in fedmask.laperm
+        from fedmask.laperm import Rewired
     if mode == "slots" and not 2 <= slots <= 64:
         raise ValueError(f"slots: expected a candidate count in 2..64, got {slots}")
-    _freeze_batchnorm(model, affine=False)
+    if slot_score_init not in SLOT_SCORE_INITS:
+        raise ValueError(f"slot-score-init: expected one of {', '.join(SLOT_SCORE_INITS)}, got {slot_score_init!r}")
+    _freeze_batchnorm(model, affine=False, batchnorm=batchnorm)
     for name, module, tensor_name in list(_maskable(model)):
         frozen_param = getattr(module, tensor_name)
-        layer_fan_in = fan_in(tuple(cast(torch.Tensor, module.weight).shape))
+        weight_shape = tuple(cast(torch.Tensor, module.weight).shape)
+        layer_fan_in, layer_fan_out = fan_in(weight_shape), fan_out(weight_shape)
         frozen_param.requires_grad_(False)
         if mode == "slots":
-            candidates = frozen_tensor(seed, name, (slots, *frozen_param.shape), layer_fan_in, init)
+            candidates = frozen_tensor(seed, name, (slots, *frozen_param.shape), layer_fan_in, init, layer_fan_out)
             with torch.no_grad():
                 frozen_param.zero_()
-            parametrization: ScoreMask | SlotChoice = SlotChoice(candidates, slot_selection, eval_mask)
-        else:
-            frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init)
+            parametrization: Any = SlotChoice(candidates, slot_selection, eval_mask)
+        elif mode == "laperm":
+            frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init, layer_fan_out)
             with torch.no_grad():
                 frozen_param.copy_(frozen)
-            parametrization = ScoreMask(frozen_param.shape, mode, density, eval_mask)
-        _init_scores(parametrization.scores, seed, name, mode, layer_fan_in)
+            parametrize.register_parametrization(module, tensor_name, Rewired(frozen))
+            continue  # the shadow weights start at the seeded values
+        else:
+            frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init, layer_fan_out)
+            if mode == "biprop" and biprop_scale_fan:  # the reference's scale_fan: w / sqrt(density)
+                frozen = frozen / math.sqrt(density)
+            with torch.no_grad():
+                frozen_param.copy_(frozen)
+            parametrization = ScoreMask(frozen_param.shape, mode, density, eval_mask, fedpm_gradient, biprop_gradient)
+        if mode == "slots" and slot_score_init == "reference":
+            _init_reference_slot_scores(parametrization.scores, seed, name, layer_fan_in, layer_fan_out)
+        else:
+            _init_scores(parametrization.scores, seed, name, mode, layer_fan_in)
         parametrize.register_parametrization(module, tensor_name, parametrization)
     leftover = [n for n, p in model.named_parameters() if p.requires_grad and "scores" not in n]
     if leftover:
@@ -256,7 +317,24 @@ def _init_scores(scores: torch.Tensor, seed: int, name: str, mode: str, layer_fa
             scores.copy_(torch.randn(scores.shape, generator=generator))
 
 
-def score_masks(model: nn.Module) -> dict[str, ScoreMask | SlotChoice]:
+def _init_reference_slot_scores(scores: torch.Tensor, seed: int, name: str, layer_fan_in: int,
+                                layer_fan_out: int) -> None:
+    """Slot Machines' reference score init: U(0, b), b = sqrt(6 / (fan_in + fan_out)) (Glorot's bound)."""
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, name, "scores"))
+    bound = math.sqrt(6.0 / (layer_fan_in + layer_fan_out))
+    with torch.no_grad():
+        scores.copy_(torch.rand(scores.shape, generator=generator) * bound)
+
+
+def check_batchnorm(batchnorm: str, model: str) -> None:
+    """Federated runs refuse running BatchNorm statistics (a ValueError naming the key):
+    each party's statistics would come from its own data and no upload carries them."""
+    if batchnorm == "running" and model in ("conv2", "conv4", "conv6", "resnet18"):
+        raise ValueError("batchnorm: 'running' keeps per-party running statistics that no upload carries; "
+                         "federated runs need 'stateless' (the benchmark's central training can use 'running')")
+
+
+def score_masks(model: nn.Module) -> dict[str, Any]:
     """The model's parametrizations by tensor name (``"0.weight"``), in a fixed order."""
     found = {}
     for module_name, module in model.named_modules():
@@ -299,7 +377,8 @@ def regenerate_frozen(model: nn.Module, seed: int, init: str) -> None:
         if plist[0].mode == "slots":
             raise ValueError("weight recycling applies to top-k masks (edge-popup, biprop), not slots")
         weight_shape = tuple(_parametrizations(module)["weight"].original.shape)
-        values = frozen_tensor(seed, name, tuple(plist.original.shape), fan_in(weight_shape), init)
+        values = frozen_tensor(seed, name, tuple(plist.original.shape), fan_in(weight_shape), init,
+                               fan_out(weight_shape))
         plist.original.copy_(values.to(plist.original.device))
 
 
@@ -337,6 +416,8 @@ def current_masks(model: nn.Module, sample: bool | None = None) -> dict[str, np.
     for name, module in score_masks(model).items():
         if isinstance(module, SlotChoice):
             raise ValueError("slot models choose candidates, they have no binary mask: use current_choices")
+        if module.mode == "laperm":
+            raise ValueError("LaPerm models permute weights, they have no binary mask: use laperm.arrangement")
         if module.mode == "bernoulli" and sample is not None:
             probs = torch.sigmoid(module.scores)
             mask = bernoulli_sample(probs) if sample else (probs > 0.5).float()
@@ -363,7 +444,12 @@ def current_choices(model: nn.Module, sample: bool | None = None) -> dict[str, n
 
 
 def upload_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """What a client uploads: a fresh mask sample (FedPM), the top-k mask, or slot choices."""
+    """What a client uploads: a fresh mask sample (FedPM), the top-k mask, slot choices, or
+    LaPerm's arrangement (the rank of every weight in its row)."""
+    if any(m.mode == "laperm" for m in score_masks(model).values()):
+        from fedmask.laperm import arrangement
+
+        return arrangement(model)
     if any(m.mode == "slots" for m in score_masks(model).values()):
         return current_choices(model, sample=True)
     return current_masks(model, sample=True)

@@ -28,6 +28,7 @@ from fedmask.aggregators import (
     MaskAggregator,
     SlotMachineAggregator,
 )
+from fedmask.laperm import LaPermAggregator
 from fedmask.masking import MASK_MODES, TOPK_MODES
 
 
@@ -81,6 +82,10 @@ def mode_restrictions(mask_mode: str | None) -> dict[str, Restriction]:
         rules["recycle-every"] = _NO_RECYCLING
     if mask_mode == "slots":
         rules["init"] = _SLOT_INITS
+    if mask_mode == "laperm":
+        rules["attack"] = Restriction(("none",), "the attacks rewrite binary masks, LaPerm uploads ranks")
+        rules["robust-aggregation"] = Restriction(("none",), "LaPerm merges ranks by a Borda count")
+        rules["downlink-codec"] = Restriction(("float32",), "the broadcast ranks must arrive exactly")
     if mask_mode is None:
         rules["attack"] = Restriction(("none",), "the attacks rewrite mask votes")
         rules["downlink-codec"] = Restriction(("float32",), "the dense baseline sends its weights as they are")
@@ -92,18 +97,23 @@ _TOPK_KEYS = ("density", "edge-popup-server-lr", "recycle-every", "recycle-fract
 BUILTIN: Mapping[str, Method] = MappingProxyType({
     "fedpm": Method(
         "fedpm", "FedPM: Bernoulli masks, Bayesian (Beta posterior) aggregation; broadcasts theta",
-        "bernoulli", FedPMAggregator, ("fedpm-eps", "fedpm-prior-reset", "eval-mask", "secure-aggregation"),
+        "bernoulli", FedPMAggregator, ("fedpm-eps", "fedpm-prior-reset", "fedpm-prior-reset-rule", "fedpm-gradient",
+                                        "eval-mask", "secure-aggregation"),
         mode_restrictions("bernoulli"), secure_aggregation=True),
     "edge-popup": Method(
         "edge-popup", "edge-popup: top-k masks over scores; votes move the global scores",
         "topk", EdgePopupAggregator, _TOPK_KEYS, mode_restrictions("topk")),
     "biprop": Method(
         "biprop", "Biprop: top-k masks, weights sign(w) * alpha; aggregated as edge-popup",
-        "biprop", BipropAggregator, _TOPK_KEYS, mode_restrictions("biprop")),
+        "biprop", BipropAggregator, (*_TOPK_KEYS, "biprop-gradient", "biprop-scale-fan"),
+        mode_restrictions("biprop")),
     "slot-machines": Method(
         "slot-machines", "Slot Machines: K seeded candidates per connection; clients upload their choice",
-        "slots", SlotMachineAggregator, ("slots", "slot-selection", "slot-server-lr", "eval-mask"),
+        "slots", SlotMachineAggregator, ("slots", "slot-selection", "slot-server-lr", "slot-score-init", "eval-mask"),
         mode_restrictions("slots")),
+    "laperm": Method(
+        "laperm", "LaPerm: clients permute each row's seeded weight values; ranks up, Borda-merged ranks down",
+        "laperm", LaPermAggregator, ("laperm-sync", "laperm-lr", "laperm-rank-step"), mode_restrictions("laperm")),
     "fedavg": Method(
         "fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)",
         None, None, ("momentum",), mode_restrictions(None)),

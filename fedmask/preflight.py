@@ -16,7 +16,7 @@ import torch
 from fedmask import task
 from fedmask.config import ConfigError, RunConfig
 from fedmask.data import client_split
-from fedmask.masking import get_scores
+from fedmask.masking import check_batchnorm, get_scores
 
 
 def check_before_start(config: RunConfig) -> None:
@@ -33,6 +33,10 @@ def check_before_start(config: RunConfig) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"config key 'tracker': {config.tracker!r} needs the {module} package, which is not "
                               "installed: pip install -e \".[track]\"")
+    try:
+        check_batchnorm(config.batchnorm, config.model)
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None
     splits = task.splits_of(config)
     for pid in range(config.num_clients):
         client_split(splits, pid, config.num_clients, config.partitioner, config.seed,

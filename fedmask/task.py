@@ -65,6 +65,11 @@ def make_model(config: RunConfig, splits: Splits, mode: str | None) -> nn.Module
         eval_mask=config.eval_mask,
         slots=config.slots,
         slot_selection=config.slot_selection,
+        fedpm_gradient=config.fedpm_gradient,
+        biprop_gradient=config.biprop_gradient,
+        biprop_scale_fan=config.biprop_scale_fan,
+        slot_score_init=config.slot_score_init,
+        batchnorm=config.batchnorm,
     )
 
 
@@ -90,12 +95,19 @@ class ModelSpec:
 
 
 def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> None:
-    """Scores from a broadcast state: scores as is (topk) or logit(theta) (bernoulli)."""
+    """Scores from a broadcast state: scores as is (topk), logit(theta) (bernoulli), or
+    LaPerm's arrangement (ranks -> the seeded values in that order)."""
+    if mode == "laperm":
+        from fedmask.laperm import load_ranks
+
+        load_ranks(model, state)
+        return
     set_scores(model, scores_of_state(state, mode))
 
 
 def scores_of_state(state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
-    """The scores a client starts from: the state as is (topk, slots) or logit(theta) (bernoulli)."""
+    """The scores a client starts from: the state as is (topk, slots; LaPerm's ranks, which
+    :func:`load_state` applies instead) or logit(theta) (bernoulli)."""
     if mode == "bernoulli":
         return {k: _logit(v) for k, v in state.items()}
     return state
@@ -125,8 +137,13 @@ def train(
     """Local training of whatever is trainable (scores, or dense weights for FedAvg).
 
     ``seed`` fixes the batch order and the Bernoulli samples, so one client's round is
-    reproducible wherever it runs.
+    reproducible wherever it runs. A LaPerm model trains the paper's way instead (inner Adam
+    at ``laperm-lr``, a rewire every ``laperm-sync`` steps and at the end; fedmask.laperm).
     """
+    from fedmask import laperm
+
+    if laperm.is_laperm(model):
+        return laperm.train(model, x, y, config, device, seed)
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -31,7 +31,7 @@ from fedmask.config import ConfigError, RunConfig, resolve
 from fedmask.data import DataError, Splits, partition_sizes
 from fedmask.faults import robustness_warning
 from fedmask.ledger import Ledger, MeasuringGrid
-from fedmask.masking import get_scores
+from fedmask.masking import check_batchnorm, get_scores
 from fedmask.preflight import check_before_start
 from fedmask.recycling import RecycleLog, sync_frozen
 from fedmask.results import RoundOutcome, RunRecorder
@@ -71,6 +71,7 @@ class ServerRun:
 def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
     """The model, strategy and recorder of a run (plain, not secure aggregation)."""
     method = config.method_entry
+    check_batchnorm(config.batchnorm, config.model)  # running statistics cannot be federated
     splits = task.splits_of(config)
     ledger = Ledger()
     model = task.make_model(config, splits, method.mask_mode)

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmask import laperm
 from fedmask.aggregators import MaskAggregator, State, dense_aggregate
 from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
 from fedmask.compression import CompressionError, aggregate_updates, decompress
@@ -315,6 +316,9 @@ class MaskStrategy(SeededFedAvg):
         blob = reply_arrays(record)["mask"]
         if blob.dtype != np.uint8 or blob.ndim != 1:
             raise RejectedReply(f"arrays 'mask': expected a 1-D uint8 blob, got {blob.dtype} {blob.shape}")
+        if self.aggregator.mask_mode == "laperm":  # ranks, coded against the broadcast ranks
+            return laperm.decode_ranks(blob, self.spec.upload, self.spec.fingerprint, self.prior,
+                                       self.run_config.laperm_rank_step)
         return decode_masks(blob, self.spec.upload, self.spec.fingerprint, self.prior, lengths)
 
     def votes_of(self, bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -327,7 +331,10 @@ class MaskStrategy(SeededFedAvg):
                       lengths: dict[str, float] | None = None) -> None:
         """Ideal code length under the uplink model, and FedPM's formula, for this mask
         (``lengths`` when the decoder measured them already)."""
-        if lengths is None:
+        if self.aggregator.mask_mode == "laperm":
+            lengths = laperm.code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior,
+                                          self.run_config.laperm_rank_step)
+        elif not lengths:
             lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
         outcome = self.outcome(server_round)
         if outcome.code_lengths is None:

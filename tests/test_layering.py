@@ -53,5 +53,5 @@ def test_one_registry_answers_for_every_builtin_method():
         assert (method.aggregator is None) == (method.mask_mode is None)
         assert set(method.keys) <= set(SCHEMA) and set(method.restrictions) <= set(SCHEMA)
         assert RunConfig(method=name).method_entry is method
-    assert set(BUILTIN) == {"fedpm", "edge-popup", "biprop", "slot-machines", "fedavg", "signsgd", "ef-signsgd",
-                            "qsgd", "topk-ef"}
+    assert set(BUILTIN) == {"fedpm", "edge-popup", "biprop", "slot-machines", "laperm", "fedavg",
+                            "signsgd", "ef-signsgd", "qsgd", "topk-ef"}

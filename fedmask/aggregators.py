@@ -65,6 +65,40 @@ class MaskAggregator(ABC):
         """
 
 
+class Replayable(MaskAggregator):
+    """An aggregator whose update a client can replay: ``aggregate`` is exactly
+    ``replay(state, *round_votes(...))``, a pure function of the previous state, the round's
+    aggregated votes (float64 arrays) and the config.
+
+    The ``lossless`` downlink (:mod:`fedmask.broadcast`) sends the votes instead of the
+    state, and the client calls :meth:`replay` with the same float64 operations as the
+    server, so both hold the bit-identical state. ``absorbing`` aggregators (FedPM with the
+    prior reset every round) ignore the previous state.
+    """
+
+    @property
+    def absorbing(self) -> bool:
+        """Whether :meth:`replay` ignores the previous state (then one round's votes give the state)."""
+        return False
+
+    def apply(self, server_round: int, state: State, votes: State, clients: float) -> State:
+        """The server's update from the votes; :meth:`replay` unless the aggregator keeps memory."""
+        return self.replay(state, votes, clients)
+
+    @abstractmethod
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
+        """This round's aggregated votes (float64, by tensor) and the number of uploads."""
+
+    @abstractmethod
+    def replay(self, state: State, votes: State, clients: float) -> State:
+        """The next state from the previous one and :meth:`round_votes`' result."""
+
+    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+        votes, clients = self.round_votes(server_round, state, masks, weights)
+        return self.apply(server_round, state, votes, clients)
+
+
 def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
     """Per weight, the weighted fraction of clients that kept it."""
     total = float(sum(weights))
@@ -97,7 +131,18 @@ def robust_vote(masks: list[Masks], weights: list[float], config: RunConfig) -> 
     return out
 
 
-class FedPMAggregator(MaskAggregator):
+def fedpm_theta(ones: np.ndarray, zeros: np.ndarray, eps: float) -> np.ndarray:
+    """FedPM's theta from Beta-posterior counts: the clamped mode, float64 ops then float32.
+
+    The server's aggregation and a client replaying the ``lossless`` broadcast both call
+    this, so their theta agree bit for bit.
+    """
+    alpha, beta = 1.0 + ones, 1.0 + zeros
+    mode = (alpha - 1.0) / (alpha + beta - 2.0)
+    return np.clip(mode, eps, 1.0 - eps).astype(np.float32)
+
+
+class FedPMAggregator(Replayable):
     """FedPM's Bayesian aggregation (Isik et al., ICLR 2023).
 
     A Beta(1, 1) prior per weight counts the ones and zeros of the uploaded samples;
@@ -121,9 +166,27 @@ class FedPMAggregator(MaskAggregator):
         self.ones = {k[5:]: v for k, v in arrays.items() if k.startswith("ones/")}
         self.zeros = {k[6:]: v for k, v in arrays.items() if k.startswith("zeros/")}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+    @property
+    def absorbing(self) -> bool:
+        """With the prior reset every round, theta depends on this round's counts alone."""
+        return self.config.fedpm_prior_reset == 1
+
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
         votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
-        return self.aggregate_counts(server_round, state, {k: v * len(masks) for k, v in votes.items()}, len(masks))
+        return {k: v * len(masks) for k, v in votes.items()}, len(masks)
+
+    def apply(self, server_round: int, state: State, votes: State, clients: float) -> State:
+        return self.aggregate_counts(server_round, state, votes, int(clients))
+
+    def replay(self, state: State, votes: State, clients: float) -> State:
+        """theta from one round's counts of ones (prior reset every round), as the server's."""
+        if not self.absorbing:
+            raise ValueError("fedpm-prior-reset: a client can replay FedPM's update only when the prior "
+                             f"is reset every round (1), got {self.config.fedpm_prior_reset}")
+        eps = self.config.fedpm_eps
+        return {name: fedpm_theta(np.zeros(state[name].shape) + votes[name],
+                                  np.zeros(state[name].shape) + (clients - votes[name]), eps) for name in state}
 
     def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
         """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
@@ -136,13 +199,11 @@ class FedPMAggregator(MaskAggregator):
         for name in state:
             self.ones[name] += ones[name]
             self.zeros[name] += clients - ones[name]
-            alpha, beta = 1.0 + self.ones[name], 1.0 + self.zeros[name]
-            mode = (alpha - 1.0) / (alpha + beta - 2.0)
-            new_state[name] = np.clip(mode, eps, 1.0 - eps).astype(np.float32)
+            new_state[name] = fedpm_theta(self.ones[name], self.zeros[name], eps)
         return new_state
 
 
-class EdgePopupAggregator(MaskAggregator):
+class EdgePopupAggregator(Replayable):
     """Federated edge-popup: votes move scores, they do not replace them.
 
     Setting each score to its vote frequency (the naive rule) leaves the scores in a few
@@ -160,8 +221,11 @@ class EdgePopupAggregator(MaskAggregator):
     def initial_state(self, scores: State) -> State:
         return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        votes = robust_vote(masks, weights, self.config)
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
+        return robust_vote(masks, weights, self.config), len(masks)
+
+    def replay(self, state: State, votes: State, clients: float) -> State:
         server_lr, density = self.config.edge_popup_server_lr, self.config.density
         new_state = {}
         for name, scores in state.items():
@@ -177,7 +241,7 @@ def _standardised(magnitude: np.ndarray) -> np.ndarray:
     return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
-class SlotMachineAggregator(MaskAggregator):
+class SlotMachineAggregator(Replayable):
     """Federated Slot Machines: a client's choice of candidate is a vote; votes move scores.
 
     Per connection the server keeps K scores, centred (their mean over the K candidates
@@ -197,12 +261,17 @@ class SlotMachineAggregator(MaskAggregator):
     def initial_state(self, scores: State) -> State:
         return {name: _centred(v.astype(np.float64)) for name, v in scores.items()}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
         slots = next(iter(state.values())).shape[0]
         candidate = np.arange(slots)
         onehots = [{name: candidate.reshape(-1, *[1] * idx.ndim) == idx[None] for name, idx in m.items()}
                    for m in masks]
-        votes = robust_vote(onehots, weights, self.config)  # per candidate: share choosing it
+        return robust_vote(onehots, weights, self.config), len(masks)  # per candidate: share choosing it
+
+    def replay(self, state: State, votes: State, clients: float) -> State:
+        slots = next(iter(state.values())).shape[0]
+        candidate = np.arange(slots)
         new_state = {}
         for name, scores in state.items():
             centred = _centred(scores.astype(np.float64)).astype(np.float64)

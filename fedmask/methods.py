@@ -81,7 +81,8 @@ def mode_restrictions(mask_mode: str | None) -> dict[str, Restriction]:
         rules["init"] = _SLOT_INITS
     if mask_mode is None:
         rules["attack"] = Restriction(("none",), "the attacks rewrite mask votes")
-        rules["downlink-codec"] = Restriction(("float32",), "the dense baseline sends its weights as they are")
+        rules["downlink-codec"] = Restriction(("float32", "lossless"),
+                                              "the dense baseline sends its float32 weights as they are")
     return rules
 
 

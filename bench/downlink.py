@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="/tmp/fedmask-downlink", help="sweep folders (kept, resumable)")
     parser.add_argument("--no-run", action="store_true", help="only read the runs already in --runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--note", default="", help="a paragraph for the report (e.g. what a reduced run left out)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     runs_dir, out = Path(args.runs), Path(args.out)
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweep(task, family, args.seeds, runs_dir, rounds)
         rows += summarise(task, read_runs(runs_dir / task))
     best, notes = recommend(rows)
-    write(rows, best, notes, out, machine_info("python -m bench.downlink", sys.argv[1:], time.perf_counter() - start))
+    machine = machine_info("python -m bench.downlink", sys.argv[1:], time.perf_counter() - start)
+    write(rows, best, notes, args.note, out, machine)
     return 0
 
 
@@ -162,7 +164,8 @@ def _pm(value: tuple[float, float] | None, spec: str) -> str:
     return "–" if value is None else f"{value[0]:{spec}} ± {value[1]:{spec}}"
 
 
-def write(rows: list[dict[str, Any]], best: str | None, notes: list[str], out: Path, machine: dict[str, Any]) -> None:
+def write(rows: list[dict[str, Any]], best: str | None, notes: list[str], note: str, out: Path,
+          machine: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = md_table(
         ("task", "downlink", "seeds x rounds", "final accuracy", "down B/client-round", "up B/client-round",
@@ -179,7 +182,7 @@ def write(rows: list[dict[str, Any]], best: str | None, notes: list[str], out: P
         "sent to, averaged over rounds; 'x FedAvg' is one FedAvg round trip of the same architecture",
         "(fedmask.totals, weighed as sent) over the up + down bytes. Accuracy: final test accuracy, mean ±",
         "sample std over seeds. 'bpp': bits per parameter per client. FedPM unless the task says otherwise.", "",
-        table, "",
+        *([note, ""] if note else []), table, "",
         f"**Recommended default (cheapest within float32's seed spread on every task): {best}**", "",
         *[f"- {n}" for n in notes], "",
         "## Machine", "", *[f"- {k}: {v}" for k, v in machine.items()], ""])

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 def fedavg_round_bytes(config: RunConfig, dense: dict[str, np.ndarray]) -> dict[str, int]:
     """Bytes of one FedAvg instruction and its reply for the dense weights ``dense``."""
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(v, dtype=np.float32)) for name, v in dense.items()})
-    dense_config = config.replace(method="fedavg", downlink_codec="float32")
-    instruction = ConfigRecord(TrainInstruction(dense_config, 1, 0, None).to_flat())
+    # the run's own config record (a FedAvg run's differs in a few characters of its values)
+    instruction = ConfigRecord(TrainInstruction(config, 1, 0, None).to_flat())
     # Built with explicit metadata (no run context needed); the ledger widens every id anyway.
     meta: dict[str, Any] = {"run_id": 1, "message_id": "", "group_id": "1", "created_at": 0.0, "ttl": 3600.0,
             "message_type": MessageType.TRAIN}

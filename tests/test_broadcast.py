@@ -267,3 +267,16 @@ def test_totals_and_fedavg_equivalent_match_a_real_fedavg_round(tmp_path):
     assert total == (rows[0]["uplink_message_bytes"] + rows[0]["downlink_message_bytes"]) / 4
     assert summary["fedavg_ratio"] == pytest.approx(rows[0]["fedavg_message_bytes_per_client"] / total)
     assert summary["fedavg_ratio"] > 20
+
+
+def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_path):
+    """After a resume the history of steps is gone: every node gets the float32 state
+    once, then deltas again; the accuracies are those of the uninterrupted run."""
+    whole, _ = _run(tmp_path, "whole", **{"num-rounds": 4, "downlink-codec": "lossless"})
+    config = resolve({**SMALL, "num-rounds": 2, "downlink-codec": "lossless"})
+    run_server(InProcessGrid(real_client_app, config.num_clients), config, tmp_path / "resumed")
+    config = config.replace(num_rounds=4)
+    run_server(InProcessGrid(real_client_app, config.num_clients), config, tmp_path / "resumed", resume=True)
+    rows = _rounds(tmp_path / "resumed")
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]
+    assert rows[2]["downlink_kinds"] == {"full": 4} and "full" not in rows[3]["downlink_kinds"]

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     config = "configs/mnist-fedpm.toml"
     for setting in args.settings.split(","):
         clients, per_round = map(int, setting.split("x"))
-        sets = [*DATA, f"num-clients={clients}", f"clients-per-round={per_round}", "per-client=false"]
+        sets = [*DATA, f"num-clients={clients}", f"clients-per-round={per_round}", "per-client=false",
+                'downlink-codec="float32"']  # the batched engine needs a stateless downlink
         for engine in [*args.engines.split(","), "plain"]:
             print(f"{clients} x {per_round}: {engine}", flush=True)
             run_dir = runs_dir / f"{engine}-{clients}-{per_round}"

@@ -27,7 +27,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmask import task
+from fedmask import broadcast, task
+from fedmask.aggregators import Replayable
 from fedmask.codec import MaskLayout, Prior, choices_to_planes, encode_masks, mask_prior
 from fedmask.compression import ErrorFeedback, compress
 from fedmask.config import RunConfig
@@ -36,7 +37,7 @@ from fedmask.downlink import decode_state
 from fedmask.faults import SLOW_RECORD, attack_masks, attackers, client_fault, colluding_masks, corrupt_upload
 from fedmask.instruction import TrainInstruction
 from fedmask.laperm import arrangement, encode_ranks
-from fedmask.masking import set_scores, upload_arrays
+from fedmask.masking import get_scores, set_scores, upload_arrays
 from fedmask.methods import get_method
 from fedmask.placement import NODE_RECORD, TRAINED_RECORD, held_partition, node_info
 from fedmask.recycling import RECORD, RecycleLog, sync_frozen
@@ -89,6 +90,50 @@ def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dic
             del _BROADCASTS[next(iter(_BROADCASTS))]
         _BROADCASTS[key] = found
     return found
+
+
+@functools.lru_cache(maxsize=2)
+def _initial_state(config: RunConfig, mode: str) -> dict[str, np.ndarray]:
+    """The seed's first global state (version 0 of the lossless downlink), as the server builds it."""
+    model = task.make_model(config, task.splits_of(config), mode)
+    return config.method_entry.make_aggregator(config).initial_state(get_scores(model))
+
+
+def _replayer(config: RunConfig) -> Replayable:
+    aggregator = config.method_entry.make_aggregator(config)
+    if not isinstance(aggregator, Replayable):
+        raise broadcast.BroadcastError("replay", "a method whose update clients can replay", config.method)
+    return aggregator
+
+
+def _held(context: Context) -> broadcast.Held | None:
+    """What this node kept of its last lossless broadcast (Flower's per-node context.state)."""
+    if broadcast.HELD_STATE not in context.state or broadcast.HELD_META not in context.state:
+        return None
+    meta = context.state.config_records[broadcast.HELD_META]
+    arrays = context.state.array_records[broadcast.HELD_STATE]
+    version = meta["version"]
+    return broadcast.Held(version if isinstance(version, int) else -1, bytes.fromhex(str(meta["digest"])),
+                          {name: array.numpy() for name, array in arrays.items()})
+
+
+def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: Context) -> tuple[
+        dict[str, np.ndarray], ConfigRecord]:
+    """The server's exact state from a lossless broadcast; kept in ``context.state`` for the
+    next one; and the reply's confirmation of what this node now holds."""
+    config, mode = instruction.config, instruction.mask_mode
+    assert mode is not None
+    _, spec = _model_for(config, mode)
+    assert spec is not None
+    held = _held(context)
+    for key in (broadcast.HELD_STATE, broadcast.HELD_META):  # a failed receive leaves nothing stale
+        if key in context.state:
+            del context.state[key]
+    got = broadcast.receive(blob, spec.layout, spec.fingerprint, held, lambda: _initial_state(config, mode),
+                            lambda: _replayer(config), mode, config.density)
+    context.state[broadcast.HELD_STATE] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
+    context.state[broadcast.HELD_META] = ConfigRecord({"version": got.version, "digest": got.digest.hex()})
+    return got.state, ConfigRecord({"version": got.version, "digest": got.digest.hex()})
 
 
 @dataclass
@@ -204,17 +249,20 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "crash":
         raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
     arrays = {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
+    confirm = None
+    if broadcast.RECORD in arrays and instruction.mask_mode is not None:
+        arrays, confirm = receive_lossless(arrays[broadcast.RECORD], instruction, context)
     recycle = msg.content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: array.numpy() for name, array in recycle.items()}
     done = local_round(instruction, arrays, recycle_arrays)
     upload = None
     if done.spec is None and get_method(config.method).compressor:
         upload = _compressed_upload(done, instruction, arrays, context, fault == "corrupt")
-    return reply_of(msg, instruction, done, fault, upload)
+    return reply_of(msg, instruction, done, fault, upload, confirm)
 
 
 def reply_of(msg: Message, instruction: TrainInstruction, done: LocalRound, fault: str | None,
-             upload: ArrayRecord | None = None) -> Message:
+             upload: ArrayRecord | None = None, confirm: ConfigRecord | None = None) -> Message:
     """The reply to a train instruction after its local round: the coded upload (``upload``
     when the caller coded it already) and the metrics."""
     config, pid = instruction.config, instruction.partition_id
@@ -225,6 +273,8 @@ def reply_of(msg: Message, instruction: TrainInstruction, done: LocalRound, faul
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": done.num_examples,
                                                                    **done.metrics}),
                         TRAINED_RECORD: ConfigRecord({"partition-id": pid})})
+    if confirm is not None:  # the server learns what this node holds only from this
+        reply[broadcast.CONFIRM] = confirm
     if fault == "slow":  # delivered late by the server's grid (see faults.SLOW_RECORD)
         reply[SLOW_RECORD] = ConfigRecord({"delay": config.fault_slow_delay})
     return Message(reply, reply_to=msg)

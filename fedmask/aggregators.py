@@ -134,17 +134,74 @@ class VoteSums:
         return _robust_from_counts(self.sums, self.count, self.config)
 
 
+class Replayable(MaskAggregator):
+    """An aggregator whose update a client can replay: ``aggregate`` is exactly
+    ``apply(state, *round_votes(...))``, and with ``replay`` a pure function of the previous
+    state, the round's aggregated votes (float64 arrays) and the config.
+
+    The ``lossless`` downlink (:mod:`fedmask.broadcast`) sends the votes instead of the
+    state, and the client calls :meth:`replay` with the same float64 operations as the
+    server, so both hold the bit-identical state. ``absorbing`` aggregators (FedPM with the
+    prior reset every round) ignore the previous state.
+    """
+
+    @property
+    def absorbing(self) -> bool:
+        """Whether :meth:`replay` ignores the previous state (then one round's votes give the state)."""
+        return False
+
+    def apply(self, server_round: int, state: State, votes: State, clients: float) -> State:
+        """The server's update from the votes; :meth:`replay` unless the aggregator keeps memory."""
+        return self.replay(state, votes, clients)
+
+    @abstractmethod
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
+        """This round's aggregated votes (float64, by tensor) and the number of uploads."""
+
+    @abstractmethod
+    def replay(self, state: State, votes: State, clients: float) -> State:
+        """The next state from the previous one and :meth:`round_votes`' result."""
+
+    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+        votes, clients = self.round_votes(server_round, state, masks, weights)
+        return self.apply(server_round, state, votes, clients)
+
+    aggregate._streams = True  # type: ignore[attr-defined]  # _StreamingVotes folds it natively
+
+
+def fedpm_theta(ones: np.ndarray, zeros: np.ndarray, eps: float) -> np.ndarray:
+    """FedPM's theta from counts of ones and zeros: the Beta(1, 1) posterior mode, clamped.
+
+    The one formula the server's update and a client's replay of the lossless downlink
+    share, so both compute the same float32 bits.
+    """
+    alpha, beta = 1.0 + ones, 1.0 + zeros
+    mode = (alpha - 1.0) / (alpha + beta - 2.0)
+    return np.clip(mode, eps, 1.0 - eps).astype(np.float32)
+
+
 class _StreamingVotes(MaskAggregator):
     """Built-in rules: ``fold`` adds to :class:`VoteSums`; ``finish`` turns the sums into
     the next state (``_from_votes``), equal bit for bit to ``aggregate`` on the list."""
 
+    def _streams(self) -> bool:
+        """Fold natively, unless a subclass replaced ``aggregate`` (then that decides, on the list)."""
+        return bool(getattr(type(self).aggregate, "_streams", False))
+
     def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
+        if not self._streams():
+            MaskAggregator.fold(self, server_round, state, mask, weight)
+            return
         sums = self.__dict__.get("_vote_sums")
         if sums is None:
             sums = self.__dict__["_vote_sums"] = VoteSums(self.config)
         sums.add(self._votes_of(mask), weight)
 
     def finish(self, server_round: int, state: State) -> State:
+        self.last_round_votes: tuple[State, float] | None = None
+        if not self._streams():
+            return MaskAggregator.finish(self, server_round, state)
         sums = self.__dict__.pop("_vote_sums", None)
         if sums is None:
             raise ValueError(f"{type(self).__name__}.finish: nothing was folded in this round")
@@ -152,12 +209,21 @@ class _StreamingVotes(MaskAggregator):
 
     def discard(self) -> None:
         self.__dict__.pop("_vote_sums", None)
+        MaskAggregator.discard(self)
 
     def _votes_of(self, mask: Masks) -> Masks:
         return mask
 
     def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
-        raise NotImplementedError
+        """The next state from the folded vote shares; keeps the round's replayable votes
+        (``last_round_votes``) for the lossless downlink."""
+        assert isinstance(self, Replayable)
+        round_votes = self._round_votes_from_shares(votes, clients)
+        self.last_round_votes = (round_votes, clients)
+        return self.apply(server_round, state, round_votes, clients)
+
+    def _round_votes_from_shares(self, shares: State, clients: int) -> State:
+        return shares
 
 
 def weighted_vote(masks: list[Masks], weights: list[float]) -> State:
@@ -230,7 +296,7 @@ def dense_aggregate(states: list[State], weights: list[float], config: RunConfig
     return out
 
 
-class FedPMAggregator(_StreamingVotes):
+class FedPMAggregator(_StreamingVotes, Replayable):
     """FedPM's Bayesian aggregation (Isik et al., ICLR 2023).
 
     A Beta(1, 1) prior per weight counts the ones and zeros of the uploaded samples;
@@ -255,15 +321,33 @@ class FedPMAggregator(_StreamingVotes):
         self.ones = {k[5:]: v for k, v in arrays.items() if k.startswith("ones/")}
         self.zeros = {k[6:]: v for k, v in arrays.items() if k.startswith("zeros/")}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+    @property
+    def absorbing(self) -> bool:
+        """With the prior reset every round, theta depends on this round's counts alone."""
+        return self.config.fedpm_prior_reset == 1
+
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
         votes = robust_vote(masks, [1.0] * len(masks), self.config)  # counts are unweighted
-        return self.aggregate_counts(server_round, state, {k: v * len(masks) for k, v in votes.items()}, len(masks))
+        return {k: v * len(masks) for k, v in votes.items()}, len(masks)
 
     def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
         super().fold(server_round, state, mask, 1.0)  # counts are unweighted
 
-    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
-        return self.aggregate_counts(server_round, state, {k: v * clients for k, v in votes.items()}, clients)
+    def _round_votes_from_shares(self, shares: State, clients: int) -> State:
+        return {k: v * clients for k, v in shares.items()}
+
+    def apply(self, server_round: int, state: State, votes: State, clients: float) -> State:
+        return self.aggregate_counts(server_round, state, votes, int(clients))
+
+    def replay(self, state: State, votes: State, clients: float) -> State:
+        """theta from one round's counts of ones (prior reset every round), as the server's."""
+        if not self.absorbing:
+            raise ValueError("fedpm-prior-reset: a client can replay FedPM's update only when the prior "
+                             f"is reset every round (1), got {self.config.fedpm_prior_reset}")
+        eps = self.config.fedpm_eps
+        return {name: fedpm_theta(np.zeros(state[name].shape) + votes[name],
+                                  np.zeros(state[name].shape) + (clients - votes[name]), eps) for name in state}
 
     def aggregate_counts(self, server_round: int, state: State, ones: State, clients: int) -> State:
         """The update from per-weight counts of ones alone (what secure aggregation reveals)."""
@@ -276,9 +360,7 @@ class FedPMAggregator(_StreamingVotes):
         for name in state:
             self.ones[name] += ones[name]
             self.zeros[name] += clients - ones[name]
-            alpha, beta = 1.0 + self.ones[name], 1.0 + self.zeros[name]
-            mode = (alpha - 1.0) / (alpha + beta - 2.0)
-            new_state[name] = np.clip(mode, eps, 1.0 - eps).astype(np.float32)
+            new_state[name] = fedpm_theta(self.ones[name], self.zeros[name], eps)
         return new_state
 
 
@@ -297,7 +379,7 @@ def prior_resets(server_round: int, period: int, rule: str = "fedmask") -> bool:
     return (server_round - 1) % period == 0
 
 
-class EdgePopupAggregator(_StreamingVotes):
+class EdgePopupAggregator(_StreamingVotes, Replayable):
     """Federated edge-popup: votes move scores, they do not replace them.
 
     Setting each score to its vote frequency (the naive rule) leaves the scores in a few
@@ -315,10 +397,11 @@ class EdgePopupAggregator(_StreamingVotes):
     def initial_state(self, scores: State) -> State:
         return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        return self._from_votes(server_round, state, robust_vote(masks, weights, self.config), len(masks))
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
+        return robust_vote(masks, weights, self.config), len(masks)
 
-    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
+    def replay(self, state: State, votes: State, clients: float) -> State:
         server_lr, density = self.config.edge_popup_server_lr, self.config.density
         new_state = {}
         for name, scores in state.items():
@@ -334,7 +417,7 @@ def _standardised(magnitude: np.ndarray) -> np.ndarray:
     return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
-class SlotMachineAggregator(_StreamingVotes):
+class SlotMachineAggregator(_StreamingVotes, Replayable):
     """Federated Slot Machines: a client's choice of candidate is a vote; votes move scores.
 
     Per connection the server keeps K scores, centred (their mean over the K candidates
@@ -354,10 +437,10 @@ class SlotMachineAggregator(_StreamingVotes):
     def initial_state(self, scores: State) -> State:
         return {name: _centred(v.astype(np.float64)) for name, v in scores.items()}
 
-    def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
+    def round_votes(self, server_round: int, state: State, masks: list[Masks],
+                    weights: list[float]) -> tuple[State, float]:
         onehots = [self._votes_of(m, state) for m in masks]
-        votes = robust_vote(onehots, weights, self.config)  # per candidate: share choosing it
-        return self._from_votes(server_round, state, votes, len(masks))
+        return robust_vote(onehots, weights, self.config), len(masks)  # per candidate: share choosing it
 
     def fold(self, server_round: int, state: State, mask: Masks, weight: float) -> None:
         self.__dict__["_slots"] = next(iter(state.values())).shape[0]
@@ -369,7 +452,7 @@ class SlotMachineAggregator(_StreamingVotes):
         candidate = np.arange(slots)
         return {name: candidate.reshape(-1, *[1] * idx.ndim) == idx[None] for name, idx in mask.items()}
 
-    def _from_votes(self, server_round: int, state: State, votes: State, clients: int) -> State:
+    def replay(self, state: State, votes: State, clients: float) -> State:
         candidate = np.arange(next(iter(state.values())).shape[0])
         new_state = {}
         for name, scores in state.items():

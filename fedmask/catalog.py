@@ -43,6 +43,8 @@ _DOWNLINK = {
     "float32": "the global state as it is, 32 bits per value",
     "float16": "half precision, saturated at float16's range",
     "quantized": "2**downlink-bits uniform levels per tensor, entropy-coded with their histogram (lossy)",
+    "lossless": "the exact state: each node gets the entropy-coded votes since the state it holds and "
+                "replays the server's update (FedPM: the counts), or the float32 state (plug-ins)",
 }
 _ATTACKS = {
     "none": "every client is honest",

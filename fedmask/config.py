@@ -167,7 +167,9 @@ class RunConfig:
     uplink_codec: str = _key("entropy", "how clients code their masks: 'packbits' (1 bit per "
                              "parameter) or 'entropy' (range-coded against the broadcast state, "
                              "packed bits when that is shorter)", choices=tuple(UPLINK_CODECS))
-    downlink_codec: str = _key("float32", "how the server codes the broadcast state", choices=DOWNLINK_CODECS)
+    downlink_codec: str = _key("lossless", "how the server codes the broadcast state: 'lossless' sends each node "
+                               "the coded votes since the state it holds (exact); float32, float16, quantized "
+                               "send the state", choices=DOWNLINK_CODECS)
     downlink_bits: int = _key(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
                               check=lambda v: 2 <= v <= 16, rule="in 2..16")
     min_clients: int = _key(1, "usable uploads a round needs; with fewer it is skipped and "
@@ -330,7 +332,9 @@ def _check_method_rules(config: RunConfig, method: Method) -> None:
         return
     defaults = RunConfig()
     clashes = [] if method.secure_aggregation else ["method"]
-    clashes += [k for k in ("attack", "downlink-codec", "robust-aggregation") if config[k] != defaults[k]]
+    clashes += [k for k in ("attack", "robust-aggregation") if config[k] != defaults[k]]
+    # SecAgg+'s workflow broadcasts the float32 state; that is lossless, so both names allow it
+    clashes += ["downlink-codec"] if config.downlink_codec not in ("float32", "lossless") else []
     clashes += [f"fault-{f}-rate" for f in FAULTS if config[f"fault-{f}-rate"] > 0]
     if clashes:
         raise ConfigError(f"config key 'secure-aggregation': expected false unless method = 'fedpm' with no "

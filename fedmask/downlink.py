@@ -27,7 +27,9 @@ import numpy as np
 
 from fedmask.codec import MaskLayout
 
-DOWNLINK_CODECS = ("float32", "float16", "quantized")
+# "lossless" is not a codec of one state but a per-node protocol (fedmask.broadcast): the
+# server sends each node the coded votes since the state it holds; the strategy handles it.
+DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")
 _MAGIC = b"FMSQ"
 _FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sBBH8sI")
@@ -49,6 +51,9 @@ def encode_state(state: dict[str, np.ndarray], layout: MaskLayout, codec: str, b
     if codec == "float16":  # saturate: a value past float16's range must not arrive as inf
         return {name: np.clip(state[name], -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
                 for name, _ in layout.shapes}
+    if codec == "lossless":
+        raise ValueError("downlink-codec 'lossless' codes per node, against the state each holds: "
+                         "see fedmask.broadcast.LosslessDownlink (server.strategies.MaskStrategy uses it)")
     if codec != "quantized":
         raise ValueError(f"downlink-codec: expected one of {', '.join(DOWNLINK_CODECS)}, got {codec!r}")
     sections = b"".join(_encode_tensor(state[name].astype(np.float64).ravel(), bits) for name, _ in layout.shapes)

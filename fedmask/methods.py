@@ -85,10 +85,12 @@ def mode_restrictions(mask_mode: str | None) -> dict[str, Restriction]:
     if mask_mode == "laperm":
         rules["attack"] = Restriction(("none",), "the attacks rewrite binary masks, LaPerm uploads ranks")
         rules["robust-aggregation"] = Restriction(("none",), "LaPerm merges ranks by a Borda count")
-        rules["downlink-codec"] = Restriction(("float32",), "the broadcast ranks must arrive exactly")
+        rules["downlink-codec"] = Restriction(("float32", "lossless"), "the broadcast ranks must arrive exactly "
+                                              "(lossless sends LaPerm's full float32 state)")
     if mask_mode is None:
         rules["attack"] = Restriction(("none",), "the attacks rewrite mask votes")
-        rules["downlink-codec"] = Restriction(("float32",), "the dense baseline sends its weights as they are")
+        rules["downlink-codec"] = Restriction(("float32", "lossless"),
+                                              "the dense baseline sends its float32 weights as they are")
     return rules
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fedmask.failures import FAILURE_KINDS, Failure
 from fedmask.ledger import Ledger
+from fedmask.totals import round_total_fields
 from fedmask.tracking import make_tracker
 
 if TYPE_CHECKING:
@@ -26,8 +27,24 @@ if TYPE_CHECKING:
 
 __all__ = ["FAILURE_KINDS", "RUN_FILES", "RoundOutcome", "RunRecorder", "atomic_write", "clear_run_files"]
 
-_COLUMNS = (("round", 5), ("accuracy", 8), ("loss", 6), ("clients", 7), ("fail", 4),
-            ("uplink B", 11), ("downlink B", 12), ("up bpp", 6), ("time s", 6))
+# 80 columns. "up"/"down B": payload bytes of the round (all clients); "bpp": per client and
+# parameter; "xFedAvg": how many times fewer bytes, up + down, a client moved than in a FedAvg round.
+_COLUMNS = (("round", 5), ("acc", 6), ("loss", 6), ("cl", 3), ("fail", 4), ("up B", 10), ("down B", 10),
+            ("up bpp", 6), ("dn bpp", 6), ("xFedAvg", 7), ("time s", 6))
+
+
+def _times(ratio: float | None) -> str:
+    """FedAvg's round trip over this round's, per client: ``27.3x`` fewer bytes."""
+    return "–" if ratio is None else f"{ratio:.1f}x"
+
+
+def _per_client(summary: dict[str, Any]) -> str:
+    mean = summary.get("mean_total_message_bytes_per_client_round")
+    if mean is None:
+        return ""
+    ratio = summary.get("fedavg_ratio")
+    versus = "" if ratio is None else f" ({ratio:.1f}x below FedAvg)"
+    return f"up+down {mean:,.0f} B per client-round{versus} · "
 
 
 # What a run writes in its directory: a fresh run removes them first, so that nothing of
@@ -57,6 +74,7 @@ class RoundOutcome:
     train: dict[str, float] = field(default_factory=dict)  # example-weighted client train metrics
     code_lengths: dict[str, float] | None = None  # ideal and formula bits of the round's uploads
     skipped: str | None = None  # why the round left the global state unchanged
+    broadcasts: dict[str, int] | None = None  # lossless downlink: nodes sent each kind (full, replay, standalone)
 
     def add_failure(self, failure: Failure) -> None:
         self.failures.append(failure.to_dict())
@@ -69,9 +87,14 @@ class RunRecorder:
     """Writes a run's results as rounds end, and shows them as a live table."""
 
     def __init__(self, run_dir: Path, config: RunConfig, num_params: int, console: Console | None = None,
-                 resume_after: int | None = None):
-        """A fresh run directory, or with ``resume_after`` the rounds up to that one kept."""
+                 resume_after: int | None = None, fedavg: dict[str, int] | None = None):
+        """A fresh run directory, or with ``resume_after`` the rounds up to that one kept.
+
+        ``fedavg``: one FedAvg round trip of the same architecture, weighed
+        (:func:`fedmask.totals.fedavg_round_bytes`); the rounds' totals are compared with it.
+        """
         self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
+        self.fedavg = fedavg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.run_dir / "rounds.jsonl"
         self.rows: list[dict[str, Any]] = []
@@ -127,11 +150,14 @@ class RunRecorder:
             "downlink_bpp": 8 * totals["downlink_payload_bytes"]
             / (self.num_params * max(ledger.clients_heard(server_round, "downlink"), 1)),
             **self._code_fields(outcome.code_lengths, clients),
+            **round_total_fields(totals, ledger.clients_heard(server_round, "downlink"), self.fedavg),
             "elapsed_s": time.perf_counter() - self.start,
             "train": outcome.train,
             "failure_details": outcome.failures,
             "per_client": ledger.per_client(server_round) if self.config.per_client else [],
         }
+        if outcome.broadcasts is not None:
+            row["downlink_kinds"] = outcome.broadcasts
         with self.rounds_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -154,9 +180,28 @@ class RunRecorder:
     def _print_row(self, row: dict[str, Any]) -> None:
         cells = (row["round"], f"{row['accuracy']:.4f}", f"{row['loss']:.4f}", row["clients"],
                  row["failures"], f"{row['uplink_payload_bytes']:,}", f"{row['downlink_payload_bytes']:,}",
-                 f"{row['uplink_bpp']:.3f}", f"{row['elapsed_s']:.1f}")  # fits 80 columns
+                 f"{row['uplink_bpp']:.3f}", f"{row['downlink_bpp']:.2f}", _times(row.get("fedavg_ratio")),
+                 f"{row['elapsed_s']:.1f}")
         style = "red" if row["failures"] else None
         self.console.print(" ".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, _COLUMNS)), style=style)
+
+    def _totals(self) -> dict[str, Any]:
+        """Both directions per client and round, over the run, and FedAvg's round trip beside it."""
+        per_client = [r["total_message_bytes_per_client"] for r in self.rows if "total_message_bytes_per_client" in r]
+        payload = [r["total_payload_bytes_per_client"] for r in self.rows if "total_payload_bytes_per_client" in r]
+        mean = sum(per_client) / len(per_client) if per_client else None
+        out: dict[str, Any] = {
+            "total_payload_bytes": sum(r["uplink_payload_bytes"] + r["downlink_payload_bytes"] for r in self.rows),
+            "total_message_bytes": sum(r["uplink_message_bytes"] + r["downlink_message_bytes"] for r in self.rows),
+            "mean_downlink_bpp": sum(r["downlink_bpp"] for r in self.rows) / max(len(self.rows), 1),
+            "mean_total_payload_bytes_per_client_round": sum(payload) / len(payload) if payload else None,
+            "mean_total_message_bytes_per_client_round": mean,
+        }
+        if self.fedavg:
+            out["fedavg_message_bytes_per_client_round"] = self.fedavg["fedavg_message_bytes"]
+            out["fedavg_payload_bytes_per_client_round"] = self.fedavg["fedavg_payload_bytes"]
+            out["fedavg_ratio"] = self.fedavg["fedavg_message_bytes"] / mean if mean else None
+        return out
 
     def finish(self) -> dict[str, Any]:
         last = self.rows[-1] if self.rows else {}
@@ -178,6 +223,7 @@ class RunRecorder:
             "downlink_message_bytes": sum(r["downlink_message_bytes"] for r in self.rows),
             "downlink_recycle_bytes": sum(r.get("downlink_recycle_bytes", 0) for r in self.rows),
             "mean_uplink_bpp": sum(r["uplink_bpp"] for r in self.rows) / max(len(self.rows), 1),
+            **self._totals(),
             "wall_s": time.perf_counter() - self.start,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -186,7 +232,7 @@ class RunRecorder:
         self.console.print(
             f"final accuracy {summary['final_accuracy']:.4f} · uplink "
             f"{summary['uplink_payload_bytes']:,} B · downlink {summary['downlink_payload_bytes']:,} B · "
-            f"{summary['wall_s']:.1f} s → {self.run_dir}"
+            f"{_per_client(summary)}{summary['wall_s']:.1f} s → {self.run_dir}"
             if self.rows else f"no round finished → {self.run_dir}"
         )
         return summary

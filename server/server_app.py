@@ -35,6 +35,7 @@ from fedmask.masking import check_batchnorm, get_scores
 from fedmask.preflight import check_before_start
 from fedmask.recycling import RecycleLog, sync_frozen
 from fedmask.results import RoundOutcome, RunRecorder
+from fedmask.totals import fedavg_round_bytes
 from fedmask.weights import derive_seed
 from server.nodes import node_placement
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
@@ -100,8 +101,14 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
     strategy.partition_sizes = partition_sizes(splits, config.num_clients, config.partitioner, config.seed,
                                                config.dirichlet_alpha, config.classes_per_client)
-    recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None)
+    recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None,
+                           fedavg=fedavg_equivalent(config, splits))
     return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
+
+
+def fedavg_equivalent(config: RunConfig, splits: Splits) -> dict[str, int]:
+    """One FedAvg round trip of this architecture (dense float32 weights), weighed as sent."""
+    return fedavg_round_bytes(config, task.dense_state(task.make_model(config, splits, None)))
 
 
 def restore(run: ServerRun, run_dir: Path) -> None:
@@ -114,6 +121,8 @@ def restore(run: ServerRun, run_dir: Path) -> None:
     checkpoint = Checkpoint.load(run_dir)
     run.rounds_done = run.strategy.round_offset = checkpoint.round
     run.strategy.state = checkpoint.state
+    if isinstance(run.strategy, MaskStrategy):
+        run.strategy.resumed(checkpoint.round)  # nodes hold nothing the new history knows: full states first
     run.strategy.load_records(checkpoint.records)
     run.recorder.initial = checkpoint.records.get("initial", {})
     memory = dict(checkpoint.aggregator)
@@ -192,7 +201,8 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
     model = task.make_model(config, splits, method.mask_mode)
     initial = method.make_aggregator(config).initial_state(get_scores(model))
     ledger = Ledger()
-    recorder = RunRecorder(run_dir, config, sum(v.size for v in initial.values()))
+    recorder = RunRecorder(run_dir, config, sum(v.size for v in initial.values()),
+                           fedavg=fedavg_equivalent(config, splits))
     recorder.header()
 
     def evaluate(server_round: int, state: dict[str, np.ndarray], outcome: RoundOutcome) -> tuple[float, float]:

@@ -21,7 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmask import laperm
-from fedmask.aggregators import MaskAggregator, State, dense_aggregate
+from fedmask.aggregators import MaskAggregator, Replayable, State, dense_aggregate
+from fedmask.broadcast import CONFIRM, LosslessDownlink
+from fedmask.broadcast import RECORD as LOSSLESS_RECORD
 from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
 from fedmask.compression import CompressionError, aggregate_updates, decompress
 from fedmask.config import RunConfig
@@ -275,6 +277,17 @@ class MaskStrategy(SeededFedAvg):
         self.recycle_log = RecycleLog()
         self.prior: Prior | None = None
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
+        self.lossless: LosslessDownlink | None = None
+        if run_config.downlink_codec == "lossless":
+            self.resumed(0)
+
+    def resumed(self, version: int) -> None:
+        """(Re)start the lossless downlink's history at the current state, made by round ``version``
+        (0: the seed's initial state, which clients can regenerate)."""
+        if self.run_config.downlink_codec == "lossless":
+            self.lossless = LosslessDownlink.create(self.aggregator, self.spec.layout, self.spec.fingerprint,
+                                                    self.aggregator.mask_mode, self.run_config.density,
+                                                    self.state, version)
 
     def _broadcast(self) -> tuple[dict[str, np.ndarray], State]:
         """The coded broadcast of the current state and what clients decode from it.
@@ -283,6 +296,10 @@ class MaskStrategy(SeededFedAvg):
         is computed once per state.
         """
         if self._coded is None or self._coded[0] is not self.state:
+            if self.lossless is not None:  # per node (see configure_train); clients end with the exact state
+                exact = {name: np.asarray(value, dtype=np.float32) for name, value in self.state.items()}
+                self._coded = (self.state, {}, exact)
+                return {}, exact
             encoded = encode_state(self.state, self.spec.layout, self.run_config.downlink_codec,
                                    self.run_config.downlink_bits)
             self._coded = (self.state, encoded, decode_state(encoded, self.spec.layout))
@@ -298,11 +315,34 @@ class MaskStrategy(SeededFedAvg):
         encoded, broadcast = self._broadcast()
         self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config.density)
         messages = list(super().configure_train(server_round, state_record(encoded), config, grid))
+        if self.lossless is not None:
+            self._lossless_messages(server_round + self.round_offset, messages)
         if self.run_config.recycle_every:
             record = self.recycle_log.to_record()
             for message in messages:
                 message.content[RECORD] = record
         return messages
+
+    def _lossless_messages(self, server_round: int, messages: list[Message]) -> None:
+        """Each node's broadcast: the shortest one it can turn into the current state."""
+        assert self.lossless is not None
+        kinds: dict[str, int] = {}
+        for message in messages:
+            blob, kind = self.lossless.message_for(message.metadata.dst_node_id, self.state)
+            message.content["arrays"] = ArrayRecord({LOSSLESS_RECORD: Array(blob)})
+            kinds[kind] = kinds.get(kind, 0) + 1
+        self.lossless.sent([m.metadata.dst_node_id for m in messages])
+        self.outcome(server_round).broadcasts = kinds
+
+    def _confirmations(self, replies: list[Message]) -> None:
+        """What each node that answered now holds (lossless downlink); nodes that did not are forgotten."""
+        assert self.lossless is not None
+        for reply in replies:
+            node = self.ledger.sent_to.get(reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1))[1]
+            record = reply.content.config_records.get(CONFIRM) if reply.has_content() else None
+            if record is not None:
+                self.lossless.confirm(node, record.get("version"), record.get("digest"))
+        self.lossless.end_round()
 
     def decode(self, reply: Message, lengths: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """The upload's binary tensors (masks, or Slot Machines' bit-planes), checked.
@@ -347,6 +387,9 @@ class MaskStrategy(SeededFedAvg):
         """Decode each usable upload, in partition order, and fold it into the aggregator
         at once: the round's masks are never held together (streaming aggregation)."""
         server_round += self.round_offset
+        replies = list(replies)
+        if self.lossless is not None:
+            self._confirmations(replies)
         usable = []
         self.aggregator.discard()
         for reply, weight in self.usable_replies(server_round, replies):
@@ -367,6 +410,13 @@ class MaskStrategy(SeededFedAvg):
             return None, None
         new_state = self.aggregator.finish(server_round, self.state)
         self._check_state(new_state)
+        if self.lossless is not None:
+            recorded = getattr(self.aggregator, "last_round_votes", None)
+            if isinstance(self.aggregator, Replayable) and self.lossless.can_replay and recorded is not None:
+                votes, clients = recorded
+                self.lossless.record(server_round, self.state, new_state, votes, clients, self.aggregator.replay)
+            else:  # a plug-in (or a rule that replaced aggregate): full states only
+                self.lossless.record(server_round, self.state, new_state)
         self.state = new_state
         if is_recycle_round(self.run_config, server_round):
             # from the state as clients decode it, so that any of them could derive it too

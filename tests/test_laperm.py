@@ -26,7 +26,7 @@ from server.server_app import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"method": "laperm", "init": "kaiming-uniform", "num-clients": 3, "clients-per-round": 3,
-         "num-rounds": 2, "dataset": "digits", "model": "mlp"}
+         "num-rounds": 2, "dataset": "digits", "model": "mlp", "downlink-codec": "float32"}
 
 
 def _sorted_rows(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -125,7 +125,8 @@ def test_message_bytes_are_an_upper_bound_on_the_serialized_size(identity):
 @pytest.fixture(scope="module")
 def fedpm_round():
     """One FedPM round for 2 of 3 clients through MeasuringGrid(InProcessGrid(client app))."""
-    config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1, "uplink-codec": "packbits"})
+    config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1, "uplink-codec": "packbits",
+                      "downlink-codec": "float32"})  # a broadcast of known size
     splits = task.splits_of(config)
     aggregator = FedPMAggregator(config)
     model = task.make_model(config, splits, aggregator.mask_mode)

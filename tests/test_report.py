@@ -45,7 +45,7 @@ def test_runs_are_grouped_by_config_without_the_seed(two_settings):
     settings = report.group_runs(report.find_runs([two_settings]))
     assert [len(s.runs) for s in settings] == [2, 1]
     assert settings[0].seeds == [0, 1]
-    assert settings[0].label.startswith("fedpm (entropy up, float32 down)")
+    assert settings[0].label.startswith("fedpm (entropy up, lossless down)")  # the default codecs
     assert settings[1].label.startswith("edge-popup")
 
 

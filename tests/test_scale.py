@@ -224,7 +224,7 @@ def test_batched_clients_match_one_at_a_time(method):
     from server.inprocess_grid import InProcessGrid
 
     config = config_from({"method": method, "num-clients": 12, "partitioner": "dirichlet", "local-epochs": 2,
-                          "batch-size": 16, "model": "mlp"})
+                          "batch-size": 16, "model": "mlp", "downlink-codec": "float32"})
     pids = [0, 3, 4, 7, 11]
     alone, together = _round_uploads(InProcessGrid, config, pids), _round_uploads(BatchedGrid, config, pids)
     for (mask_a, metrics_a), (mask_b, metrics_b) in zip(alone, together):
@@ -240,9 +240,15 @@ def test_batched_engine_runs_a_whole_run_with_faults(tmp_path):
     import fedmask
 
     base = {"num-clients": 8, "clients-per-round": 8, "num-rounds": 2, "fault-drop-rate": 0.2,
-            "fault-crash-rate": 0.2}
+            "fault-crash-rate": 0.2, "downlink-codec": "float32"}  # batched clients hold no per-node state
     runs = {engine: fedmask.simulate(base, engine=engine, out=tmp_path / engine) for engine in ("inprocess", "batched")}
     kinds = {e: [[(f["kind"], f["partition_id"]) for f in row["failure_details"]] for row in r.rounds]
              for e, r in runs.items()}
     assert kinds["batched"] == kinds["inprocess"] and any(kinds["batched"])
     assert runs["batched"].finished
+
+
+def test_batched_engine_refuses_the_lossless_downlink():
+    """The lossless downlink keeps a state per node; batched clients hold none: refused by name."""
+    with pytest.raises(ConfigError, match="downlink-codec"):
+        check_engine(resolve({"model": "mlp", "downlink-codec": "lossless"}), "batched")

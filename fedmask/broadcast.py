@@ -1,0 +1,479 @@
+"""The ``lossless`` downlink: every client ends up with the server's state, bit for bit,
+for a few bits per parameter.
+
+The server's next state is a deterministic function of the previous state and the round's
+aggregated votes (:class:`fedmask.aggregators.Replayable`): FedPM's theta is the clamped
+posterior mode of this round's counts of ones (with the prior reset every round it does
+not even depend on the previous state); edge-popup, Biprop and Slot Machines move the
+previous scores by the votes. So instead of the state the server sends *steps*: a round's
+vote tensors, entropy-coded, and every client replays the server's update with the same
+float64 operations (:meth:`Replayable.replay`). A client holds what it last received in
+Flower's per-node ``context.state``; the initial state (version 0) is a pure function of
+the seed, so a client that holds nothing regenerates it.
+
+What a node is sent (the server picks the shortest that it knows the node can use):
+
+- ``replay`` from the version the node confirmed holding: the steps since then (nothing
+  at all when the node already holds the current state);
+- ``replay`` from version 0 (the seed's state): every step of the run so far; any node
+  can use it, also one whose state was lost;
+- for FedPM (prior reset every round): the last step alone, coded without context
+  (``standalone``): theta follows from the counts alone;
+- ``full``: the float32 state, as the ``float32`` codec sends it (a plug-in aggregator,
+  whose update a client cannot replay, always gets this, and so does FedPM with an
+  accumulated prior, ``fedpm-prior-reset != 1``, whose theta depends on past rounds'
+  counts; so does every node after a resume, until it confirms a state).
+
+A node's reply carries a ConfigRecord ``downlink`` with the version and digest of the
+state it now holds; the server updates what it knows of the node only from that, and
+forgets a node that did not answer (it may or may not have taken the broadcast). A node
+that cannot use a replay (its state is gone) fails the round with a clear error; the
+server then knows nothing of it and sends it a self-contained broadcast next time.
+
+Wire format (one uint8 Array ``lossless`` in the ``arrays`` record; little-endian)::
+
+    magic "FMSL" | format u8 | kind u8 (1 full, 2 replay) | steps u16 | fingerprint 8s
+    | base version u32 | base digest 8s | target version u32 | target digest 8s | crc32 u32
+
+``full``: the float32 tensors in layout order. ``replay``: ``steps`` steps, each
+``version u32 | digest 8s | standalone u8 | clients f64`` and one section per tensor::
+
+    model u8 | distinct u32 | table bytes u32 | data bytes u32 | zlib(table) | data
+
+The votes of a tensor take ``distinct`` values (FedPM: the counts 0..n; edge-popup: the
+weighted vote shares); the table holds them (float64, sorted) and, for the coded models,
+their histograms. ``model`` 0: one value everywhere, no data; 1: symbols raw (u8/u16/u32);
+2: range-coded with one histogram; 3: range-coded with one histogram per *context*, a
+small integer per weight that both ends compute from the previous state (FedPM: theta in
+32 bins; top-k methods: whether the weight is in the current top-k; Slot Machines: whether
+the candidate is the current choice); symbols are coded context by context. The encoder
+picks, per tensor, the model with the fewest bytes. A step's digest is that of the state
+after it, so a replay that diverges is caught at the step where it does. The CRC covers
+the header before it and the whole body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import constriction
+import numpy as np
+
+from fedmask.aggregators import MaskAggregator, Replayable, State
+from fedmask.codec import MaskLayout
+from fedmask.masking import topk_mask_np
+
+RECORD = "lossless"  # the Array of the ``arrays`` record that carries a lossless broadcast
+CONFIRM = "downlink"  # the reply's ConfigRecord: version and digest of the state the node holds
+HELD_STATE, HELD_META = "downlink-held", "downlink-held-meta"  # in a node's context.state
+MAGIC = b"FMSL"
+FORMAT_VERSION = 1
+KIND_FULL, KIND_REPLAY = 1, 2
+HEADER = struct.Struct("<4sBBH8sI8sI8sI")
+STEP = struct.Struct("<I8sBd")
+SECTION = struct.Struct("<BIII")
+MODEL_CONSTANT, MODEL_RAW, MODEL_ORDER0, MODEL_CONTEXT = 0, 1, 2, 3
+THETA_BINS = 32
+_CODER_SLACK = 8  # bytes: the range coder ends on a whole word and may need one more
+
+
+class BroadcastError(ValueError):
+    """A lossless broadcast this node cannot turn into the server's state; says why."""
+
+    def __init__(self, field: str, expected: object, got: object):
+        self.field = field
+        super().__init__(f"lossless broadcast rejected: {field}: expected {expected}, got {got}")
+
+
+def state_digest(state: State, layout: MaskLayout) -> bytes:
+    """8 bytes of SHA-256 over the float32 tensors in layout order: two parties with the
+    same digest hold the same state bit for bit."""
+    digest = hashlib.sha256()
+    for name, _ in layout.shapes:
+        digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
+    return digest.digest()[:8]
+
+
+def replayable(aggregator: MaskAggregator) -> bool:
+    """Whether clients can replay this aggregator's update: a :class:`Replayable` whose
+    ``aggregate`` is the base class's (a subclass that rewrote it may do anything else)."""
+    if not (isinstance(aggregator, Replayable) and type(aggregator).aggregate is Replayable.aggregate):
+        return False
+    # FedPM with an accumulated prior (fedpm-prior-reset != 1) needs the counts of past rounds
+    return aggregator.absorbing or aggregator.mask_mode != "bernoulli"
+
+
+def vote_contexts(state: State, mask_mode: str, density: float) -> dict[str, tuple[np.ndarray, int]]:
+    """Per tensor, (context of every vote entry, number of contexts), from a state both ends hold."""
+    out = {}
+    for name, value in state.items():
+        if mask_mode == "bernoulli":
+            bins = np.minimum(np.floor(value.astype(np.float64) * THETA_BINS), THETA_BINS - 1)
+            out[name] = (np.maximum(bins, 0).astype(np.int64).ravel(), THETA_BINS)
+        elif mask_mode == "slots":
+            choice = np.argmax(value, axis=0)
+            onehot = np.arange(value.shape[0]).reshape(-1, *[1] * choice.ndim) == choice[None]
+            out[name] = (onehot.astype(np.int64).ravel(), 2)
+        else:
+            out[name] = (topk_mask_np(np.abs(value), density).astype(np.int64).ravel(), 2)
+    return out
+
+
+# ---------------------------------------------------------------- one tensor's votes
+
+
+def _table_bytes(values: np.ndarray, hist: np.ndarray | None) -> bytes:
+    raw = values.astype("<f8").tobytes() + (b"" if hist is None else hist.astype("<u4").tobytes())
+    return zlib.compress(raw, 9)
+
+
+def _ideal_bytes(hist: np.ndarray) -> float:
+    counts = hist[hist > 0].astype(np.float64)
+    return float(-(counts * np.log2(counts / counts.sum())).sum()) / 8.0 if counts.size else 0.0
+
+
+def _range_code(groups: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    encoder = constriction.stream.queue.RangeEncoder()
+    for symbols, hist in groups:
+        if symbols.size:
+            model = constriction.stream.model.Categorical(hist / hist.sum(), perfect=False)
+            encoder.encode(symbols.astype(np.int32), model)
+    return encoder.get_compressed().astype("<u4").tobytes()
+
+
+def _raw_dtype(distinct: int) -> str:
+    return "u1" if distinct <= 2**8 else "<u2" if distinct <= 2**16 else "<u4"
+
+
+def encode_votes(votes: np.ndarray, contexts: np.ndarray | None, num_contexts: int) -> bytes:
+    """One tensor's votes (any float64 values, exactly) as a section; see the module doc."""
+    flat = np.ascontiguousarray(votes, dtype=np.float64).ravel()
+    values, symbols = np.unique(flat, return_inverse=True)
+    symbols = symbols.ravel()
+    distinct = values.size
+    if distinct <= 1:
+        return _section(MODEL_CONSTANT, distinct, _table_bytes(values, None), b"")
+    raw = symbols.astype(_raw_dtype(distinct)).tobytes()
+    options: list[tuple[float, int]] = [(float(len(raw) + len(_table_bytes(values, None))), MODEL_RAW)]
+    order0 = np.bincount(symbols, minlength=distinct)
+    options.append((_ideal_bytes(order0) + _CODER_SLACK + len(_table_bytes(values, order0)), MODEL_ORDER0))
+    if contexts is not None:
+        hist = np.zeros((num_contexts, distinct), dtype=np.int64)
+        np.add.at(hist, (contexts, symbols), 1)
+        ideal = sum(_ideal_bytes(row) for row in hist) + _CODER_SLACK
+        options.append((ideal + len(_table_bytes(values, hist.ravel())), MODEL_CONTEXT))
+    model = min(options)[1]
+    if model == MODEL_RAW:
+        return _section(model, distinct, _table_bytes(values, None), raw)
+    if model == MODEL_ORDER0:
+        return _section(model, distinct, _table_bytes(values, order0), _range_code([(symbols, order0)]))
+    assert contexts is not None
+    groups = [(symbols[contexts == c], hist[c]) for c in range(num_contexts)]
+    return _section(model, distinct, _table_bytes(values, hist.ravel()), _range_code(groups))
+
+
+def _section(model: int, distinct: int, table: bytes, data: bytes) -> bytes:
+    return SECTION.pack(model, distinct, len(table), len(data)) + table + data
+
+
+def decode_votes(name: str, body: bytes, offset: int, size: int, contexts: np.ndarray | None,
+                 num_contexts: int) -> tuple[np.ndarray, int]:
+    """(the float64 votes of ``size`` entries, the offset after the section)."""
+    if offset + SECTION.size > len(body):
+        raise BroadcastError(f"'{name}' section", "a section header", "end of broadcast")
+    model, distinct, table_len, data_len = SECTION.unpack_from(body, offset)
+    offset += SECTION.size
+    if offset + table_len + data_len > len(body) or model > MODEL_CONTEXT or (model == MODEL_CONTEXT
+                                                                             and contexts is None):
+        raise BroadcastError(f"'{name}' section", "model 0..3 (3 only after a state) within the broadcast",
+                             (model, table_len, data_len))
+    try:
+        table = zlib.decompress(body[offset : offset + table_len])
+    except zlib.error as err:
+        raise BroadcastError(f"'{name}' table", "a zlib stream", str(err)) from None
+    data = body[offset + table_len : offset + table_len + data_len]
+    offset += table_len + data_len
+    rows = {MODEL_CONSTANT: 0, MODEL_RAW: 0, MODEL_ORDER0: 1, MODEL_CONTEXT: num_contexts}[model]
+    if len(table) != 8 * distinct + 4 * rows * distinct or (model == MODEL_CONSTANT and distinct > 1):
+        raise BroadcastError(f"'{name}' table", f"{distinct} values and {rows} histogram(s)", f"{len(table)} bytes")
+    values = np.frombuffer(table[: 8 * distinct], dtype="<f8")
+    hist = np.frombuffer(table[8 * distinct :], dtype="<u4").astype(np.float64).reshape(rows, distinct)
+    if model == MODEL_CONSTANT:
+        if distinct == 0 and size:
+            raise BroadcastError(f"'{name}' values", f"{size} votes", "none")
+        return np.full(size, values[0] if distinct else 0.0), offset
+    if model == MODEL_RAW:
+        dtype = np.dtype(_raw_dtype(distinct))
+        if len(data) != size * dtype.itemsize:
+            raise BroadcastError(f"'{name}' raw symbols", f"{size * dtype.itemsize} bytes", len(data))
+        symbols = np.frombuffer(data, dtype=dtype).astype(np.int64)
+    else:
+        symbols = _range_decode(name, data, hist, size, contexts if model == MODEL_CONTEXT else None)
+    if symbols.size != size or (symbols.size and (symbols.min() < 0 or symbols.max() >= distinct)):
+        raise BroadcastError(f"'{name}' symbols", f"{size} symbols below {distinct}", symbols.size)
+    return values[symbols], offset
+
+
+def _range_decode(name: str, data: bytes, hist: np.ndarray, size: int, contexts: np.ndarray | None) -> np.ndarray:
+    if len(data) % 4:
+        raise BroadcastError(f"'{name}' coded symbols", "whole 32-bit words", f"{len(data)} bytes")
+    groups = [np.arange(size)] if contexts is None else [np.flatnonzero(contexts == c) for c in range(len(hist))]
+    if [int(h.sum()) for h in hist] != [g.size for g in groups]:
+        raise BroadcastError(f"'{name}' histograms", [g.size for g in groups], [int(h.sum()) for h in hist])
+    symbols = np.zeros(size, dtype=np.int64)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
+        for positions, row in zip(groups, hist):
+            if positions.size:
+                model = constriction.stream.model.Categorical(row / row.sum(), perfect=False)
+                symbols[positions] = decoder.decode(model, positions.size)
+    except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
+        raise BroadcastError(f"'{name}' coded symbols", "a valid range-coded stream", str(err)) from None
+    return symbols
+
+
+# ---------------------------------------------------------------- steps and messages
+
+
+@dataclass(frozen=True)
+class Step:
+    """One aggregation, coded: the round's votes, and the digest of the state after it."""
+
+    version: int
+    digest: bytes
+    standalone: bool
+    data: bytes  # STEP header and sections
+
+
+def encode_step(version: int, digest: bytes, votes: State, clients: float, layout: MaskLayout,
+                previous: State | None, mask_mode: str, density: float) -> Step:
+    """A step coded against ``previous`` (the state before it), or standalone when None."""
+    contexts = None if previous is None else vote_contexts(previous, mask_mode, density)
+    sections = b"".join(
+        encode_votes(votes[name], None if contexts is None else contexts[name][0],
+                     1 if contexts is None else contexts[name][1])
+        for name, _ in layout.shapes)
+    head = STEP.pack(version, digest, int(previous is None), float(clients))
+    return Step(version, digest, previous is None, head + sections)
+
+
+def pack(kind: int, steps: int, fingerprint: bytes, base: tuple[int, bytes], target: tuple[int, bytes],
+         body: bytes) -> np.ndarray:
+    """A broadcast blob: the header, its CRC over the header before it and the body."""
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, kind, steps, fingerprint, base[0], base[1], target[0], target[1], 0)
+    head = head[:-4]
+    crc = zlib.crc32(body, zlib.crc32(head))
+    return np.frombuffer(head + struct.pack("<I", crc) + body, dtype=np.uint8).copy()
+
+
+def full_blob(state: State, layout: MaskLayout, fingerprint: bytes, version: int) -> np.ndarray:
+    body = b"".join(np.ascontiguousarray(state[name], dtype="<f4").tobytes() for name, _ in layout.shapes)
+    return pack(KIND_FULL, 0, fingerprint, (0, bytes(8)), (version, state_digest(state, layout)), body)
+
+
+def replay_blob(steps: list[Step], fingerprint: bytes, base: tuple[int, bytes],
+                target: tuple[int, bytes]) -> np.ndarray:
+    return pack(KIND_REPLAY, len(steps), fingerprint, base, target, b"".join(s.data for s in steps))
+
+
+@dataclass
+class Held:
+    """A state a node holds, with its version (the round that made it; 0 = the seed's)."""
+
+    version: int
+    digest: bytes
+    state: State
+
+
+def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held | None,
+            initial: Callable[[], State], aggregator: Callable[[], Replayable] | None, mask_mode: str,
+            density: float) -> Held:
+    """The server's state from a lossless broadcast, checked against its digest.
+
+    ``held`` is what this node kept from its last broadcast (None: nothing); ``initial``
+    regenerates the seed's state (version 0); ``aggregator`` gives the update to replay.
+    """
+    raw = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
+    if len(raw) < HEADER.size:
+        raise BroadcastError("length", f">= {HEADER.size} bytes", len(raw))
+    magic, version, kind, count, fp, base_v, base_d, target_v, target_d, crc = HEADER.unpack_from(raw)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise BroadcastError("header", f"{MAGIC!r} format {FORMAT_VERSION}", (magic, version))
+    body = raw[HEADER.size :]
+    got_crc = zlib.crc32(body, zlib.crc32(raw[: HEADER.size - 4]))
+    if got_crc != crc:
+        raise BroadcastError("crc32", f"{crc:08x}", f"{got_crc:08x} (corrupted broadcast)")
+    if fp != fingerprint:
+        raise BroadcastError("fingerprint", f"{fingerprint.hex()} (this seed, model, init)", fp.hex())
+    if kind == KIND_FULL:
+        sizes = [4 * math.prod(shape) for _, shape in layout.shapes]
+        if sum(sizes) != len(body):
+            raise BroadcastError("length", f"{HEADER.size + sum(sizes)} bytes (float32 state)", len(raw))
+        full, start = {}, 0
+        for (name, shape), size in zip(layout.shapes, sizes):
+            full[name] = np.frombuffer(body[start : start + size], dtype="<f4").astype(np.float32).reshape(shape)
+            start += size
+        return _checked(Held(target_v, target_d, full), layout, "full state")
+    if kind != KIND_REPLAY:
+        raise BroadcastError("kind", "1 (full) or 2 (replay)", kind)
+    offset = 0
+    state: State | None = None
+    current: Held | None = None
+    first_standalone = len(body) >= STEP.size and count and STEP.unpack_from(body, 0)[2] == 1
+    if not first_standalone:
+        current = _base(base_v, base_d, held, initial, layout)
+        state = current.state
+    for index in range(count):
+        if offset + STEP.size > len(body):
+            raise BroadcastError(f"step {index}", "a step header", "end of broadcast")
+        step_v, step_d, standalone, clients = STEP.unpack_from(body, offset)
+        offset += STEP.size
+        if standalone > 1 or (not standalone and state is None) or not math.isfinite(clients):
+            raise BroadcastError(f"step {index}", "standalone 0/1 after a state, finite clients", (standalone, clients))
+        contexts = None if standalone else vote_contexts(state or {}, mask_mode, density)
+        votes = {}
+        for name, shape in layout.shapes:
+            size = math.prod(shape)
+            ctx = None if contexts is None else contexts[name]
+            flat, offset = decode_votes(name, body, offset, size, None if ctx is None else ctx[0],
+                                        1 if ctx is None else ctx[1])
+            votes[name] = flat.reshape(shape)
+        if aggregator is None:
+            raise BroadcastError("replay", "a method whose update clients can replay", "a plug-in")
+        shapes = state or {name: np.zeros(shape, np.float32) for name, shape in layout.shapes}
+        state = aggregator().replay(shapes, votes, clients)
+        current = _checked(Held(step_v, step_d, state), layout, f"step {index} (round {step_v})")
+    if offset != len(body):
+        raise BroadcastError("length", f"{HEADER.size + offset} bytes", len(raw))
+    if current is None or (current.version, current.digest) != (target_v, target_d):
+        got = None if current is None else (current.version, current.digest.hex())
+        raise BroadcastError("target", (target_v, target_d.hex()), got)
+    return current
+
+
+def _base(version: int, digest: bytes, held: Held | None, initial: Callable[[], State], layout: MaskLayout) -> Held:
+    """The state a replay starts from: what this node holds, or the seed's (version 0)."""
+    if held is not None and (held.version, held.digest) == (version, digest):
+        return held
+    if version == 0:
+        return _checked(Held(0, digest, initial()), layout, "the seed's initial state")
+    have = "nothing" if held is None else f"round {held.version} ({held.digest.hex()})"
+    raise BroadcastError("base state", f"round {version} ({digest.hex()}), as the server last heard from this node",
+                         f"{have}: the node lost or never had it; the server sends a self-contained broadcast "
+                         "next time")
+
+
+def _checked(held: Held, layout: MaskLayout, what: str) -> Held:
+    got = state_digest(held.state, layout)
+    if got != held.digest:
+        raise BroadcastError(f"digest of {what}", held.digest.hex(), got.hex())
+    return held
+
+
+# ---------------------------------------------------------------- the server's side
+
+
+@dataclass
+class LosslessDownlink:
+    """The server's history of steps and what it knows each node holds."""
+
+    layout: MaskLayout
+    fingerprint: bytes
+    mask_mode: str
+    density: float
+    can_replay: bool  # False: a plug-in, or the check in :meth:`record` failed: full states only
+    absorbing: bool
+    start: int  # the first version the history can replay from (0, or the round of a resume)
+    versions: dict[int, bytes] = field(default_factory=dict)
+    chained: list[Step] = field(default_factory=list)
+    standalone: Step | None = None  # the last step, coded without context (absorbing only)
+    held: dict[int, int] = field(default_factory=dict)  # node id -> confirmed version
+    awaiting: set[int] = field(default_factory=set)
+    _cache: dict[object, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, aggregator: MaskAggregator, layout: MaskLayout, fingerprint: bytes, mask_mode: str,
+               density: float, state: State, version: int = 0) -> LosslessDownlink:
+        out = cls(layout, fingerprint, mask_mode, density, replayable(aggregator),
+                  bool(getattr(aggregator, "absorbing", False)), version)
+        out.versions[version] = state_digest(state, layout)
+        return out
+
+    @property
+    def current(self) -> int:
+        return max(self.versions)
+
+    def record(self, version: int, previous: State, new_state: State, votes: State | None = None,
+               clients: float = 0.0, replay: Callable[[State, State, float], State] | None = None) -> None:
+        """A new state from ``votes``; checks that a client's replay reaches it bit for bit.
+
+        Without votes (an aggregator clients cannot replay) only the new version is kept.
+        """
+        digest = state_digest(new_state, self.layout)
+        self.versions[version] = digest
+        self._cache.clear()
+        if not self.can_replay or votes is None or replay is None:
+            self.can_replay = False
+            return
+        if state_digest(replay(previous, votes, clients), self.layout) != digest:
+            self.can_replay = False  # an aggregator whose replay is not its update: full states from now on
+            return
+        self.chained.append(encode_step(version, digest, votes, clients, self.layout, previous,
+                                        self.mask_mode, self.density))
+        if self.absorbing:
+            self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
+                                          self.mask_mode, self.density)
+
+    def message_for(self, node: int, state: State) -> tuple[np.ndarray, str]:
+        """The shortest broadcast of the current state this node can use, and its kind."""
+        target = (self.current, self.versions[self.current])
+        options: list[tuple[str, object]] = [("full", "full")]
+        if self.can_replay:
+            known = self.held.get(node)
+            if known is not None and known in self.versions and known >= self.start:
+                options.append(("replay", known))
+            if self.start == 0:
+                options.append(("replay", 0))
+            if self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
+                options.append(("standalone", "standalone"))
+        blobs = [(self._blob(key, state, target), kind) for kind, key in options]
+        return min(blobs, key=lambda b: b[0].size)
+
+    def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
+        if key not in self._cache:
+            if key == "full":
+                self._cache[key] = full_blob(state, self.layout, self.fingerprint, target[0])
+            elif key == "standalone":
+                assert self.standalone is not None
+                self._cache[key] = replay_blob([self.standalone], self.fingerprint, (0, bytes(8)), target)
+            else:
+                assert isinstance(key, int)
+                steps = [s for s in self.chained if s.version > key]
+                self._cache[key] = replay_blob(steps, self.fingerprint, (key, self.versions[key]), target)
+        return self._cache[key]
+
+    def sent(self, nodes: list[int]) -> None:
+        """Nodes just sent a broadcast: until they confirm, the server does not know what they hold."""
+        self.awaiting = set(nodes)
+
+    def confirm(self, node: int, version: object, digest: object) -> bool:
+        """A node's reply says what it holds; believed only when it is a state the server made."""
+        self.awaiting.discard(node)
+        ok = (isinstance(version, int) and not isinstance(version, bool) and isinstance(digest, str)
+              and self.versions.get(version, b"").hex() == digest)
+        if ok and isinstance(version, int):
+            self.held[node] = version
+        else:
+            self.held.pop(node, None)
+        return ok
+
+    def end_round(self) -> None:
+        """Nodes that were sent a broadcast and did not confirm: the server knows nothing of them."""
+        for node in self.awaiting:
+            self.held.pop(node, None)
+        self.awaiting = set()

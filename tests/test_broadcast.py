@@ -1,0 +1,302 @@
+"""Tests for the lossless downlink (fedmask.broadcast): every client ends with the server's
+state bit for bit, the server tracks what each node holds from its confirmations only, and
+every broadcast is weighed by the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.client_app import app as real_client_app
+from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, SlotMachineAggregator
+from fedmask.broadcast import (
+    HEADER,
+    BroadcastError,
+    Held,
+    LosslessDownlink,
+    decode_votes,
+    encode_votes,
+    receive,
+    replayable,
+    state_digest,
+)
+from fedmask.checkpoint import Checkpoint
+from fedmask.codec import MaskLayout
+from fedmask.config import resolve
+from server.inprocess_grid import InProcessGrid
+from server.server_app import run_server
+
+SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 3, "dataset": "digits", "model": "mlp"}
+LAYOUT = MaskLayout((("a.weight", (40, 30)), ("b.bias", (7,))))
+FP = b"12345678"
+
+
+SLOT_LAYOUT = MaskLayout(tuple((name, (4, *shape)) for name, shape in LAYOUT.shapes))  # K = 4 scores each
+
+
+def _layout(mode: str) -> MaskLayout:
+    return SLOT_LAYOUT if mode == "slots" else LAYOUT
+
+
+def _rng_state(mode: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if mode == "slots":
+        return {n: rng.normal(size=s).astype(np.float32) for n, s in SLOT_LAYOUT.shapes}
+    if mode == "bernoulli":
+        return {n: rng.uniform(0.01, 0.99, size=s).astype(np.float32) for n, s in LAYOUT.shapes}
+    return {n: np.abs(rng.normal(size=s)).astype(np.float32) for n, s in LAYOUT.shapes}
+
+
+def _masks(mode: str, state: dict[str, np.ndarray], rng: np.random.Generator, clients: int) -> list[dict]:
+    if mode == "slots":
+        return [{n: rng.integers(0, v.shape[0], size=v.shape[1:]) for n, v in state.items()} for _ in range(clients)]
+    return [{n: rng.random(v.shape) < 0.5 for n, v in state.items()} for _ in range(clients)]
+
+
+AGGREGATORS = {
+    "bernoulli": (FedPMAggregator, {}),
+    "topk": (EdgePopupAggregator, {"method": "edge-popup"}),
+    "slots": (SlotMachineAggregator, {"method": "slot-machines", "init": "kaiming-uniform", "slots": 4}),
+}
+
+
+def _server_rounds(mode: str, rounds: int, seed: int = 0):
+    """A server's history of ``rounds`` aggregations of random masks with unequal weights."""
+    cls, keys = AGGREGATORS[mode]
+    config = resolve({**SMALL, **keys, "downlink-codec": "lossless"})
+    aggregator = cls(config)
+    rng = np.random.default_rng(seed)
+    state = _rng_state(mode, rng)
+    if mode == "topk":  # the server's scores are standardised magnitudes
+        state = aggregator.initial_state(state)
+    downlink = LosslessDownlink.create(aggregator, _layout(mode), FP, mode, config.density, state)
+    states = [state]
+    for version in range(1, rounds + 1):
+        masks = _masks(mode, state, rng, 5)
+        weights = [float(w) for w in rng.integers(50, 200, size=5)]
+        votes, clients = aggregator.round_votes(version, state, masks, weights)
+        new_state = aggregator.apply(version, state, votes, clients)
+        assert all(np.array_equal(new_state[k], v)
+                   for k, v in aggregator.aggregate(version, state, masks, weights).items())
+        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
+        state = new_state
+        states.append(state)
+    return config, aggregator, downlink, states
+
+
+def _client(config, aggregator, mode, states, blob, held=None) -> Held:
+    return receive(blob, _layout(mode), FP, held, lambda: states[0], lambda: type(aggregator)(config), mode,
+                   config.density)
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATORS))
+def test_replay_reaches_the_servers_state_bit_for_bit(mode):
+    """A node holding nothing, and one holding each earlier version, end with the server's
+    float32 state byte for byte, through whichever broadcast the server picks for them."""
+    config, aggregator, downlink, states = _server_rounds(mode, 4)
+    assert downlink.can_replay
+    blob, kind = downlink.message_for(1, states[-1])
+    got = _client(config, aggregator, mode, states, blob)
+    assert kind in ("replay", "standalone")
+    assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
+    for version in range(len(states) - 1):
+        downlink.sent([2])
+        digest = state_digest(states[version], _layout(mode))
+        assert downlink.confirm(2, version, digest.hex())
+        blob, kind = downlink.message_for(2, states[-1])
+        held = Held(version, digest, states[version])
+        got = _client(config, aggregator, mode, states, blob, held)
+        assert got.version == 4 and all(np.array_equal(got.state[k], states[-1][k]) for k in states[-1])
+
+
+def test_node_holding_the_current_state_gets_a_header_only():
+    config, aggregator, downlink, states = _server_rounds("topk", 2)
+    downlink.sent([5])
+    downlink.confirm(5, 2, state_digest(states[2], LAYOUT).hex())
+    blob, kind = downlink.message_for(5, states[2])
+    assert kind == "replay" and blob.size == HEADER.size
+    held = Held(2, state_digest(states[2], LAYOUT), states[2])
+    assert _client(config, aggregator, "topk", states, blob, held).version == 2
+
+
+def test_unconfirmed_or_wrongly_confirmed_nodes_are_forgotten():
+    """Never assume: a node that did not answer, or confirmed a digest the server never made,
+    gets a self-contained broadcast (from the seed, standalone or full), not a delta."""
+    config, aggregator, downlink, states = _server_rounds("topk", 3)
+    downlink.sent([1, 2, 3])
+    assert downlink.confirm(1, 3, state_digest(states[3], LAYOUT).hex())
+    assert not downlink.confirm(2, 3, "00" * 8)
+    downlink.end_round()  # node 3 never answered
+    assert downlink.held == {1: 3}
+    for node in (2, 3):
+        blob, _ = downlink.message_for(node, states[3])
+        header = HEADER.unpack_from(blob.tobytes())
+        assert header[5] == 0  # base version: the seed's state, or (full) none
+        got = _client(config, aggregator, "topk", states, blob, held=None)
+        assert got.digest == state_digest(states[3], LAYOUT)
+
+
+def test_node_that_lost_its_state_is_refused_with_a_clear_error():
+    config, aggregator, downlink, states = _server_rounds("topk", 3)
+    downlink.sent([1])
+    downlink.confirm(1, 2, state_digest(states[2], LAYOUT).hex())
+    blob, kind = downlink.message_for(1, states[3])
+    assert kind == "replay"
+    with pytest.raises(BroadcastError, match="base state.*round 2.*nothing"):
+        _client(config, aggregator, "topk", states, blob, held=None)
+
+
+@pytest.mark.parametrize("flip", [3, HEADER.size + 5, -1])
+def test_corrupted_broadcast_is_refused_by_crc(flip):
+    config, aggregator, downlink, states = _server_rounds("bernoulli", 2)
+    blob, _ = downlink.message_for(1, states[-1])
+    bad = blob.copy()
+    bad[flip] ^= 0x10
+    with pytest.raises(BroadcastError):
+        _client(config, aggregator, "bernoulli", states, bad)
+
+
+def test_broadcast_for_another_model_is_refused():
+    config, aggregator, downlink, states = _server_rounds("bernoulli", 1)
+    blob, _ = downlink.message_for(1, states[-1])
+    with pytest.raises(BroadcastError, match="fingerprint"):
+        receive(blob, LAYOUT, b"87654321", None, lambda: states[0], lambda: aggregator, "bernoulli", 0.5)
+
+
+@pytest.mark.parametrize("contexts", [None, "ctx"])
+def test_votes_round_trip_exactly(contexts):
+    """Any float64 votes (weighted shares, counts, constants) come back bit for bit."""
+    rng = np.random.default_rng(3)
+    for votes in (rng.integers(0, 11, 500) / 10 * 10, rng.choice([0.0, 0.25, 1 / 3, 1.0], 500),
+                  np.full(500, 0.7), rng.normal(size=500)):
+        ctx = rng.integers(0, 2, 500) if contexts else None
+        section = encode_votes(votes, ctx, 2)
+        got, end = decode_votes("t", section, 0, 500, ctx, 2)
+        assert end == len(section) and got.tobytes() == votes.astype(np.float64).tobytes()
+
+
+def test_plugin_aggregators_get_full_states_only():
+    from examples.majority_momentum import MajorityMomentum
+
+    config = resolve({**SMALL, "method": "examples.majority_momentum:MajorityMomentum",
+                      "downlink-codec": "lossless"})
+    assert not replayable(MajorityMomentum(config))
+
+    class Rewritten(EdgePopupAggregator):  # a subclass that rewrote aggregate: its replay would lie
+        def aggregate(self, server_round, state, masks, weights):  # noqa: ANN001, ANN201
+            return state
+
+    assert not replayable(Rewritten(config)) and replayable(EdgePopupAggregator(config))
+
+
+def test_fedpm_with_accumulated_prior_gets_full_states_only():
+    """theta then depends on past rounds' counts: a client cannot replay one round's."""
+    assert not replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 2})))
+    assert replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 1})))
+    resolve({**SMALL, "method": "fedavg", "downlink-codec": "lossless"})  # dense float32 is lossless
+
+
+# ---------------------------------------------------------------- end to end, real messages
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _run(tmp_path: Path, name: str, client_app=real_client_app, **overrides):
+    config = resolve({**SMALL, **overrides})
+    grid = InProcessGrid(client_app, config.num_clients)
+    run_server(grid, config, tmp_path / name)
+    return _rounds(tmp_path / name), grid
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # FedPM: counts
+    {"method": "edge-popup", "num-clients": 5, "clients-per-round": 2, "num-rounds": 4},  # nodes miss rounds
+])
+def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
+    """Same accuracy every round as the float32 broadcast (the clients train from the
+    identical state), far fewer downlink bytes, and every node's kept state is the server's."""
+    f32, _ = _run(tmp_path, "f32", **{**overrides, "downlink-codec": "float32"})
+    rows, grid = _run(tmp_path, "lossless", **{**overrides, "downlink-codec": "lossless"})
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in f32]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in f32]
+    assert rows[0]["downlink_payload_bytes"] == HEADER.size * rows[0]["clients"]  # the seed's state: a header
+    assert all(r["downlink_payload_bytes"] < f32[i]["downlink_payload_bytes"] / 4 for i, r in enumerate(rows))
+    assert all(r["failures"] == 0 for r in rows)
+    held = [c.state["downlink-held-meta"]["digest"] for c in grid.contexts.values() if "downlink-held-meta" in c.state]
+    assert held  # nodes keep what they last received
+
+
+def test_node_that_lost_its_state_fails_once_then_gets_a_self_contained_broadcast(tmp_path):
+    """A node whose context.state is wiped (a fresh process) cannot use the delta from the
+    state it had confirmed: it fails that round with a clear error, and the next round it
+    is sent a broadcast from the seed (or full), and trains again."""
+    wiped = {}
+
+    def app(message, context):  # noqa: ANN001, ANN202
+        round_ = int(message.content["config"]["server-round"])
+        if round_ == 3 and context.node_id == 1001 and not wiped:
+            for key in list(context.state.keys()):
+                del context.state[key]
+            wiped[round_] = True
+        return real_client_app(message, context)
+
+    rows, _ = _run(tmp_path, "wiped", client_app=app, method="edge-popup", **{"num-rounds": 4,
+                                                                                  "downlink-codec": "lossless"})
+    assert [r["failures"] for r in rows] == [0, 0, 1, 0]
+    assert "base state" in rows[2]["failure_details"][0]["reason"]
+    assert rows[3]["clients"] == 4 and sum(rows[3]["downlink_kinds"].values()) == 4
+
+
+def test_totals_and_fedavg_equivalent_match_a_real_fedavg_round(tmp_path):
+    """summary.json and every round report up + down per client and FedAvg's round trip,
+    and that FedAvg figure is what a real FedAvg round of the same model weighs."""
+    fedavg, _ = _run(tmp_path, "fedavg", method="fedavg", **{"num-rounds": 1})
+    per_client = fedavg[0]["per_client"][0]
+    real = per_client["uplink_message_bytes"] + per_client["downlink_message_bytes"]
+    rows, _ = _run(tmp_path, "fedpm", **{"num-rounds": 1, "downlink-codec": "lossless"})
+    # the reply's metric values and the instruction's config values differ in a few bytes
+    assert abs(rows[0]["fedavg_message_bytes_per_client"] - real) <= 64
+    summary = json.loads((tmp_path / "fedpm" / "summary.json").read_text())
+    assert summary["fedavg_payload_bytes_per_client_round"] == (per_client["uplink_payload_bytes"]
+                                                                + per_client["downlink_payload_bytes"])
+    total = rows[0]["total_message_bytes_per_client"]
+    assert total == (rows[0]["uplink_message_bytes"] + rows[0]["downlink_message_bytes"]) / 4
+    assert summary["fedavg_ratio"] == pytest.approx(rows[0]["fedavg_message_bytes_per_client"] / total)
+    assert summary["fedavg_ratio"] > 20
+
+
+def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_path):
+    """After a resume the history of steps is gone: every node gets the float32 state
+    once, then deltas again; the accuracies are those of the uninterrupted run."""
+    whole, _ = _run(tmp_path, "whole", **{"num-rounds": 4, "downlink-codec": "lossless"})
+    config = resolve({**SMALL, "num-rounds": 4, "downlink-codec": "lossless"})
+    run_dir = tmp_path / "resumed"
+    run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir)
+    # Roll the run directory back to its state after round 2, as a kill there leaves it: the
+    # round-2 checkpoint (kept aside by a second run's save), two round lines, no summary.
+    saved = {}
+    original_save = Checkpoint.save
+
+    def keep_round_two(checkpoint, where):  # noqa: ANN001, ANN202
+        original_save(checkpoint, where)
+        if checkpoint.round == 2:
+            saved["bytes"] = (Path(where) / "checkpoint.npz").read_bytes()
+
+    Checkpoint.save = keep_round_two  # type: ignore[method-assign]
+    try:
+        run_server(InProcessGrid(real_client_app, config.num_clients), config, tmp_path / "again")
+    finally:
+        Checkpoint.save = original_save  # type: ignore[method-assign]
+    (run_dir / "checkpoint.npz").write_bytes(saved["bytes"])
+    lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "rounds.jsonl").write_text("".join(lines[:2]))
+    (run_dir / "summary.json").unlink()
+    run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir, resume=True)
+    rows = _rounds(tmp_path / "resumed")
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]
+    assert rows[2]["downlink_kinds"] == {"full": 4} and "full" not in rows[3]["downlink_kinds"]

@@ -224,7 +224,9 @@ class MeasuringGrid(Grid):
         message_ids = list(message_ids)
         now = time.monotonic()
         ready = []
-        for reply in self.inner.pull_messages(message_ids):
+        # A held reply was already taken from the inner grid: asking Flower's engine for it
+        # again returns a "Message Unavailable" error reply in its place.
+        for reply in self.inner.pull_messages([i for i in message_ids if i not in self._held]):
             if reply.has_content() and SLOW_RECORD in reply.content.config_records:
                 delay = _slow_delay(reply.content.config_records[SLOW_RECORD].get("delay"))
                 del reply.content[SLOW_RECORD]

@@ -308,20 +308,21 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(reason="issue 15 item 4, open: under Ray any round-timeout well below 600 s (10 s here) "
-                   "loses every reply, slow or not, in every round; to be fixed", strict=True)
 def test_slow_clients_past_the_timeout_under_ray_cost_only_their_own_replies(tmp_path):
-    """Under Ray, round-timeout 10 s (Ray's workers start within round 1) and fault-slow-delay
-    60 s: the slow clients are recorded as no reply, every honest client is aggregated, and
-    rounds end at the timeout."""
+    """Under Ray, round-timeout 30 s (round 1 includes the workers' start, 5-20 s on 2
+    cores) and fault-slow-delay 120 s: the slow clients are recorded as no reply, every
+    honest client is aggregated, and rounds end at the timeout, not the delay. (It failed
+    before the grid stopped re-pulling held replies: Flower's engine answers a second pull
+    of a taken reply with a "Message Unavailable" error, so slow clients became client
+    errors and rounds ended early.)"""
     sets = ["num-clients=4", "clients-per-round=4", "num-rounds=2", "fault-slow-rate=0.4",
-            "fault-slow-delay=60", "round-timeout=10"]
+            "fault-slow-delay=120", "round-timeout=30"]
     out = tmp_path / "ray-slow"
     start = time.monotonic()
     proc = subprocess.run(_cli(str(ROOT / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)],
                                "--out", str(out)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert time.monotonic() - start < 60  # not even one full delay
+    assert time.monotonic() - start < 120  # not even one full delay
     config = load(ROOT / "configs/quickstart.toml", sets)
     slow_seen = 0
     for row in _rounds(out):

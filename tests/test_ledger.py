@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -276,3 +277,35 @@ def test_reply_late_within_the_timeout_arrives_without_its_marker_and_is_weighed
     assert 0.2 <= time.monotonic() - start < 4
     assert SLOW_RECORD not in reply.content.config_records
     assert ledger.uplink[1][0].message_bytes == message_bytes(reply)
+
+
+class _FlowerLikeGrid(InProcessGrid):
+    """An in-process grid that, like Flower's simulation engine, answers a second pull of a
+    reply already taken with an error reply ("Message Unavailable")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken: dict[str, Message] = {}
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        ids = list(message_ids)
+        out = []
+        for msg_id in ids:
+            if msg_id in self.taken:
+                error = Message(Error(ErrorCode.MESSAGE_UNAVAILABLE, "Message Unavailable"),
+                                reply_to=self.taken[msg_id])
+                error.metadata.__dict__["_reply_to_message_id"] = msg_id  # a reply to the instruction
+                out.append(error)
+        for reply in super().pull_messages(ids):
+            self.taken[reply.metadata.reply_to_message_id] = reply
+            out.append(reply)
+        return out
+
+
+def test_held_reply_is_not_pulled_again_from_the_engine():
+    """A slow reply held by MeasuringGrid is not asked for again: the engine's error reply
+    for a taken message never reaches the strategy; the reply arrives after its delay."""
+    ledger = Ledger()
+    grid = MeasuringGrid(_FlowerLikeGrid(_late_app(0.3), 1), ledger)
+    replies = list(grid.send_and_receive([_instruction(grid)], timeout=5.0))
+    assert len(replies) == 1 and not replies[0].has_error()

@@ -103,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     from fedmask.api import execute
 
     if args.engine == "ray":
+        import flwr.simulation  # noqa: F401 - first: importing it installs signal handlers that would replace ours
+
         _stop_on_interrupt(run_dir)
     try:
         execute(config, run_dir, args.engine, resume=bool(args.resume), ray_address=args.ray_address)

@@ -163,34 +163,48 @@ def _formula_bits(ones: int, n: int) -> float:
     return n * entropy + math.log2(n)
 
 
-def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
-                  sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC) -> tuple[int, int]:
+    """The (codec, crc32) of an upload's header, after checking everything in it.
+
+    Shared by every upload in this header format (masks here, LaPerm's ranks with their own
+    magic): a 1-D uint8 array at least a header long, the magic, format version, codec
+    (packbits or entropy), zero reserved field, the layout's count and the fingerprint.
+    Raises :class:`MaskCodecError` naming the first field that is wrong.
+    """
     if not isinstance(blob, np.ndarray):
         raise MaskCodecError("type", "numpy.ndarray", type(blob).__name__)
     if blob.dtype != np.uint8:
         raise MaskCodecError("dtype", "uint8", str(blob.dtype))
     if blob.ndim != 1:
         raise MaskCodecError("shape", "1-D", f"{blob.ndim}-D {blob.shape}")
-    num_bits = layout.num_params
-    packed_len = HEADER_BYTES + (num_bits + 7) // 8
     if blob.size < HEADER_BYTES:
         raise MaskCodecError("length", f"at least {HEADER_BYTES} bytes", f"{blob.size} bytes")
-    blob = np.ascontiguousarray(blob)
-    magic, version, codec, reserved, bit_count, got_fp, crc = _HEADER.unpack(blob[:HEADER_BYTES].tobytes())
-    if magic != MAGIC:
-        raise MaskCodecError("magic", MAGIC, magic)
+    got_magic, version, codec, reserved, count, got_fp, crc = _HEADER.unpack(
+        np.ascontiguousarray(blob[:HEADER_BYTES]).tobytes())
+    if got_magic != magic:
+        raise MaskCodecError("magic", magic, got_magic)
     if version != FORMAT_VERSION:
         raise MaskCodecError("format version", FORMAT_VERSION, version)
     if codec not in UPLINK_CODECS.values():
         raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
     if reserved != 0:
         raise MaskCodecError("reserved", 0, reserved)
-    if bit_count != num_bits:
-        raise MaskCodecError("bit count", num_bits, bit_count)
+    if count != layout.num_params:
+        raise MaskCodecError("bit count", layout.num_params, count)
     if got_fp != fingerprint:
         raise MaskCodecError(
             "fingerprint", f"{fingerprint.hex()} (this seed, model, init)", f"{got_fp.hex()} (another model)"
         )
+    return codec, crc
+
+
+def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
+                  sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+    codec, crc = check_header(blob, layout, fingerprint)
+    assert isinstance(blob, np.ndarray)
+    blob = np.ascontiguousarray(blob)
+    num_bits = layout.num_params
+    packed_len = HEADER_BYTES + (num_bits + 7) // 8
     if codec == CODEC_PACKBITS and blob.size != packed_len:
         raise MaskCodecError("length", f"{packed_len} bytes", f"{blob.size} bytes")
     if codec == CODEC_ENTROPY and blob.size > packed_len + SECTION_BYTES * len(layout.shapes) + 64:

@@ -46,7 +46,7 @@ from torch import nn
 
 from fedmask import masking
 from fedmask.aggregators import MaskAggregator, Masks, State
-from fedmask.codec import HEADER_FIELDS, MaskCodecError, MaskLayout
+from fedmask.codec import HEADER_FIELDS, MaskCodecError, MaskLayout, check_header
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -393,29 +393,9 @@ def decode_ranks(blob: object, layout: MaskLayout, fingerprint: bytes,
     ``prior + step * q`` (not a permutation; what the Borda count sums), checked to lie
     within ``[-step, m - 1 + step]``.
     """
-    if not isinstance(blob, np.ndarray):
-        raise MaskCodecError("type", "numpy.ndarray", type(blob).__name__)
-    if blob.dtype != np.uint8:
-        raise MaskCodecError("dtype", "uint8", str(blob.dtype))
-    if blob.ndim != 1:
-        raise MaskCodecError("shape", "1-D", f"{blob.ndim}-D {blob.shape}")
-    if blob.size < HEADER_BYTES:
-        raise MaskCodecError("length", f"at least {HEADER_BYTES} bytes", f"{blob.size} bytes")
+    codec, crc = check_header(blob, layout, fingerprint, magic=MAGIC)
+    assert isinstance(blob, np.ndarray)
     raw = np.ascontiguousarray(blob).tobytes()
-    magic, version, codec, reserved, count, got_fp, crc = _HEADER.unpack(raw[:HEADER_BYTES])
-    if magic != MAGIC:
-        raise MaskCodecError("magic", MAGIC, magic)
-    if version != FORMAT_VERSION:
-        raise MaskCodecError("format version", FORMAT_VERSION, version)
-    if codec not in CODECS.values():
-        raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
-    if reserved != 0:
-        raise MaskCodecError("reserved", 0, reserved)
-    if count != layout.num_params:
-        raise MaskCodecError("bit count", layout.num_params, count)
-    if got_fp != fingerprint:
-        raise MaskCodecError("fingerprint", f"{fingerprint.hex()} (this seed, model, init)",
-                             f"{got_fp.hex()} (another model)")
     longest = max_upload_bytes(layout)
     if len(raw) > longest:
         raise MaskCodecError("length", f"at most {longest} bytes (every tensor bit-packed)", f"{len(raw)} bytes")

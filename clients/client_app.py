@@ -106,15 +106,52 @@ def _replayer(config: RunConfig) -> Replayable:
     return aggregator
 
 
-def _held(context: Context) -> broadcast.Held | None:
-    """What this node kept of its last lossless broadcast (Flower's per-node context.state)."""
+def _held_version(context: Context) -> tuple[int, bytes] | None:
+    """(version, digest) of the state this node holds, read without loading the state."""
     if broadcast.HELD_STATE not in context.state or broadcast.HELD_META not in context.state:
         return None
     meta = context.state.config_records[broadcast.HELD_META]
-    arrays = context.state.array_records[broadcast.HELD_STATE]
     version = meta["version"]
-    return broadcast.Held(version if isinstance(version, int) else -1, bytes.fromhex(str(meta["digest"])),
-                          {name: array.numpy() for name, array in arrays.items()})
+    return (version if isinstance(version, int) else -1), bytes.fromhex(str(meta["digest"]))
+
+
+def _held(context: Context) -> broadcast.Held | None:
+    """What this node kept of its last lossless broadcast (Flower's per-node context.state)."""
+    held = _held_version(context)
+    if held is None:
+        return None
+    arrays = context.state.array_records[broadcast.HELD_STATE]
+    return broadcast.Held(*held, {name: array.numpy() for name, array in arrays.items()})
+
+
+_RECEIVED: dict[tuple, broadcast.Held] = {}  # by (config, mode, digest of the blob); newest last
+_RECEIVED_KEPT = 2
+
+
+def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: task.ModelSpec,
+                       context: Context) -> broadcast.Held:
+    """A lossless broadcast decoded once per process, not once per client.
+
+    A round's clients mostly receive the same bytes, and what they decode to depends on the
+    bytes alone once they were accepted, except for a replay from an earlier state, which
+    this node must hold (checked by version and digest, as :func:`broadcast.receive` would).
+    The cached arrays are read-only: every client of the process shares them.
+    """
+    raw = np.ascontiguousarray(blob, dtype=np.uint8)
+    key = (config, mode, hashlib.blake2b(raw.data, digest_size=16).digest())
+    found = _RECEIVED.get(key)
+    if found is not None:
+        base = broadcast.base_needed(raw)
+        if base is None or base[0] == 0 or base == _held_version(context):
+            return found
+    got = broadcast.receive(raw, spec.layout, spec.fingerprint, _held(context), lambda: _initial_state(config, mode),
+                            lambda: _replayer(config), mode, config.density)
+    for array in got.state.values():
+        array.setflags(write=False)
+    while len(_RECEIVED) >= _RECEIVED_KEPT:
+        del _RECEIVED[next(iter(_RECEIVED))]
+    _RECEIVED[key] = got
+    return got
 
 
 def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: Context) -> tuple[
@@ -125,12 +162,12 @@ def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: C
     assert mode is not None
     _, spec = _model_for(config, mode)
     assert spec is not None
-    held = _held(context)
-    for key in (broadcast.HELD_STATE, broadcast.HELD_META):  # a failed receive leaves nothing stale
-        if key in context.state:
-            del context.state[key]
-    got = broadcast.receive(blob, spec.layout, spec.fingerprint, held, lambda: _initial_state(config, mode),
-                            lambda: _replayer(config), mode, config.density)
+    try:
+        got = _decoded_broadcast(blob, config, mode, spec, context)
+    finally:  # a failed receive leaves nothing stale
+        for key in (broadcast.HELD_STATE, broadcast.HELD_META):
+            if key in context.state:
+                del context.state[key]
     context.state[broadcast.HELD_STATE] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
     context.state[broadcast.HELD_META] = ConfigRecord({"version": got.version, "digest": got.digest.hex()})
     return got.state, ConfigRecord({"version": got.version, "digest": got.digest.hex()})

@@ -356,6 +356,22 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
     return current
 
 
+def base_needed(blob: np.ndarray) -> tuple[int, bytes] | None:
+    """The (version, digest) of the state a broadcast replays from, or None when it stands
+    alone (a full state, or a replay whose first step is standalone).
+
+    Reads the headers only and checks nothing: for a broadcast :func:`receive` has already
+    accepted, it tells whether the result depends on what the receiving node holds.
+    """
+    raw = np.ascontiguousarray(blob, dtype=np.uint8).data
+    if len(raw) < HEADER.size + STEP.size:
+        return None
+    _, _, kind, count, _, base_v, base_d, _, _, _ = HEADER.unpack_from(raw)
+    if kind != KIND_REPLAY or (count and STEP.unpack_from(raw, HEADER.size)[2] == 1):
+        return None
+    return base_v, base_d
+
+
 def _base(version: int, digest: bytes, held: Held | None, initial: Callable[[], State], layout: MaskLayout) -> Held:
     """The state a replay starts from: what this node holds, or the seed's (version 0)."""
     if held is not None and (held.version, held.digest) == (version, digest):

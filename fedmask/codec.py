@@ -13,6 +13,12 @@ Wire format (little-endian): a 28-byte header, then the payload::
   both ends already hold from the last broadcast: FedPM's theta, or edge-popup's global
   top-k mask with a flip rate ``param / 2**32``) or ``frequency`` (one probability per
   tensor, ``param`` ones out of n: the model behind FedPM's ``H(f) + log2(N)/N``).
+  Format 2 codes a ``side`` section group by group when the broadcast tensor takes at most
+  ``SIDE_GROUPS_MAX`` distinct values (FedPM's theta with the prior reset takes one per
+  vote count; a top-k mask two): the bits of the weights that share a value, in weight
+  order, one fixed probability per group, groups in increasing order of the value. Same
+  probabilities, same length as bit by bit, but the coder runs several times faster than
+  with one model per bit. Otherwise bit by bit, as format 1.
 
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
 network has the right length often enough that length alone cannot catch it. The CRC32
@@ -35,12 +41,13 @@ import constriction
 import numpy as np
 
 MAGIC = b"FMSK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: side sections coded per group of equal prior values
 CODEC_PACKBITS = 1
 CODEC_ENTROPY = 2
 UPLINK_CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
 MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY = 0, 1, 2
 _SECTION = struct.Struct("<BII")
+SIDE_GROUPS_MAX = 4096  # more distinct prior values: the side model codes bit by bit
 SECTION_BYTES = _SECTION.size
 # An entropy-coded section must beat the packed bits by this much to be chosen: the range
 # coder ends on a whole 32-bit word and may need one more.
@@ -163,7 +170,8 @@ def _formula_bits(ones: int, n: int) -> float:
     return n * entropy + math.log2(n)
 
 
-def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC) -> tuple[int, int]:
+def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC,
+                 format_version: int = FORMAT_VERSION) -> tuple[int, int]:
     """The (codec, crc32) of an upload's header, after checking everything in it.
 
     Shared by every upload in this header format (masks here, LaPerm's ranks with their own
@@ -183,8 +191,8 @@ def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: by
         np.ascontiguousarray(blob[:HEADER_BYTES]).tobytes())
     if got_magic != magic:
         raise MaskCodecError("magic", magic, got_magic)
-    if version != FORMAT_VERSION:
-        raise MaskCodecError("format version", FORMAT_VERSION, version)
+    if version != format_version:
+        raise MaskCodecError("format version", format_version, version)
     if codec not in UPLINK_CODECS.values():
         raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
     if reserved != 0:
@@ -336,6 +344,24 @@ def _prior_digest(prior: Prior | None, layout: MaskLayout) -> int:
     return entry.digests[key]
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """The weights of a prior tensor grouped by value: ``order`` lists the weights group by
+    group (each group in weight order), ``counts`` the group sizes, ``values`` the distinct
+    prior values, increasing."""
+
+    order: np.ndarray
+    counts: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Groups | None:
+        distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        if distinct.size > SIDE_GROUPS_MAX:
+            return None
+        return cls(np.argsort(inverse, kind="stable"), counts, distinct)
+
+
 @dataclass
 class _SideTables:
     """What the side model needs of one prior tensor, computed once per broadcast.
@@ -351,6 +377,7 @@ class _SideTables:
     hard_count: int
     all_hard: bool
     hard_ones: np.ndarray  # values == 1 on the hard entries (the bit the prior predicts)
+    groups: _Groups | None = None  # None: more than SIDE_GROUPS_MAX distinct values
     q0: np.ndarray | None = None
     base: float = 0.0
     gain: np.ndarray | None = None
@@ -385,7 +412,8 @@ def _tables(prior: Prior, name: str) -> _SideTables:
         values = np.ascontiguousarray(prior[name], dtype=np.float64).ravel()
         hard = (values == 0.0) | (values == 1.0)
         hard_count = int(hard.sum())
-        tables = _SideTables(values, hard, hard_count, hard_count == values.size, values[hard] == 1.0)
+        tables = _SideTables(values, hard, hard_count, hard_count == values.size, values[hard] == 1.0,
+                             _Groups.of(values))
         if hard_count == 0:
             q0 = _side_probs(values, 0)
             log_one, log_zero = np.log2(q0), np.log2(1.0 - q0)
@@ -483,9 +511,34 @@ def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
             encoder.encode(symbols, frequency_model)
         else:
             assert tables is not None  # the side model is chosen only when there is a prior
-            encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+            _side_encode(encoder, symbols, tables, param)
         data = encoder.get_compressed().astype("<u4").tobytes()
     return _SECTION.pack(model, param, len(data)) + data
+
+
+def _side_encode(encoder: constriction.stream.queue.RangeEncoder, symbols: np.ndarray, tables: _SideTables,
+                 param: int) -> None:
+    """The side model's bits: group by group (one fixed probability each) or bit by bit."""
+    groups = tables.groups
+    if groups is None:
+        encoder.encode(symbols, constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+        return
+    grouped, start = symbols[groups.order], 0
+    for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist()):
+        encoder.encode(grouped[start : start + count], constriction.stream.model.Bernoulli(prob, perfect=False))
+        start += count
+
+
+def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables, param: int) -> np.ndarray:
+    """Inverse of :func:`_side_encode`."""
+    groups = tables.groups
+    if groups is None:
+        return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+    pieces = [decoder.decode(constriction.stream.model.Bernoulli(prob, perfect=False), count)
+              for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist())]
+    symbols = np.empty(tables.values.size, dtype=np.int32)
+    symbols[groups.order] = np.concatenate(pieces) if pieces else symbols[:0]
+    return symbols
 
 
 def _side_q(tables: _SideTables, param: int) -> np.ndarray:
@@ -540,7 +593,7 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
             tables = _tables(prior, name)
             if tables.values.size != size:
                 raise MaskCodecError(f"side information '{name}'", f"{size} values", tables.values.size)
-            symbols = decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+            symbols = _side_decode(decoder, tables, param)
     except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
         raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
     if symbols.size != size:

@@ -124,9 +124,10 @@ class RunConfig:
                                "'straight-through' passes g (fedmask's default), 'reference' passes theta * g "
                                "as FedPM's reference code", choices=FEDPM_GRADIENTS)
     biprop_gradient: str = _key("fedmask", "Biprop: the scores' gradient: 'fedmask' g * sign(w) * alpha, "
-                                "'reference' g * |w| as chrundle/biprop", choices=BIPROP_GRADIENTS)
-    biprop_scale_fan: bool = _key(False, "Biprop: divide the frozen weights by sqrt(density), as the "
-                                  "reference's kaiming-normal configs (scale_fan)")
+                                "'reference' g * w as chrundle/biprop", choices=BIPROP_GRADIENTS)
+    biprop_scale_fan: bool = _key(False, "Biprop: divide the frozen weights by sqrt(1 - density), as the "
+                                  "reference code's scale_fan does (fan * (1 - prune_rate), prune_rate "
+                                  "being the fraction kept); needs density < 1")
     slot_score_init: str = _key("kaiming-uniform", "Slot Machines: initial scores: 'kaiming-uniform' "
                                 "U(+-1/sqrt(fan_in)) (fedmask's default) or 'reference' U(0, "
                                 "sqrt(6/(fan_in+fan_out))); the reference's candidates are init = "
@@ -316,6 +317,9 @@ def _check_across_keys(config: RunConfig) -> None:
     if config.biprop_scale_fan and config.recycle_every:
         raise ConfigError("config key 'biprop-scale-fan': expected false with recycle-every > 0 (recycling "
                           "regenerates unscaled weights)")
+    if config.biprop_scale_fan and config.density >= 1:
+        raise ConfigError("config key 'biprop-scale-fan': expected false with density 1 (the reference's "
+                          f"scale divides by sqrt(1 - density)), got true with density {config.density:g}")
     if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config.clients_per_round}), got {config.min_clients}")

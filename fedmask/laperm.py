@@ -393,7 +393,7 @@ def decode_ranks(blob: object, layout: MaskLayout, fingerprint: bytes,
     ``prior + step * q`` (not a permutation; what the Borda count sums), checked to lie
     within ``[-step, m - 1 + step]``.
     """
-    codec, crc = check_header(blob, layout, fingerprint, magic=MAGIC)
+    codec, crc = check_header(blob, layout, fingerprint, magic=MAGIC, format_version=FORMAT_VERSION)
     assert isinstance(blob, np.ndarray)
     raw = np.ascontiguousarray(blob).tobytes()
     longest = max_upload_bytes(layout)

@@ -24,8 +24,10 @@ inner Adam and rewired every few steps to an arrangement of the seeded values
 All are straight-through: the backward pass hands the mask's (or the one-hot choice's)
 gradient to its input as is. Two references differ, each available as a setting:
 FedPM's references pass ``theta * grad`` back through the Bernoulli sample
-(``fedpm-gradient = "reference"``), and Biprop's reference gives the scores ``g * |w|``
-where fedmask's default gives ``g * sign(w) * alpha`` (``biprop-gradient = "reference"``).
+(``fedpm-gradient = "reference"``), and Biprop's reference gives the scores ``g * w``
+(its backward returns ``g * |w|`` for an output that is multiplied by ``sign(w)`` after it)
+where fedmask's default gives ``g * sign(w) * alpha`` (``biprop-gradient = "reference"``);
+the two agree when every ``|w|`` is alpha, as with signed-constant weights.
 """
 
 from __future__ import annotations
@@ -202,8 +204,10 @@ class ScoreMask(nn.Module):
             with torch.no_grad():  # alpha is a statistic of the kept weights, not trained
                 alpha = (frozen.abs() * mask).sum() / mask.sum().clamp(min=1.0)
             if self.biprop_gradient == "reference":
-                # the same value; the mask (so the scores) gets g * |w|, as chrundle/biprop
-                used = frozen.abs() * mask
+                # the same value; the mask (so the scores) gets g * sign(w) * |w| = g * w, as
+                # chrundle/biprop (GetQuantnet_binary returns g * |w|, and its output is
+                # multiplied by sign(w) in SubnetConv.forward)
+                used = frozen * mask
                 return torch.sign(frozen) * alpha * mask.detach() + used - used.detach()
             return torch.sign(frozen) * alpha * mask
         return frozen * mask
@@ -286,8 +290,8 @@ def to_masked(
             continue  # the shadow weights start at the seeded values
         else:
             frozen = frozen_tensor(seed, name, tuple(frozen_param.shape), layer_fan_in, init, layer_fan_out)
-            if mode == "biprop" and biprop_scale_fan:  # the reference's scale_fan: w / sqrt(density)
-                frozen = frozen / math.sqrt(density)
+            if mode == "biprop" and biprop_scale_fan:  # the reference code's scale_fan (see config)
+                frozen = frozen / math.sqrt(1.0 - density)
             with torch.no_grad():
                 frozen_param.copy_(frozen)
             parametrization = ScoreMask(frozen_param.shape, mode, density, eval_mask, fedpm_gradient, biprop_gradient)

@@ -300,3 +300,41 @@ def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_pa
     rows = _rounds(tmp_path / "resumed")
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]
     assert rows[2]["downlink_kinds"] == {"full": 4} and "full" not in rows[3]["downlink_kinds"]
+
+
+def test_a_process_decodes_each_broadcast_once_yet_refuses_a_node_without_its_base(tmp_path, monkeypatch):
+    """The clients of one process share a decoded lossless broadcast: ``broadcast.receive``
+    runs once per distinct blob, not once per client. A node whose state is gone still gets
+    the clear "base state" refusal when the same delta blob is already decoded in the
+    process (it is wiped after another node of the round has decoded it)."""
+    import hashlib
+
+    import clients.client_app as client_module
+
+    calls = []
+    real_receive = client_module.broadcast.receive
+
+    def counting(blob, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(hashlib.blake2b(np.asarray(blob, dtype=np.uint8).tobytes()).hexdigest())
+        return real_receive(blob, *args, **kwargs)
+
+    monkeypatch.setattr(client_module.broadcast, "receive", counting)
+    monkeypatch.setattr(client_module, "_RECEIVED", {})
+    seen: dict[int, list[int]] = {}
+
+    def app(message, context):  # noqa: ANN001, ANN202
+        round_ = int(message.content["config"]["server-round"])
+        seen.setdefault(round_, []).append(context.node_id)
+        if round_ == 3 and len(seen[round_]) == 2:  # another node of this round decoded the blob already
+            for key in list(context.state.keys()):
+                del context.state[key]
+        return real_client_app(message, context)
+
+    rows, _ = _run(tmp_path, "shared", client_app=app, method="edge-popup",
+                   **{"num-rounds": 4, "downlink-codec": "lossless"})
+    assert [r["failures"] for r in rows] == [0, 0, 1, 0]
+    assert "base state" in rows[2]["failure_details"][0]["reason"]
+    # rounds 1-3 each send one blob to every node (round 3's wiped node decodes it again and
+    # fails); round 4 sends the wiped node a self-contained blob and the others a delta
+    assert len(calls) == len(set(calls)) + 1 <= 6
+    assert sum(r["clients"] for r in rows) == 4 * 4 - 1

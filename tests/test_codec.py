@@ -61,7 +61,7 @@ def test_round_trip_and_wire_format(layout, seed, p):
     assert blob.size == HEADER + math.ceil(bits / 8)
     magic, version, codec, reserved, count, got_fp, crc = struct.unpack(SPEC_HEADER, blob[:HEADER].tobytes())
     payload = np.packbits(np.concatenate([masks[name].ravel() for name, _ in layout.shapes]))
-    assert (magic, version, codec, reserved, count, got_fp) == (b"FMSK", 1, 1, 0, bits, fp)
+    assert (magic, version, codec, reserved, count, got_fp) == (b"FMSK", 2, 1, 0, bits, fp)
     assert np.array_equal(blob[HEADER:], payload)
     assert crc == zlib.crc32(payload.tobytes())
     decoded = decode_masks(blob, layout, fp)
@@ -123,7 +123,7 @@ def test_shorter_than_header_rejected_as_length(size):
 
 
 @pytest.mark.parametrize("offset, value, field", [(0, ord("X"), "magic"), (3, 0, "magic"),
-                                                  (4, 2, "format version"), (4, 0, "format version"),
+                                                  (4, 1, "format version"), (4, 0, "format version"),
                                                   (5, 9, "codec"), (5, 0, "codec")])
 def test_bad_header_fields_rejected(offset, value, field):
     """Bad magic, format version or codec id is refused with that field."""

@@ -176,7 +176,7 @@ def test_entropy_round_trip(sizes, two_d, kind, seed):
 
     assert blob.dtype == np.uint8 and blob.ndim == 1
     magic, version, codec, reserved, count, fp, crc = SPEC_HEADER.unpack(blob[:HEADER].tobytes())
-    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 1, 2, 0, layout.num_params, FP)
+    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 2, 2, 0, layout.num_params, FP)
     assert crc == spec_crc(blob[HEADER:].tobytes(), prior, layout)
 
     sections = parse_sections(blob)
@@ -552,3 +552,34 @@ def test_entropy_blob_longer_than_packed_bound_refused():
     assert padded.size == limit + 1
     err = rejected(padded, layout, prior)
     assert err.field == "length" and str(limit) in str(err)
+
+
+@pytest.mark.parametrize("distinct", [3, 4096, 4097])
+def test_side_section_is_coded_group_by_group_when_the_prior_has_few_values(distinct):
+    """The format-2 side model, rebuilt here with constriction from the module docstring:
+    with at most SIDE_GROUPS_MAX (4096) distinct prior values, the bits of the weights that
+    share a value, in weight order, groups by increasing value, one fixed probability each;
+    above that, bit by bit. The section's bytes must equal that reference coding, and
+    decode back to the mask."""
+    import constriction
+
+    from fedmask import codec
+
+    assert codec.SIDE_GROUPS_MAX == 4096
+    rng = np.random.default_rng(distinct)
+    levels = np.linspace(0.02, 0.98, distinct)
+    theta = rng.permutation(np.repeat(levels, max(3, 6000 // distinct)))  # every value used
+    mask = rng.random(theta.size) < theta
+    layout = MaskLayout((("w", (theta.size,)),))
+    blob = encode_masks({"w": mask}, layout, FP, "entropy", {"w": theta})
+    [(model, param, _, data)] = parse_sections(blob)
+    assert (model, param) == (SIDE, 0)  # a soft prior: no flip rate
+    encoder = constriction.stream.queue.RangeEncoder()
+    if distinct <= 4096:
+        for value in np.unique(theta):
+            encoder.encode(mask[theta == value].astype(np.int32),
+                           constriction.stream.model.Bernoulli(float(value), perfect=False))
+    else:
+        encoder.encode(mask.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), theta)
+    assert data == encoder.get_compressed().astype("<u4").tobytes()
+    assert np.array_equal(decode_masks(blob, layout, FP, {"w": theta})["w"], mask)

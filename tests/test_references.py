@@ -75,11 +75,13 @@ def test_slot_machines_reference_candidates_and_scores():
     assert float(default.scores.min()) < 0.0
 
 
-@pytest.mark.parametrize("how, expected", [("fedmask", [1.5, -1.5, 1.5, -1.5]), ("reference", [0.5, 2.0, 1.0, 0.1])])
+@pytest.mark.parametrize("how, expected", [("fedmask", [1.5, -1.5, 1.5, -1.5]), ("reference", [0.5, -2.0, 1.0, -0.1])])
 def test_biprop_score_gradient(how, expected):
     """w = [0.5, -2, 1, -0.1], |scores| keep positions 1 and 2 (density 0.5): alpha = 1.5,
     weight used [0, -1.5, 1.5, 0] either way; with g = 1 the scores get g * sign(w) * alpha
-    (fedmask) or g * |w| (reference)."""
+    (fedmask) or, as chrundle/biprop computes it, (g * sign(w)) * |w| = g * w: its
+    GetQuantnet_binary.backward returns the incoming gradient times |w|, and the incoming
+    gradient carries sign(w) because SubnetConv multiplies the output by sign(w)."""
     module = ScoreMask(torch.Size([4]), "biprop", 0.5, "threshold", biprop_gradient=how)
     module.scores.data.copy_(torch.tensor([0.1, 0.9, 0.8, 0.2]))
     used = module(torch.tensor([0.5, -2.0, 1.0, -0.1]))
@@ -88,12 +90,18 @@ def test_biprop_score_gradient(how, expected):
     assert module.scores.grad is not None and module.scores.grad.tolist() == pytest.approx(expected)
 
 
-def test_biprop_scale_fan_divides_the_frozen_weights_by_sqrt_density():
+def test_biprop_scale_fan_divides_the_frozen_weights_as_the_reference_code_does():
+    """chrundle/biprop's builder multiplies the fan by (1 - prune_rate), prune_rate being the
+    fraction of weights kept: at density 0.75 the std doubles (1 / sqrt(0.25)); density 1
+    is refused (a division by zero there)."""
+    from fedmask.config import ConfigError, resolve
     from fedmask.masking import frozen_weights
 
-    plain = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.25))["0.weight"]
-    scaled = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.25, biprop_scale_fan=True))["0.weight"]
+    plain = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.75))["0.weight"]
+    scaled = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.75, biprop_scale_fan=True))["0.weight"]
     assert torch.allclose(scaled, plain * 2.0)
+    with pytest.raises(ConfigError, match="biprop-scale-fan"):
+        resolve({"method": "biprop", "biprop-scale-fan": True, "density": 1.0})
 
 
 def test_batchnorm_running_keeps_statistics_and_federated_runs_refuse_it():

@@ -106,7 +106,8 @@ def test_biprop_scale_fan_divides_the_frozen_weights_as_the_reference_code_does(
 
 def test_batchnorm_running_keeps_statistics_and_federated_runs_refuse_it():
     """One training batch of mean 3 per channel: running mean = 0.1 * 3 (momentum 0.1);
-    stateless BatchNorm keeps none. A federated conv run with 'running' is refused by name."""
+    stateless BatchNorm keeps none. A federated ResNet-18 run with 'running' is refused by name;
+    the conv nets have no BatchNorm, so they accept it."""
     def model(how: str) -> nn.Module:
         net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
         return to_masked(net, "topk", seed=0, init="kaiming-normal", batchnorm=how)
@@ -120,11 +121,12 @@ def test_batchnorm_running_keeps_statistics_and_federated_runs_refuse_it():
     assert running[1].running_mean.tolist() == pytest.approx([0.3, 0.3])
     assert stateless[1].running_mean is None
     with pytest.raises(ValueError, match="batchnorm"):
-        check_batchnorm("running", "conv2")
+        check_batchnorm("running", "resnet18")
+    check_batchnorm("running", "conv2")  # no BatchNorm in the conv nets: nothing to refuse
     from fedmask.preflight import check_before_start
 
     with pytest.raises(ConfigError, match="batchnorm"):
-        check_before_start(resolve({"model": "conv2", "batchnorm": "running", "method": "edge-popup"}))
+        check_before_start(resolve({"model": "resnet18", "batchnorm": "running", "method": "edge-popup"}))
 
 
 def test_fedpm_prior_reset_rounds_by_rule():

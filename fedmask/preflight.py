@@ -15,7 +15,7 @@ import torch
 
 from fedmask import task
 from fedmask.config import ConfigError, RunConfig
-from fedmask.data import client_split
+from fedmask.data import partition_sizes
 from fedmask.masking import check_batchnorm, get_scores
 
 
@@ -38,9 +38,10 @@ def check_before_start(config: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
     splits = task.splits_of(config)
-    for pid in range(config.num_clients):
-        client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
-                     config.dirichlet_alpha, config.classes_per_client)
+    # partitions every client at once and refuses an empty partition by client (DataError);
+    # slicing each client's images here cost 10 s at 10,000 clients
+    partition_sizes(splits, config.num_clients, config.partitioner, config.seed, config.dirichlet_alpha,
+                    config.classes_per_client)
     method = config.method_entry
     try:
         model = task.make_model(config, splits, method.mask_mode)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 from rich.console import Console
 
+from fedmask.diagnostics import DIAGNOSTIC_KEYS
 from fedmask.failures import FAILURE_KINDS, Failure
 from fedmask.ledger import Ledger
 from fedmask.totals import round_total_fields
@@ -75,6 +76,8 @@ class RoundOutcome:
     code_lengths: dict[str, float] | None = None  # ideal and formula bits of the round's uploads
     skipped: str | None = None  # why the round left the global state unchanged
     broadcasts: dict[str, int] | None = None  # lossless downlink: nodes sent each kind (full, replay, standalone)
+    # mask diagnostics (fedmask.diagnostics.DIAGNOSTIC_KEYS); None: not computed (dense, SecAgg+, skipped)
+    diagnostics: dict[str, float | None] | None = None
 
     def add_failure(self, failure: Failure) -> None:
         self.failures.append(failure.to_dict())
@@ -150,6 +153,7 @@ class RunRecorder:
             "downlink_bpp": 8 * totals["downlink_payload_bytes"]
             / (self.num_params * max(ledger.clients_heard(server_round, "downlink"), 1)),
             **self._code_fields(outcome.code_lengths, clients),
+            **{key: (outcome.diagnostics or {}).get(key) for key in DIAGNOSTIC_KEYS},
             **round_total_fields(totals, ledger.clients_heard(server_round, "downlink"), self.fedavg),
             "elapsed_s": time.perf_counter() - self.start,
             "train": outcome.train,

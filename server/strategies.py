@@ -21,12 +21,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmask import laperm
-from fedmask.aggregators import MaskAggregator, Replayable, State, dense_aggregate
+from fedmask.aggregators import FedPMAggregator, MaskAggregator, Replayable, State, dense_aggregate
 from fedmask.broadcast import CONFIRM, LosslessDownlink
 from fedmask.broadcast import RECORD as LOSSLESS_RECORD
 from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
 from fedmask.compression import CompressionError, aggregate_updates, decompress
 from fedmask.config import RunConfig
+from fedmask.diagnostics import DriftTally, Masks, global_mask, mask_of_prior, round_diagnostics
 from fedmask.downlink import decode_state, encode_state
 from fedmask.failures import Failure
 from fedmask.instruction import TrainInstruction
@@ -280,6 +281,15 @@ class MaskStrategy(SeededFedAvg):
         self.lossless: LosslessDownlink | None = None
         if run_config.downlink_codec == "lossless":
             self.resumed(0)
+        self._global: tuple[State, Masks | None] | None = None  # (state, its global mask), the last one asked
+
+    def global_mask(self, state: State) -> Masks | None:
+        """The global mask ``state`` implies (:func:`fedmask.diagnostics.global_mask`), kept for
+        the last state asked: a round's new state is the next round's previous one."""
+        if self._global is None or self._global[0] is not state:
+            self._global = (state, global_mask(state, self.aggregator.mask_mode, self.run_config.density,
+                                               self.spec.layout))
+        return self._global[1]
 
     def resumed(self, version: int) -> None:
         """(Re)start the lossless downlink's history at the current state, made by round ``version``
@@ -392,6 +402,10 @@ class MaskStrategy(SeededFedAvg):
             self._confirmations(replies)
         usable = []
         self.aggregator.discard()
+        # client drift: each upload against the global mask of the broadcast it trained from
+        # (the prior the uplink decoder uses), folded in as counts (fedmask.diagnostics)
+        mode = self.aggregator.mask_mode
+        drift = DriftTally(None if self.prior is None else mask_of_prior(self.prior, mode, self.spec.layout))
         for reply, weight in self.usable_replies(server_round, replies):
             try:
                 lengths: dict[str, float] = {}
@@ -404,12 +418,18 @@ class MaskStrategy(SeededFedAvg):
                 self.reject(server_round, reply, f"cannot decode: {type(err).__name__}: {str(err)[:200]}")
                 continue
             self.aggregator.fold(server_round, self.state, votes, weight)
+            drift.add(votes)
             usable.append((reply, weight))
         if self.too_few(server_round, len(usable)):
             self.aggregator.discard()
             return None, None
         new_state = self.aggregator.finish(server_round, self.state)
         self._check_state(new_state)
+        bernoulli = mode == "bernoulli"
+        self.outcome(server_round).diagnostics = round_diagnostics(
+            self.global_mask(self.state), self.global_mask(new_state), drift,
+            theta=new_state if bernoulli else None,
+            eps=self.run_config.fedpm_eps if bernoulli and isinstance(self.aggregator, FedPMAggregator) else None)
         if self.lossless is not None:
             recorded = getattr(self.aggregator, "last_round_votes", None)
             if isinstance(self.aggregator, Replayable) and self.lossless.can_replay and recorded is not None:

@@ -41,6 +41,8 @@ SCENARIOS: list[tuple[str, list[str]]] = [
     ("10% dropped", ["fault-drop-rate=0.1"]),
     ("30% dropped", ["fault-drop-rate=0.3"]),
     ("10% corrupt uploads", ["fault-corrupt-rate=0.1"]),
+    # what a robust rule costs when nobody attacks
+    *[(f"no attackers, {rule}", sets) for rule, sets in RULES if sets],
     *[(f"{p}% attackers ({attack}), {rule}", [f'attack="{attack}"', f"attack-fraction={p / 100}", *sets])
       for attack in ("invert", "colluding") for p in ATTACK_SHARES for rule, sets in RULES],
 ]

@@ -205,7 +205,10 @@ def plot(settings: Sequence[Setting], path: str | Path, title: str = "") -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # the legend goes under both panels: settings' labels can be long (every differing key)
+    count = len(settings)
+    legend_inches = 0.25 + 0.18 * count
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_inches))
     for curve in curves(settings):
         low, high = curve.accuracy_mean - curve.accuracy_std, curve.accuracy_mean + curve.accuracy_std
         (line,) = by_round.plot(curve.rounds, curve.accuracy_mean, label=curve.label)
@@ -217,8 +220,8 @@ def plot(settings: Sequence[Setting], path: str | Path, title: str = "") -> Any:
                  title="accuracy by uplink bytes")
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
-    by_round.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*by_round.get_legend_handles_labels(), loc="lower center", fontsize=7, ncol=1, frameon=False)
+    fig.tight_layout(rect=(0.0, legend_inches / (4.5 + legend_inches), 1.0, 1.0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

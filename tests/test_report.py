@@ -85,7 +85,7 @@ def test_plot_lines_are_the_seed_means(two_settings, tmp_path):
     assert np.allclose(line.get_ydata(), [0.6, 0.825, 0.925])
     assert np.allclose(by_bytes.get_lines()[0].get_xdata(), [150, 250, 350])
     assert by_bytes.get_xscale() == "log"
-    assert [t.get_text() for t in by_round.get_legend().get_texts()] == [s.label for s in settings]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [s.label for s in settings]
 
 
 def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, capsys):

@@ -19,6 +19,11 @@ What a node is sent (the server picks the shortest that it knows the node can us
   can use it, also one whose state was lost;
 - for FedPM (prior reset every round): the last step alone, coded without context
   (``standalone``): theta follows from the counts alone;
+- for FedPM, to a node that holds an older state the server still keeps: the last step
+  alone, coded with the contexts of the state the node holds (``jump``): a replay from
+  that state of one step, which the node decodes as any replay. Under partial
+  participation a node typically last took part several rounds ago; the state it holds
+  still predicts this round's counts better than no context at all;
 - ``full``: the float32 state, as the ``float32`` codec sends it (a plug-in aggregator,
   whose update a client cannot replay, always gets this, and so does FedPM with an
   accumulated prior, ``fedpm-prior-reset != 1``, whose theta depends on past rounds'
@@ -72,6 +77,7 @@ RECORD = "lossless"  # the Array of the ``arrays`` record that carries a lossles
 CONFIRM = "downlink"  # the reply's ConfigRecord: version and digest of the state the node holds
 HELD_STATE, HELD_META = "downlink-held", "downlink-held-meta"  # in a node's context.state
 MAGIC = b"FMSL"
+KEPT_STATES_BYTES = 256 * 2**20  # recent states the server keeps for jumps (at least one)
 FORMAT_VERSION = 1
 KIND_FULL, KIND_REPLAY = 1, 2
 HEADER = struct.Struct("<4sBBH8sI8sI8sI")
@@ -410,6 +416,9 @@ class LosslessDownlink:
     standalone: Step | None = None  # the last step, coded without context (absorbing only)
     held: dict[int, int] = field(default_factory=dict)  # node id -> confirmed version
     awaiting: set[int] = field(default_factory=set)
+    # absorbing only: recent states (contexts for a jump, newest last) and the last step's votes
+    kept_states: dict[int, State] = field(default_factory=dict)
+    last_votes: tuple[State, float] | None = None
     _cache: dict[object, np.ndarray] = field(default_factory=dict)
 
     @classmethod
@@ -444,6 +453,12 @@ class LosslessDownlink:
         if self.absorbing:
             self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
                                           self.mask_mode, self.density)
+            self.last_votes = (votes, clients)
+            self.kept_states[version] = new_state
+            self.kept_states.setdefault(version - 1, previous)
+            while len(self.kept_states) > 1 and sum(
+                    sum(a.nbytes for a in st.values()) for st in self.kept_states.values()) > KEPT_STATES_BYTES:
+                del self.kept_states[min(self.kept_states)]
 
     def message_for(self, node: int, state: State) -> tuple[np.ndarray, str]:
         """The shortest broadcast of the current state this node can use, and its kind."""
@@ -457,8 +472,20 @@ class LosslessDownlink:
                 options.append(("replay", 0))
             if self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
                 options.append(("standalone", "standalone"))
+                if known is not None and known < target[0] - 1 and known >= self.start and self._kept(known):
+                    options.append(("jump", ("jump", known)))
         blobs = [(self._blob(key, state, target), kind) for kind, key in options]
         return min(blobs, key=lambda b: b[0].size)
+
+    def _kept(self, version: int) -> bool:
+        """The server still keeps the state of ``version``, unchanged (checked by its digest once
+        per round): contexts computed from anything else would not be the node's."""
+        key = ("kept", version)
+        if key not in self._cache:
+            kept = self.kept_states.get(version)
+            ok = kept is not None and state_digest(kept, self.layout) == self.versions.get(version)
+            self._cache[key] = np.asarray(ok)
+        return bool(self._cache[key])
 
     def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
         if key not in self._cache:
@@ -467,6 +494,13 @@ class LosslessDownlink:
             elif key == "standalone":
                 assert self.standalone is not None
                 self._cache[key] = replay_blob([self.standalone], self.fingerprint, (0, bytes(8)), target)
+            elif isinstance(key, tuple):  # ("jump", version the node holds)
+                assert self.last_votes is not None
+                held = key[1]
+                votes, clients = self.last_votes
+                step = encode_step(target[0], target[1], votes, clients, self.layout, self.kept_states[held],
+                                   self.mask_mode, self.density)
+                self._cache[key] = replay_blob([step], self.fingerprint, (held, self.versions[held]), target)
             else:
                 assert isinstance(key, int)
                 steps = [s for s in self.chained if s.version > key]

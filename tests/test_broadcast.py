@@ -338,3 +338,35 @@ def test_a_process_decodes_each_broadcast_once_yet_refuses_a_node_without_its_ba
     # fails); round 4 sends the wiped node a self-contained blob and the others a delta
     assert len(calls) == len(set(calls)) + 1 <= 6
     assert sum(r["clients"] for r in rows) == 4 * 4 - 1
+
+
+def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it():
+    """Partial participation: a FedPM node that last took part three rounds ago is sent one
+    step, this round's counts coded with the contexts of the state it holds ("jump"),
+    rather than every step since, the counts without context, or the float32 state. It is
+    the shortest here (clients follow theta, so old and new counts are correlated), and the
+    node decodes it to the server's state bit for bit."""
+    config = resolve({**SMALL, "downlink-codec": "lossless"})
+    aggregator = FedPMAggregator(config)
+    rng = np.random.default_rng(4)
+    state = _rng_state("bernoulli", rng)
+    downlink = LosslessDownlink.create(aggregator, LAYOUT, FP, "bernoulli", config.density, state)
+    states = [state]
+    for version in range(1, 6):
+        masks = [{name: rng.random(value.shape) < value for name, value in state.items()} for _ in range(8)]
+        votes, clients = aggregator.round_votes(version, state, masks, [1.0] * 8)
+        new_state = aggregator.apply(version, state, votes, clients)
+        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
+        state = new_state
+        states.append(state)
+    downlink.held[7] = 2
+    blob, kind = downlink.message_for(7, states[-1])
+    sizes = {name: downlink._blob(key, states[-1], (5, downlink.versions[5])).size
+             for name, key in (("replay", 2), ("standalone", "standalone"), ("full", "full"))}
+    assert kind == "jump" and blob.size < min(sizes.values()), (blob.size, sizes)
+    held = Held(2, downlink.versions[2], states[2])
+    got = receive(blob, LAYOUT, FP, held, lambda: states[0], lambda: aggregator, "bernoulli", config.density)
+    assert got.version == 5 and all(np.array_equal(got.state[k], states[-1][k]) for k in states[-1])
+    with pytest.raises(BroadcastError, match="base state"):  # it is a replay from round 2: it needs that state
+        receive(blob, LAYOUT, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], lambda: aggregator,
+                "bernoulli", config.density)

@@ -96,6 +96,10 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
+    from fedmask import flower_engine
+
+    flower_engine.install()  # Flower's injector asks every node every 0.1 s (see flower_engine)
+
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
     if ray_address:
         init_args["address"] = ray_address

@@ -416,7 +416,7 @@ class LosslessDownlink:
     standalone: Step | None = None  # the last step, coded without context (absorbing only)
     held: dict[int, int] = field(default_factory=dict)  # node id -> confirmed version
     awaiting: set[int] = field(default_factory=set)
-    # absorbing only: recent states (contexts for a jump, newest last) and the last step's votes
+    # absorbing only: copies of recent states (contexts for a jump, oldest first) and the last step's votes
     kept_states: dict[int, State] = field(default_factory=dict)
     last_votes: tuple[State, float] | None = None
     _cache: dict[object, np.ndarray] = field(default_factory=dict)
@@ -454,11 +454,14 @@ class LosslessDownlink:
             self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
                                           self.mask_mode, self.density)
             self.last_votes = (votes, clients)
-            self.kept_states[version] = new_state
-            self.kept_states.setdefault(version - 1, previous)
-            while len(self.kept_states) > 1 and sum(
-                    sum(a.nbytes for a in st.values()) for st in self.kept_states.values()) > KEPT_STATES_BYTES:
-                del self.kept_states[min(self.kept_states)]
+            # copies: the downlink owns them, so they stay the states their digests name
+            if version - 1 not in self.kept_states:
+                self.kept_states[version - 1] = {name: value.copy() for name, value in previous.items()}
+            self.kept_states[version] = {name: value.copy() for name, value in new_state.items()}
+            kept_bytes = sum(a.nbytes for kept in self.kept_states.values() for a in kept.values())
+            while len(self.kept_states) > 1 and kept_bytes > KEPT_STATES_BYTES:
+                oldest = self.kept_states.pop(min(self.kept_states))
+                kept_bytes -= sum(a.nbytes for a in oldest.values())
 
     def message_for(self, node: int, state: State) -> tuple[np.ndarray, str]:
         """The shortest broadcast of the current state this node can use, and its kind."""
@@ -472,20 +475,10 @@ class LosslessDownlink:
                 options.append(("replay", 0))
             if self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
                 options.append(("standalone", "standalone"))
-                if known is not None and known < target[0] - 1 and known >= self.start and self._kept(known):
+                if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
                     options.append(("jump", ("jump", known)))
         blobs = [(self._blob(key, state, target), kind) for kind, key in options]
         return min(blobs, key=lambda b: b[0].size)
-
-    def _kept(self, version: int) -> bool:
-        """The server still keeps the state of ``version``, unchanged (checked by its digest once
-        per round): contexts computed from anything else would not be the node's."""
-        key = ("kept", version)
-        if key not in self._cache:
-            kept = self.kept_states.get(version)
-            ok = kept is not None and state_digest(kept, self.layout) == self.versions.get(version)
-            self._cache[key] = np.asarray(ok)
-        return bool(self._cache[key])
 
     def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
         if key not in self._cache:

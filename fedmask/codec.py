@@ -35,7 +35,9 @@ import hashlib
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import constriction
 import numpy as np
@@ -170,6 +172,25 @@ def _formula_bits(ones: int, n: int) -> float:
     return n * entropy + math.log2(n)
 
 
+def check_payload_crc(payload: bytes, crc: int, side: str | None, prior: Any,
+                      prior_digest: Callable[[Any], int], broadcast: str) -> None:
+    """The payload's CRC32, seeded with ``prior_digest(prior)`` when a section (``side``, the
+    first one) was coded against the broadcast: so a payload decoded against another
+    broadcast than it was coded for is refused. ``broadcast`` names what the prior is.
+
+    Shared by every upload in this header format (masks here, LaPerm's ranks).
+    """
+    seed = 0
+    if side is not None:
+        if prior is None:
+            raise MaskCodecError(f"section '{side}' side information", broadcast, "none")
+        seed = prior_digest(prior)
+    got = zlib.crc32(payload, seed)
+    if got != crc:
+        why = "corrupted payload, or coded against another broadcast" if seed else "corrupted payload"
+        raise MaskCodecError("crc32", f"{crc:08x}", f"{got:08x} ({why})")
+
+
 def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC,
                  format_version: int = FORMAT_VERSION) -> tuple[int, int]:
     """The (codec, crc32) of an upload's header, after checking everything in it.
@@ -220,15 +241,8 @@ def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: P
                              "bytes (never more than packed bits)", f"{blob.size} bytes")
     payload = blob[HEADER_BYTES:]
     payload_bytes = payload.tobytes()
-    seed = 0
     side = _first_side_section(payload_bytes, layout) if codec == CODEC_ENTROPY else None
-    if side is not None:
-        if prior is None:
-            raise MaskCodecError(f"section '{side}' side information", "the last broadcast state", "none")
-        seed = _prior_digest(prior, layout)
-    if zlib.crc32(payload_bytes, seed) != crc:
-        why = "corrupted payload, or coded against another broadcast state" if seed else "corrupted payload"
-        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload_bytes, seed):08x} ({why})")
+    check_payload_crc(payload_bytes, crc, side, prior, lambda p: _prior_digest(p, layout), "the last broadcast state")
     if codec == CODEC_PACKBITS:
         bits = np.unpackbits(payload, count=num_bits).astype(bool)
         out, start = {}, 0

@@ -46,7 +46,7 @@ from torch import nn
 
 from fedmask import masking
 from fedmask.aggregators import MaskAggregator, Masks, State
-from fedmask.codec import HEADER_FIELDS, MaskCodecError, MaskLayout, check_header
+from fedmask.codec import HEADER_FIELDS, MaskCodecError, MaskLayout, check_header, check_payload_crc
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -400,15 +400,8 @@ def decode_ranks(blob: object, layout: MaskLayout, fingerprint: bytes,
     if len(raw) > longest:
         raise MaskCodecError("length", f"at most {longest} bytes (every tensor bit-packed)", f"{len(raw)} bytes")
     payload = raw[HEADER_BYTES:]
-    seed = 0
-    side = _first_laplace_section(payload, layout)
-    if side is not None:
-        if prior is None:
-            raise MaskCodecError(f"section '{side}' side information", "the broadcast ranks", "none")
-        seed = _prior_digest(prior, layout)
-    if zlib.crc32(payload, seed) != crc:
-        why = "corrupted payload, or coded against another broadcast" if seed else "corrupted payload"
-        raise MaskCodecError("crc32", f"{crc:08x}", f"{zlib.crc32(payload, seed):08x} ({why})")
+    check_payload_crc(payload, crc, _first_laplace_section(payload, layout), prior,
+                      lambda ranks: _prior_digest(ranks, layout), "the broadcast ranks")
     out, offset = {}, 0
     for name, shape in layout.shapes:
         size = math.prod(shape)

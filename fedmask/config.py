@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
 ROBUST_RULES = ("none", "trimmed", "median")
+EDGE_POPUP_SERVER_RULES = ("pseudo-gradient", "vote-average")
 MAX_SEED = 2**63 - 1  # seeds feed numpy and torch generators, which take 64-bit values
 
 
@@ -138,6 +139,13 @@ class RunConfig:
     edge_popup_server_lr: float = _key(2.0, "edge-popup, biprop: how far one unanimous vote moves a "
                                        "score, in units of the score spread",
                                        check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
+    edge_popup_server_rule: str = _key("pseudo-gradient", "edge-popup, biprop: how votes move the global "
+                                       "scores: 'pseudo-gradient' |s| += lr * (vote - kept), 'vote-average' "
+                                       "|s| = (1 - m) * |s| + m * lr * vote (a running average of the votes, "
+                                       "m = edge-popup-vote-weight)", choices=EDGE_POPUP_SERVER_RULES)
+    edge_popup_vote_weight: float = _key(0.3, "edge-popup, biprop with edge-popup-server-rule = 'vote-average': "
+                                         "weight m of this round's votes in the running average",
+                                         check=lambda v: 0 < v <= 1, rule="in (0, 1]")
     slots: int = _key(8, "Slot Machines: candidate values per connection (K); the upload is "
                       "ceil(log2 K) bits per connection before entropy coding",
                       check=lambda v: 2 <= v <= 64, rule="in 2..64")

@@ -65,6 +65,7 @@ class Broadcast:
 
 _BROADCASTS: dict[tuple, Broadcast] = {}  # by (config, mode, digest of the arrays); newest last
 _BROADCASTS_KEPT = 2
+_BROADCAST_SOURCES: dict[tuple, tuple[dict[str, np.ndarray], Broadcast]] = {}  # read-only arrays, by the same key
 
 
 def arrays_digest(arrays: dict[str, np.ndarray]) -> bytes:
@@ -79,7 +80,12 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> bytes:
 
 def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
     """The broadcast decoded once per process and round, not once per client: a round's
-    clients get the same arrays, found again here by a digest of their bytes."""
+    clients get the same arrays, found again here by a digest of their bytes, or without
+    hashing when they are the very read-only arrays of a lossless broadcast this process
+    decoded (:func:`_decoded_broadcast` hands every client of a state the same dict)."""
+    for (cached_config, cached_mode, _), (source, cached) in _BROADCAST_SOURCES.items():
+        if source is arrays and cached_config == config and cached_mode == mode:
+            return cached
     key = (config, mode, arrays_digest(arrays))
     found = _BROADCASTS.get(key)
     if found is None:
@@ -89,6 +95,10 @@ def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dic
         while len(_BROADCASTS) >= _BROADCASTS_KEPT:
             del _BROADCASTS[next(iter(_BROADCASTS))]
         _BROADCASTS[key] = found
+    if all(not value.flags.writeable for value in arrays.values()):  # a decoded lossless state, shared
+        while len(_BROADCAST_SOURCES) >= _BROADCASTS_KEPT:
+            del _BROADCAST_SOURCES[next(iter(_BROADCAST_SOURCES))]
+        _BROADCAST_SOURCES[key] = (arrays, found)
     return found
 
 
@@ -124,33 +134,34 @@ def _held(context: Context) -> broadcast.Held | None:
     return broadcast.Held(*held, {name: array.numpy() for name, array in arrays.items()})
 
 
-_RECEIVED: dict[tuple, broadcast.Held] = {}  # by (config, mode, digest of the blob); newest last
+_RECEIVED: dict[tuple, broadcast.Held] = {}  # by (config, mode, target version and digest); newest last
 _RECEIVED_KEPT = 2
 
 
 def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: task.ModelSpec,
                        context: Context) -> broadcast.Held:
-    """A lossless broadcast decoded once per process, not once per client.
+    """A lossless broadcast decoded once per process and state, not once per client.
 
-    A round's clients mostly receive the same bytes, and what they decode to depends on the
-    bytes alone once they were accepted, except for a replay from an earlier state, which
-    this node must hold (checked by version and digest, as :func:`broadcast.receive` would).
+    A round's clients get blobs that differ (a replay from the version each node holds, a
+    jump, a standalone step) but lead to the same state. A blob that passes the header
+    checks (CRC, fingerprint: :func:`broadcast.envelope`) and names a state this process
+    has already decoded and checked by its digest gives that state, provided this node
+    holds the state the blob replays from (as :func:`broadcast.receive` would insist).
     The cached arrays are read-only: every client of the process shares them.
     """
     raw = np.ascontiguousarray(blob, dtype=np.uint8)
-    key = (config, mode, hashlib.blake2b(raw.data, digest_size=16).digest())
+    sent = broadcast.envelope(raw, spec.fingerprint)
+    key = (config, mode, sent.target)
     found = _RECEIVED.get(key)
-    if found is not None:
-        base = broadcast.base_needed(raw)
-        if base is None or base[0] == 0 or base == _held_version(context):
-            return found
+    if found is not None and (sent.base is None or sent.base[0] == 0 or sent.base == _held_version(context)):
+        return found
     got = broadcast.receive(raw, spec.layout, spec.fingerprint, _held(context), lambda: _initial_state(config, mode),
                             lambda: _replayer(config), mode, config.density)
     for array in got.state.values():
         array.setflags(write=False)
     while len(_RECEIVED) >= _RECEIVED_KEPT:
         del _RECEIVED[next(iter(_RECEIVED))]
-    _RECEIVED[key] = got
+    _RECEIVED[(config, mode, (got.version, got.digest))] = got
     return got
 
 

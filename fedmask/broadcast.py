@@ -304,18 +304,10 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
     ``held`` is what this node kept from its last broadcast (None: nothing); ``initial``
     regenerates the seed's state (version 0); ``aggregator`` gives the update to replay.
     """
+    envelope(blob, fingerprint)
     raw = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
-    if len(raw) < HEADER.size:
-        raise BroadcastError("length", f">= {HEADER.size} bytes", len(raw))
-    magic, version, kind, count, fp, base_v, base_d, target_v, target_d, crc = HEADER.unpack_from(raw)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise BroadcastError("header", f"{MAGIC!r} format {FORMAT_VERSION}", (magic, version))
+    _, _, kind, count, _, base_v, base_d, target_v, target_d, _ = HEADER.unpack_from(raw)
     body = raw[HEADER.size :]
-    got_crc = zlib.crc32(body, zlib.crc32(raw[: HEADER.size - 4]))
-    if got_crc != crc:
-        raise BroadcastError("crc32", f"{crc:08x}", f"{got_crc:08x} (corrupted broadcast)")
-    if fp != fingerprint:
-        raise BroadcastError("fingerprint", f"{fingerprint.hex()} (this seed, model, init)", fp.hex())
     if kind == KIND_FULL:
         sizes = [4 * math.prod(shape) for _, shape in layout.shapes]
         if sum(sizes) != len(body):
@@ -362,20 +354,37 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
     return current
 
 
-def base_needed(blob: np.ndarray) -> tuple[int, bytes] | None:
-    """The (version, digest) of the state a broadcast replays from, or None when it stands
-    alone (a full state, or a replay whose first step is standalone).
+@dataclass(frozen=True)
+class Envelope:
+    """What a broadcast's header says: the state it leads to, and the state it replays
+    from (None when it stands alone: a full state, or a replay whose first step is standalone)."""
 
-    Reads the headers only and checks nothing: for a broadcast :func:`receive` has already
-    accepted, it tells whether the result depends on what the receiving node holds.
+    target: tuple[int, bytes]
+    base: tuple[int, bytes] | None
+
+
+def envelope(blob: np.ndarray, fingerprint: bytes) -> Envelope:
+    """The header of a broadcast after the checks that need no decoding: magic and format,
+    the CRC over header and body, and the run's fingerprint.
+
+    A broadcast that passes these came whole from this run's server, so its state is the
+    one its target digest names: a process that already decoded and checked a state with
+    that digest can use it instead of decoding again (when the node holds the base).
     """
     raw = np.ascontiguousarray(blob, dtype=np.uint8).data
-    if len(raw) < HEADER.size + STEP.size:
-        return None
-    _, _, kind, count, _, base_v, base_d, _, _, _ = HEADER.unpack_from(raw)
-    if kind != KIND_REPLAY or (count and STEP.unpack_from(raw, HEADER.size)[2] == 1):
-        return None
-    return base_v, base_d
+    if len(raw) < HEADER.size:
+        raise BroadcastError("length", f">= {HEADER.size} bytes", len(raw))
+    magic, version, kind, count, fp, base_v, base_d, target_v, target_d, crc = HEADER.unpack_from(raw)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise BroadcastError("header", f"{MAGIC!r} format {FORMAT_VERSION}", (magic, version))
+    got_crc = zlib.crc32(raw[HEADER.size :], zlib.crc32(raw[: HEADER.size - 4]))
+    if got_crc != crc:
+        raise BroadcastError("crc32", f"{crc:08x}", f"{got_crc:08x} (corrupted broadcast)")
+    if fp != fingerprint:
+        raise BroadcastError("fingerprint", f"{fingerprint.hex()} (this seed, model, init)", fp.hex())
+    standalone = kind != KIND_REPLAY or (count and len(raw) >= HEADER.size + STEP.size
+                                         and STEP.unpack_from(raw, HEADER.size)[2] == 1)
+    return Envelope((target_v, target_d), None if standalone else (base_v, base_d))
 
 
 def _base(version: int, digest: bytes, held: Held | None, initial: Callable[[], State], layout: MaskLayout) -> Held:

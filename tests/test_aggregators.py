@@ -181,6 +181,45 @@ def test_edge_popup_unanimous_votes_move_scores_by_server_lr_times_std():
         assert got[up] / got[order_of(value)[0]] > magnitude[up] / magnitude[order_of(value)[0]]
 
 
+def test_edge_popup_vote_average_step_is_the_weighted_mix_of_magnitude_and_votes():
+    """``vote-average``: |s| <- standardised((1 - m) * standardised(|s|) + m * lr * vote)."""
+    lr, weight = 1.5, 0.25
+    cfg = config(method="edge-popup", density=0.5, edge_popup_server_lr=lr, edge_popup_server_rule="vote-average",
+                 edge_popup_vote_weight=weight)
+    state, masks, weights = score_state(4), random_masks(3, 4), [1.0, 2.0, 3.0]
+    new = EdgePopupAggregator(cfg).aggregate(1, state, masks, weights)
+    votes = weighted_vote(masks, weights)
+    for name, value in state.items():
+        magnitude = standardised(np.abs(value.astype(np.float64))).astype(np.float64)
+        expected = standardised((1 - weight) * magnitude + weight * lr * votes[name])
+        assert new[name] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_edge_popup_vote_average_settles_where_the_pseudo_gradient_oscillates():
+    """The same votes every round, a third of them contested (half the clients keep those
+    weights): the pseudo-gradient rule keeps flipping contested weights across the top-k
+    boundary, round after round; the running average converges to a fixed mask, whose
+    ranking follows the votes (every unanimously kept weight above every contested one)."""
+    rng = np.random.default_rng(7)
+    size, clients = 300, 4
+    kind = rng.permutation(np.repeat([0, 1, 2], size // 3))  # 0 all drop, 1 contested, 2 all keep
+    masks = [{"w": (kind == 2) | ((kind == 1) & (c % 2 == 0))} for c in range(clients)]
+    flips = {}
+    for rule in ("pseudo-gradient", "vote-average"):
+        cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule=rule)
+        aggregator = EdgePopupAggregator(cfg)
+        state = aggregator.initial_state({"w": rng.normal(size=size).astype(np.float32)})
+        history = []
+        for server_round in range(1, 41):
+            state = aggregator.aggregate(server_round, state, masks, [1.0] * clients)
+            history.append(topk_mask(state["w"], 0.5).astype(bool))
+        flips[rule] = [int((a != b).sum()) for a, b in zip(history[-10:], history[-11:-1])]
+        if rule == "vote-average":
+            assert state["w"][kind == 2].min() > state["w"][kind == 1].max()
+    assert min(flips["pseudo-gradient"]) > 0 and sum(flips["pseudo-gradient"]) > 20, flips
+    assert sum(flips["vote-average"]) == 0, flips
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), lr=st.floats(0.1, 20.0), density=st.floats(0.05, 1.0))
 def test_edge_popup_output_is_nonnegative_float32_of_same_shapes(seed, lr, density):

@@ -159,6 +159,31 @@ def test_corrupted_broadcast_is_refused_by_crc(flip):
         _client(config, aggregator, "bernoulli", states, bad)
 
 
+@pytest.mark.parametrize("flip", [3, HEADER.size + 5, -1])
+def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(flip, monkeypatch):
+    """Once a process holds the decoded state a broadcast leads to, a corrupted copy of that
+    broadcast is still refused (CRC), not answered from the process's cache; the intact
+    blob is answered from it without decoding."""
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as client_module
+
+    config, aggregator, downlink, states = _server_rounds("bernoulli", 2)
+    blob, _ = downlink.message_for(1, states[-1])
+    spec = SimpleNamespace(layout=LAYOUT, fingerprint=FP)
+    held = Held(downlink.current, downlink.versions[downlink.current], states[-1])
+    monkeypatch.setattr(client_module, "_RECEIVED", {(config, "bernoulli", (held.version, held.digest)): held})
+    monkeypatch.setattr(client_module.broadcast, "receive", lambda *a, **k: pytest.fail("decoded again"))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert client_module._decoded_broadcast(blob, config, "bernoulli", spec, context) is held
+    bad = blob.copy()
+    bad[flip] ^= 0x10
+    with pytest.raises(BroadcastError, match="crc32|header"):
+        client_module._decoded_broadcast(bad, config, "bernoulli", spec, context)
+
+
 def test_broadcast_for_another_model_is_refused():
     config, aggregator, downlink, states = _server_rounds("bernoulli", 1)
     blob, _ = downlink.message_for(1, states[-1])
@@ -302,11 +327,13 @@ def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_pa
     assert rows[2]["downlink_kinds"] == {"full": 4} and "full" not in rows[3]["downlink_kinds"]
 
 
-def test_a_process_decodes_each_broadcast_once_yet_refuses_a_node_without_its_base(tmp_path, monkeypatch):
+def test_a_process_decodes_each_broadcast_state_once_yet_refuses_a_node_without_its_base(tmp_path, monkeypatch):
     """The clients of one process share a decoded lossless broadcast: ``broadcast.receive``
-    runs once per distinct blob, not once per client. A node whose state is gone still gets
-    the clear "base state" refusal when the same delta blob is already decoded in the
-    process (it is wiped after another node of the round has decoded it)."""
+    runs once per state the server sends, not once per client nor once per distinct blob
+    (round 4 sends a delta and a self-contained blob of the same state: one decode). A node
+    whose state is gone still gets the clear "base state" refusal when the state its delta
+    leads to is already decoded in the process (it is wiped after another node of the round
+    has decoded it)."""
     import hashlib
 
     import clients.client_app as client_module
@@ -315,7 +342,9 @@ def test_a_process_decodes_each_broadcast_once_yet_refuses_a_node_without_its_ba
     real_receive = client_module.broadcast.receive
 
     def counting(blob, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls.append(hashlib.blake2b(np.asarray(blob, dtype=np.uint8).tobytes()).hexdigest())
+        raw = np.asarray(blob, dtype=np.uint8)
+        target = client_module.broadcast.envelope(raw, args[1]).target[0]
+        calls.append((target, hashlib.blake2b(raw.tobytes()).hexdigest()))
         return real_receive(blob, *args, **kwargs)
 
     monkeypatch.setattr(client_module.broadcast, "receive", counting)
@@ -335,8 +364,11 @@ def test_a_process_decodes_each_broadcast_once_yet_refuses_a_node_without_its_ba
     assert [r["failures"] for r in rows] == [0, 0, 1, 0]
     assert "base state" in rows[2]["failure_details"][0]["reason"]
     # rounds 1-3 each send one blob to every node (round 3's wiped node decodes it again and
-    # fails); round 4 sends the wiped node a self-contained blob and the others a delta
-    assert len(calls) == len(set(calls)) + 1 <= 6
+    # fails); round 4 sends the wiped node a self-contained blob and the others a delta,
+    # both of the state of round 3: decoded once
+    targets = [target for target, _ in calls]
+    assert targets == [0, 1, 2, 2, 3], calls
+    assert calls[2] == calls[3]  # the wiped node was sent the blob the process had decoded
     assert sum(r["clients"] for r in rows) == 4 * 4 - 1
 
 

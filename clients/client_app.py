@@ -165,6 +165,21 @@ def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: tas
     return got
 
 
+_HELD_ARRAYS: dict[int, tuple[broadcast.Held, dict[str, Array]]] = {}  # by id of the decoded state; newest last
+
+
+def _held_arrays(got: broadcast.Held) -> dict[str, Array]:
+    """The Arrays a node keeps in ``context.state``, built once per decoded state: the
+    nodes of one process (the in-process engines) then share their bytes instead of each
+    holding a copy of the state; Flower's Arrays are never changed in place."""
+    found = _HELD_ARRAYS.get(id(got))
+    if found is None or found[0] is not got:
+        while len(_HELD_ARRAYS) >= _RECEIVED_KEPT:
+            del _HELD_ARRAYS[next(iter(_HELD_ARRAYS))]
+        found = _HELD_ARRAYS[id(got)] = (got, {k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
+    return found[1]
+
+
 def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: Context) -> tuple[
         dict[str, np.ndarray], ConfigRecord]:
     """The server's exact state from a lossless broadcast; kept in ``context.state`` for the
@@ -179,7 +194,7 @@ def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: C
         for key in (broadcast.HELD_STATE, broadcast.HELD_META):
             if key in context.state:
                 del context.state[key]
-    context.state[broadcast.HELD_STATE] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
+    context.state[broadcast.HELD_STATE] = ArrayRecord(_held_arrays(got))
     context.state[broadcast.HELD_META] = ConfigRecord({"version": got.version, "digest": got.digest.hex()})
     return got.state, ConfigRecord({"version": got.version, "digest": got.digest.hex()})
 

@@ -256,6 +256,19 @@ def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     assert held  # nodes keep what they last received
 
 
+def test_in_process_nodes_holding_one_state_share_its_bytes(tmp_path):
+    """The in-process engine keeps every node's context in one process: nodes that received
+    the same state hold one copy of its bytes, not one each (a 1 MB LeNet state per node
+    would grow to GBs over thousands of nodes)."""
+    _, grid = _run(tmp_path, "shared-bytes", **{"num-rounds": 2, "downlink-codec": "lossless"})
+    holders = [c.state for c in grid.contexts.values() if "downlink-held-meta" in c.state]
+    last = max(int(h["downlink-held-meta"]["version"]) for h in holders)
+    same = [h["downlink-held"] for h in holders if int(h["downlink-held-meta"]["version"]) == last]
+    assert len(same) >= 2
+    for name in same[0]:
+        assert all(record[name].data is same[0][name].data for record in same[1:])
+
+
 def test_node_that_lost_its_state_fails_once_then_gets_a_self_contained_broadcast(tmp_path):
     """A node whose context.state is wiped (a fresh process) cannot use the delta from the
     state it had confirmed: it fails that round with a clear error, and the next round it

@@ -170,8 +170,9 @@ _HELD_ARRAYS: dict[int, tuple[broadcast.Held, dict[str, Array]]] = {}  # by id o
 
 def _held_arrays(got: broadcast.Held) -> dict[str, Array]:
     """The Arrays a node keeps in ``context.state``, built once per decoded state: the
-    nodes of one process (the in-process engines) then share their bytes instead of each
-    holding a copy of the state; Flower's Arrays are never changed in place."""
+    nodes of one process (the in-process engines) then share their (immutable) bytes
+    instead of each holding a copy of the state. Under Ray each node's context is pickled
+    to and from a worker, so nothing is shared there."""
     found = _HELD_ARRAYS.get(id(got))
     if found is None or found[0] is not got:
         while len(_HELD_ARRAYS) >= _RECEIVED_KEPT:

@@ -317,8 +317,6 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
             full[name] = np.frombuffer(body[start : start + size], dtype="<f4").astype(np.float32).reshape(shape)
             start += size
         return _checked(Held(target_v, target_d, full), layout, "full state")
-    if kind != KIND_REPLAY:
-        raise BroadcastError("kind", "1 (full) or 2 (replay)", kind)
     offset = 0
     state: State | None = None
     current: Held | None = None
@@ -371,7 +369,7 @@ def envelope(blob: np.ndarray, fingerprint: bytes) -> Envelope:
     one its target digest names: a process that already decoded and checked a state with
     that digest can use it instead of decoding again (when the node holds the base).
     """
-    raw = np.ascontiguousarray(blob, dtype=np.uint8).data
+    raw = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1).data
     if len(raw) < HEADER.size:
         raise BroadcastError("length", f">= {HEADER.size} bytes", len(raw))
     magic, version, kind, count, fp, base_v, base_d, target_v, target_d, crc = HEADER.unpack_from(raw)
@@ -382,6 +380,8 @@ def envelope(blob: np.ndarray, fingerprint: bytes) -> Envelope:
         raise BroadcastError("crc32", f"{crc:08x}", f"{got_crc:08x} (corrupted broadcast)")
     if fp != fingerprint:
         raise BroadcastError("fingerprint", f"{fingerprint.hex()} (this seed, model, init)", fp.hex())
+    if kind not in (KIND_FULL, KIND_REPLAY):
+        raise BroadcastError("kind", "1 (full) or 2 (replay)", kind)
     standalone = kind != KIND_REPLAY or (count and len(raw) >= HEADER.size + STEP.size
                                          and STEP.unpack_from(raw, HEADER.size)[2] == 1)
     return Envelope((target_v, target_d), None if standalone else (base_v, base_d))

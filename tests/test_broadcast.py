@@ -63,10 +63,10 @@ AGGREGATORS = {
 }
 
 
-def _server_rounds(mode: str, rounds: int, seed: int = 0):
+def _server_rounds(mode: str, rounds: int, seed: int = 0, **extra):
     """A server's history of ``rounds`` aggregations of random masks with unequal weights."""
     cls, keys = AGGREGATORS[mode]
-    config = resolve({**SMALL, **keys, "downlink-codec": "lossless"})
+    config = resolve({**SMALL, **keys, **extra, "downlink-codec": "lossless"})
     aggregator = cls(config)
     rng = np.random.default_rng(seed)
     state = _rng_state(mode, rng)
@@ -92,11 +92,16 @@ def _client(config, aggregator, mode, states, blob, held=None) -> Held:
                    config.density)
 
 
-@pytest.mark.parametrize("mode", sorted(AGGREGATORS))
-def test_replay_reaches_the_servers_state_bit_for_bit(mode):
+@pytest.mark.parametrize(("mode", "extra"), [
+    *[(mode, {}) for mode in sorted(AGGREGATORS)],
+    ("topk", {"edge-popup-server-rule": "vote-average"}),
+])
+def test_replay_reaches_the_servers_state_bit_for_bit(mode, extra):
     """A node holding nothing, and one holding each earlier version, end with the server's
-    float32 state byte for byte, through whichever broadcast the server picks for them."""
-    config, aggregator, downlink, states = _server_rounds(mode, 4)
+    float32 state byte for byte, through whichever broadcast the server picks for them
+    (edge-popup under both server rules: the server checks that a client's replay reaches
+    its state, and would fall back to full states, ``can_replay`` False, if not)."""
+    config, aggregator, downlink, states = _server_rounds(mode, 4, **extra)
     assert downlink.can_replay
     blob, kind = downlink.message_for(1, states[-1])
     got = _client(config, aggregator, mode, states, blob)
@@ -159,11 +164,13 @@ def test_corrupted_broadcast_is_refused_by_crc(flip):
         _client(config, aggregator, "bernoulli", states, bad)
 
 
-@pytest.mark.parametrize("flip", [3, HEADER.size + 5, -1])
+@pytest.mark.parametrize("flip", [3, HEADER.size - 14, HEADER.size - 6, HEADER.size + 5, -1])
 def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(flip, monkeypatch):
     """Once a process holds the decoded state a broadcast leads to, a corrupted copy of that
-    broadcast is still refused (CRC), not answered from the process's cache; the intact
-    blob is answered from it without decoding."""
+    broadcast (magic, target digest, target version, body) is still refused by the header
+    checks, not answered from the process's cache, and so is the intact blob when the node
+    belongs to another run (fingerprint); the intact blob is answered from the cache
+    without decoding."""
     from types import SimpleNamespace
 
     from flwr.app import Context, RecordDict
@@ -182,6 +189,9 @@ def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(
     bad[flip] ^= 0x10
     with pytest.raises(BroadcastError, match="crc32|header"):
         client_module._decoded_broadcast(bad, config, "bernoulli", spec, context)
+    other_run = SimpleNamespace(layout=LAYOUT, fingerprint=b"87654321")
+    with pytest.raises(BroadcastError, match="fingerprint"):
+        client_module._decoded_broadcast(blob, config, "bernoulli", other_run, context)
 
 
 def test_broadcast_for_another_model_is_refused():

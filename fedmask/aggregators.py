@@ -396,7 +396,8 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
     boundary back and forth (12% of the mask flipped a round on Fashion-MNIST, Dirichlet
     0.3). ``edge-popup-server-rule = "vote-average"`` instead makes the magnitude a running
     average of the votes, ``(1 - m) |s| + m * lr * vote``: its fixed point is the mean vote,
-    so a contested weight settles at its rank instead of oscillating.
+    so a contested weight settles instead of oscillating (weights with the same vote history
+    end up tied; top-k breaks ties by position, the same on every party).
     """
 
     mask_mode = "topk"

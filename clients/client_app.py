@@ -65,7 +65,6 @@ class Broadcast:
 
 _BROADCASTS: dict[tuple, Broadcast] = {}  # by (config, mode, digest of the arrays); newest last
 _BROADCASTS_KEPT = 2
-_BROADCAST_SOURCES: dict[tuple, tuple[dict[str, np.ndarray], Broadcast]] = {}  # read-only arrays, by the same key
 
 
 def arrays_digest(arrays: dict[str, np.ndarray]) -> bytes:
@@ -81,25 +80,27 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> bytes:
 def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
     """The broadcast decoded once per process and round, not once per client: a round's
     clients get the same arrays, found again here by a digest of their bytes, or without
-    hashing when they are the very read-only arrays of a lossless broadcast this process
-    decoded (:func:`_decoded_broadcast` hands every client of a state the same dict)."""
-    for (cached_config, cached_mode, _), (source, cached) in _BROADCAST_SOURCES.items():
-        if source is arrays and cached_config == config and cached_mode == mode:
-            return cached
+    hashing when they are the very state of a lossless broadcast this process decoded
+    (:func:`_decoded_broadcast` hands every client of a state the same dict)."""
+    for (cached_config, cached_mode, _), received in _RECEIVED.items():
+        if received.held.state is arrays and cached_config == config and cached_mode == mode:
+            if received.broadcast is None:
+                received.broadcast = _new_broadcast(config, mode, spec, arrays)
+            return received.broadcast
     key = (config, mode, arrays_digest(arrays))
     found = _BROADCASTS.get(key)
     if found is None:
-        state = decode_state(arrays, spec.layout)
-        prior = mask_prior(state, mode, config.density) if config.uplink_codec == "entropy" else None
-        found = Broadcast(state, task.scores_of_state(state, mode), prior)
+        found = _new_broadcast(config, mode, spec, arrays)
         while len(_BROADCASTS) >= _BROADCASTS_KEPT:
             del _BROADCASTS[next(iter(_BROADCASTS))]
         _BROADCASTS[key] = found
-    if all(not value.flags.writeable for value in arrays.values()):  # a decoded lossless state, shared
-        while len(_BROADCAST_SOURCES) >= _BROADCASTS_KEPT:
-            del _BROADCAST_SOURCES[next(iter(_BROADCAST_SOURCES))]
-        _BROADCAST_SOURCES[key] = (arrays, found)
     return found
+
+
+def _new_broadcast(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
+    state = decode_state(arrays, spec.layout)
+    prior = mask_prior(state, mode, config.density) if config.uplink_codec == "entropy" else None
+    return Broadcast(state, task.scores_of_state(state, mode), prior)
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,12 +135,21 @@ def _held(context: Context) -> broadcast.Held | None:
     return broadcast.Held(*held, {name: array.numpy() for name, array in arrays.items()})
 
 
-_RECEIVED: dict[tuple, broadcast.Held] = {}  # by (config, mode, target version and digest); newest last
+@dataclass
+class _Received:
+    """A lossless broadcast's state as this process decoded it, shared by its clients."""
+
+    held: broadcast.Held  # read-only arrays
+    arrays: dict[str, Array]  # what a node keeps in context.state: the bytes are shared, not copied per node
+    broadcast: Broadcast | None = None  # what :func:`broadcast_of` made of ``held.state``
+
+
+_RECEIVED: dict[tuple, _Received] = {}  # by (config, mode, target version and digest); newest last
 _RECEIVED_KEPT = 2
 
 
 def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: task.ModelSpec,
-                       context: Context) -> broadcast.Held:
+                       context: Context) -> _Received:
     """A lossless broadcast decoded once per process and state, not once per client.
 
     A round's clients get blobs that differ (a replay from the version each node holds, a
@@ -147,7 +157,9 @@ def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: tas
     checks (CRC, fingerprint: :func:`broadcast.envelope`) and names a state this process
     has already decoded and checked by its digest gives that state, provided this node
     holds the state the blob replays from (as :func:`broadcast.receive` would insist).
-    The cached arrays are read-only: every client of the process shares them.
+    The cached arrays are read-only: every client of the process shares them, and the
+    in-process engines' nodes share the bytes they keep in ``context.state`` (under Ray
+    each node's context is pickled to and from a worker, so nothing is shared there).
     """
     raw = np.ascontiguousarray(blob, dtype=np.uint8)
     sent = broadcast.envelope(raw, spec.fingerprint)
@@ -161,24 +173,9 @@ def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: str, spec: tas
         array.setflags(write=False)
     while len(_RECEIVED) >= _RECEIVED_KEPT:
         del _RECEIVED[next(iter(_RECEIVED))]
-    _RECEIVED[(config, mode, (got.version, got.digest))] = got
-    return got
-
-
-_HELD_ARRAYS: dict[int, tuple[broadcast.Held, dict[str, Array]]] = {}  # by id of the decoded state; newest last
-
-
-def _held_arrays(got: broadcast.Held) -> dict[str, Array]:
-    """The Arrays a node keeps in ``context.state``, built once per decoded state: the
-    nodes of one process (the in-process engines) then share their (immutable) bytes
-    instead of each holding a copy of the state. Under Ray each node's context is pickled
-    to and from a worker, so nothing is shared there."""
-    found = _HELD_ARRAYS.get(id(got))
-    if found is None or found[0] is not got:
-        while len(_HELD_ARRAYS) >= _RECEIVED_KEPT:
-            del _HELD_ARRAYS[next(iter(_HELD_ARRAYS))]
-        found = _HELD_ARRAYS[id(got)] = (got, {k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
-    return found[1]
+    received = _RECEIVED[(config, mode, (got.version, got.digest))] = _Received(
+        got, {k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
+    return received
 
 
 def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: Context) -> tuple[
@@ -190,12 +187,13 @@ def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: C
     _, spec = _model_for(config, mode)
     assert spec is not None
     try:
-        got = _decoded_broadcast(blob, config, mode, spec, context)
+        received = _decoded_broadcast(blob, config, mode, spec, context)
     finally:  # a failed receive leaves nothing stale
         for key in (broadcast.HELD_STATE, broadcast.HELD_META):
             if key in context.state:
                 del context.state[key]
-    context.state[broadcast.HELD_STATE] = ArrayRecord(_held_arrays(got))
+    got = received.held
+    context.state[broadcast.HELD_STATE] = ArrayRecord(received.arrays)
     context.state[broadcast.HELD_META] = ConfigRecord({"version": got.version, "digest": got.digest.hex()})
     return got.state, ConfigRecord({"version": got.version, "digest": got.digest.hex()})
 

@@ -304,10 +304,10 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
     ``held`` is what this node kept from its last broadcast (None: nothing); ``initial``
     regenerates the seed's state (version 0); ``aggregator`` gives the update to replay.
     """
-    envelope(blob, fingerprint)
+    sent = envelope(blob, fingerprint)
     raw = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
-    _, _, kind, count, _, base_v, base_d, target_v, target_d, _ = HEADER.unpack_from(raw)
-    body = raw[HEADER.size :]
+    kind, count = HEADER.unpack_from(raw)[2:4]
+    (target_v, target_d), body = sent.target, raw[HEADER.size :]
     if kind == KIND_FULL:
         sizes = [4 * math.prod(shape) for _, shape in layout.shapes]
         if sum(sizes) != len(body):
@@ -320,9 +320,8 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
     offset = 0
     state: State | None = None
     current: Held | None = None
-    first_standalone = len(body) >= STEP.size and count and STEP.unpack_from(body, 0)[2] == 1
-    if not first_standalone:
-        current = _base(base_v, base_d, held, initial, layout)
+    if sent.base is not None:  # not a replay whose first step stands alone
+        current = _base(*sent.base, held, initial, layout)
         state = current.state
     for index in range(count):
         if offset + STEP.size > len(body):

@@ -181,10 +181,11 @@ def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(
     blob, _ = downlink.message_for(1, states[-1])
     spec = SimpleNamespace(layout=LAYOUT, fingerprint=FP)
     held = Held(downlink.current, downlink.versions[downlink.current], states[-1])
-    monkeypatch.setattr(client_module, "_RECEIVED", {(config, "bernoulli", (held.version, held.digest)): held})
+    received = client_module._Received(held, {})
+    monkeypatch.setattr(client_module, "_RECEIVED", {(config, "bernoulli", (held.version, held.digest)): received})
     monkeypatch.setattr(client_module.broadcast, "receive", lambda *a, **k: pytest.fail("decoded again"))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    assert client_module._decoded_broadcast(blob, config, "bernoulli", spec, context) is held
+    assert client_module._decoded_broadcast(blob, config, "bernoulli", spec, context) is received
     bad = blob.copy()
     bad[flip] ^= 0x10
     with pytest.raises(BroadcastError, match="crc32|header"):

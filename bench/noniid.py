@@ -12,10 +12,11 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
   last 5 rounds within 1 point of the 5 before);
 - accuracy reached within cumulative uplink budgets of B bits per parameter per client
   (B = 1, 4, 16, 64: a mask method spends about 0.3-1 per round, FedAvg 32);
-- uplink bits per parameter per round and total bytes per client per round, both ways;
+- uplink bits per parameter per round, bytes per client per round both ways, and how many
+  times fewer bytes up + down than FedAvg's (issue 16's total);
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
   (``VARIANTS``: fedpm-2ep and fedavg-2ep with two local epochs, edge-popup-va with
-  ``edge-popup-server-rule = "vote-average"``);
+  ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with ``"vote-levels"``);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
   fewer uplink bytes (Fashion-MNIST and MNIST-10k, IID and Dirichlet 0.3); the best mask
   method above SignSGD, QSGD and top-k at every budget below 1 bit per parameter per round.
@@ -54,8 +55,10 @@ VARIANTS = {
     "fedavg-2ep": ("fedavg", ["local-epochs=2"]),
     "fedpm-2ep": ("fedpm", ["local-epochs=2"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
+    "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
+                                     "edge-popup-levels=16"]),
 }
-MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep"), "edge-popup": ("edge-popup", "edge-popup-va")}
+MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep"), "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)
 BUDGETS = (1, 4, 16, 64)  # cumulative uplink bits per parameter per client
 
@@ -126,6 +129,10 @@ def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[
                 continue
             lines += [f"### {TASKS[task][0]} · {partition} · 100 clients, 10 a round, {rounds} rounds", ""]
             table = []
+            fedavg_total = None
+            if "fedavg" in group:
+                fedavg_total = float(np.mean([c["up_bytes_per_client"] + c["down_bytes_per_client"]
+                                              for c in group["fedavg"]]))
             for method, runs in group.items():
                 finals = [c["accuracy"][-1] for c in runs]
                 flat = all(len(c["accuracy"]) >= 10 and
@@ -136,12 +143,16 @@ def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[
                        "up_bpp": float(np.mean([c["up_bpp"] for c in runs])),
                        "up_bytes_per_client": float(np.mean([c["up_bytes_per_client"] for c in runs])),
                        "down_bytes_per_client": float(np.mean([c["down_bytes_per_client"] for c in runs]))}
+                total = row["up_bytes_per_client"] + row["down_bytes_per_client"]
+                row["total_below_fedavg"] = None if fedavg_total is None else fedavg_total / max(total, 1.0)
                 rows.append(row)
                 table.append([method, len(runs), mean_std(finals), "yes" if flat else "no",
                               *[mean_std(row["budgets"][b]) for b in BUDGETS], f"{row['up_bpp']:.3f}",
-                              f"{row['up_bytes_per_client']:,.0f}", f"{row['down_bytes_per_client']:,.0f}"])
+                              f"{row['up_bytes_per_client']:,.0f}", f"{row['down_bytes_per_client']:,.0f}",
+                              "–" if row["total_below_fedavg"] is None else f"{row['total_below_fedavg']:.1f}x"])
             lines += [md_table(["method", "seeds", "final acc %", "flat", *[f"acc % at {b} b/param" for b in BUDGETS],
-                                "up bpp/round", "up B/client/round", "down B/client/round"], table), ""]
+                                "up bpp/round", "up B/client/round", "down B/client/round",
+                                "up+down below FedAvg"], table), ""]
             plot_frontier(out, task, partition, group)
             lines += [f"![frontier](noniid_{task}_{partition}.png)", ""]
     return rows, lines

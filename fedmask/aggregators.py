@@ -398,11 +398,31 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
     average of the votes, ``(1 - m) |s| + m * lr * vote``: its fixed point is the mean vote,
     so a contested weight settles instead of oscillating (weights with the same vote history
     end up tied; top-k breaks ties by position, the same on every party).
+
+    Every score still moves a little every round under either rule, so a client that
+    missed k rounds needs k rounds of votes to catch up losslessly (15-19 bits per
+    parameter on Fashion-MNIST, 10 clients of 100 a round). ``"vote-levels"`` keeps the
+    same running average on ``L = edge-popup-levels`` integer levels: the level moves to
+    ``round((1 - m) * level + m * (L - 1) * vote)``, so it stays put unless the votes pull
+    it more than half a level (``1 / (2m)`` levels of vote share) away. The state then
+    takes at most L values, changes on few weights per round, and the lossless downlink
+    sends it coded against the levels the client holds. Level ``l`` is the score
+    ``l * sqrt(12) / (L - 1)``: uniformly spread levels have unit spread, as the other
+    rules' standardised scores. ``edge-popup-server-lr`` does not enter this rule.
     """
 
     mask_mode = "topk"
 
     def initial_state(self, scores: State) -> State:
+        if self.config.edge_popup_server_rule == "vote-levels":
+            levels = self.config.edge_popup_levels
+            out = {}
+            for name, v in scores.items():
+                magnitude = np.abs(v.astype(np.float64))
+                top = magnitude.max()
+                scaled = magnitude / top * levels if top > 0 else magnitude
+                out[name] = _from_levels(np.minimum(np.floor(scaled), levels - 1), levels)
+            return out
         return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
     def round_votes(self, server_round: int, state: State, masks: list[Masks],
@@ -411,9 +431,15 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
 
     def replay(self, state: State, votes: State, clients: float) -> State:
         server_lr, density = self.config.edge_popup_server_lr, self.config.density
-        average, weight = self.config.edge_popup_server_rule == "vote-average", self.config.edge_popup_vote_weight
+        rule, weight = self.config.edge_popup_server_rule, self.config.edge_popup_vote_weight
+        average = rule == "vote-average"
         new_state = {}
         for name, scores in state.items():
+            if rule == "vote-levels":
+                levels = self.config.edge_popup_levels
+                pulled = (1.0 - weight) * _to_levels(scores, levels) + weight * (levels - 1) * votes[name]
+                new_state[name] = _from_levels(np.clip(np.rint(pulled), 0, levels - 1), levels)
+                continue
             magnitude = _standardised(np.abs(scores.astype(np.float64)))
             if average:
                 moved = (1.0 - weight) * magnitude + weight * server_lr * votes[name]
@@ -421,6 +447,19 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
                 moved = magnitude + server_lr * (votes[name] - topk_mask(magnitude, density))
             new_state[name] = _standardised(moved)
         return new_state
+
+
+def _level_unit(levels: int) -> float:
+    return math.sqrt(12.0) / (levels - 1)
+
+
+def _from_levels(level: np.ndarray, levels: int) -> np.ndarray:
+    """Integer levels 0..levels-1 as scores (float32, exactly invertible by :func:`_to_levels`)."""
+    return (level.astype(np.float64) * _level_unit(levels)).astype(np.float32)
+
+
+def _to_levels(scores: np.ndarray, levels: int) -> np.ndarray:
+    return np.clip(np.rint(scores.astype(np.float64) / _level_unit(levels)), 0, levels - 1)
 
 
 def _standardised(magnitude: np.ndarray) -> np.ndarray:

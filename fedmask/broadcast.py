@@ -85,6 +85,9 @@ STEP = struct.Struct("<I8sBd")
 SECTION = struct.Struct("<BIII")
 MODEL_CONSTANT, MODEL_RAW, MODEL_ORDER0, MODEL_CONTEXT = 0, 1, 2, 3
 THETA_BINS = 32
+# a step's ``standalone`` byte: what its sections hold and what they are coded against
+STEP_VOTES, STEP_VOTES_ALONE, STEP_STATE, STEP_STATE_ALONE = 0, 1, 2, 3
+STATE_VALUES = 256  # a state whose tensors take at most this many values can be sent as itself
 _CODER_SLACK = 8  # bytes: the range coder ends on a whole word and may need one more
 
 
@@ -127,6 +130,24 @@ def vote_contexts(state: State, mask_mode: str, density: float) -> dict[str, tup
             out[name] = (onehot.astype(np.int64).ravel(), 2)
         else:
             out[name] = (topk_mask_np(np.abs(value), density).astype(np.int64).ravel(), 2)
+    return out
+
+
+def few_valued(state: State) -> bool:
+    """Whether every tensor takes at most :data:`STATE_VALUES` values (a state that can be
+    sent as itself: FedPM's theta with the prior reset, edge-popup's ``vote-levels``)."""
+    return all(np.unique(value).size <= STATE_VALUES for value in state.values())
+
+
+def value_contexts(state: State) -> dict[str, tuple[np.ndarray, int]] | None:
+    """Per tensor, (the rank of each entry's value among the tensor's values, how many):
+    the context a state step is coded with; None when a tensor takes too many values."""
+    out = {}
+    for name, value in state.items():
+        distinct, rank = np.unique(value, return_inverse=True)
+        if distinct.size > STATE_VALUES:
+            return None
+        out[name] = (rank.astype(np.int64).ravel(), max(int(distinct.size), 1))
     return out
 
 
@@ -248,7 +269,8 @@ def _range_decode(name: str, data: bytes, hist: np.ndarray, size: int, contexts:
 
 @dataclass(frozen=True)
 class Step:
-    """One aggregation, coded: the round's votes, and the digest of the state after it."""
+    """One aggregation, coded: the round's votes (or the state it made), and the digest of
+    the state after it."""
 
     version: int
     digest: bytes
@@ -266,6 +288,18 @@ def encode_step(version: int, digest: bytes, votes: State, clients: float, layou
         for name, _ in layout.shapes)
     head = STEP.pack(version, digest, int(previous is None), float(clients))
     return Step(version, digest, previous is None, head + sections)
+
+
+def encode_state(version: int, digest: bytes, state: State, layout: MaskLayout, held: State | None) -> Step:
+    """A few-valued state itself as a step, coded with the values of ``held`` (a state the
+    node holds) as contexts, or without context when None."""
+    contexts = None if held is None else value_contexts(held)
+    sections = b"".join(
+        encode_votes(state[name], None if contexts is None else contexts[name][0],
+                     1 if contexts is None else contexts[name][1])
+        for name, _ in layout.shapes)
+    head = STEP.pack(version, digest, STEP_STATE_ALONE if contexts is None else STEP_STATE, 0.0)
+    return Step(version, digest, contexts is None, head + sections)
 
 
 def pack(kind: int, steps: int, fingerprint: bytes, base: tuple[int, bytes], target: tuple[int, bytes],
@@ -328,8 +362,24 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
             raise BroadcastError(f"step {index}", "a step header", "end of broadcast")
         step_v, step_d, standalone, clients = STEP.unpack_from(body, offset)
         offset += STEP.size
-        if standalone > 1 or (not standalone and state is None) or not math.isfinite(clients):
-            raise BroadcastError(f"step {index}", "standalone 0/1 after a state, finite clients", (standalone, clients))
+        if (standalone > STEP_STATE_ALONE or (standalone in (STEP_VOTES, STEP_STATE) and state is None)
+                or not math.isfinite(clients)):
+            raise BroadcastError(f"step {index}", "standalone 0..3 (0 and 2 after a state), finite clients",
+                                 (standalone, clients))
+        if standalone in (STEP_STATE, STEP_STATE_ALONE):  # the state itself, no replay
+            contexts = value_contexts(state or {}) if standalone == STEP_STATE else None
+            if standalone == STEP_STATE and contexts is None:
+                raise BroadcastError(f"step {index}", f"a base state of at most {STATE_VALUES} values per tensor",
+                                     "more")
+            values = {}
+            for name, shape in layout.shapes:
+                ctx = None if contexts is None else contexts[name]
+                flat, offset = decode_votes(name, body, offset, math.prod(shape), None if ctx is None else ctx[0],
+                                            1 if ctx is None else ctx[1])
+                values[name] = flat.astype(np.float32).reshape(shape)
+            state = values
+            current = _checked(Held(step_v, step_d, state), layout, f"step {index} (round {step_v})")
+            continue
         contexts = None if standalone else vote_contexts(state or {}, mask_mode, density)
         votes = {}
         for name, shape in layout.shapes:
@@ -382,7 +432,8 @@ def envelope(blob: np.ndarray, fingerprint: bytes) -> Envelope:
     if kind not in (KIND_FULL, KIND_REPLAY):
         raise BroadcastError("kind", "1 (full) or 2 (replay)", kind)
     standalone = kind != KIND_REPLAY or (count and len(raw) >= HEADER.size + STEP.size
-                                         and STEP.unpack_from(raw, HEADER.size)[2] == 1)
+                                         and STEP.unpack_from(raw, HEADER.size)[2] in (STEP_VOTES_ALONE,
+                                                                                      STEP_STATE_ALONE))
     return Envelope((target_v, target_d), None if standalone else (base_v, base_d))
 
 
@@ -424,7 +475,9 @@ class LosslessDownlink:
     standalone: Step | None = None  # the last step, coded without context (absorbing only)
     held: dict[int, int] = field(default_factory=dict)  # node id -> confirmed version
     awaiting: set[int] = field(default_factory=set)
-    # absorbing only: copies of recent states (contexts for a jump, oldest first) and the last step's votes
+    few_valued: bool = False  # the current state can be sent as itself (a state step)
+    # absorbing or few-valued: copies of recent states (contexts for a jump, oldest first);
+    # absorbing: the last step's votes
     kept_states: dict[int, State] = field(default_factory=dict)
     last_votes: tuple[State, float] | None = None
     _cache: dict[object, np.ndarray] = field(default_factory=dict)
@@ -458,10 +511,12 @@ class LosslessDownlink:
             return
         self.chained.append(encode_step(version, digest, votes, clients, self.layout, previous,
                                         self.mask_mode, self.density))
+        self.few_valued = few_valued(new_state)
         if self.absorbing:
             self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
                                           self.mask_mode, self.density)
             self.last_votes = (votes, clients)
+        if self.absorbing or self.few_valued:
             # copies: the downlink owns them, so they stay the states their digests name
             if version - 1 not in self.kept_states:
                 self.kept_states[version - 1] = {name: value.copy() for name, value in previous.items()}
@@ -485,6 +540,12 @@ class LosslessDownlink:
                 options.append(("standalone", "standalone"))
                 if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
                     options.append(("jump", ("jump", known)))
+            if self.few_valued:
+                options.append(("state", ("state", None)))
+                # from what the node holds, or from the seed's state, which every node can regenerate
+                base = known if known is not None and known >= self.start else 0 if self.start == 0 else None
+                if base is not None and base < target[0] and base in self.kept_states:
+                    options.append(("state", ("state", base)))
         blobs = [(self._blob(key, state, target), kind) for kind, key in options]
         return min(blobs, key=lambda b: b[0].size)
 
@@ -495,6 +556,12 @@ class LosslessDownlink:
             elif key == "standalone":
                 assert self.standalone is not None
                 self._cache[key] = replay_blob([self.standalone], self.fingerprint, (0, bytes(8)), target)
+            elif isinstance(key, tuple) and key[0] == "state":  # ("state", version it is coded against)
+                held = key[1]
+                step = encode_state(target[0], target[1], state, self.layout,
+                                    None if held is None else self.kept_states[held])
+                base = (0, bytes(8)) if held is None else (held, self.versions[held])
+                self._cache[key] = replay_blob([step], self.fingerprint, base, target)
             elif isinstance(key, tuple):  # ("jump", version the node holds)
                 assert self.last_votes is not None
                 held = key[1]

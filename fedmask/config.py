@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
 ROBUST_RULES = ("none", "trimmed", "median")
-EDGE_POPUP_SERVER_RULES = ("pseudo-gradient", "vote-average")
+EDGE_POPUP_SERVER_RULES = ("pseudo-gradient", "vote-average", "vote-levels")
 MAX_SEED = 2**63 - 1  # seeds feed numpy and torch generators, which take 64-bit values
 
 
@@ -142,10 +142,17 @@ class RunConfig:
     edge_popup_server_rule: str = _key("pseudo-gradient", "edge-popup, biprop: how votes move the global "
                                        "scores: 'pseudo-gradient' |s| += lr * (vote - kept), 'vote-average' "
                                        "|s| = (1 - m) * |s| + m * lr * vote (a running average of the votes, "
-                                       "m = edge-popup-vote-weight)", choices=EDGE_POPUP_SERVER_RULES)
-    edge_popup_vote_weight: float = _key(0.3, "edge-popup, biprop with edge-popup-server-rule = 'vote-average': "
-                                         "weight m of this round's votes in the running average",
+                                       "m = edge-popup-vote-weight), 'vote-levels' the same average kept on "
+                                       "edge-popup-levels integer levels (rounded each round, so a weight moves "
+                                       "only when the votes pull it a level away; the lossless downlink sends the "
+                                       "levels coded against those a client holds)",
+                                       choices=EDGE_POPUP_SERVER_RULES)
+    edge_popup_vote_weight: float = _key(0.3, "edge-popup, biprop with edge-popup-server-rule = 'vote-average' "
+                                         "or 'vote-levels': weight m of this round's votes in the running average",
                                          check=lambda v: 0 < v <= 1, rule="in (0, 1]")
+    edge_popup_levels: int = _key(16, "edge-popup, biprop with edge-popup-server-rule = 'vote-levels': number "
+                                  "of score levels (vote share 0 maps to level 0, 1 to the top level)",
+                                  check=_between(2, 256), rule="in 2..256")
     slots: int = _key(8, "Slot Machines: candidate values per connection (K); the upload is "
                       "ceil(log2 K) bits per connection before entropy coding",
                       check=lambda v: 2 <= v <= 64, rule="in 2..64")

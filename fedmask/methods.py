@@ -94,8 +94,8 @@ def mode_restrictions(mask_mode: str | None) -> dict[str, Restriction]:
     return rules
 
 
-_TOPK_KEYS = ("density", "edge-popup-server-lr", "edge-popup-server-rule", "edge-popup-vote-weight", "recycle-every",
-              "recycle-fraction")
+_TOPK_KEYS = ("density", "edge-popup-server-lr", "edge-popup-server-rule", "edge-popup-vote-weight",
+              "edge-popup-levels", "recycle-every", "recycle-fraction")
 
 BUILTIN: Mapping[str, Method] = MappingProxyType({
     "fedpm": Method(

@@ -24,6 +24,11 @@ What a node is sent (the server picks the shortest that it knows the node can us
   that state of one step, which the node decodes as any replay. Under partial
   participation a node typically last took part several rounds ago; the state it holds
   still predicts this round's counts better than no context at all;
+- ``state``, when every tensor of the current state takes at most 256 values (edge-popup's
+  ``vote-levels``, FedPM's theta): the state itself, its values coded with the values of
+  the state the node holds as contexts (the seed's state for a node that holds nothing),
+  or without context. A state that moves little between rounds then costs well under a
+  bit per parameter whatever the node missed, where a replay costs every step it missed;
 - ``full``: the float32 state, as the ``float32`` codec sends it (a plug-in aggregator,
   whose update a client cannot replay, always gets this, and so does FedPM with an
   accumulated prior, ``fedpm-prior-reset != 1``, whose theta depends on past rounds'
@@ -41,17 +46,21 @@ Wire format (one uint8 Array ``lossless`` in the ``arrays`` record; little-endia
     | base version u32 | base digest 8s | target version u32 | target digest 8s | crc32 u32
 
 ``full``: the float32 tensors in layout order. ``replay``: ``steps`` steps, each
-``version u32 | digest 8s | standalone u8 | clients f64`` and one section per tensor::
+``version u32 | digest 8s | standalone u8 | clients f64`` and one section per tensor
+(``standalone``: 0 votes coded against the state before the step, 1 votes without context,
+2 the state's own values coded against the state before it, 3 the state's values without
+context)::
 
     model u8 | distinct u32 | table bytes u32 | data bytes u32 | zlib(table) | data
 
-The votes of a tensor take ``distinct`` values (FedPM: the counts 0..n; edge-popup: the
+The votes (or state values) of a tensor take ``distinct`` values (FedPM: the counts 0..n; edge-popup: the
 weighted vote shares); the table holds them (float64, sorted) and, for the coded models,
 their histograms. ``model`` 0: one value everywhere, no data; 1: symbols raw (u8/u16/u32);
 2: range-coded with one histogram; 3: range-coded with one histogram per *context*, a
 small integer per weight that both ends compute from the previous state (FedPM: theta in
 32 bins; top-k methods: whether the weight is in the current top-k; Slot Machines: whether
-the candidate is the current choice); symbols are coded context by context. The encoder
+the candidate is the current choice; a state step: the rank of the weight's value among
+the previous state's values); symbols are coded context by context. The encoder
 picks, per tensor, the model with the fewest bytes. A step's digest is that of the state
 after it, so a replay that diverges is caught at the step where it does. The CRC covers
 the header before it and the whole body.

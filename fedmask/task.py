@@ -105,12 +105,21 @@ def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> Non
     set_scores(model, scores_of_state(state, mode))
 
 
-def scores_of_state(state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+def scores_of_state(state: dict[str, np.ndarray], mode: str, standardise: bool = False) -> dict[str, np.ndarray]:
     """The scores a client starts from: the state as is (topk, slots; LaPerm's ranks, which
-    :func:`load_state` applies instead) or logit(theta) (bernoulli)."""
+    :func:`load_state` applies instead) or logit(theta) (bernoulli). ``standardise``
+    (edge-popup's ``vote-levels``, whose state is integer levels): top-k scores divided by
+    their spread per tensor, as the other edge-popup rules keep them; top-k is unchanged."""
     if mode == "bernoulli":
         return {k: _logit(v) for k, v in state.items()}
+    if standardise and mode in ("topk", "biprop"):
+        return {k: _unit_spread(v) for k, v in state.items()}
     return state
+
+
+def _unit_spread(scores: np.ndarray) -> np.ndarray:
+    spread = float(scores.astype(np.float64).std())
+    return (scores.astype(np.float64) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
 def _logit(theta: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, MaskAggreg
 from fedmask.config import RunConfig, resolve
 from fedmask.methods import PluginError, get_method
 from fedmask.sampling import sample_partitions
+from fedmask.task import scores_of_state
 
 SHAPES = {"a.weight": (6, 5), "a.bias": (6,), "b.weight": (2, 3, 3, 3)}
 
@@ -218,6 +219,53 @@ def test_edge_popup_vote_average_settles_where_the_pseudo_gradient_oscillates():
             assert state["w"][kind == 2].min() > state["w"][kind == 1].max()
     assert min(flips["pseudo-gradient"]) > 0 and sum(flips["pseudo-gradient"]) > 20, flips
     assert sum(flips["vote-average"]) == 0, flips
+
+
+def test_edge_popup_vote_levels_rounds_the_running_average_to_integer_levels():
+    """``vote-levels``: level <- round((1 - m) * level + m * (L - 1) * vote), clipped to
+    0..L-1, and the state is the level itself (so at most L values); clients train from
+    the levels standardised, whose top-k is the levels' top-k."""
+    levels, weight = 8, 0.3
+    cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule="vote-levels", edge_popup_levels=levels,
+                 edge_popup_vote_weight=weight)
+    aggregator = EdgePopupAggregator(cfg)
+    state = aggregator.initial_state(score_state(4))
+    unit = 1.0
+    for value in state.values():
+        level = value.astype(np.float64) / unit
+        assert np.allclose(level, np.rint(level), atol=1e-5) and level.min() >= 0 and level.max() <= levels - 1
+        assert len(np.unique(value)) > 1  # the seed's ranking is kept, coarsely
+    masks, weights = random_masks(3, 4), [1.0, 2.0, 3.0]
+    new = aggregator.aggregate(1, state, masks, weights)
+    votes = weighted_vote(masks, weights)
+    for name, value in state.items():
+        level = np.rint(value.astype(np.float64) / unit)
+        expected = np.clip(np.rint((1 - weight) * level + weight * (levels - 1) * votes[name]), 0, levels - 1)
+        assert np.array_equal(new[name], (expected * unit).astype(np.float32))
+    scores = scores_of_state(new, "topk", standardise=True)
+    for name, value in new.items():
+        assert scores[name].std() == pytest.approx(1.0, rel=1e-5)
+        assert np.array_equal(topk_mask(scores[name], 0.5), topk_mask(value, 0.5))
+
+
+def test_edge_popup_vote_levels_moves_a_level_only_when_the_votes_pull_half_a_level():
+    """The dead zone that makes the state cheap to send: with m = 0.3 and 16 levels a
+    weight at level 10 stays for a vote share of 10/15 +- 0.1 and moves one level towards
+    votes further away. Unanimous votes drive it up until it is within 1 / (2m) levels of
+    the top (level 14: 0.7 * 14 + 0.3 * 15 rounds to 14), no votes down to level 1."""
+    levels = 16
+    cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule="vote-levels", edge_popup_levels=levels,
+                 edge_popup_vote_weight=0.3)
+    aggregator = EdgePopupAggregator(cfg)
+    unit = 1.0
+    shares = np.array([10 / 15, 10 / 15 + 0.1, 10 / 15 - 0.1, 10 / 15 + 0.12, 10 / 15 - 0.12])
+    state = {"w": np.full(shares.size, 10 * unit, dtype=np.float32)}
+    moved = aggregator.replay(state, {"w": shares}, 5.0)["w"] / unit
+    assert np.rint(moved).tolist() == [10, 10, 10, 11, 9]
+    for share, end in ((1.0, levels - 2), (0.0, 1)):
+        for _ in range(30):
+            state = aggregator.replay(state, {"w": np.full(shares.size, share)}, 5.0)
+        assert np.rint(state["w"] / unit).tolist() == [end] * shares.size
 
 
 @settings(max_examples=30, deadline=None)

@@ -95,17 +95,19 @@ def _client(config, aggregator, mode, states, blob, held=None) -> Held:
 @pytest.mark.parametrize(("mode", "extra"), [
     *[(mode, {}) for mode in sorted(AGGREGATORS)],
     ("topk", {"edge-popup-server-rule": "vote-average"}),
+    ("topk", {"edge-popup-server-rule": "vote-levels"}),
 ])
 def test_replay_reaches_the_servers_state_bit_for_bit(mode, extra):
     """A node holding nothing, and one holding each earlier version, end with the server's
     float32 state byte for byte, through whichever broadcast the server picks for them
-    (edge-popup under both server rules: the server checks that a client's replay reaches
-    its state, and would fall back to full states, ``can_replay`` False, if not)."""
+    (edge-popup under each server rule: the server checks that a client's replay reaches
+    its state, and would fall back to full states, ``can_replay`` False, if not; FedPM's
+    theta and vote-levels' scores take few values, so they may also go as a state step)."""
     config, aggregator, downlink, states = _server_rounds(mode, 4, **extra)
     assert downlink.can_replay
     blob, kind = downlink.message_for(1, states[-1])
     got = _client(config, aggregator, mode, states, blob)
-    assert kind in ("replay", "standalone")
+    assert kind in ("replay", "standalone", "state")
     assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
     for version in range(len(states) - 1):
         downlink.sent([2])
@@ -252,6 +254,8 @@ def _run(tmp_path: Path, name: str, client_app=real_client_app, **overrides):
 @pytest.mark.parametrize("overrides", [
     {},  # FedPM: counts
     {"method": "edge-popup", "num-clients": 5, "clients-per-round": 2, "num-rounds": 4},  # nodes miss rounds
+    {"method": "edge-popup", "edge-popup-server-rule": "vote-levels", "num-clients": 5, "clients-per-round": 2,
+     "num-rounds": 4},  # state steps
 ])
 def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     """Same accuracy every round as the float32 broadcast (the clients train from the
@@ -426,3 +430,55 @@ def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it
     with pytest.raises(BroadcastError, match="base state"):  # it is a replay from round 2: it needs that state
         receive(blob, LAYOUT, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], lambda: aggregator,
                 "bernoulli", config.density)
+
+
+def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_one_it_holds():
+    """edge-popup with ``vote-levels``: the state takes at most L values and changes on few
+    weights a round, so a node that last took part in round 2 of 8 is sent the current
+    state itself, coded with the levels it holds as contexts ("state"), which is shorter
+    than the six rounds of votes since, the state coded without context, or the float32
+    state. It decodes to the server's state bit for bit, and only from the state it names."""
+    config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": "vote-levels",
+                      "downlink-codec": "lossless"})
+    aggregator = EdgePopupAggregator(config)
+    rng = np.random.default_rng(5)
+    layout = MaskLayout((("a.weight", (200, 100)), ("b.bias", (7,))))  # large enough for per-context tables to pay
+    state = aggregator.initial_state({n: rng.normal(size=shape).astype(np.float32) for n, shape in layout.shapes})
+    downlink = LosslessDownlink.create(aggregator, layout, FP, "topk", config.density, state)
+    states = [state]
+    preference = {name: rng.random(value.shape) for name, value in state.items()}  # clients mostly agree
+    for version in range(1, 9):
+        masks = [{name: rng.random(value.shape) < 0.2 + 0.6 * preference[name] for name, value in state.items()}
+                 for _ in range(8)]
+        votes, clients = aggregator.round_votes(version, state, masks, [1.0] * 8)
+        new_state = aggregator.apply(version, state, votes, clients)
+        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
+        state = new_state
+        states.append(state)
+    assert downlink.few_valued
+    downlink.held[7] = 2
+    blob, kind = downlink.message_for(7, states[-1])
+    target = (8, downlink.versions[8])
+    sizes = {name: downlink._blob(key, states[-1], target).size
+             for name, key in (("replay", 2), ("alone", ("state", None)), ("full", "full"))}
+    assert kind == "state" and blob.size < min(sizes.values()), (blob.size, sizes)
+    held = Held(2, downlink.versions[2], states[2])
+    got = receive(blob, layout, FP, held, lambda: states[0], lambda: aggregator, "topk", config.density)
+    assert got.version == 8 and all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
+    with pytest.raises(BroadcastError, match="base state"):
+        receive(blob, layout, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], lambda: aggregator,
+                "topk", config.density)
+    alone = downlink._blob(("state", None), states[-1], target)  # any node can use it
+    got = receive(alone, layout, FP, None, lambda: states[0], lambda: aggregator, "topk", config.density)
+    assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
+
+
+def test_float_states_are_never_sent_as_state_steps():
+    """vote-average's scores are floats that take almost every value: no state step is
+    offered (coding them as values would cost more than float32), only replays and full."""
+    config, aggregator, downlink, states = _server_rounds("topk", 3, **{"edge-popup-server-rule": "vote-average"})
+    assert not downlink.few_valued
+    downlink.held[4] = 1
+    _, kind = downlink.message_for(4, states[-1])
+    assert kind in ("replay", "full")
+    assert not any(isinstance(key, tuple) and key[0] == "state" for key in downlink._cache)

@@ -56,7 +56,7 @@ VARIANTS = {
     "fedpm-2ep": ("fedpm", ["local-epochs=2"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
     "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
-                                     "edge-popup-levels=16"]),
+                                     "edge-popup-levels=64"]),
 }
 MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep"), "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)

@@ -150,7 +150,7 @@ class RunConfig:
     edge_popup_vote_weight: float = _key(0.3, "edge-popup, biprop with edge-popup-server-rule = 'vote-average' "
                                          "or 'vote-levels': weight m of this round's votes in the running average",
                                          check=lambda v: 0 < v <= 1, rule="in (0, 1]")
-    edge_popup_levels: int = _key(16, "edge-popup, biprop with edge-popup-server-rule = 'vote-levels': number "
+    edge_popup_levels: int = _key(64, "edge-popup, biprop with edge-popup-server-rule = 'vote-levels': number "
                                   "of score levels (vote share 0 maps to level 0, 1 to the top level)",
                                   check=_between(2, 256), rule="in 2..256")
     slots: int = _key(8, "Slot Machines: candidate values per connection (K); the upload is "

@@ -433,13 +433,13 @@ def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it
 
 
 def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_one_it_holds():
-    """edge-popup with ``vote-levels``: the state takes at most L values and changes on few
+    """edge-popup with ``vote-levels`` (16 levels): the state takes at most L values and changes on few
     weights a round, so a node that last took part in round 2 of 8 is sent the current
     state itself, coded with the levels it holds as contexts ("state"), which is shorter
     than the six rounds of votes since, the state coded without context, or the float32
     state. It decodes to the server's state bit for bit, and only from the state it names."""
     config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": "vote-levels",
-                      "downlink-codec": "lossless"})
+                      "edge-popup-levels": 16, "downlink-codec": "lossless"})
     aggregator = EdgePopupAggregator(config)
     rng = np.random.default_rng(5)
     layout = MaskLayout((("a.weight", (200, 100)), ("b.bias", (7,))))  # large enough for per-context tables to pay

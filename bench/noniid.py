@@ -15,8 +15,9 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
 - uplink bits per parameter per round, bytes per client per round both ways, and how many
   times fewer bytes up + down than FedAvg's (issue 16's total);
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
-  (``VARIANTS``: fedpm-2ep and fedavg-2ep with two local epochs, edge-popup-va with
-  ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with ``"vote-levels"``);
+  (``VARIANTS``: fedpm-2ep/-3ep and fedavg-2ep/-3ep with two or three local epochs,
+  edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
+  ``"vote-levels"``, edge-popup-vl-2ep the same with two local epochs);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
   fewer uplink bytes (Fashion-MNIST and MNIST-10k, IID and Dirichlet 0.3); the best mask
   method above SignSGD, QSGD and top-k at every budget below 1 bit per parameter per round.
@@ -54,11 +55,16 @@ BASELINES = ("signsgd", "ef-signsgd", "qsgd", "topk-ef")
 VARIANTS = {
     "fedavg-2ep": ("fedavg", ["local-epochs=2"]),
     "fedpm-2ep": ("fedpm", ["local-epochs=2"]),
+    "fedavg-3ep": ("fedavg", ["local-epochs=3"]),
+    "fedpm-3ep": ("fedpm", ["local-epochs=3"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
     "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                      "edge-popup-levels=64"]),
+    "edge-popup-vl-2ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
+                                         "edge-popup-levels=64", "local-epochs=2"]),
 }
-MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep"), "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl")}
+MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep"),
+                 "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl", "edge-popup-vl-2ep")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)
 BUDGETS = (1, 4, 16, 64)  # cumulative uplink bits per parameter per client
 
@@ -186,9 +192,10 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                     if row is None:
                         continue
                     references = [("FedAvg", fedavg)]
-                    same_work = by.get((task, partition, "fedavg-2ep"))
-                    if method.endswith("-2ep") and same_work is not None:  # also at the same local epochs
-                        references.append(("FedAvg with 2 local epochs", same_work))
+                    epochs = method.rsplit("-", 1)[-1]
+                    same_work = by.get((task, partition, f"fedavg-{epochs}"))
+                    if epochs.endswith("ep") and same_work is not None:  # also at the same local epochs
+                        references.append((f"FedAvg with {epochs[:-2]} local epochs", same_work))
                     for label, reference in references:
                         gap = 100 * (np.mean(reference["final"]) - np.mean(row["final"]))
                         ratio = reference["up_bytes_per_client"] / max(row["up_bytes_per_client"], 1)

@@ -230,18 +230,17 @@ def test_edge_popup_vote_levels_rounds_the_running_average_to_integer_levels():
                  edge_popup_vote_weight=weight)
     aggregator = EdgePopupAggregator(cfg)
     state = aggregator.initial_state(score_state(4))
-    unit = 1.0
     for value in state.values():
-        level = value.astype(np.float64) / unit
+        level = value.astype(np.float64)
         assert np.allclose(level, np.rint(level), atol=1e-5) and level.min() >= 0 and level.max() <= levels - 1
         assert len(np.unique(value)) > 1  # the seed's ranking is kept, coarsely
     masks, weights = random_masks(3, 4), [1.0, 2.0, 3.0]
     new = aggregator.aggregate(1, state, masks, weights)
     votes = weighted_vote(masks, weights)
     for name, value in state.items():
-        level = np.rint(value.astype(np.float64) / unit)
+        level = np.rint(value.astype(np.float64))
         expected = np.clip(np.rint((1 - weight) * level + weight * (levels - 1) * votes[name]), 0, levels - 1)
-        assert np.array_equal(new[name], (expected * unit).astype(np.float32))
+        assert np.array_equal(new[name], expected.astype(np.float32))
     scores = scores_of_state(new, "topk", standardise=True)
     for name, value in new.items():
         assert scores[name].std() == pytest.approx(1.0, rel=1e-5)
@@ -257,15 +256,14 @@ def test_edge_popup_vote_levels_moves_a_level_only_when_the_votes_pull_half_a_le
     cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule="vote-levels", edge_popup_levels=levels,
                  edge_popup_vote_weight=0.3)
     aggregator = EdgePopupAggregator(cfg)
-    unit = 1.0
     shares = np.array([10 / 15, 10 / 15 + 0.1, 10 / 15 - 0.1, 10 / 15 + 0.12, 10 / 15 - 0.12])
-    state = {"w": np.full(shares.size, 10 * unit, dtype=np.float32)}
-    moved = aggregator.replay(state, {"w": shares}, 5.0)["w"] / unit
+    state = {"w": np.full(shares.size, 10.0, dtype=np.float32)}
+    moved = aggregator.replay(state, {"w": shares}, 5.0)["w"]
     assert np.rint(moved).tolist() == [10, 10, 10, 11, 9]
     for share, end in ((1.0, levels - 2), (0.0, 1)):
         for _ in range(30):
             state = aggregator.replay(state, {"w": np.full(shares.size, share)}, 5.0)
-        assert np.rint(state["w"] / unit).tolist() == [end] * shares.size
+        assert state["w"].tolist() == [end] * shares.size
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,8 +19,11 @@ from fedmask.broadcast import (
     Held,
     LosslessDownlink,
     decode_votes,
+    encode_state,
     encode_votes,
+    few_valued,
     receive,
+    replay_blob,
     replayable,
     state_digest,
 )
@@ -107,7 +110,7 @@ def test_replay_reaches_the_servers_state_bit_for_bit(mode, extra):
     assert downlink.can_replay
     blob, kind = downlink.message_for(1, states[-1])
     got = _client(config, aggregator, mode, states, blob)
-    assert kind in ("replay", "standalone", "state")
+    assert kind in ("replay", "standalone", "state") and (kind != "state" or downlink.few_valued)
     assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
     for version in range(len(states) - 1):
         downlink.sent([2])
@@ -269,6 +272,8 @@ def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     assert all(r["failures"] == 0 for r in rows)
     held = [c.state["downlink-held-meta"]["digest"] for c in grid.contexts.values() if "downlink-held-meta" in c.state]
     assert held  # nodes keep what they last received
+    if overrides.get("edge-popup-server-rule") == "vote-levels":  # the levels went as state steps
+        assert any("state" in (r.get("downlink_kinds") or {}) for r in rows), [r.get("downlink_kinds") for r in rows]
 
 
 def test_in_process_nodes_holding_one_state_share_its_bytes(tmp_path):
@@ -474,11 +479,72 @@ def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_on
 
 
 def test_float_states_are_never_sent_as_state_steps():
-    """vote-average's scores are floats that take almost every value: no state step is
-    offered (coding them as values would cost more than float32), only replays and full."""
+    """vote-average's scores are floats that take more than 256 values per tensor: no state
+    step is offered (the values' table alone would cost more than float32), only replays
+    and full states."""
     config, aggregator, downlink, states = _server_rounds("topk", 3, **{"edge-popup-server-rule": "vote-average"})
     assert not downlink.few_valued
     downlink.held[4] = 1
     _, kind = downlink.message_for(4, states[-1])
     assert kind in ("replay", "full")
     assert not any(isinstance(key, tuple) and key[0] == "state" for key in downlink._cache)
+
+
+def test_a_state_with_both_signed_zeros_is_not_sent_as_values():
+    """np.unique merges -0.0 and 0.0, the digest does not: such a state must not go as a
+    state step (the node would fail its digest check every round)."""
+    assert few_valued({"w": np.array([0.0, 1.0, 2.0], np.float32)})
+    assert not few_valued({"w": np.array([-0.0, 0.0, 1.0], np.float32)})
+    assert not few_valued({"w": np.arange(257, dtype=np.float32)})
+
+
+def test_a_state_step_with_values_float32_cannot_hold_is_refused():
+    """A crafted state step whose table holds 1e300: a clear BroadcastError, not a cast warning."""
+    config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": "vote-levels",
+                      "downlink-codec": "lossless"})
+    aggregator = EdgePopupAggregator(config)
+    state = {name: np.full(shape, 1e300) for name, shape in LAYOUT.shapes}
+    step = encode_state(1, bytes(8), state, LAYOUT, None)
+    blob = replay_blob([step], FP, (0, bytes(8)), (1, bytes(8)))
+    with pytest.raises(BroadcastError, match="float32"):
+        receive(blob, LAYOUT, FP, None, lambda: state, lambda: aggregator, "topk", config.density)
+
+
+def test_after_a_round_without_replies_the_kept_state_is_filed_under_its_own_version():
+    """Round 2 made no state (no replies): round 3's previous state is version 1's, and the
+    server keeps it as version 1 (not 2), so a node holding version 1 gets the state coded
+    against the levels it really holds."""
+    config, aggregator, downlink, states = _server_rounds("topk", 1, **{"edge-popup-server-rule": "vote-levels"})
+    rng = np.random.default_rng(9)
+    masks = _masks("topk", states[1], rng, 5)
+    votes, clients = aggregator.round_votes(3, states[1], masks, [1.0] * 5)
+    new_state = aggregator.apply(3, states[1], votes, clients)
+    downlink.record(3, states[1], new_state, votes, clients, aggregator.replay)
+    assert 2 not in downlink.kept_states and downlink.kept_states[1] is not None
+    assert all(np.array_equal(downlink.kept_states[1][k], states[1][k]) for k in states[1])
+    downlink.held[6] = 1
+    blob, _ = downlink.message_for(6, new_state)
+    got = _client(config, aggregator, "topk", [*states, new_state], blob, Held(1, downlink.versions[1], states[1]))
+    assert got.version == 3 and all(np.array_equal(got.state[k], new_state[k]) for k in new_state)
+
+
+def test_vote_levels_clients_train_from_the_levels_standardised():
+    """The state is integer levels 0..L-1; a client starts training from them divided by
+    their spread per tensor (the scale the other rules' scores have), with the same top-k.
+    Under vote-average the client starts from the state as it is."""
+    from clients.client_app import _model_for, _new_broadcast
+    from fedmask.masking import get_scores, topk_mask_np
+
+    for rule in ("vote-levels", "vote-average"):
+        config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": rule})
+        model, spec = _model_for(config, "topk")
+        assert spec is not None
+        state = EdgePopupAggregator(config).initial_state(get_scores(model))
+        scores = _new_broadcast(config, "topk", spec, state).scores
+        for name, value in state.items():
+            if rule == "vote-levels":
+                assert value.max() > 2 and np.array_equal(value, np.rint(value))  # levels, not unit spread
+                assert scores[name].std() == pytest.approx(1.0, rel=1e-4)
+                assert np.array_equal(topk_mask_np(scores[name], 0.5), topk_mask_np(value, 0.5))
+            else:
+                assert np.array_equal(scores[name], value)

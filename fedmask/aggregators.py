@@ -427,7 +427,7 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
                 scaled = magnitude / top * levels if top > 0 else magnitude
                 out[name] = _from_levels(np.minimum(np.floor(scaled), levels - 1), levels)
             return out
-        return {name: _standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
+        return {name: standardised(np.abs(v.astype(np.float64))) for name, v in scores.items()}
 
     def round_votes(self, server_round: int, state: State, masks: list[Masks],
                     weights: list[float]) -> tuple[State, float]:
@@ -444,12 +444,12 @@ class EdgePopupAggregator(_StreamingVotes, Replayable):
                 pulled = (1.0 - weight) * _to_levels(scores, levels) + weight * (levels - 1) * votes[name]
                 new_state[name] = _from_levels(np.clip(np.rint(pulled), 0, levels - 1), levels)
                 continue
-            magnitude = _standardised(np.abs(scores.astype(np.float64)))
+            magnitude = standardised(np.abs(scores.astype(np.float64)))
             if average:
                 moved = (1.0 - weight) * magnitude + weight * server_lr * votes[name]
             else:
                 moved = magnitude + server_lr * (votes[name] - topk_mask(magnitude, density))
-            new_state[name] = _standardised(moved)
+            new_state[name] = standardised(moved)
         return new_state
 
 
@@ -462,8 +462,9 @@ def _to_levels(scores: np.ndarray, levels: int) -> np.ndarray:
     return np.clip(np.rint(scores.astype(np.float64)), 0, levels - 1)
 
 
-def _standardised(magnitude: np.ndarray) -> np.ndarray:
-    """Non-negative scores with unit spread; the ranking, all top-k needs, is unchanged."""
+def standardised(magnitude: np.ndarray) -> np.ndarray:
+    """Non-negative scores with unit spread; the ranking, all top-k needs, is unchanged
+    (also what clients train from under ``vote-levels``: :func:`fedmask.task.scores_of_state`)."""
     spread = magnitude.std()
     return (np.maximum(magnitude, 0.0) / (spread if spread > 0 else 1.0)).astype(np.float32)
 

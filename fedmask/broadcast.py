@@ -98,6 +98,7 @@ THETA_BINS = 32
 STEP_VOTES, STEP_VOTES_ALONE, STEP_STATE, STEP_STATE_ALONE = 0, 1, 2, 3
 STATE_VALUES = 256  # a state whose tensors take at most this many values can be sent as itself
 _CODER_SLACK = 8  # bytes: the range coder ends on a whole word and may need one more
+Contexts = dict[str, tuple[np.ndarray, int]]  # per tensor: (a small integer per entry, how many)
 
 
 class BroadcastError(ValueError):
@@ -126,7 +127,7 @@ def replayable(aggregator: MaskAggregator) -> bool:
     return aggregator.absorbing or aggregator.mask_mode != "bernoulli"
 
 
-def vote_contexts(state: State, mask_mode: str, density: float) -> dict[str, tuple[np.ndarray, int]]:
+def vote_contexts(state: State, mask_mode: str, density: float) -> Contexts:
     """Per tensor, (context of every vote entry, number of contexts), from a state both ends hold."""
     out = {}
     for name, value in state.items():
@@ -146,15 +147,14 @@ def few_valued(state: State) -> bool:
     """Whether every tensor takes at most :data:`STATE_VALUES` values (a state that can be
     sent as itself: FedPM's theta with the prior reset, edge-popup's ``vote-levels``)."""
     for value in state.values():
-        distinct = np.unique(value)
-        # -0.0 and 0.0 are one value to np.unique but not to the digest: such a state is not sent as values
-        if distinct.size > STATE_VALUES or np.unique(np.ascontiguousarray(value, np.float32).view(np.uint32)).size \
-                != distinct.size:
+        patterns = np.unique(np.ascontiguousarray(value, np.float32).view(np.uint32))
+        # -0.0 and 0.0 are one value to np.unique (so to the coder) but not to the digest: not sent as values
+        if patterns.size > STATE_VALUES or np.unique(patterns.view(np.float32)).size != patterns.size:
             return False
     return True
 
 
-def value_contexts(state: State) -> dict[str, tuple[np.ndarray, int]] | None:
+def value_contexts(state: State) -> Contexts | None:
     """Per tensor, (the rank of each entry's value among the tensor's values, how many):
     the context a state step is coded with; None when a tensor takes too many values."""
     out = {}
@@ -304,28 +304,39 @@ class Step:
     data: bytes  # STEP header and sections
 
 
+def _encode_sections(values: State, layout: MaskLayout, contexts: Contexts | None) -> bytes:
+    """One section per tensor, in layout order (see the module doc)."""
+    return b"".join(encode_votes(values[name], None if contexts is None else contexts[name][0],
+                                 1 if contexts is None else contexts[name][1])
+                    for name, _ in layout.shapes)
+
+
+def _decode_sections(body: bytes, offset: int, layout: MaskLayout,
+                     contexts: Contexts | None) -> tuple[dict[str, np.ndarray], int]:
+    """The float64 values of every tensor's section from ``offset``, and the offset after them."""
+    out = {}
+    for name, shape in layout.shapes:
+        ctx = None if contexts is None else contexts[name]
+        flat, offset = decode_votes(name, body, offset, math.prod(shape), None if ctx is None else ctx[0],
+                                    1 if ctx is None else ctx[1])
+        out[name] = flat.reshape(shape)
+    return out, offset
+
+
 def encode_step(version: int, digest: bytes, votes: State, clients: float, layout: MaskLayout,
                 previous: State | None, mask_mode: str, density: float) -> Step:
     """A step coded against ``previous`` (the state before it), or standalone when None."""
     contexts = None if previous is None else vote_contexts(previous, mask_mode, density)
-    sections = b"".join(
-        encode_votes(votes[name], None if contexts is None else contexts[name][0],
-                     1 if contexts is None else contexts[name][1])
-        for name, _ in layout.shapes)
     head = STEP.pack(version, digest, int(previous is None), float(clients))
-    return Step(version, digest, previous is None, head + sections)
+    return Step(version, digest, previous is None, head + _encode_sections(votes, layout, contexts))
 
 
 def encode_state(version: int, digest: bytes, state: State, layout: MaskLayout, held: State | None) -> Step:
     """A few-valued state itself as a step, coded with the values of ``held`` (a state the
     node holds) as contexts, or without context when None."""
     contexts = None if held is None else value_contexts(held)
-    sections = b"".join(
-        encode_votes(state[name], None if contexts is None else contexts[name][0],
-                     1 if contexts is None else contexts[name][1])
-        for name, _ in layout.shapes)
     head = STEP.pack(version, digest, STEP_STATE_ALONE if contexts is None else STEP_STATE, 0.0)
-    return Step(version, digest, contexts is None, head + sections)
+    return Step(version, digest, contexts is None, head + _encode_sections(state, layout, contexts))
 
 
 def pack(kind: int, steps: int, fingerprint: bytes, base: tuple[int, bytes], target: tuple[int, bytes],
@@ -397,27 +408,17 @@ def receive(blob: np.ndarray, layout: MaskLayout, fingerprint: bytes, held: Held
             if standalone == STEP_STATE and contexts is None:
                 raise BroadcastError(f"step {index}", f"a base state of at most {STATE_VALUES} values per tensor",
                                      "more")
-            values = {}
-            for name, shape in layout.shapes:
-                ctx = None if contexts is None else contexts[name]
-                flat, offset = decode_votes(name, body, offset, math.prod(shape), None if ctx is None else ctx[0],
-                                            1 if ctx is None else ctx[1])
+            values, offset = _decode_sections(body, offset, layout, contexts)
+            state = {}
+            for name, exact in values.items():
                 with np.errstate(over="ignore", invalid="ignore"):
-                    as_float32 = flat.astype(np.float32)
-                if not np.array_equal(as_float32.astype(np.float64), flat):
+                    state[name] = exact.astype(np.float32)
+                if not np.array_equal(state[name].astype(np.float64), exact):
                     raise BroadcastError(f"'{name}' state values", "float32 values", "values float32 cannot hold")
-                values[name] = as_float32.reshape(shape)
-            state = values
             current = _checked(Held(step_v, step_d, state), layout, f"step {index} (round {step_v})")
             continue
         contexts = None if standalone else vote_contexts(state or {}, mask_mode, density)
-        votes = {}
-        for name, shape in layout.shapes:
-            size = math.prod(shape)
-            ctx = None if contexts is None else contexts[name]
-            flat, offset = decode_votes(name, body, offset, size, None if ctx is None else ctx[0],
-                                        1 if ctx is None else ctx[1])
-            votes[name] = flat.reshape(shape)
+        votes, offset = _decode_sections(body, offset, layout, contexts)
         if aggregator is None:
             raise BroadcastError("replay", "a method whose update clients can replay", "a plug-in")
         shapes = state or {name: np.zeros(shape, np.float32) for name, shape in layout.shapes}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmask.aggregators import standardised
 from fedmask.codec import MaskLayout, upload_layout
 from fedmask.data import Splits, load_dataset
 from fedmask.masking import get_scores, num_connections, set_scores, to_masked
@@ -113,13 +114,8 @@ def scores_of_state(state: dict[str, np.ndarray], mode: str, standardise: bool =
     if mode == "bernoulli":
         return {k: _logit(v) for k, v in state.items()}
     if standardise and mode in ("topk", "biprop"):
-        return {k: _unit_spread(v) for k, v in state.items()}
+        return {k: standardised(v.astype(np.float64)) for k, v in state.items()}
     return state
-
-
-def _unit_spread(scores: np.ndarray) -> np.ndarray:
-    spread = float(scores.astype(np.float64).std())
-    return (scores.astype(np.float64) / (spread if spread > 0 else 1.0)).astype(np.float32)
 
 
 def _logit(theta: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
   (``VARIANTS``: fedpm-2ep/-3ep and fedavg-2ep/-3ep with two or three local epochs,
   edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
-  ``"vote-levels"``, edge-popup-vl-2ep the same with two local epochs);
+  ``"vote-levels"``, edge-popup-vl-2ep and -5ep the same with two and five local epochs);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
   fewer uplink bytes (Fashion-MNIST and MNIST-10k, IID and Dirichlet 0.3); the best mask
   method above SignSGD, QSGD and top-k at every budget below 1 bit per parameter per round.
@@ -62,9 +62,13 @@ VARIANTS = {
                                      "edge-popup-levels=64"]),
     "edge-popup-vl-2ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                          "edge-popup-levels=64", "local-epochs=2"]),
+    # MNIST-10k's 100 clients hold 80 images each: a round of 1-2 epochs is 3-6 steps
+    "edge-popup-vl-5ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
+                                         "edge-popup-levels=64", "local-epochs=5"]),
 }
 MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep"),
-                 "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl", "edge-popup-vl-2ep")}
+                 "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl", "edge-popup-vl-2ep",
+                                "edge-popup-vl-5ep")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)
 BUDGETS = (1, 4, 16, 64)  # cumulative uplink bits per parameter per client
 

@@ -176,7 +176,7 @@ def test_entropy_round_trip(sizes, two_d, kind, seed):
 
     assert blob.dtype == np.uint8 and blob.ndim == 1
     magic, version, codec, reserved, count, fp, crc = SPEC_HEADER.unpack(blob[:HEADER].tobytes())
-    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 2, 2, 0, layout.num_params, FP)
+    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 3, 2, 0, layout.num_params, FP)
     assert crc == spec_crc(blob[HEADER:].tobytes(), prior, layout)
 
     sections = parse_sections(blob)
@@ -554,21 +554,48 @@ def test_entropy_blob_longer_than_packed_bound_refused():
     assert err.field == "length" and str(limit) in str(err)
 
 
+def byte_table(prob: float) -> np.ndarray:
+    """Format 3's probability of each byte of eight bits that are 1 with probability prob,
+    from the module docstring: the product over its bits, first bit most significant, of
+    prob or 1 - prob, multiplied in that order."""
+    table = np.empty(256)
+    for byte in range(256):
+        product = 1.0
+        for shift in range(7, -1, -1):
+            product *= prob if (byte >> shift) & 1 else 1.0 - prob
+        table[byte] = product
+    return table
+
+
+def reference_run(encoder, bits: np.ndarray, prob: float) -> None:
+    """Format 3's coding of a frequency section: whole bytes of np.packbits as symbols
+    (:func:`byte_table`), then the rest bit by bit."""
+    import constriction
+
+    whole = bits.size - bits.size % 8
+    if whole:
+        encoder.encode(np.packbits(bits[:whole]).astype(np.int32),
+                       constriction.stream.model.Categorical(byte_table(prob), perfect=False))
+    if whole < bits.size:
+        encoder.encode(bits[whole:].astype(np.int32), constriction.stream.model.Bernoulli(prob, perfect=False))
+
+
 @pytest.mark.parametrize("distinct", [3, 4096, 4097])
 def test_side_section_is_coded_group_by_group_when_the_prior_has_few_values(distinct):
-    """The format-2 side model, rebuilt here with constriction from the module docstring:
-    with at most SIDE_GROUPS_MAX (4096) distinct prior values, the bits of the weights that
-    share a value, in weight order, groups by increasing value, one fixed probability each;
-    above that, bit by bit. The section's bytes must equal that reference coding, and
-    decode back to the mask."""
+    """The format-3 side model, rebuilt here with constriction from the module docstring:
+    with at most SIDE_GROUPS_MAX (4096) distinct prior values, the weights grouped by value
+    (groups by increasing value, weight order within); each group of at least RUN_BYTES_MIN
+    (32) bytes codes its whole bytes as symbols (:func:`byte_table`), then every other bit
+    follows bit by bit with its group's probability; above 4096 values, bit by bit. The
+    section's bytes must equal that reference coding, and decode back to the mask."""
     import constriction
 
     from fedmask import codec
 
-    assert codec.SIDE_GROUPS_MAX == 4096
+    assert (codec.SIDE_GROUPS_MAX, codec.RUN_BYTES_MIN) == (4096, 32)
     rng = np.random.default_rng(distinct)
     levels = np.linspace(0.02, 0.98, distinct)
-    theta = rng.permutation(np.repeat(levels, max(3, 6000 // distinct)))  # every value used
+    theta = rng.permutation(np.repeat(levels, max(3, 6003 // distinct)))  # every value used; 2001 a group for 3
     mask = rng.random(theta.size) < theta
     layout = MaskLayout((("w", (theta.size,)),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", {"w": theta})
@@ -576,10 +603,38 @@ def test_side_section_is_coded_group_by_group_when_the_prior_has_few_values(dist
     assert (model, param) == (SIDE, 0)  # a soft prior: no flip rate
     encoder = constriction.stream.queue.RangeEncoder()
     if distinct <= 4096:
+        tail_bits, tail_probs = [], []
         for value in np.unique(theta):
-            encoder.encode(mask[theta == value].astype(np.int32),
-                           constriction.stream.model.Bernoulli(float(value), perfect=False))
+            group = mask[theta == value]
+            whole = group.size - group.size % 8 if group.size >= 8 * 32 else 0
+            if whole:
+                encoder.encode(np.packbits(group[:whole]).astype(np.int32),
+                               constriction.stream.model.Categorical(byte_table(float(value)), perfect=False))
+            tail_bits.append(group[whole:])
+            tail_probs.append(np.full(group.size - whole, value))
+        encoder.encode(np.concatenate(tail_bits).astype(np.int32), constriction.stream.model.Bernoulli(perfect=False),
+                       np.concatenate(tail_probs))
     else:
         encoder.encode(mask.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), theta)
     assert data == encoder.get_compressed().astype("<u4").tobytes()
     assert np.array_equal(decode_masks(blob, layout, FP, {"w": theta})["w"], mask)
+
+
+@pytest.mark.parametrize("size", [4000, 1003])
+def test_frequency_section_is_coded_eight_bits_a_symbol(size):
+    """Format 3's frequency model: without a prior, a sparse mask is coded as one run with
+    probability ones / size (:func:`reference_run`: whole bytes, then the last size % 8
+    bits one by one); the section's bytes equal that reference and decode back."""
+    import constriction
+
+    rng = np.random.default_rng(size)
+    mask = np.zeros(size, dtype=bool)
+    mask[rng.choice(size, max(1, size // 20), replace=False)] = True
+    layout = MaskLayout((("w", (size,)),))
+    blob = encode_masks({"w": mask}, layout, FP, "entropy", None)
+    [(model, param, _, data)] = parse_sections(blob)
+    assert (model, param) == (FREQUENCY, int(mask.sum()))
+    encoder = constriction.stream.queue.RangeEncoder()
+    reference_run(encoder, mask, int(mask.sum()) / size)
+    assert data == encoder.get_compressed().astype("<u4").tobytes()
+    assert np.array_equal(decode_masks(blob, layout, FP, None)["w"], mask)

@@ -15,7 +15,7 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
 - uplink bits per parameter per round, bytes per client per round both ways, and how many
   times fewer bytes up + down than FedAvg's (issue 16's total);
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
-  (``VARIANTS``: fedpm-2ep/-3ep and fedavg-2ep/-3ep with two or three local epochs,
+  (``VARIANTS``: fedpm-2ep/-3ep and fedavg-2ep/-3ep/-5ep with two, three or five local epochs,
   edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
   ``"vote-levels"``, edge-popup-vl-2ep and -5ep the same with two and five local epochs);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
@@ -57,6 +57,7 @@ VARIANTS = {
     "fedpm-2ep": ("fedpm", ["local-epochs=2"]),
     "fedavg-3ep": ("fedavg", ["local-epochs=3"]),
     "fedpm-3ep": ("fedpm", ["local-epochs=3"]),
+    "fedavg-5ep": ("fedavg", ["local-epochs=5"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
     "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                      "edge-popup-levels=64"]),

@@ -27,6 +27,8 @@ Wire format (little-endian): a 28-byte header, then the payload::
   call, bit by bit with its group's probability, in the grouped order. The same
   probabilities as bit by bit, so the same length to within the coder's quantisation
   (under 10^-4 bits a byte), but an eighth of the coder's steps: format 2 coded every bit.
+  Format 2 uploads are still decoded (a checkpoint's recycling log written by an earlier
+  version holds them); new uploads are format 3.
 
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
 network has the right length often enough that length alone cannot catch it. The CRC32
@@ -52,6 +54,8 @@ import numpy as np
 
 MAGIC = b"FMSK"
 FORMAT_VERSION = 3  # 2: side sections coded per group of equal prior values; 3: and eight bits a symbol
+# Decoded too: format 2, in which earlier versions wrote checkpoints (the recycling log holds uploads)
+READABLE_FORMATS = (2, 3)
 CODEC_PACKBITS = 1
 CODEC_ENTROPY = 2
 UPLINK_CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
@@ -201,7 +205,7 @@ def check_payload_crc(payload: bytes, crc: int, side: str | None, prior: Any,
 
 
 def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC,
-                 format_version: int = FORMAT_VERSION) -> tuple[int, int]:
+                 format_version: int | tuple[int, ...] = FORMAT_VERSION) -> tuple[int, int]:
     """The (codec, crc32) of an upload's header, after checking everything in it.
 
     Shared by every upload in this header format (masks here, LaPerm's ranks with their own
@@ -221,8 +225,9 @@ def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: by
         np.ascontiguousarray(blob[:HEADER_BYTES]).tobytes())
     if got_magic != magic:
         raise MaskCodecError("magic", magic, got_magic)
-    if version != format_version:
-        raise MaskCodecError("format version", format_version, version)
+    accepted = format_version if isinstance(format_version, tuple) else (format_version,)
+    if version not in accepted:
+        raise MaskCodecError("format version", " or ".join(map(str, accepted)), version)
     if codec not in UPLINK_CODECS.values():
         raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
     if reserved != 0:
@@ -238,8 +243,9 @@ def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: by
 
 def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
                   sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
-    codec, crc = check_header(blob, layout, fingerprint)
+    codec, crc = check_header(blob, layout, fingerprint, format_version=READABLE_FORMATS)
     assert isinstance(blob, np.ndarray)
+    bytewise = int(blob[header_field("format").start]) >= 3
     blob = np.ascontiguousarray(blob)
     num_bits = layout.num_params
     packed_len = HEADER_BYTES + (num_bits + 7) // 8
@@ -260,7 +266,7 @@ def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: P
             out[name] = bits[start : start + size].reshape(shape)
             start += size
         return out
-    return _decode_sections(payload.tobytes(), layout, prior, sections)
+    return _decode_sections(payload.tobytes(), layout, prior, sections, bytewise)
 
 
 def slot_bits(slots: int) -> int:
@@ -597,7 +603,9 @@ class _RunPlan:
             tail.append(groups.order[start + whole : start + count])
             tail_probs.append(np.full(count - whole, prob))
             start += count
-        return cls(np.concatenate(runs + tail), run_bytes, byte_models, np.concatenate(tail_probs))
+        order = np.concatenate(runs + tail)  # int32 where it fits: the plan is kept per broadcast
+        return cls(order.astype(np.int32) if order.size < 2**31 else order, run_bytes, byte_models,
+                   np.concatenate(tail_probs))
 
     @property
     def run_bits(self) -> int:
@@ -651,6 +659,19 @@ def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideT
     return symbols
 
 
+def _side_decode_bitwise(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables,
+                         param: int) -> np.ndarray:
+    """Format 2's side section: group by group, every bit its own symbol (or bit by bit)."""
+    groups = tables.groups
+    if groups is None:
+        return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+    pieces = [decoder.decode(constriction.stream.model.Bernoulli(prob, perfect=False), count)
+              for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist())]
+    symbols = np.empty(tables.values.size, dtype=np.int32)
+    symbols[groups.order] = np.concatenate(pieces) if pieces else symbols[:0]
+    return symbols
+
+
 def _side_q(tables: _SideTables, param: int) -> np.ndarray:
     """The coder's per-symbol probabilities (cached for flip 0)."""
     if param == 0 and tables.q0 is not None:
@@ -659,7 +680,7 @@ def _side_q(tables: _SideTables, param: int) -> np.ndarray:
 
 
 def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None,
-                     sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+                     sections: list[tuple[str, int, int]], bytewise: bool = True) -> dict[str, np.ndarray]:
     out, offset = {}, 0
     for name, shape in layout.shapes:
         size = math.prod(shape)
@@ -671,7 +692,7 @@ def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None,
             raise MaskCodecError(f"section '{name}' length", f"<= {len(payload) - offset} bytes", length)
         data = payload[offset : offset + length]
         offset += length
-        out[name] = _decode_section(name, model, param, data, size, prior).reshape(shape)
+        out[name] = _decode_section(name, model, param, data, size, prior, bytewise).reshape(shape)
         sections.append((name, model, param))
     if offset != len(payload):
         raise MaskCodecError("length", f"{HEADER_BYTES + offset} bytes", f"{HEADER_BYTES + len(payload)} bytes")
@@ -679,7 +700,8 @@ def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None,
 
 
 def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
-                    prior: Prior | None) -> np.ndarray:
+                    prior: Prior | None, bytewise: bool = True) -> np.ndarray:
+    """One section's bits; ``bytewise`` False: format 2, every bit its own coder symbol."""
     if model == MODEL_PACKED:
         if len(data) != (size + 7) // 8:
             raise MaskCodecError(f"section '{name}' length", (size + 7) // 8, len(data))
@@ -695,14 +717,17 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     try:
         decoder = constriction.stream.queue.RangeDecoder(words)
-        if model == MODEL_FREQUENCY:
+        if model == MODEL_FREQUENCY and not bytewise:
+            symbols = decoder.decode(constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False),
+                                     size)
+        elif model == MODEL_FREQUENCY:
             symbols = _decode_run(decoder, size, _RunModels.of(_frequency_probs(param, size)))
         else:
             assert prior is not None  # checked above for the side model
             tables = _tables(prior, name)
             if tables.values.size != size:
                 raise MaskCodecError(f"side information '{name}'", f"{size} values", tables.values.size)
-            symbols = _side_decode(decoder, tables, param)
+            symbols = _side_decode(decoder, tables, param) if bytewise else _side_decode_bitwise(decoder, tables, param)
     except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
         raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
     if symbols.size != size:

@@ -638,3 +638,35 @@ def test_frequency_section_is_coded_eight_bits_a_symbol(size):
     reference_run(encoder, mask, int(mask.sum()) / size)
     assert data == encoder.get_compressed().astype("<u4").tobytes()
     assert np.array_equal(decode_masks(blob, layout, FP, None)["w"], mask)
+
+
+def test_format_2_uploads_from_earlier_checkpoints_still_decode():
+    """A format-2 upload (what earlier versions wrote into checkpoints' recycling logs):
+    built here from format 2's spec (a side section group by group, one coder symbol per
+    bit; a frequency section bit by bit) with a version-2 header, it decodes to its mask;
+    versions 1 and 4 are refused naming the format version."""
+    import constriction
+
+    rng = np.random.default_rng(2)
+    layout = MaskLayout((("a", (2003,)), ("b", (1001,))))
+    theta = rng.permutation(np.repeat([0.1, 0.5, 0.9], 668))[:2003]
+    masks = {"a": rng.random(2003) < theta, "b": rng.random(1001) < 0.05}
+    prior = {"a": theta, "b": np.full(1001, 0.5)}
+    encoder = constriction.stream.queue.RangeEncoder()
+    for value in np.unique(theta):
+        encoder.encode(masks["a"][theta == value].astype(np.int32),
+                       constriction.stream.model.Bernoulli(float(value), perfect=False))
+    side = encoder.get_compressed().astype("<u4").tobytes()
+    ones = int(masks["b"].sum())
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(masks["b"].astype(np.int32), constriction.stream.model.Bernoulli(ones / 1001, perfect=False))
+    frequency = encoder.get_compressed().astype("<u4").tobytes()
+    payload = (SPEC_SECTION.pack(SIDE, 0, len(side)) + side
+               + SPEC_SECTION.pack(FREQUENCY, ones, len(frequency)) + frequency)
+    header = SPEC_HEADER.pack(b"FMSK", 2, 2, 0, layout.num_params, FP, 0)
+    blob = reseal(header + payload, prior=prior, layout=layout)
+    assert_same_masks(decode_masks(blob, layout, FP, prior), masks, layout)
+    for version in (1, 4):
+        other = reseal(SPEC_HEADER.pack(b"FMSK", version, 2, 0, layout.num_params, FP, 0) + payload, prior=prior,
+                       layout=layout)
+        assert rejected(other, layout, prior).field == "format version"

@@ -410,7 +410,8 @@ class _SideTables:
     q0: np.ndarray | None = None
     base: float = 0.0
     gain: np.ndarray | None = None
-    run_plan: _RunPlan | None = None  # the groups' coding plan for flip 0, built once
+    run_layout: _RunLayout | None = None  # where the groups' bits go, built once
+    run_plan: _RunPlan | None = None  # with flip 0's probabilities, built once
 
 
 @dataclass
@@ -544,6 +545,18 @@ def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
     return _SECTION.pack(model, param, len(data)) + data
 
 
+_BYTE_BITS = [(np.arange(256) >> (7 - k)) & 1 == 1 for k in range(8)]  # bit k of each byte, most significant first
+
+
+def _byte_model(prob: float) -> Any:
+    """Eight bits that are each 1 with probability ``prob``, as one symbol: the byte's
+    probability is the product of its bits', multiplied most significant bit first."""
+    table = np.ones(256)
+    for bit in _BYTE_BITS:
+        table = table * np.where(bit, prob, 1.0 - prob)
+    return constriction.stream.model.Categorical(table, perfect=False)
+
+
 @dataclass(frozen=True)
 class _RunModels:
     """The coder's models for a run of bits that each are 1 with one probability: a byte
@@ -554,11 +567,7 @@ class _RunModels:
 
     @classmethod
     def of(cls, prob: float) -> _RunModels:
-        table = np.ones(1)
-        for _ in range(8):  # bit by bit, most significant first: the byte's value indexes the table
-            table = np.stack([table * (1.0 - prob), table * prob], axis=1).ravel()
-        return cls(constriction.stream.model.Categorical(table, perfect=False),
-                   constriction.stream.model.Bernoulli(prob, perfect=False))
+        return cls(_byte_model(prob), constriction.stream.model.Bernoulli(prob, perfect=False))
 
 
 def _encode_run(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarray, models: _RunModels) -> None:
@@ -579,46 +588,62 @@ def _decode_run(decoder: constriction.stream.queue.RangeDecoder, size: int, mode
 
 
 @dataclass(frozen=True)
-class _RunPlan:
-    """How a side section with groups is coded: each group of at least ``RUN_BYTES_MIN``
-    bytes codes its whole bytes as symbols, group by group (``run_bytes`` of them with
-    ``byte_models``); every other bit (small groups whole, the last ``count % 8`` of the
-    others) follows, bit by bit with its group's probability (``tail_probs``), in the
-    grouped order. ``order`` lists the weights in the order their bits are coded."""
+class _RunLayout:
+    """Where a side section's bits go, whatever their probabilities: each group of at least
+    ``RUN_BYTES_MIN`` bytes codes its whole bytes as symbols, group by group (group
+    ``run_groups[i]``, ``run_bytes[i]`` bytes); every other bit (small groups whole, the
+    last ``count % 8`` of the others) follows, bit by bit, in the grouped order (its group:
+    ``tail_groups``). ``order`` lists the weights in the order their bits are coded."""
 
     order: np.ndarray
+    run_groups: list[int]
     run_bytes: list[int]
-    byte_models: list[Any]
-    tail_probs: np.ndarray
+    tail_groups: np.ndarray
 
     @classmethod
-    def of(cls, groups: _Groups, probs: np.ndarray) -> _RunPlan:
-        runs, tail, tail_probs, run_bytes, byte_models, start = [], [], [], [], [], 0
-        for count, prob in zip(groups.counts.tolist(), probs.tolist()):
+    def of(cls, groups: _Groups) -> _RunLayout:
+        runs, tail, tail_groups, run_groups, run_bytes, start = [], [], [], [], [], 0
+        for group, count in enumerate(groups.counts.tolist()):
             whole = count - count % 8 if count >= 8 * RUN_BYTES_MIN else 0
             if whole:
                 runs.append(groups.order[start : start + whole])
+                run_groups.append(group)
                 run_bytes.append(whole // 8)
-                byte_models.append(_RunModels.of(prob).byte)
             tail.append(groups.order[start + whole : start + count])
-            tail_probs.append(np.full(count - whole, prob))
+            tail_groups.append(np.full(count - whole, group, dtype=np.int32))
             start += count
-        order = np.concatenate(runs + tail)  # int32 where it fits: the plan is kept per broadcast
-        return cls(order.astype(np.int32) if order.size < 2**31 else order, run_bytes, byte_models,
-                   np.concatenate(tail_probs))
+        order = np.concatenate(runs + tail)  # int32 where it fits: the layout is kept per broadcast
+        return cls(order.astype(np.int32) if order.size < 2**31 else order, run_groups, run_bytes,
+                   np.concatenate(tail_groups))
 
     @property
     def run_bits(self) -> int:
         return 8 * sum(self.run_bytes)
 
 
+@dataclass(frozen=True)
+class _RunPlan:
+    """A layout with the probabilities of one flip ``param``: a byte model per run, and
+    each tail bit's probability."""
+
+    layout: _RunLayout
+    byte_models: list[Any]
+    tail_probs: np.ndarray
+
+
 def _run_plan(tables: _SideTables, param: int) -> _RunPlan:
-    """The section's plan; kept for flip 0 (FedPM's theta), which every client of a round
-    and the server's decoding of every upload share."""
+    """The section's plan. The layout is kept per broadcast; so is the whole plan for flip 0
+    (FedPM's theta), which every client of a round and the server's decoding of every upload
+    share. Another flip (a hard prior's, estimated per mask) builds only its models."""
     assert tables.groups is not None
     if param == 0 and tables.run_plan is not None:
         return tables.run_plan
-    plan = _RunPlan.of(tables.groups, _side_probs(tables.groups.values, param))
+    if tables.run_layout is None:
+        tables.run_layout = _RunLayout.of(tables.groups)
+    layout = tables.run_layout
+    probs = _side_probs(tables.groups.values, param)
+    plan = _RunPlan(layout, [_byte_model(float(probs[g])) for g in layout.run_groups],
+                    probs[layout.tail_groups])
     if param == 0:
         tables.run_plan = plan
     return plan
@@ -632,14 +657,15 @@ def _side_encode(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarr
                        _side_q(tables, param))
         return
     plan = _run_plan(tables, param)
-    ordered = bits[plan.order]
-    run_symbols = np.packbits(ordered[: plan.run_bits]).astype(np.int32)
+    layout = plan.layout
+    ordered = bits[layout.order]
+    run_symbols = np.packbits(ordered[: layout.run_bits]).astype(np.int32)
     start = 0
-    for count, byte_model in zip(plan.run_bytes, plan.byte_models):
+    for count, byte_model in zip(layout.run_bytes, plan.byte_models):
         encoder.encode(run_symbols[start : start + count], byte_model)
         start += count
     if plan.tail_probs.size:
-        encoder.encode(ordered[plan.run_bits :].astype(np.int32), constriction.stream.model.Bernoulli(perfect=False),
+        encoder.encode(ordered[layout.run_bits :].astype(np.int32), constriction.stream.model.Bernoulli(perfect=False),
                        plan.tail_probs)
 
 
@@ -648,14 +674,16 @@ def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideT
     if tables.groups is None:
         return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
     plan = _run_plan(tables, param)
-    pieces = [decoder.decode(byte_model, count) for count, byte_model in zip(plan.run_bytes, plan.byte_models)]
+    layout = plan.layout
+    pieces = [decoder.decode(byte_model, count) for count, byte_model in zip(layout.run_bytes, plan.byte_models)]
     ordered = np.empty(tables.values.size, dtype=bool)
     if pieces:
-        ordered[: plan.run_bits] = np.unpackbits(np.concatenate(pieces).astype(np.uint8))
+        ordered[: layout.run_bits] = np.unpackbits(np.concatenate(pieces).astype(np.uint8))
     if plan.tail_probs.size:
-        ordered[plan.run_bits :] = decoder.decode(constriction.stream.model.Bernoulli(perfect=False), plan.tail_probs)
+        ordered[layout.run_bits :] = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
+                                                    plan.tail_probs)
     symbols = np.empty(tables.values.size, dtype=bool)
-    symbols[plan.order] = ordered
+    symbols[layout.order] = ordered
     return symbols
 
 

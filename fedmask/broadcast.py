@@ -23,7 +23,8 @@ What a node is sent (the server picks the shortest that it knows the node can us
   alone, coded with the contexts of the state the node holds (``jump``): a replay from
   that state of one step, which the node decodes as any replay. Under partial
   participation a node typically last took part several rounds ago; the state it holds
-  still predicts this round's counts better than no context at all;
+  still predicts this round's counts better than no context at all. A node that holds
+  nothing can be sent the jump from the seed's state (version 0), which it regenerates;
 - ``state``, when every tensor of the current state takes at most 256 values (edge-popup's
   ``vote-levels``, FedPM's theta): the state itself, its values coded with the values of
   the state the node holds as contexts (the seed's state for a node that holds nothing),
@@ -575,6 +576,9 @@ class LosslessDownlink:
                 options.append(("standalone", "standalone"))
                 if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
                     options.append(("jump", ("jump", known)))
+                elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
+                    # a node that holds nothing regenerates the seed's state: the counts coded against it
+                    options.append(("jump", ("jump", 0)))
             if self.few_valued:
                 options.append(("state", ("state", None)))
                 # coded against what the node holds, or else the seed's state, which every node regenerates

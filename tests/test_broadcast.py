@@ -437,6 +437,38 @@ def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it
                 "bernoulli", config.density)
 
 
+def test_fedpm_node_holding_nothing_gets_the_counts_coded_against_the_seeds_state():
+    """A FedPM node that holds nothing, in round 5, is sent this round's counts coded with
+    the contexts of the seed's state (a "jump" from version 0, which every node
+    regenerates): clients here keep following a theta near 0 or 1 from the seed's, so that
+    beats the counts without context, every step since the seed, and the float32 state.
+    A node holding nothing decodes it to the server's state bit for bit. In round 2 such a
+    node gets no jump: the replay from the seed is that same single step."""
+    config = resolve({**SMALL, "downlink-codec": "lossless"})
+    aggregator = FedPMAggregator(config)
+    rng = np.random.default_rng(6)
+    layout = MaskLayout((("a.weight", (200, 100)), ("b.bias", (7,))))
+    seed_state = {n: np.where(rng.random(s) < 0.5, 0.05, 0.95).astype(np.float32) for n, s in layout.shapes}
+    downlink = LosslessDownlink.create(aggregator, layout, FP, "bernoulli", config.density, seed_state)
+    states = [seed_state]
+    for version in range(1, 5):
+        # clients that learnt little: their masks follow the seed's theta, not the drifting global one
+        masks = [{name: rng.random(value.shape) < value for name, value in seed_state.items()} for _ in range(8)]
+        votes, clients = aggregator.round_votes(version, states[-1], masks, [1.0] * 8)
+        new_state = aggregator.apply(version, states[-1], votes, clients)
+        downlink.record(version, states[-1], new_state, votes, clients, aggregator.replay)
+        states.append(new_state)
+        if version == 1:
+            assert downlink.message_for(9, new_state)[1] != "jump"  # round 2: the replay from 0 is the same step
+    blob, kind = downlink.message_for(9, states[-1])
+    target = (4, downlink.versions[4])
+    sizes = {name: downlink._blob(key, states[-1], target).size
+             for name, key in (("replay", 0), ("standalone", "standalone"), ("full", "full"))}
+    assert kind == "jump" and blob.size < min(sizes.values()), (blob.size, sizes)
+    got = receive(blob, layout, FP, None, lambda: seed_state, lambda: aggregator, "bernoulli", config.density)
+    assert got.version == 4 and all(np.array_equal(got.state[k], states[-1][k]) for k in states[-1])
+
+
 def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_one_it_holds():
     """edge-popup with ``vote-levels`` (16 levels): the state takes at most L values and changes on few
     weights a round, so a node that last took part in round 2 of 8 is sent the current

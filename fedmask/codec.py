@@ -537,7 +537,7 @@ def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
     else:
         encoder = constriction.stream.queue.RangeEncoder()
         if model == MODEL_FREQUENCY:
-            _encode_run(encoder, bits, _RunModels.of(_frequency_probs(param, bits.size)))
+            _encode_run(encoder, bits, _frequency_probs(param, bits.size))
         else:
             assert tables is not None  # the side model is chosen only when there is a prior
             _side_encode(encoder, bits, tables, param)
@@ -557,33 +557,26 @@ def _byte_model(prob: float) -> Any:
     return constriction.stream.model.Categorical(table, perfect=False)
 
 
-@dataclass(frozen=True)
-class _RunModels:
-    """The coder's models for a run of bits that each are 1 with one probability: a byte
-    of eight of them as one symbol, and a single bit for the run's last ``size % 8``."""
-
-    byte: Any
-    bit: Any
-
-    @classmethod
-    def of(cls, prob: float) -> _RunModels:
-        return cls(_byte_model(prob), constriction.stream.model.Bernoulli(prob, perfect=False))
-
-
-def _encode_run(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarray, models: _RunModels) -> None:
+def _encode_run(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarray, prob: float) -> None:
+    """Bits that are each 1 with probability ``prob``: whole bytes as symbols, then the last
+    ``size % 8`` one by one."""
     whole = bits.size - bits.size % 8
     if whole:
-        encoder.encode(np.packbits(bits[:whole]).astype(np.int32), models.byte)
+        encoder.encode(np.packbits(bits[:whole]).astype(np.int32), _byte_model(prob))
     if whole < bits.size:
-        encoder.encode(bits[whole:].astype(np.int32), models.bit)
+        encoder.encode(bits[whole:].astype(np.int32), constriction.stream.model.Bernoulli(prob, perfect=False))
 
 
-def _decode_run(decoder: constriction.stream.queue.RangeDecoder, size: int, models: _RunModels) -> np.ndarray:
-    """Inverse of :func:`_encode_run`: ``size`` bits, as bool."""
-    whole = size - size % 8
-    pieces = [np.unpackbits(decoder.decode(models.byte, whole // 8).astype(np.uint8)).astype(bool)] if whole else []
+def _decode_run(decoder: constriction.stream.queue.RangeDecoder, size: int, prob: float,
+                bytewise: bool = True) -> np.ndarray:
+    """Inverse of :func:`_encode_run`: ``size`` bits, as bool (``bytewise`` False: format 2,
+    every bit its own symbol)."""
+    bit_model = constriction.stream.model.Bernoulli(prob, perfect=False)
+    whole = size - size % 8 if bytewise else 0
+    pieces = [np.unpackbits(decoder.decode(_byte_model(prob), whole // 8).astype(np.uint8)).astype(bool)] \
+        if whole else []
     if whole < size:
-        pieces.append(decoder.decode(models.bit, size - whole).astype(bool))
+        pieces.append(decoder.decode(bit_model, size - whole).astype(bool))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=bool)
 
 
@@ -668,34 +661,29 @@ def _side_encode(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarr
                        plan.tail_probs)
 
 
-def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables, param: int) -> np.ndarray:
-    """Inverse of :func:`_side_encode`."""
-    if tables.groups is None:
-        return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
-    plan = _run_plan(tables, param)
-    layout = plan.layout
-    pieces = [decoder.decode(byte_model, count) for count, byte_model in zip(layout.run_bytes, plan.byte_models)]
-    ordered = np.empty(tables.values.size, dtype=bool)
-    if pieces:
-        ordered[: layout.run_bits] = np.unpackbits(np.concatenate(pieces).astype(np.uint8))
-    if plan.tail_probs.size:
-        ordered[layout.run_bits :] = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
-                                                    plan.tail_probs)
-    symbols = np.empty(tables.values.size, dtype=bool)
-    symbols[layout.order] = ordered
-    return symbols
-
-
-def _side_decode_bitwise(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables,
-                         param: int) -> np.ndarray:
-    """Format 2's side section: group by group, every bit its own symbol (or bit by bit)."""
+def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables, param: int,
+                 bytewise: bool = True) -> np.ndarray:
+    """Inverse of :func:`_side_encode` (``bytewise`` False: format 2, where a group's bits
+    were coded one by one, group after group)."""
     groups = tables.groups
     if groups is None:
         return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
-    pieces = [decoder.decode(constriction.stream.model.Bernoulli(prob, perfect=False), count)
-              for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist())]
-    symbols = np.empty(tables.values.size, dtype=np.int32)
-    symbols[groups.order] = np.concatenate(pieces) if pieces else symbols[:0]
+    symbols = np.empty(tables.values.size, dtype=bool)
+    if not bytewise:
+        pieces = [_decode_run(decoder, count, prob, bytewise=False)
+                  for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist())]
+        symbols[groups.order] = np.concatenate(pieces) if pieces else symbols[:0]
+        return symbols
+    plan = _run_plan(tables, param)
+    layout = plan.layout
+    runs = [decoder.decode(byte_model, count) for count, byte_model in zip(layout.run_bytes, plan.byte_models)]
+    ordered = np.empty(tables.values.size, dtype=bool)
+    if runs:
+        ordered[: layout.run_bits] = np.unpackbits(np.concatenate(runs).astype(np.uint8))
+    if plan.tail_probs.size:
+        ordered[layout.run_bits :] = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
+                                                    plan.tail_probs)
+    symbols[layout.order] = ordered
     return symbols
 
 
@@ -744,17 +732,14 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     try:
         decoder = constriction.stream.queue.RangeDecoder(words)
-        if model == MODEL_FREQUENCY and not bytewise:
-            symbols = decoder.decode(constriction.stream.model.Bernoulli(_frequency_probs(param, size), perfect=False),
-                                     size)
-        elif model == MODEL_FREQUENCY:
-            symbols = _decode_run(decoder, size, _RunModels.of(_frequency_probs(param, size)))
+        if model == MODEL_FREQUENCY:
+            symbols = _decode_run(decoder, size, _frequency_probs(param, size), bytewise)
         else:
             assert prior is not None  # checked above for the side model
             tables = _tables(prior, name)
             if tables.values.size != size:
                 raise MaskCodecError(f"side information '{name}'", f"{size} values", tables.values.size)
-            symbols = _side_decode(decoder, tables, param) if bytewise else _side_decode_bitwise(decoder, tables, param)
+            symbols = _side_decode(decoder, tables, param, bytewise)
     except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
         raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
     if symbols.size != size:

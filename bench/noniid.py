@@ -15,7 +15,7 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
 - uplink bits per parameter per round, bytes per client per round both ways, and how many
   times fewer bytes up + down than FedAvg's (issue 16's total);
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
-  (``VARIANTS``: fedpm-2ep/-3ep and fedavg-2ep/-3ep/-5ep with two, three or five local epochs,
+  (``VARIANTS``: fedpm-2ep/-3ep/-5ep and fedavg-2ep/-3ep/-5ep with two, three or five local epochs,
   edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
   ``"vote-levels"``, edge-popup-vl-2ep and -5ep the same with two and five local epochs);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
@@ -58,6 +58,7 @@ VARIANTS = {
     "fedavg-3ep": ("fedavg", ["local-epochs=3"]),
     "fedpm-3ep": ("fedpm", ["local-epochs=3"]),
     "fedavg-5ep": ("fedavg", ["local-epochs=5"]),
+    "fedpm-5ep": ("fedpm", ["local-epochs=5"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
     "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                      "edge-popup-levels=64"]),
@@ -67,7 +68,7 @@ VARIANTS = {
     "edge-popup-vl-5ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                          "edge-popup-levels=64", "local-epochs=5"]),
 }
-MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep"),
+MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep", "fedpm-5ep"),
                  "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl", "edge-popup-vl-2ep",
                                 "edge-popup-vl-5ep")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)

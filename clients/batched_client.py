@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from flwr.app import Message, RecordDict
 
-from clients.client_app import LocalRound, arrays_digest, client_data, prepare_model, reply_of
+from clients.client_app import ArraysKey, LocalRound, client_data, prepare_model, reply_of
 from fedmask import task
 from fedmask.batched import train_batched, unsupported
 from fedmask.faults import client_fault
@@ -54,7 +54,7 @@ def train_many(messages: list[Message]) -> list[Reply]:
         broadcast = {f"arrays/{k}": a.numpy() for k, a in records["arrays"].items()}
         if RECORD in records:
             broadcast |= {f"{RECORD}/{k}": a.numpy() for k, a in records[RECORD].items()}
-        key = (config, instruction.mask_mode, server_round, arrays_digest(broadcast))
+        key = (config, instruction.mask_mode, server_round, ArraysKey(broadcast))
         groups.setdefault(key, []).append((i, instruction, fault))
     for members in groups.values():
         for start in range(0, len(members), CLIENTS_PER_BATCH):

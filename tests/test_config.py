@@ -275,6 +275,49 @@ def test_bad_instruction_field_is_named(field, value):
         TrainInstruction.from_flat(flat)
 
 
+@pytest.mark.parametrize("text, named", [
+    (None, "'run-config'"),  # missing
+    (7, "'run-config'"),  # not a string
+    ("{not json", "'run-config'.*not JSON"),
+    ("[1, 2]", "'run-config'.*JSON list"),
+    ('{"seed": 1}', "missing"),  # an object without the other keys
+])
+def test_bad_run_config_in_an_instruction_is_named(text, named):
+    """The config travels as one JSON string: a missing, non-string, non-JSON or incomplete one
+    raises ConfigError naming 'run-config' (or the missing keys), never a JSON or key error."""
+    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+
+    flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
+    if text is None:
+        del flat[CONFIG_KEY]
+    else:
+        flat[CONFIG_KEY] = text
+    with pytest.raises(ConfigError, match=named):
+        TrainInstruction.from_flat(flat)
+
+
+def test_a_bad_config_value_in_an_instruction_names_its_key():
+    """A config key with a value its check refuses is named, as in a config file."""
+    import json
+
+    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+
+    flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
+    values = json.loads(flat[CONFIG_KEY])
+    values["density"] = 7.5
+    flat[CONFIG_KEY] = json.dumps(values)
+    with pytest.raises(ConfigError, match="'density'"):
+        TrainInstruction.from_flat(flat)
+
+
+def test_instruction_config_round_trips_floats_exactly():
+    """A float that decimal text could round (0.1 + 0.2) comes back bit for bit."""
+    from fedmask.instruction import TrainInstruction
+
+    config = resolve({"lr": 0.1 + 0.2})
+    assert TrainInstruction.from_flat(TrainInstruction(config, 1, 0, "bernoulli").to_flat()).config.lr == 0.1 + 0.2
+
+
 # ---------------------------------------------------------------- CLI
 
 

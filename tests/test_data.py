@@ -409,3 +409,24 @@ def test_unused_helpers_are_gone():
 
     assert not hasattr(task, "num_masked_params")
     assert not hasattr(downlink, "roundtrip")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_8bit_images_are_standardised_to_the_same_bits_as_the_float64_formula(channels):
+    """The table lookup for uint8 images gives exactly float32((x/255 - mean) / std) computed
+    in float64 per pixel, train and test, a constant channel (std 0 -> 1) included."""
+    from fedmask.data import _to_splits, _unit_scale
+
+    rng = np.random.default_rng(channels)
+    x_train = rng.integers(0, 256, (40, channels, 6, 5), dtype=np.uint8)
+    x_test = rng.integers(0, 256, (15, channels, 6, 5), dtype=np.uint8)
+    x_train[:, 0], x_test[:, 0] = 7, 9  # channel 0 constant in train
+    splits = _to_splits(x_train, np.arange(40) % 3, x_test, np.arange(15) % 3)
+    scaled_train, scaled_test = _unit_scale(x_train), _unit_scale(x_test)
+    mean = scaled_train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = scaled_train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std[std == 0] = 1.0
+    for got, scaled in ((splits.x_train, scaled_train), (splits.x_test, scaled_test)):
+        expected = ((scaled - mean) / std).astype(np.float32)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert np.array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))

@@ -184,6 +184,29 @@ def test_broadcast_is_decoded_once_per_distinct_arrays():
                        np.log(state[spec.layout.shapes[0][0]] / (1 - state[spec.layout.shapes[0][0]])), atol=1e-4)
 
 
+def test_arrays_key_is_equal_only_for_the_same_names_dtypes_shapes_and_bytes():
+    """ArraysKey hashes a sample of the bytes but compares all of them: a change in one byte the
+    sample skips, a -0.0 for a 0.0, another dtype, shape or name each make a different key."""
+    from clients.client_app import _SAMPLE_STRIDE, ArraysKey
+
+    rng = np.random.default_rng(3)
+    arrays = {"b": rng.random((300, 50)).astype(np.float32), "a": np.zeros(7, np.float32)}
+    key = ArraysKey(arrays)
+    same = ArraysKey({k: v.copy() for k, v in reversed(arrays.items())})
+    assert key == same and hash(key) == hash(same) and key == key.kept()
+    one_byte = {k: v.copy() for k, v in arrays.items()}
+    one_byte["b"].reshape(-1).view(np.uint8)[1] ^= 1  # byte 1: not in the hash's sample (stride > 1)
+    assert _SAMPLE_STRIDE > 1 and hash(ArraysKey(one_byte)) == hash(key) and ArraysKey(one_byte) != key
+    negative_zero = {**arrays, "a": -np.zeros(7, np.float32)}
+    assert ArraysKey(negative_zero) != key  # equal as numbers, not as bytes
+    assert ArraysKey({**arrays, "a": np.zeros(7, np.int32)}) != key
+    assert ArraysKey({**arrays, "b": arrays["b"].reshape(50, 300)}) != key
+    assert ArraysKey({"c": arrays["a"], "b": arrays["b"]}) != key
+    kept = key.kept()
+    arrays["a"][0] = 1.0  # the owner changes its arrays: the kept copy does not follow
+    assert kept != ArraysKey(arrays) and not kept.arrays[0][1].flags.writeable
+
+
 # ------------------------------------------------------------------ batched engine
 
 @pytest.mark.parametrize("overrides", [{"method": "slot-machines", "init": "kaiming-uniform"}, {"method": "fedavg"},

@@ -118,7 +118,8 @@ def run_plain_loop(task: str, config_path: str, rounds: int, epochs: int) -> Res
         result.error = f"{type(err).__name__}: {err}"
         return result
     result.wall_s = time.perf_counter() - start  # includes loading the data, as the Flower total does
-    result.rounds_s, result.rounds_timed = out["wall_s"], rounds  # the loop's own timer: rounds only
+    elapsed = out["elapsed_s"]  # the loop's own timer; rounds 2..N, as for Flower (round 1 carries first-use imports)
+    result.rounds_s, result.rounds_timed = (elapsed[-1] - elapsed[0], rounds - 1) if rounds > 1 else (out["wall_s"], 1)
     result.accuracy = [100 * a for a in out["accuracy"]]
     result.final_acc, result.best_acc = result.accuracy[-1], max(result.accuracy)
     return result

@@ -388,7 +388,9 @@ class _Groups:
         distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
         if distinct.size > SIDE_GROUPS_MAX:
             return None
-        return cls(np.argsort(inverse, kind="stable"), counts, distinct)
+        # a stable sort of uint16 keys is a radix sort: the same order, about 10x faster
+        keys = inverse.astype(np.uint16) if distinct.size <= np.iinfo(np.uint16).max else inverse
+        return cls(np.argsort(keys.ravel(), kind="stable"), counts, distinct)
 
 
 @dataclass

@@ -7,8 +7,9 @@ a misspelt key fails where it is written, not inside a Ray worker. Every key has
 default, a type and a rule here; a typo or an impossible value is refused before Ray
 starts (the CLI exits with code 2), with a message that names the key and what it accepts.
 
-On the wire (inside Flower messages) the config travels as a ConfigRecord of the same
-kebab-case keys: :meth:`RunConfig.to_record` and :meth:`RunConfig.from_record`.
+On the wire (inside a train message) the config travels as one JSON string of the same
+kebab-case keys (:mod:`fedmask.instruction`), read back with :meth:`RunConfig.from_record`;
+:meth:`RunConfig.to_record` gives the keys as a ConfigRecord of their own.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ class RunConfig:
         return {key: getattr(self, _attr(key)) for key in SCHEMA}
 
     def to_record(self) -> ConfigRecord:
-        """The config as a Flower ConfigRecord of kebab-case keys (the message wire format)."""
+        """The config as a Flower ConfigRecord of kebab-case keys (instructions carry it as JSON instead)."""
         from flwr.app import ConfigRecord
 
         return ConfigRecord(self.to_dict())

@@ -49,7 +49,7 @@ class TrainInstruction:
         text = values.get(CONFIG_KEY)
         if not isinstance(text, str):
             raise ConfigError(f"instruction '{CONFIG_KEY}': expected the run config as a JSON string, "
-                              f"got {type(text).__name__}")
+                              f"got {type(text).__name__} (are the server and this client the same fedmask version?)")
         config = _config_from(text)
         fields = {}
         for key in ("server-round", "partition-id"):
@@ -83,11 +83,33 @@ def _config_from(text: str) -> RunConfig:
     client of a run carries the same string, and checking it is not the client's work
     each round. A bad config raises every time (exceptions are not cached)."""
     try:
-        values = json.loads(text)
-    except ValueError as err:
+        values = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise ConfigError(f"instruction '{CONFIG_KEY}': expected a JSON object of config keys, "
-                          f"got text that is not JSON ({err})") from None
+                          f"got text that is not JSON or nests too deep ({str(err)[:120]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"instruction '{CONFIG_KEY}': expected a JSON object of config keys, "
                           f"got a JSON {type(values).__name__}")
+    for key, value in values.items():
+        if isinstance(value, str) and not _encodable(value):
+            raise ConfigError(f"instruction '{CONFIG_KEY}': key '{key}' holds a string that is not "
+                              "valid Unicode (a lone surrogate escape)")
     return RunConfig.from_record(values)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (the canonical text never does)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"key {key!r} given twice")
+        values[key] = value
+    return values
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

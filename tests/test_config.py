@@ -281,10 +281,13 @@ def test_bad_instruction_field_is_named(field, value):
     ("{not json", "'run-config'.*not JSON"),
     ("[1, 2]", "'run-config'.*JSON list"),
     ('{"seed": 1}', "missing"),  # an object without the other keys
+    ('{"seed": ' + "[" * 5000 + "]" * 5000 + "}", "'run-config'.*nests too deep"),  # RecursionError inside json
+    ('{"seed": 1, "seed": 2}', "'run-config'.*twice"),
 ])
 def test_bad_run_config_in_an_instruction_is_named(text, named):
-    """The config travels as one JSON string: a missing, non-string, non-JSON or incomplete one
-    raises ConfigError naming 'run-config' (or the missing keys), never a JSON or key error."""
+    """The config travels as one JSON string: a missing, non-string, non-JSON, too deeply nested,
+    duplicate-keyed or incomplete one raises ConfigError naming 'run-config' (or the missing
+    keys), never a JSON, recursion or key error."""
     from fedmask.instruction import CONFIG_KEY, TrainInstruction
 
     flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
@@ -293,6 +296,19 @@ def test_bad_run_config_in_an_instruction_is_named(text, named):
     else:
         flat[CONFIG_KEY] = text
     with pytest.raises(ConfigError, match=named):
+        TrainInstruction.from_flat(flat)
+
+
+def test_a_lone_surrogate_in_an_instruction_string_is_named():
+    """JSON can carry a string TOML and protobuf refuse (a lone surrogate): named, not a
+    UnicodeEncodeError later."""
+    import json
+
+    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+
+    flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
+    flat[CONFIG_KEY] = flat[CONFIG_KEY].replace(json.dumps(resolve({}).data_dir), '"\\ud800"')
+    with pytest.raises(ConfigError, match="'data-dir'.*Unicode"):
         TrainInstruction.from_flat(flat)
 
 

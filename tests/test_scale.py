@@ -275,3 +275,26 @@ def test_batched_engine_refuses_the_lossless_downlink():
     """The lossless downlink keeps a state per node; batched clients hold none: refused by name."""
     with pytest.raises(ConfigError, match="downlink-codec"):
         check_engine(resolve({"model": "mlp", "downlink-codec": "lossless"}), "batched")
+
+
+def test_scale_bench_keeps_each_engines_fastest_run_and_largest_peak():
+    """With --repeats, a table row is the engine's fastest run of the setting, its peak memory
+    the largest of its runs, and every run's s/round is kept beside it."""
+    from bench.scale import _row
+
+    rows = [{"engine": "inprocess", "num_clients": 10, "clients_per_round": 2, "s_per_round": 3.0, "peak_mb": 900},
+            {"engine": "plain", "num_clients": 10, "clients_per_round": 2, "s_per_round": 2.0, "peak_mb": 700},
+            {"engine": "inprocess", "num_clients": 10, "clients_per_round": 2, "s_per_round": 2.5, "peak_mb": 800},
+            {"engine": "inprocess", "num_clients": 99, "clients_per_round": 2, "s_per_round": 1.0, "peak_mb": 5}]
+    best = _row(rows, "inprocess", 10, 2)
+    assert best is not None and best["s_per_round"] == 2.5 and best["peak_mb"] == 900
+    assert best["all_s_per_round"] == [3.0, 2.5] and _row(rows, "ray", 10, 2) is None
+
+
+def test_plain_loop_reports_the_elapsed_time_after_each_round():
+    """The plain loop's clock after every round, increasing, so benches can leave out round 1."""
+    from bench.plain_loop import run_plain
+
+    out = run_plain(resolve({"num-rounds": 2, "num-clients": 2, "clients-per-round": 2}))
+    assert len(out["elapsed_s"]) == len(out["accuracy"]) == 2
+    assert 0 < out["elapsed_s"][0] < out["elapsed_s"][1] <= out["wall_s"]

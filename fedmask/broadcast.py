@@ -30,10 +30,12 @@ What a node is sent (the server picks the shortest that it knows the node can us
   the state the node holds as contexts (the seed's state for a node that holds nothing),
   or without context. A state that moves little between rounds then costs well under a
   bit per parameter whatever the node missed, where a replay costs every step it missed;
-- ``full``: the float32 state, as the ``float32`` codec sends it (a plug-in aggregator,
-  whose update a client cannot replay, always gets this, and so does FedPM with an
-  accumulated prior, ``fedpm-prior-reset != 1``, whose theta depends on past rounds'
-  counts; so does every node after a resume, until it confirms a state).
+- ``full``: the float32 state, as the ``float32`` codec sends it. A plug-in aggregator, or
+  FedPM with an accumulated prior (``fedpm-prior-reset != 1``, whose theta depends on past
+  rounds' counts), has an update clients cannot replay: it gets this, unless its state is
+  few-valued (FedPM's theta then takes at most clients-since-reset + 1 values: ``state``)
+  or the node already holds the current state (a header). So does every node after a
+  resume, until it confirms a state.
 
 A node's reply carries a ConfigRecord ``downlink`` with the version and digest of the
 state it now holds; the server updates what it knows of the node only from that, and
@@ -537,20 +539,21 @@ class LosslessDownlink:
         last = self.current  # the version of ``previous`` (not version - 1 after a round without replies)
         self.versions[version] = digest
         self._cache.clear()
-        if not self.can_replay or votes is None or replay is None:
-            self.can_replay = False
-            return
-        if state_digest(replay(previous, votes, clients), self.layout) != digest:
-            self.can_replay = False  # an aggregator whose replay is not its update: full states from now on
-            return
-        self.chained.append(encode_step(version, digest, votes, clients, self.layout, previous,
-                                        self.mask_mode, self.density))
+        if self.can_replay and (votes is None or replay is None
+                                or state_digest(replay(previous, votes, clients), self.layout) != digest):
+            self.can_replay = False  # a plug-in, or an aggregator whose replay is not its update
+        # a few-valued state can be sent as itself whether or not clients can replay the update
+        # (FedPM with an accumulated prior: theta takes at most clients-since-reset + 1 values)
         self.few_valued = few_valued(new_state)
-        if self.absorbing:
-            self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
-                                          self.mask_mode, self.density)
-            self.last_votes = (votes, clients)
-        if self.absorbing or self.few_valued:
+        if self.can_replay:
+            assert votes is not None
+            self.chained.append(encode_step(version, digest, votes, clients, self.layout, previous,
+                                            self.mask_mode, self.density))
+            if self.absorbing:
+                self.standalone = encode_step(version, digest, votes, clients, self.layout, None,
+                                              self.mask_mode, self.density)
+                self.last_votes = (votes, clients)
+        if (self.can_replay and self.absorbing) or self.few_valued:
             # copies: the downlink owns them, so they stay the states their digests name
             if last not in self.kept_states:
                 self.kept_states[last] = {name: value.copy() for name, value in previous.items()}
@@ -566,8 +569,8 @@ class LosslessDownlink:
         """The shortest broadcast of the current state this node can use, and its kind."""
         target = (self.current, self.versions[self.current])
         options: list[tuple[str, object]] = [("full", "full")]
+        known = self.held.get(node)
         if self.can_replay:
-            known = self.held.get(node)
             if known is not None and known in self.versions and known >= self.start:
                 options.append(("replay", known))
             if self.start == 0:
@@ -579,13 +582,18 @@ class LosslessDownlink:
                 elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
                     # a node that holds nothing regenerates the seed's state: the counts coded against it
                     options.append(("jump", ("jump", 0)))
-            if self.few_valued:
-                options.append(("state", ("state", None)))
-                # coded against what the node holds, or else the seed's state, which every node regenerates
-                for base in (known, 0 if self.start == 0 else None):
-                    if base is not None and self.start <= base < target[0] and self._few_kept(base):
-                        options.append(("state", ("state", base)))
-                        break
+        else:  # no steps to replay: a node that holds the current state (or the seed's, still current) gets a header
+            for held in (known, 0 if self.start == 0 else None):
+                if held is not None and held == target[0] and held in self.versions:
+                    options.append(("replay", held))
+                    break
+        if self.few_valued:
+            options.append(("state", ("state", None)))
+            # coded against what the node holds, or else the seed's state, which every node regenerates
+            for base in (known, 0 if self.start == 0 else None):
+                if base is not None and self.start <= base < target[0] and self._few_kept(base):
+                    options.append(("state", ("state", base)))
+                    break
         blobs = [(self._blob(key, state, target), kind) for kind, key in options]
         return min(blobs, key=lambda b: b[0].size)
 

@@ -233,8 +233,9 @@ def test_plugin_aggregators_get_full_states_only():
     assert not replayable(Rewritten(config)) and replayable(EdgePopupAggregator(config))
 
 
-def test_fedpm_with_accumulated_prior_gets_full_states_only():
-    """theta then depends on past rounds' counts: a client cannot replay one round's."""
+def test_fedpm_with_accumulated_prior_cannot_be_replayed():
+    """theta then depends on past rounds' counts: a client cannot replay one round's (its
+    state still goes as a state step: see test_lossless_run_equals_the_float32_run)."""
     assert not replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 2})))
     assert replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 1})))
     resolve({**SMALL, "method": "fedavg", "downlink-codec": "lossless"})  # dense float32 is lossless
@@ -259,6 +260,7 @@ def _run(tmp_path: Path, name: str, client_app=real_client_app, **overrides):
     {"method": "edge-popup", "num-clients": 5, "clients-per-round": 2, "num-rounds": 4},  # nodes miss rounds
     {"method": "edge-popup", "edge-popup-server-rule": "vote-levels", "num-clients": 5, "clients-per-round": 2,
      "num-rounds": 4},  # state steps
+    {"fedpm-prior-reset": 2, "num-clients": 5, "clients-per-round": 2, "num-rounds": 4},  # not replayable: state steps
 ])
 def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     """Same accuracy every round as the float32 broadcast (the clients train from the
@@ -272,7 +274,7 @@ def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     assert all(r["failures"] == 0 for r in rows)
     held = [c.state["downlink-held-meta"]["digest"] for c in grid.contexts.values() if "downlink-held-meta" in c.state]
     assert held  # nodes keep what they last received
-    if overrides.get("edge-popup-server-rule") == "vote-levels":  # the levels went as state steps
+    if overrides.get("edge-popup-server-rule") == "vote-levels" or "fedpm-prior-reset" in overrides:  # as state steps
         assert any("state" in (r.get("downlink_kinds") or {}) for r in rows), [r.get("downlink_kinds") for r in rows]
 
 

@@ -143,16 +143,22 @@ def encode_masks(
 
 def decode_masks(
     blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None = None,
-    lengths: dict[str, float] | None = None,
+    lengths: dict[str, float] | None = None, formats: tuple[int, ...] = (FORMAT_VERSION,),
 ) -> dict[str, np.ndarray]:
     """The masks in ``blob``, or :class:`MaskCodecError` naming the first thing wrong.
 
     With a ``lengths`` dict, also what :func:`code_lengths` reports for the upload
     (``ideal_bits`` under the models the sections name, ``formula_bits``), measured in the
     same pass instead of a second one over the decoded masks.
+
+    ``formats``: the format versions accepted. An upload must be in this version's format:
+    the CRC does not cover the header, and one flipped bit turns version 3 into 2, whose
+    payload would decode to other bits. Only what a server wrote itself earlier (the
+    recycling log of an older checkpoint, checked by its digests) is read with
+    :data:`READABLE_FORMATS`.
     """
     sections: list[tuple[str, int, int]] = []
-    out = _decode_masks(blob, layout, fingerprint, prior, sections)
+    out = _decode_masks(blob, layout, fingerprint, prior, sections, formats)
     if lengths is not None:
         lengths.update(_measured_lengths(out, layout, prior, sections))
     return out
@@ -242,8 +248,8 @@ def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: by
 
 
 def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
-                  sections: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
-    codec, crc = check_header(blob, layout, fingerprint, format_version=READABLE_FORMATS)
+                  sections: list[tuple[str, int, int]], formats: tuple[int, ...]) -> dict[str, np.ndarray]:
+    codec, crc = check_header(blob, layout, fingerprint, format_version=formats)
     assert isinstance(blob, np.ndarray)
     bytewise = int(blob[header_field("format").start]) >= 3
     blob = np.ascontiguousarray(blob)

@@ -27,7 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
+from fedmask.codec import READABLE_FORMATS, MaskCodecError, MaskLayout, decode_masks, encode_masks
 from fedmask.masking import original_tensor, regenerate_frozen, score_masks
 
 RECORD = "recycle"  # the name of the broadcast's ArrayRecord that carries the log
@@ -133,7 +133,7 @@ def sync_frozen(model: nn.Module, log: RecycleLog, state_layout: MaskLayout, fin
     layout = plan_layout(state_layout)
     setattr(model, "_recycled", ("incomplete",))  # noqa: B010 - until done: a failure here forces a replay
     for (_, blob), digest in list(zip(log.events, wanted))[len(applied):]:
-        plan = decode_masks(blob, layout, fingerprint)
+        plan = decode_masks(blob, layout, fingerprint, formats=READABLE_FORMATS)  # older checkpoints' logs
         check_plan(plan, state_layout)
         apply_plan(model, plan)
         applied = (*applied, digest)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmask.codec import (
+    READABLE_FORMATS,
     MaskCodecError,
     MaskLayout,
     code_lengths,
@@ -402,6 +403,15 @@ def test_every_single_bit_flip_is_refused(bit, seed):
         assert err.field == "crc32"
 
 
+def test_an_upload_whose_format_bit_flipped_from_3_to_2_is_refused():
+    """The CRC does not cover the header: version 3 with its lowest bit flipped reads as
+    format 2, which is only accepted from the server's own recycling log (found by the
+    bit-flip property test above)."""
+    blob, layout, _, prior = mixed_blob(0)
+    blob[4] ^= np.uint8(1)  # the format byte: 3 -> 2
+    assert rejected(blob, layout, prior).field == "format version"
+
+
 @pytest.mark.parametrize("kind", ["bernoulli", "topk"])
 def test_decoding_with_another_prior_is_refused(kind):
     rng = np.random.default_rng(9)
@@ -643,8 +653,9 @@ def test_frequency_section_is_coded_eight_bits_a_symbol(size):
 def test_format_2_uploads_from_earlier_checkpoints_still_decode():
     """A format-2 upload (what earlier versions wrote into checkpoints' recycling logs):
     built here from format 2's spec (a side section group by group, one coder symbol per
-    bit; a frequency section bit by bit) with a version-2 header, it decodes to its mask;
-    versions 1 and 4 are refused naming the format version."""
+    bit; a frequency section bit by bit) with a version-2 header, it decodes to its mask
+    when format 2 is asked for (as the recycling log's reader does); as an upload (the
+    default), and versions 1 and 4 always, it is refused naming the format version."""
     import constriction
 
     rng = np.random.default_rng(2)
@@ -665,7 +676,8 @@ def test_format_2_uploads_from_earlier_checkpoints_still_decode():
                + SPEC_SECTION.pack(FREQUENCY, ones, len(frequency)) + frequency)
     header = SPEC_HEADER.pack(b"FMSK", 2, 2, 0, layout.num_params, FP, 0)
     blob = reseal(header + payload, prior=prior, layout=layout)
-    assert_same_masks(decode_masks(blob, layout, FP, prior), masks, layout)
+    assert_same_masks(decode_masks(blob, layout, FP, prior, formats=READABLE_FORMATS), masks, layout)
+    assert rejected(blob, layout, prior).field == "format version"  # an upload must be format 3
     for version in (1, 4):
         other = reseal(SPEC_HEADER.pack(b"FMSK", version, 2, 0, layout.num_params, FP, 0) + payload, prior=prior,
                        layout=layout)

@@ -16,7 +16,7 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
   times fewer bytes up + down than FedAvg's (issue 16's total);
 - methods: fedavg, fedpm, edge-popup, the baselines, and variants of the shipped configs
   (``VARIANTS``: fedpm-2ep/-3ep/-5ep and fedavg-2ep/-3ep/-5ep with two, three or five local epochs,
-  fedpm-5ep-r3/-r10 with the Beta prior reset every 3 or 10 rounds,
+  fedpm-5ep-r3/-r10 and fedpm-3ep-r3 with the Beta prior reset every 3 or 10 rounds,
   edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
   ``"vote-levels"``, edge-popup-vl-2ep and -5ep the same with two and five local epochs);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
@@ -63,6 +63,7 @@ VARIANTS = {
     # the Beta prior kept over 3 or 10 rounds: theta from 30 or 100 clients' masks, not 10
     "fedpm-5ep-r3": ("fedpm", ["local-epochs=5", "fedpm-prior-reset=3"]),
     "fedpm-5ep-r10": ("fedpm", ["local-epochs=5", "fedpm-prior-reset=10"]),
+    "fedpm-3ep-r3": ("fedpm", ["local-epochs=3", "fedpm-prior-reset=3"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
     "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                      "edge-popup-levels=64"]),
@@ -72,7 +73,8 @@ VARIANTS = {
     "edge-popup-vl-5ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
                                          "edge-popup-levels=64", "local-epochs=5"]),
 }
-MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep", "fedpm-5ep", "fedpm-5ep-r3", "fedpm-5ep-r10"),
+MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep", "fedpm-5ep", "fedpm-5ep-r3", "fedpm-5ep-r10",
+                           "fedpm-3ep-r3"),
                  "edge-popup": ("edge-popup", "edge-popup-va", "edge-popup-vl", "edge-popup-vl-2ep",
                                 "edge-popup-vl-5ep")}
 METHODS = ("fedavg", *MASK_METHODS, *BASELINES, *VARIANTS)

@@ -570,23 +570,18 @@ class LosslessDownlink:
         target = (self.current, self.versions[self.current])
         options: list[tuple[str, object]] = [("full", "full")]
         known = self.held.get(node)
-        if self.can_replay:
-            if known is not None and known in self.versions and known >= self.start:
-                options.append(("replay", known))
-            if self.start == 0:
-                options.append(("replay", 0))
-            if self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
-                options.append(("standalone", "standalone"))
-                if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
-                    options.append(("jump", ("jump", known)))
-                elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
-                    # a node that holds nothing regenerates the seed's state: the counts coded against it
-                    options.append(("jump", ("jump", 0)))
-        else:  # no steps to replay: a node that holds the current state (or the seed's, still current) gets a header
-            for held in (known, 0 if self.start == 0 else None):
-                if held is not None and held == target[0] and held in self.versions:
-                    options.append(("replay", held))
-                    break
+        for held in (known, 0 if self.start == 0 else None):  # what the node holds, or the seed's state
+            # a replay from it; without replayable steps, only from the current state (a header)
+            if held is not None and held in self.versions and held >= self.start and (
+                    self.can_replay or held == target[0]):
+                options.append(("replay", held))
+        if self.can_replay and self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
+            options.append(("standalone", "standalone"))
+            if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
+                options.append(("jump", ("jump", known)))
+            elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
+                # a node that holds nothing regenerates the seed's state: the counts coded against it
+                options.append(("jump", ("jump", 0)))
         if self.few_valued:
             options.append(("state", ("state", None)))
             # coded against what the node holds, or else the seed's state, which every node regenerates

@@ -27,8 +27,8 @@ Wire format (little-endian): a 28-byte header, then the payload::
   call, bit by bit with its group's probability, in the grouped order. The same
   probabilities as bit by bit, so the same length to within the coder's quantisation
   (under 10^-4 bits a byte), but an eighth of the coder's steps: format 2 coded every bit.
-  Format 2 uploads are still decoded (a checkpoint's recycling log written by an earlier
-  version holds them); new uploads are format 3.
+  An upload must be format 3; format 2 is still decoded from a checkpoint's recycling log
+  written by an earlier version (``decode_masks(..., formats=READABLE_FORMATS)``).
 
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
 network has the right length often enough that length alone cannot catch it. The CRC32
@@ -394,9 +394,8 @@ class _Groups:
         distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
         if distinct.size > SIDE_GROUPS_MAX:
             return None
-        # a stable sort of uint16 keys is a radix sort: the same order, about 10x faster
-        keys = inverse.astype(np.uint16) if distinct.size <= np.iinfo(np.uint16).max else inverse
-        return cls(np.argsort(keys.ravel(), kind="stable"), counts, distinct)
+        # a stable sort of uint16 keys (SIDE_GROUPS_MAX < 2**16) is a radix sort: the same order, about 10x faster
+        return cls(np.argsort(inverse.astype(np.uint16).ravel(), kind="stable"), counts, distinct)
 
 
 @dataclass

@@ -132,13 +132,12 @@ def _to_splits(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"train images are {tuple(x_train.shape[1:])} (C, H, W) but test images are "
                         f"{tuple(x_test.shape[1:])}; both splits must have one image size")
-    raw_train, raw_test = x_train, x_test
-    x_train, x_test = (_unit_scale(x) for x in (x_train, x_test))
+    scaled_train = _unit_scale(x_train)
     axes = (0, 2, 3)
-    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
+    mean = scaled_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = scaled_train.std(axis=axes, keepdims=True, dtype=np.float64)
     std[std == 0] = 1.0  # a constant channel carries no information; avoid 0/0
-    x_train, x_test = (_standardise(raw, x, mean, std) for raw, x in ((raw_train, x_train), (raw_test, x_test)))
+    x_train, x_test = (_standardise(x, mean, std) for x in (x_train, x_test))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return Splits(torch.from_numpy(np.ascontiguousarray(x_train)),
                   torch.from_numpy(y_train.astype(np.int64)),
@@ -147,23 +146,19 @@ def _to_splits(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   num_classes)
 
 
-def _standardise(raw: np.ndarray, scaled: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``((scaled - mean) / std)`` in float64, rounded to float32.
+def _standardise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(_unit_scale(images) - mean) / std`` in float64, rounded to float32.
 
     8-bit images take only 256 values per channel, so the formula is applied to those 256
     values (the same operations, so the same bits) and the images are looked up in that
-    table: about 10x faster on Fashion-MNIST's 55M pixels than computing every pixel in
+    table: several times faster on Fashion-MNIST's 55M pixels than computing every pixel in
     float64, where it was half of loading the dataset (and each Ray worker loads it)."""
-    if raw.dtype != np.uint8:
-        return ((scaled - mean) / std).astype(np.float32)
+    if images.dtype != np.uint8:
+        return ((_unit_scale(images) - mean) / std).astype(np.float32)
     levels = _unit_scale(np.arange(256, dtype=np.uint8))  # what _unit_scale makes of each value
     table = ((levels[None, :] - mean.reshape(-1, 1)) / std.reshape(-1, 1)).astype(np.float32)  # (C, 256)
-    if raw.shape[1] == 1:
-        return table[0][raw]
-    out = np.empty(raw.shape, np.float32)
-    for channel in range(raw.shape[1]):
-        out[:, channel] = table[channel][raw[:, channel]]
-    return out
+    channels = np.arange(images.shape[1])[None, :, None, None]
+    return table[channels, images]
 
 
 def _unit_scale(images: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 from fedmask import task
 from fedmask.config import RunConfig
 from fedmask.data import client_split
-from fedmask.masking import check_batchnorm, get_scores, upload_arrays
+from fedmask.masking import check_batchnorm, get_scores, set_scores, upload_arrays
 from fedmask.recycling import apply_plan, is_recycle_round, recycle_plan
 from fedmask.sampling import sample_partitions
 from fedmask.weights import derive_seed
@@ -25,19 +25,25 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
     device = task.pick_device(config)
     method = config.method_entry
     dense, mode = method.dense, method.mask_mode
+    levels = config.edge_popup_server_rule == "vote-levels"  # as clients.client_app.broadcast_of
     aggregator = None if dense else method.make_aggregator(config)
     model = task.make_model(config, splits, mode)
     state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
     accuracies, elapsed, start = [], [], time.perf_counter()
     for server_round in range(1, config.num_rounds + 1):
         masks, weights, dense_states = [], [], []
+        # the round's starting scores, computed once as the engines' clients do (one
+        # logit(theta) per broadcast, not per client: about 2 ms a FedPM client)
+        scores = None if dense or mode == "laperm" else task.scores_of_state(state, mode, standardise=levels)
         for pid in sample_partitions(config.seed, config.num_clients, config.clients_per_round, server_round):
             x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                                 config.dirichlet_alpha, config.classes_per_client)
             if dense:
                 task.load_dense_state(model, state)
-            else:
+            elif scores is None:
                 task.load_state(model, state, mode)
+            else:
+                set_scores(model, scores)
             seed = derive_seed(config.seed, "train", server_round, pid)
             task.train(model, x, y, config, device, seed)
             weights.append(float(len(x)))
@@ -54,7 +60,9 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
             task.load_state(model, state, mode)
             if is_recycle_round(config, server_round):  # the model persists here: apply in place
                 apply_plan(model, recycle_plan(state, config.recycle_fraction))
-        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, device)
+        # sampled evaluation masks seeded by the round, as server.server_app.evaluate_global's
+        _, acc = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, device,
+                               seed=derive_seed(config.seed, "eval", server_round))
         accuracies.append(acc)
         elapsed.append(time.perf_counter() - start)
     # elapsed_s: after each round, so that s/round can leave out round 1 (its first optimizer

@@ -16,7 +16,6 @@ masks. :func:`unsupported` says why anything else is refused.
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from fedmask.masking import TOPK_MODES, ScoreMask, bernoulli_sample, original_tensor, score_masks
+from fedmask.optimizers import adam_step
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -226,8 +226,8 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _Optimizer:
-    """torch's single-tensor Adam / SGD, per client: rows of the stacked scores step only
-    when their client has a batch."""
+    """torch's fused Adam / single-tensor SGD, per client: rows of the stacked scores step
+    only when their client has a batch."""
 
     def __init__(self, config: RunConfig, params: dict[str, torch.Tensor]):
         self.config, self.params = config, params
@@ -247,16 +247,14 @@ class _Optimizer:
             grad = cast(torch.Tensor, param.grad)
             grad = grad if full else grad.index_select(0, idx)
             first, second = (b if full else b.index_select(0, idx) for b in self.buffers[name])
-            if cfg.weight_decay != 0:
-                grad = grad.add(p, alpha=cfg.weight_decay)
             if cfg.optimizer == "adam":
-                beta1, beta2, eps = 0.9, 0.999, 1e-8
-                first.lerp_(grad, 1 - beta1)
-                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = cfg.lr / (1 - beta1**step)
-                denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-                p.addcdiv_(first, denom, value=-step_size)
+                # the kernel each client alone runs (fedmask.optimizers.FusedAdam); it is
+                # elementwise, so stacking the clients changes nothing
+                adam_step([p], [grad], [first], [second], [torch.tensor(float(step), device=p.device)],
+                          cfg.lr, cfg.weight_decay)
             else:
+                if cfg.weight_decay != 0:
+                    grad = grad.add(p, alpha=cfg.weight_decay)
                 if cfg.momentum:
                     if step == 1:
                         first.copy_(grad)

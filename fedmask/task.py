@@ -18,6 +18,7 @@ from fedmask.codec import MaskLayout, upload_layout
 from fedmask.data import Splits, load_dataset
 from fedmask.masking import get_scores, num_connections, set_scores, to_masked
 from fedmask.models import build_model
+from fedmask.optimizers import FusedAdam, FusedSGD, fusable
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -152,13 +153,14 @@ def train(
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt: FusedAdam | FusedSGD | torch.optim.Optimizer
+    if not fusable(params):  # torch.optim, whose first use imports torch._dynamo (fedmask.optimizers)
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay) if config.optimizer == "adam" \
+            else torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        opt = FusedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
-        opt = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        opt = FusedSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(config.local_epochs):

@@ -6,6 +6,8 @@ one client at a time."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from fedmask.config import ConfigError, resolve
 from fedmask.instruction import TrainInstruction
 from fedmask.masking import bernoulli_sample, get_scores
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"a.weight": (40, 30), "a.bias": (40,), "b.weight": (3, 7, 5)}
 
 
@@ -298,3 +301,84 @@ def test_plain_loop_reports_the_elapsed_time_after_each_round():
     out = run_plain(resolve({"num-rounds": 2, "num-clients": 2, "clients-per-round": 2}))
     assert len(out["elapsed_s"]) == len(out["accuracy"]) == 2
     assert 0 < out["elapsed_s"][0] < out["elapsed_s"][1] <= out["wall_s"]
+
+
+@pytest.mark.parametrize("method", [
+    {"method": "fedpm", "eval-mask": "sample"},
+    {"method": "edge-popup", "edge-popup-server-rule": "vote-levels"},
+])
+def test_plain_loop_reaches_the_engines_accuracy_every_round(method, tmp_path):
+    """bench/plain_loop.py is the engines' work without Flower: from the same config and seeds
+    it gives the in-process engine's test accuracy after every round. FedPM evaluates a
+    sampled mask here (seeded by the round, as the server seeds it); edge-popup's vote-levels
+    needs the clients' standardised starting scores (the integer levels as raw scores train
+    differently)."""
+    import fedmask
+    from bench.plain_loop import run_plain
+
+    settings = {**method, "num-rounds": 3, "num-clients": 4, "clients-per-round": 2}
+    plain = run_plain(resolve(settings))
+    engine = fedmask.simulate(settings, engine="inprocess", out=tmp_path / "run")
+    assert plain["accuracy"] == engine.accuracy
+
+
+def test_fused_kernels_take_floating_point_tensors_only():
+    """optimizers.fusable: floating-point CPU tensors yes; an empty list or an integer tensor no,
+    and the optimizers refuse what the kernels would not take."""
+    from fedmask.optimizers import FusedAdam, fusable
+
+    assert fusable([torch.zeros(3), torch.zeros(2, 2, dtype=torch.float64)])
+    assert not fusable([]) and not fusable([torch.zeros(3), torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="floating-point"):
+        FusedAdam([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fused_optimizers_give_torch_optims_bits(kind):
+    """Three steps of FusedAdam equal torch.optim.Adam(fused=True), and of FusedSGD
+    torch.optim.SGD(fused=True) with momentum, bit for bit (weight decay on; one tensor without
+    a gradient in the second step stays where it is, as in torch)."""
+    from fedmask.optimizers import FusedAdam, FusedSGD
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(7, 5, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(3)]
+    ends = []
+    for ours in (True, False):
+        params = [t.clone().requires_grad_(True) for t in start]
+        if kind == "adam":
+            opt: Any = FusedAdam(params, lr=0.1, weight_decay=0.01) if ours else \
+                torch.optim.Adam(params, lr=0.1, weight_decay=0.01, fused=True)
+        else:
+            opt = FusedSGD(params, lr=0.05, momentum=0.9, weight_decay=0.01) if ours else \
+                torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01, fused=True)
+        for step, grad in enumerate(grads):
+            opt.zero_grad()
+            for p, g in zip(params, grad):
+                if not (step == 1 and p.dim() == 1):
+                    p.grad = g.clone()
+            opt.step()
+        ends.append([p.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
+    assert not torch.equal(ends[0][0], start[0])
+
+
+def test_local_training_does_not_import_torch_dynamo():
+    """A client's local round (fedmask.task.train, Adam and SGD) leaves torch._dynamo unimported:
+    torch.optim's first use imports it (about 2.6 s in every process that trains)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from fedmask import task
+from fedmask.config import resolve
+for optimizer in ("adam", "sgd"):
+    config = resolve({"method": "fedpm", "optimizer": optimizer})
+    splits = task.splits_of(config)
+    model = task.make_model(config, splits, "bernoulli")
+    task.train(model, splits.x_train[:40], splits.y_train[:40], config, torch.device("cpu"), seed=1)
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -65,6 +65,6 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
                                seed=derive_seed(config.seed, "eval", server_round))
         accuracies.append(acc)
         elapsed.append(time.perf_counter() - start)
-    # elapsed_s: after each round, so that s/round can leave out round 1 (its first optimizer
-    # imports torch._dynamo, about 2.6 s here), as the engines' figures do
+    # elapsed_s: after each round, so that s/round can leave out round 1 (first calls, and for
+    # LaPerm torch.optim's import of torch._dynamo, about 2.6 s here), as the engines' figures do
     return {"accuracy": accuracies, "wall_s": time.perf_counter() - start, "elapsed_s": elapsed}

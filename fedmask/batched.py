@@ -226,8 +226,8 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _Optimizer:
-    """torch's fused Adam / single-tensor SGD, per client: rows of the stacked scores step
-    only when their client has a batch."""
+    """torch's fused Adam / SGD, per client: rows of the stacked scores step only when their
+    client has a batch."""
 
     def __init__(self, config: RunConfig, params: dict[str, torch.Tensor]):
         self.config, self.params = config, params
@@ -241,27 +241,23 @@ class _Optimizer:
     @torch.no_grad()
     def step(self, idx: torch.Tensor, step: int) -> None:
         cfg = self.config
+        steps: dict[torch.device, torch.Tensor] = {}  # Adam's step count, one tensor per device
         for name, param in self.params.items():
             full = len(idx) == param.shape[0]
             p = param if full else param.index_select(0, idx)
             grad = cast(torch.Tensor, param.grad)
             grad = grad if full else grad.index_select(0, idx)
             first, second = (b if full else b.index_select(0, idx) for b in self.buffers[name])
+            # the kernels each client alone runs (fedmask.optimizers), elementwise: stacked, an
+            # entry may round otherwise in the last bit (the CPU kernel's scalar tail loop)
             if cfg.optimizer == "adam":
-                # the kernel each client alone runs (fedmask.optimizers.FusedAdam); it is
-                # elementwise, so stacking the clients changes nothing
-                adam_step([p], [grad], [first], [second], [torch.tensor(float(step), device=p.device)],
-                          cfg.lr, cfg.weight_decay)
+                if p.device not in steps:
+                    steps[p.device] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+                adam_step([p], [grad], [first], [second], [steps[p.device]], cfg.lr, cfg.weight_decay)
             else:
-                if cfg.weight_decay != 0:
-                    grad = grad.add(p, alpha=cfg.weight_decay)
-                if cfg.momentum:
-                    if step == 1:
-                        first.copy_(grad)
-                    else:
-                        first.mul_(cfg.momentum).add_(grad)
-                    grad = first
-                p.add_(grad, alpha=-cfg.lr)
+                torch._fused_sgd_([p], [grad], [first] if cfg.momentum else [], weight_decay=cfg.weight_decay,
+                                  momentum=cfg.momentum, lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
+                                  is_first_step=step == 1)
             if not full:
                 param.index_copy_(0, idx, p)
                 self.buffers[name][0].index_copy_(0, idx, first)

@@ -5,13 +5,17 @@ this project's 2-core machine), and every process that trains pays it: each Ray 
 in-process and batched engines, the quickstart. These classes keep the optimizer state
 themselves and call the kernels ``torch.optim.Adam(fused=True)`` and
 ``torch.optim.SGD(fused=True)`` call, so a step gives the same bits as those
-(``tests/test_scale.py`` checks it). Fused SGD without weight decay also gives the bits of
-torch's default SGD; fused Adam, and weight decay, may differ from the defaults in the last bit
-(the same arithmetic, rounded in another order). Fused, a step is one pass over each tensor instead of
-one per operation: LeNet-300-100's Adam step takes 0.24 ms instead of 0.67.
+(``tests/test_scale.py`` checks it). Against torch's default (unfused) optimizers, a value may
+differ in the last bit: the CPU kernel computes each tensor's last ``numel % 8`` entries in a
+scalar loop that rounds otherwise (SGD without momentum gives the same bits). So FedPM and
+FedAvg runs moved in the last digits when fedmask switched to these kernels. Fused, a step is
+one pass over each tensor instead of one per operation: LeNet-300-100's Adam step takes 0.24 ms
+instead of 0.67.
 
 Only what local training uses: constant learning rate, L2 weight decay, SGD momentum
-without dampening or Nesterov; floating-point tensors on the CPU or CUDA (:func:`fusable`).
+without dampening or Nesterov; floating-point tensors of one dtype on one CPU or CUDA device
+(:func:`fusable`), every one with a gradient from the first step on (autograd's, in the
+tensor's own layout).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import torch
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as local training always used them
 ADAM_EPS = 1e-8
+ACCEPTED = "parameters must be floating-point tensors of one dtype, on one CPU or CUDA device"
 
 
 def fusable(params: Sequence[torch.Tensor]) -> bool:
-    """Whether the fused kernels take ``params``: floating point, on the CPU or CUDA."""
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    """Whether one fused kernel call takes ``params``: floating point, on the CPU or CUDA, all of
+    one dtype and device (torch.optim groups a mixed list first; the CUDA kernel refuses one)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) \
+        and len({(p.dtype, p.device) for p in params}) == 1
 
 
 class FusedAdam:
@@ -35,7 +42,7 @@ class FusedAdam:
     def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0):
         self.params = list(params)
         if not fusable(self.params):
-            raise ValueError("FusedAdam: parameters must be floating-point tensors on the CPU or CUDA")
+            raise ValueError(f"FusedAdam: {ACCEPTED}")
         self.lr, self.weight_decay = lr, weight_decay
         self.first = [torch.zeros_like(p) for p in self.params]
         self.second = [torch.zeros_like(p) for p in self.params]
@@ -71,7 +78,7 @@ class FusedSGD:
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         self.params = list(params)
         if not fusable(self.params):
-            raise ValueError("FusedSGD: parameters must be floating-point tensors on the CPU or CUDA")
+            raise ValueError(f"FusedSGD: {ACCEPTED}")
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)  # made on the first step, as torch does
 

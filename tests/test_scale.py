@@ -241,16 +241,21 @@ def _round_uploads(grid_cls, config, pids):
              dict(r.content.metric_records["metrics"])) for r in replies]
 
 
-@pytest.mark.parametrize("method", ["fedpm", "edge-popup", "biprop"])
-def test_batched_clients_match_one_at_a_time(method):
+@pytest.mark.parametrize("method, optimizer", [
+    ("fedpm", {}), ("edge-popup", {}), ("biprop", {}),
+    ("edge-popup", {"optimizer": "sgd", "lr": 0.05, "weight-decay": 0.001}),
+    ("fedpm", {"optimizer": "sgd", "momentum": 0.0}),
+])
+def test_batched_clients_match_one_at_a_time(method, optimizer):
     """After one round, every client's uploaded mask from the batched engine agrees with the
     one-at-a-time engine's on at least 99.9% of entries (same seeds), and so do the metrics;
-    the clients' partitions have different sizes (Dirichlet), so batches are ragged."""
+    the clients' partitions have different sizes (Dirichlet), so batches are ragged. Adam, and
+    SGD with and without momentum (the fused kernels' three paths)."""
     from server.batched_grid import BatchedGrid
     from server.inprocess_grid import InProcessGrid
 
-    config = config_from({"method": method, "num-clients": 12, "partitioner": "dirichlet", "local-epochs": 2,
-                          "batch-size": 16, "model": "mlp", "downlink-codec": "float32"})
+    config = config_from({"method": method, **optimizer, "num-clients": 12, "partitioner": "dirichlet",
+                          "local-epochs": 2, "batch-size": 16, "model": "mlp", "downlink-codec": "float32"})
     pids = [0, 3, 4, 7, 11]
     alone, together = _round_uploads(InProcessGrid, config, pids), _round_uploads(BatchedGrid, config, pids)
     for (mask_a, metrics_a), (mask_b, metrics_b) in zip(alone, together):
@@ -308,8 +313,9 @@ def test_plain_loop_reports_the_elapsed_time_after_each_round():
     {"method": "edge-popup", "edge-popup-server-rule": "vote-levels"},
 ])
 def test_plain_loop_reaches_the_engines_accuracy_every_round(method, tmp_path):
-    """bench/plain_loop.py is the engines' work without Flower: from the same config and seeds
-    it gives the in-process engine's test accuracy after every round. FedPM evaluates a
+    """bench/plain_loop.py is the engines' work without Flower: for a mask method with an exact
+    downlink (here lossless), from the same config and seeds it gives the in-process engine's
+    test accuracy after every round. FedPM evaluates a
     sampled mask here (seeded by the round, as the server seeds it); edge-popup's vote-levels
     needs the clients' standardised starting scores (the integer levels as raw scores train
     differently)."""
@@ -323,14 +329,18 @@ def test_plain_loop_reaches_the_engines_accuracy_every_round(method, tmp_path):
 
 
 def test_fused_kernels_take_floating_point_tensors_only():
-    """optimizers.fusable: floating-point CPU tensors yes; an empty list or an integer tensor no,
-    and the optimizers refuse what the kernels would not take."""
-    from fedmask.optimizers import FusedAdam, fusable
+    """optimizers.fusable: floating-point CPU tensors of one dtype yes; an empty list, an integer
+    tensor or a float32/float64 mix (which torch.optim would split into two kernel calls) no; and
+    both optimizers refuse what fusable refuses."""
+    from fedmask.optimizers import FusedAdam, FusedSGD, fusable
 
-    assert fusable([torch.zeros(3), torch.zeros(2, 2, dtype=torch.float64)])
+    assert fusable([torch.zeros(3), torch.zeros(2, 2)])
+    assert fusable([torch.zeros(3, dtype=torch.float64)])
     assert not fusable([]) and not fusable([torch.zeros(3), torch.zeros(3, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="floating-point"):
-        FusedAdam([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+    assert not fusable([torch.zeros(3), torch.zeros(3, dtype=torch.float64)])
+    for make in (lambda ps: FusedAdam(ps, lr=0.1), lambda ps: FusedSGD(ps, lr=0.1)):
+        with pytest.raises(ValueError, match="floating-point"):
+            make([torch.zeros(3, dtype=torch.int64)])
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])

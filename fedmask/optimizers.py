@@ -36,26 +36,36 @@ def fusable(params: Sequence[torch.Tensor]) -> bool:
         and len({(p.dtype, p.device) for p in params}) == 1
 
 
-class FusedAdam:
-    """Adam (L2 ``weight_decay`` added to the gradient, as ``torch.optim.Adam``)."""
+class _Fused:
+    """What both optimizers share: the tensors (checked), ``zero_grad``, and which tensors have
+    a gradient this step (the others are left as they are, as in torch)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0):
+    def __init__(self, params: Iterable[torch.Tensor]):
         self.params = list(params)
         if not fusable(self.params):
-            raise ValueError(f"FusedAdam: {ACCEPTED}")
-        self.lr, self.weight_decay = lr, weight_decay
-        self.first = [torch.zeros_like(p) for p in self.params]
-        self.second = [torch.zeros_like(p) for p in self.params]
-        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+            raise ValueError(f"{type(self).__name__}: {ACCEPTED}")
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
+    def _live(self) -> list[int]:
+        return [i for i, p in enumerate(self.params) if p.grad is not None]
+
+
+class FusedAdam(_Fused):
+    """Adam (L2 ``weight_decay`` added to the gradient, as ``torch.optim.Adam``)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0):
+        super().__init__(params)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.first = [torch.zeros_like(p) for p in self.params]
+        self.second = [torch.zeros_like(p) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
     @torch.no_grad()
     def step(self) -> None:
-        """One step for every tensor with a gradient (one without is left as it is)."""
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        live = self._live()
         for i in live:
             self.steps[i] += 1
         adam_step([self.params[i] for i in live], [self.params[i].grad for i in live],  # type: ignore[misc]
@@ -71,25 +81,18 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], first: list
                            weight_decay=weight_decay, eps=ADAM_EPS, amsgrad=False, maximize=False)
 
 
-class FusedSGD:
+class FusedSGD(_Fused):
     """SGD with heavy-ball ``momentum`` (the first step's buffer is the gradient) and L2
     ``weight_decay``, as ``torch.optim.SGD`` with dampening 0."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        self.params = list(params)
-        if not fusable(self.params):
-            raise ValueError(f"FusedSGD: {ACCEPTED}")
+        super().__init__(params)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)  # made on the first step, as torch does
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     @torch.no_grad()
     def step(self) -> None:
-        """One step for every tensor with a gradient (one without is left as it is)."""
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        live = self._live()
         if not live:
             return
         buffers = [self.buffers[i] for i in live]

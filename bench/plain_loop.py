@@ -25,7 +25,6 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
     device = task.pick_device(config)
     method = config.method_entry
     dense, mode = method.dense, method.mask_mode
-    levels = config.edge_popup_server_rule == "vote-levels"  # as clients.client_app.broadcast_of
     aggregator = None if dense else method.make_aggregator(config)
     model = task.make_model(config, splits, mode)
     state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
@@ -34,7 +33,7 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
         masks, weights, dense_states = [], [], []
         # the round's starting scores, computed once as the engines' clients do (one
         # logit(theta) per broadcast, not per client: about 2 ms a FedPM client)
-        scores = None if dense or mode == "laperm" else task.scores_of_state(state, mode, standardise=levels)
+        scores = None if dense or mode == "laperm" else task.training_scores(config, state, mode)
         for pid in sample_partitions(config.seed, config.num_clients, config.clients_per_round, server_round):
             x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
                                 config.dirichlet_alpha, config.classes_per_client)

@@ -134,8 +134,7 @@ def broadcast_of(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dic
 def _new_broadcast(config: RunConfig, mode: str, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
     state = decode_state(arrays, spec.layout)
     prior = mask_prior(state, mode, config.density) if config.uplink_codec == "entropy" else None
-    levels = config.edge_popup_server_rule == "vote-levels"
-    return Broadcast(state, task.scores_of_state(state, mode, standardise=levels), prior)
+    return Broadcast(state, task.training_scores(config, state, mode), prior)
 
 
 @functools.lru_cache(maxsize=2)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fedmask.masking import TOPK_MODES, ScoreMask, bernoulli_sample, original_tensor, score_masks
-from fedmask.optimizers import adam_step
+from fedmask.optimizers import adam_step, sgd_step
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -255,9 +255,7 @@ class _Optimizer:
                     steps[p.device] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
                 adam_step([p], [grad], [first], [second], [steps[p.device]], cfg.lr, cfg.weight_decay)
             else:
-                torch._fused_sgd_([p], [grad], [first] if cfg.momentum else [], weight_decay=cfg.weight_decay,
-                                  momentum=cfg.momentum, lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
-                                  is_first_step=step == 1)
+                sgd_step([p], [grad], [first], cfg.lr, cfg.momentum, cfg.weight_decay, first=step == 1)
             if not full:
                 param.index_copy_(0, idx, p)
                 self.buffers[name][0].index_copy_(0, idx, first)

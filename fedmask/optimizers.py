@@ -102,7 +102,13 @@ class FusedSGD(_Fused):
                 self.buffers[i] = torch.empty_like(self.params[i])
         elif self.momentum != 0 and any(b is None for b in buffers):
             raise ValueError("FusedSGD: a tensor got its first gradient after the first step")
-        torch._fused_sgd_([self.params[i] for i in live], [self.params[i].grad for i in live],  # type: ignore[misc]
-                          [self.buffers[i] for i in live] if self.momentum != 0 else [],  # type: ignore[misc]
-                          weight_decay=self.weight_decay, momentum=self.momentum, lr=self.lr, dampening=0.0,
-                          nesterov=False, maximize=False, is_first_step=first)
+        sgd_step([self.params[i] for i in live], [self.params[i].grad for i in live],  # type: ignore[misc]
+                 [self.buffers[i] for i in live], self.lr, self.momentum, self.weight_decay, first)  # type: ignore[misc]
+
+
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], lr: float,
+             momentum: float, weight_decay: float, first: bool) -> None:
+    """torch's fused SGD kernel (dampening 0, no Nesterov); ``buffers`` are the momentum
+    buffers (ignored without momentum), ``first`` whether this is their first step."""
+    torch._fused_sgd_(params, grads, buffers if momentum != 0 else [], weight_decay=weight_decay, momentum=momentum,
+                      lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=first)

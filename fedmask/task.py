@@ -107,6 +107,12 @@ def load_state(model: nn.Module, state: dict[str, np.ndarray], mode: str) -> Non
     set_scores(model, scores_of_state(state, mode))
 
 
+def training_scores(config: RunConfig, state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """The scores a client trains from after this broadcast ``state``: standardised under
+    edge-popup's ``vote-levels`` rule (shared by the ClientApp and ``bench/plain_loop.py``)."""
+    return scores_of_state(state, mode, standardise=config.edge_popup_server_rule == "vote-levels")
+
+
 def scores_of_state(state: dict[str, np.ndarray], mode: str, standardise: bool = False) -> dict[str, np.ndarray]:
     """The scores a client starts from: the state as is (topk, slots; LaPerm's ranks, which
     :func:`load_state` applies instead) or logit(theta) (bernoulli). ``standardise``

@@ -158,11 +158,43 @@ def test_dirichlet_small_alpha_is_more_skewed_than_large():
 
 
 def test_empty_dirichlet_client_is_a_clear_error():
+    """When every one of the redraws leaves a client empty, the error names the settings."""
     with pytest.raises(DataError) as info:
         partition(synthetic_labels(100), 50, "dirichlet", seed=0, dirichlet_alpha=0.01)
     message = str(info.value)
     assert "client" in message and "no samples" in message
     assert "dirichlet_alpha=0.01" in message and "fewer clients" in message
+    assert f"in {data.DIRICHLET_DRAWS} draws" in message
+
+
+def first_draw_has_an_empty_client(labels: np.ndarray, num_clients: int, alpha: float,
+                                   seed: int) -> bool:
+    first = data._one_dirichlet_draw(labels, num_clients, alpha, np.random.default_rng(seed))
+    return any(len(part) == 0 for part in first)
+
+
+def test_dirichlet_draws_again_where_a_client_would_be_empty():
+    """A seed whose first Dirichlet draw leaves a client empty still partitions.
+
+    The split is the same on every call (the redraws come from the seed's
+    generator), and a seed whose first draw had no empty client keeps exactly
+    that first draw, so splits that worked before are unchanged.
+    """
+    labels = synthetic_labels(2000)
+    seeds = range(20)
+    redrawn = [s for s in seeds if first_draw_has_an_empty_client(labels, 40, 0.1, s)]
+    kept = [s for s in seeds if s not in redrawn]
+    assert redrawn and kept, "the sample should hold seeds of both kinds"
+    for seed in redrawn:
+        parts = partition(labels, 40, "dirichlet", seed=seed, dirichlet_alpha=0.1)
+        assert all(len(part) > 0 for part in parts)
+        assert_disjoint_cover(parts, len(labels))
+        again = partition(labels, 40, "dirichlet", seed=seed, dirichlet_alpha=0.1)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    for seed in kept:
+        first = data._one_dirichlet_draw(labels, 40, 0.1, np.random.default_rng(seed))
+        parts = partition(labels, 40, "dirichlet", seed=seed, dirichlet_alpha=0.1)
+        assert all(np.array_equal(a, np.sort(b)) for a, b in zip(parts, first))
 
 
 def test_empty_classes_client_is_a_clear_error():

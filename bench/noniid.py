@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -201,6 +202,12 @@ def plot_frontier(out: Path, task: str, partition: str, group: dict[str, list[di
         ax.legend(fontsize=7)
 
 
+def local_epochs(method: str) -> int | None:
+    """The local epochs a variant's name sets (``fedpm-5ep-r3`` -> 5), None for the shipped ones."""
+    found = re.search(r"-(\d+)ep(?:-|$)", method)
+    return int(found.group(1)) if found else None
+
+
 def checks(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 14's targets, each with its numbers."""
     lines = []
@@ -216,10 +223,10 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                     if row is None:
                         continue
                     references = [("FedAvg", fedavg)]
-                    epochs = method.rsplit("-", 1)[-1]
-                    same_work = by.get((task, partition, f"fedavg-{epochs}"))
-                    if epochs.endswith("ep") and same_work is not None:  # also at the same local epochs
-                        references.append((f"FedAvg with {epochs[:-2]} local epochs", same_work))
+                    epochs = local_epochs(method)
+                    same_work = by.get((task, partition, f"fedavg-{epochs}ep"))
+                    if epochs and same_work is not None:  # also at the same local epochs
+                        references.append((f"FedAvg with {epochs} local epochs", same_work))
                     for label, reference in references:
                         gap = 100 * (np.mean(reference["final"]) - np.mean(row["final"]))
                         ratio = reference["up_bytes_per_client"] / max(row["up_bytes_per_client"], 1)

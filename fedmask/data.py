@@ -372,10 +372,7 @@ def partition(labels: np.ndarray, num_clients: int, partitioner: str = "iid", se
         settings = f"partitioner='iid', seed={seed}"
         advice = "use fewer clients"
     elif partitioner == "dirichlet":
-        parts = _dirichlet_parts(labels, num_clients, dirichlet_alpha, rng)
-        settings = (f"partitioner='dirichlet', dirichlet_alpha={dirichlet_alpha}, seed={seed}, "
-                    f"in {DIRICHLET_DRAWS} draws")
-        advice = "use fewer clients or a larger dirichlet_alpha"
+        return _dirichlet_partition(labels, num_clients, dirichlet_alpha, seed, rng)
     else:
         parts = _classes_parts(labels, num_clients, classes_per_client, rng)
         settings = f"partitioner='classes', classes_per_client={classes_per_client}, seed={seed}"
@@ -406,23 +403,35 @@ DIRICHLET_DRAWS = 100
 generator, before it gives up on one where every client holds a sample."""
 
 
-def _dirichlet_parts(labels: np.ndarray, num_clients: int, alpha: float,
-                     rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+                         rng: np.random.Generator) -> list[np.ndarray]:
     """Label skew: each class is shared among clients in Dir(alpha) proportions.
 
     A small alpha over many clients can leave a client with nothing (MNIST-10k's
-    8,000 images over 100 clients at alpha 0.1, seeds 0 and 1). Like Flower
-    Datasets' DirichletPartitioner, draw again from the same generator until no
-    client is empty: the seed still fixes the split, and a first draw that had
-    no empty client is kept as it was.
+    8,000 images over 100 clients at alpha 0.1, seeds 0 and 1). Then draw again from
+    the same generator until no client is empty: the seed still fixes the split, and
+    a first draw without an empty client is kept as it was. Flower Datasets'
+    DirichletPartitioner redraws too, for at least `min_partition_size` samples (10 by
+    default); here the floor is one sample, so a redrawn split can hold clients of one
+    or two samples (MNIST-10k at alpha 0.1 does). A draw that leaves more than half
+    the clients empty ends the search early: the setting cannot work.
     """
     if not alpha > 0:
         raise DataError(f"dirichlet_alpha must be > 0, got {alpha}")
-    for _ in range(DIRICHLET_DRAWS):
+    draws = 0
+    while draws < DIRICHLET_DRAWS:
         parts = _one_dirichlet_draw(labels, num_clients, alpha, rng)
-        if all(len(part) for part in parts):
+        draws += 1
+        empty = [client for client, part in enumerate(parts) if len(part) == 0]
+        if not empty:
+            return [np.sort(part).astype(np.int64) for part in parts]
+        if 2 * len(empty) > num_clients:
             break
-    return parts
+    raise DataError(f"partitioner='dirichlet' left some client with no samples in every draw ({draws} "
+                    f"of at most {DIRICHLET_DRAWS}; dirichlet_alpha={alpha}, seed={seed}, {num_clients} "
+                    f"clients, {len(labels)} train samples; the last draw left {len(empty)} clients "
+                    f"empty, client {empty[0]} first); "
+                    "use fewer clients (num-clients) or a larger dirichlet-alpha")
 
 
 def _one_dirichlet_draw(labels: np.ndarray, num_clients: int, alpha: float,

@@ -157,20 +157,33 @@ def test_dirichlet_small_alpha_is_more_skewed_than_large():
     assert_disjoint_cover(skewed, len(labels))
 
 
+def draws_with_an_empty_client(labels: np.ndarray, num_clients: int, alpha: float,
+                               seed: int, draws: int = 1) -> list[bool]:
+    """Per draw from the seed's generator: whether it leaves a client empty (at most half)."""
+    rng = np.random.default_rng(seed)
+    empties = [sum(len(p) == 0 for p in data._one_dirichlet_draw(labels, num_clients, alpha, rng))
+               for _ in range(draws)]
+    return [0 < e <= num_clients // 2 for e in empties]
+
+
 def test_empty_dirichlet_client_is_a_clear_error():
-    """When every one of the redraws leaves a client empty, the error names the settings."""
+    """When the redraws leave a client empty every time, the error names the settings and
+    the keys to change; a draw leaving most clients empty ends the search at once."""
     with pytest.raises(DataError) as info:
         partition(synthetic_labels(100), 50, "dirichlet", seed=0, dirichlet_alpha=0.01)
     message = str(info.value)
-    assert "client" in message and "no samples" in message
-    assert "dirichlet_alpha=0.01" in message and "fewer clients" in message
-    assert f"in {data.DIRICHLET_DRAWS} draws" in message
+    assert "no samples in every draw (1 of at most" in message
+    assert "dirichlet_alpha=0.01" in message and "50 clients" in message
+    assert "fewer clients (num-clients)" in message and "larger dirichlet-alpha" in message
 
 
-def first_draw_has_an_empty_client(labels: np.ndarray, num_clients: int, alpha: float,
-                                   seed: int) -> bool:
-    first = data._one_dirichlet_draw(labels, num_clients, alpha, np.random.default_rng(seed))
-    return any(len(part) == 0 for part in first)
+def test_a_dirichlet_setting_that_rarely_works_is_refused_after_every_draw(monkeypatch):
+    """A setting where a few clients stay empty in most draws is searched to the last draw."""
+    monkeypatch.setattr(data, "DIRICHLET_DRAWS", 3)
+    labels = synthetic_labels(400)
+    seed = next(s for s in range(200) if all(draws_with_an_empty_client(labels, 40, 0.05, s, draws=3)))
+    with pytest.raises(DataError, match=r"no samples in every draw \(3 of at most 3;"):
+        partition(labels, 40, "dirichlet", seed=seed, dirichlet_alpha=0.05)
 
 
 def test_dirichlet_draws_again_where_a_client_would_be_empty():
@@ -182,7 +195,7 @@ def test_dirichlet_draws_again_where_a_client_would_be_empty():
     """
     labels = synthetic_labels(2000)
     seeds = range(20)
-    redrawn = [s for s in seeds if first_draw_has_an_empty_client(labels, 40, 0.1, s)]
+    redrawn = [s for s in seeds if draws_with_an_empty_client(labels, 40, 0.1, s)[0]]
     kept = [s for s in seeds if s not in redrawn]
     assert redrawn and kept, "the sample should hold seeds of both kinds"
     for seed in redrawn:

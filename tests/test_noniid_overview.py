@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.noniid_overview import Source, load_cells, targets, task_lines
+from bench.noniid_overview import SOURCES, Source, load_cells, table_path, targets, task_lines
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def row(method: str, final: float, up_bytes: float, budgets: dict[int, float | None],
+def row(method: str, finals: list[float], up_bytes: float, budgets: dict[int, list[float | None]],
         partition: str = "iid") -> dict:
-    return {"task": "mnist", "partition": partition, "method": method, "seeds": 2,
-            "final": [final, final], "up_bpp": 8 * up_bytes / 266_610, "up_bytes_per_client": up_bytes,
-            "budgets": {str(b): [v, v] for b, v in budgets.items()}}
+    return {"task": "mnist", "partition": partition, "method": method, "seeds": len(finals),
+            "final": finals, "up_bpp": 8 * up_bytes / 266_610, "up_bytes_per_client": up_bytes,
+            "budgets": {str(b): v for b, v in budgets.items()}}
 
 
 def write(folder: Path, rows: list[dict]) -> None:
@@ -20,36 +22,69 @@ def write(folder: Path, rows: list[dict]) -> None:
     (folder / "noniid.json").write_text(json.dumps({"rows": rows, "machine": {}}))
 
 
+def frontier_cells(text: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith("| IID | ") and "`" in line
+                and "vs" in line)
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
 def test_the_first_source_holding_a_cell_wins(tmp_path: Path):
     """A method in two tables is read from the first source listed, not the last."""
-    write(tmp_path / "new", [row("fedavg", 0.90, 1_000_000, {1: None, 4: None, 16: None, 64: 0.5})])
-    write(tmp_path / "old", [row("fedavg", 0.80, 1_000_000, {1: None, 4: None, 16: None, 64: 0.4}),
-                             row("qsgd", 0.85, 2_000, {1: 0.7, 4: 0.8, 16: 0.85, 64: 0.85})])
+    none = [None, None]
+    write(tmp_path / "new", [row("fedavg", [0.90, 0.90], 1_000_000, {1: none, 4: none, 16: none, 64: [.5, .5]})])
+    write(tmp_path / "old", [row("fedavg", [0.80, 0.80], 1_000_000, {1: none, 4: none, 16: none, 64: [.4, .4]}),
+                             row("qsgd", [0.85, 0.85], 2_000, {1: [.7, .7], 4: [.8, .8], 16: [.85, .85],
+                                                                64: [.85, .85]})])
     cells = load_cells(tmp_path, (Source("new", "aaaaaaa"), Source("old", "bbbbbbb")))
     assert cells[("mnist", "iid", "fedavg")][0]["final"] == [0.90, 0.90]
     assert cells[("mnist", "iid", "fedavg")][1].library == "aaaaaaa"
     assert cells[("mnist", "iid", "qsgd")][1].library == "bbbbbbb"
 
 
-def test_frontier_and_gap_verdicts_follow_the_numbers(tmp_path: Path):
-    """The best mask variant wins a budget only where its accuracy is at least the best
-    baseline's; the 2-point target needs both the gap and the 30x uplink saving."""
+def test_frontier_verdicts_follow_the_numbers_and_the_seed_spread(tmp_path: Path):
+    """Per budget the best mask variant wins or loses only by more than the larger std over
+    seeds (else a tie), and a budget no baseline reached is said so."""
+    none = [None, None]
     write(tmp_path / "t", [
-        row("fedavg", 0.92, 1_000_000, {1: None, 4: None, 16: None, 64: 0.5}),
-        row("fedpm", 0.85, 10_000, {1: 0.2, 4: 0.5, 16: 0.85, 64: 0.85}),
-        row("fedpm-5ep", 0.91, 13_000, {1: 0.3, 4: 0.9, 16: 0.91, 64: 0.91}),  # the best FedPM
-        row("fedavg-5ep", 0.95, 1_000_000, {1: None, 4: None, 16: None, 64: 0.6}),
-        row("edge-popup", 0.91, 50_000, {1: 0.6, 4: 0.8, 16: 0.8, 64: 0.8}),  # close, but 20x only
-        row("qsgd", 0.90, 2_000, {1: 0.8, 4: 0.88, 16: 0.9, 64: 0.9}),
+        row("fedavg", [0.92, 0.92], 1_000_000, {1: none, 4: none, 16: none, 64: [.5, .5]}),
+        row("fedpm-5ep-r3", [0.91, 0.91], 13_000, {1: [.3, .3], 4: [.90, .90], 16: [.92, .92],
+                                                   64: [.92, .92]}),
+        row("edge-popup", [0.80, 0.80], 50_000, {1: [.6, .6], 4: [.8, .8], 16: [.8, .8], 64: [.8, .8]}),
+        row("qsgd", [0.90, 0.90], 2_000, {1: [.8, .8], 4: [.88, .88], 16: [.89, .93], 64: none}),
     ])
     cells = load_cells(tmp_path, (Source("t", "ccccccc"),))
-    text = "\n".join(task_lines(cells, "mnist"))
-    frontier = next(line for line in text.splitlines() if line.startswith("| IID | lose"))
-    cells_of = [c.strip() for c in frontier.strip("|").split("|")][1:]
-    assert cells_of[0].startswith("lose 60.0 `edge-popup` vs 80.0 `qsgd`")
-    assert cells_of[1].startswith("**win** 90.0 `fedpm-5ep` vs 88.0 `qsgd`")
-    assert cells_of[2].startswith("**win** 91.0")
-    verdicts = {line.split("|")[3].strip(): line for line in targets(cells)[0].splitlines()[2:]}
-    assert "`fedpm-5ep`" in verdicts["fedpm"] and "+1.00" in verdicts["fedpm"]
-    assert "+4.00 (`fedavg-5ep`)" in verdicts["fedpm"] and verdicts["fedpm"].rstrip(" |").endswith("PASS")
-    assert "20x" in verdicts["edge-popup"] and verdicts["edge-popup"].rstrip(" |").endswith("FAIL")
+    at_1, at_4, at_16, at_64 = frontier_cells("\n".join(task_lines(cells, "mnist")))
+    assert at_1 == "lose 60.00 `edge-popup` vs 80.00 `qsgd`"
+    assert at_4 == "**win** 90.00 `fedpm-5ep-r3` vs 88.00 `qsgd`"
+    assert at_16 == "tie 92.00 `fedpm-5ep-r3` vs 91.00 `qsgd`"  # within qsgd's 2.8-point spread
+    assert at_64 == "**win** (only one reached it)"
+
+
+def test_two_point_target_needs_both_the_gap_and_the_uplink_saving(tmp_path: Path):
+    """PASS needs <= 2 points below FedAvg and >= 30x fewer uplink bytes; the same-epochs gap
+    is read from the variant's epochs even with a suffix (fedpm-5ep-r3 -> fedavg-5ep)."""
+    none = [None, None]
+    budgets = {1: none, 4: none, 16: none, 64: none}
+    write(tmp_path / "t", [
+        row("fedavg", [0.92, 0.92], 1_000_000, budgets),
+        row("fedavg-5ep", [0.95, 0.95], 1_000_000, budgets),
+        row("fedpm-5ep-r3", [0.91, 0.91], 13_000, budgets),  # 1 point below, 77x: PASS
+        row("edge-popup", [0.91, 0.91], 50_000, budgets),  # 1 point below, but 20x: FAIL
+        row("edge-popup-vl-5ep", [0.88, 0.88], 10_000, budgets, partition="dir0.3"),  # 4 below, 100x: FAIL
+        row("fedavg", [0.92, 0.92], 1_000_000, budgets, partition="dir0.3"),
+    ])
+    cells = load_cells(tmp_path, (Source("t", "ddddddd"),))
+    lines = targets(cells)[0].splitlines()[2:]
+    verdicts = {(line.split("|")[2].strip(), line.split("|")[3].strip()): line for line in lines}
+    fedpm, edge_iid = verdicts[("IID", "fedpm")], verdicts[("IID", "edge-popup")]
+    edge_dir = verdicts[("Dirichlet 0.3", "edge-popup")]
+    assert "+1.00" in fedpm and "+4.00 (`fedavg-5ep`)" in fedpm and fedpm.rstrip(" |").endswith("PASS")
+    assert "20x" in edge_iid and edge_iid.rstrip(" |").endswith("FAIL")
+    assert "+4.00" in edge_dir and "100x" in edge_dir and edge_dir.rstrip(" |").endswith("FAIL")
+
+
+def test_each_source_names_its_library_commit_in_its_own_header():
+    """The commits the overview prints are the ones the committed tables state."""
+    for source in SOURCES:
+        header = (ROOT / table_path(source)).read_text()[:3000]
+        assert source.library in header, (source.folder, source.library)

@@ -62,12 +62,13 @@ def test_absurd_values_are_refused(tmp_path, capsys, setting, key):
 
 @pytest.mark.parametrize("setting, words", [
     ("num-clients = 2000", ("num_clients", "1438")),
-    ('num-clients = 200\npartitioner = "dirichlet"\ndirichlet-alpha = 0.05', ("client 3 of 200", "no samples")),
+    ('num-clients = 200\npartitioner = "dirichlet"\ndirichlet-alpha = 0.05',
+     ("no samples in every draw", "200 clients", "dirichlet-alpha")),
 ])
 def test_a_client_without_samples_exits_2_naming_it(tmp_path, capsys, setting, words):
-    """More clients than the 1438 training digits, or a Dirichlet split that leaves a client
-    nothing, is refused before any round with one line naming the cause (the check
-    partitions every client at once; it no longer slices each client's images)."""
+    """More clients than the 1438 training digits, or a Dirichlet setting that leaves a client
+    nothing in every draw, is refused before any round with one line naming the cause and
+    the keys to change (the check partitions every client at once)."""
     path = tmp_path / "empty.toml"
     path.write_text(f'dataset = "digits"\nnum-rounds = 1\nclients-per-round = 2\n{setting}\n')
     _refused(capsys, ["run", str(path), "--out", str(tmp_path / "o"), "--engine", "inprocess"], *words)

@@ -54,6 +54,15 @@ PARTITIONS = {
 }
 MASK_METHODS = ("fedpm", "edge-popup")
 BASELINES = ("signsgd", "ef-signsgd", "qsgd", "topk-ef")
+
+
+def vote_levels(weight: float, epochs: int | None = None) -> tuple[str, list[str]]:
+    """edge-popup with ``vote-levels`` (64 levels), votes weighted ``weight``, and ``epochs``
+    local epochs (the shipped config's when None)."""
+    sets = ['edge-popup-server-rule="vote-levels"', f"edge-popup-vote-weight={weight}", "edge-popup-levels=64"]
+    return "edge-popup", sets + ([f"local-epochs={epochs}"] if epochs else [])
+
+
 # A method's shipped config with settings changed (`--methods` takes these names too):
 # the settings issue 14's tuning found for non-IID data, and FedAvg at the same local work.
 VARIANTS = {
@@ -68,19 +77,14 @@ VARIANTS = {
     "fedpm-5ep-r10": ("fedpm", ["local-epochs=5", "fedpm-prior-reset=10"]),
     "fedpm-3ep-r3": ("fedpm", ["local-epochs=3", "fedpm-prior-reset=3"]),
     "edge-popup-va": ("edge-popup", ['edge-popup-server-rule="vote-average"', "edge-popup-vote-weight=0.3"]),
-    "edge-popup-vl": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
-                                     "edge-popup-levels=64"]),
-    "edge-popup-vl-2ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
-                                         "edge-popup-levels=64", "local-epochs=2"]),
+    "edge-popup-vl": vote_levels(0.3),
+    "edge-popup-vl-2ep": vote_levels(0.3, epochs=2),
     # a smaller server step (votes weighted 0.1, not 0.3), for the 2-class partition's swings
-    "edge-popup-vl-2ep-w0.1": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.1",
-                                              "edge-popup-levels=64", "local-epochs=2"]),
+    "edge-popup-vl-2ep-w0.1": vote_levels(0.1, epochs=2),
     # MNIST-10k's 100 clients hold 80 images each: a round of 1-2 epochs is 3-6 steps
-    "edge-popup-vl-5ep": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.3",
-                                         "edge-popup-levels=64", "local-epochs=5"]),
+    "edge-popup-vl-5ep": vote_levels(0.3, epochs=5),
     # MNIST-10k's 5-epoch setting with the smaller server step
-    "edge-popup-vl-5ep-w0.1": ("edge-popup", ['edge-popup-server-rule="vote-levels"', "edge-popup-vote-weight=0.1",
-                                              "edge-popup-levels=64", "local-epochs=5"]),
+    "edge-popup-vl-5ep-w0.1": vote_levels(0.1, epochs=5),
 }
 MASK_VARIANTS = {"fedpm": ("fedpm", "fedpm-2ep", "fedpm-3ep", "fedpm-5ep", "fedpm-5ep-r3", "fedpm-5ep-r10",
                            "fedpm-3ep-r3"),

@@ -77,9 +77,14 @@ def std(values: list[float | None]) -> float:
     return float(np.std(present, ddof=1)) if len(present) > 1 else 0.0
 
 
+def rows_of(cells: dict[tuple[str, str, str], tuple[Row, Source]], task: str, partition: str,
+            methods: tuple[str, ...]) -> list[Row]:
+    return [cells[(task, partition, m)][0] for m in methods if (task, partition, m) in cells]
+
+
 def best(cells: dict[tuple[str, str, str], tuple[Row, Source]], task: str, partition: str,
          methods: tuple[str, ...]) -> Row | None:
-    rows = [cells[(task, partition, m)][0] for m in methods if (task, partition, m) in cells]
+    rows = rows_of(cells, task, partition, methods)
     return max(rows, key=lambda r: mean(r["final"])) if rows else None
 
 
@@ -117,9 +122,8 @@ def task_lines(cells: dict[tuple[str, str, str], tuple[Row, Source]], task: str)
         baseline = best(cells, task, partition, BASELINES)
         accuracy.append([PARTITION_NAMES[partition], cell(fedavg), cell(fedpm, fedavg),
                          cell(edge_popup, fedavg), cell(baseline, fedavg)])
-        masks = [r for r in (cells.get((task, partition, m), (None,))[0]
-                             for family in MASK_VARIANTS.values() for m in family) if r is not None]
-        bases = [r for r in (cells.get((task, partition, m), (None,))[0] for m in BASELINES) if r is not None]
+        masks = rows_of(cells, task, partition, tuple(m for family in MASK_VARIANTS.values() for m in family))
+        bases = rows_of(cells, task, partition, BASELINES)
         frontier.append([PARTITION_NAMES[partition],
                          *[verdict(best_at(masks, b), best_at(bases, b)) for b in BUDGETS]])
         used = sorted({cells[key][1] for key in cells if key[:2] == (task, partition)})

@@ -369,15 +369,13 @@ def partition(labels: np.ndarray, num_clients: int, partitioner: str = "iid", se
     rng = np.random.default_rng(seed)
     if partitioner == "iid":
         parts = np.array_split(rng.permutation(len(labels)), num_clients)
-        settings = f"partitioner='iid', seed={seed}"
-        advice = "use fewer clients"
-    elif partitioner == "dirichlet":
-        return _dirichlet_partition(labels, num_clients, dirichlet_alpha, seed, rng)
+        _check_no_empty_client(parts, f"partitioner='iid', seed={seed}", "use fewer clients", len(labels))
+    elif partitioner == "dirichlet":  # draws again where a client would be empty
+        parts = _dirichlet_partition(labels, num_clients, dirichlet_alpha, seed, rng)
     else:
         parts = _classes_parts(labels, num_clients, classes_per_client, rng)
-        settings = f"partitioner='classes', classes_per_client={classes_per_client}, seed={seed}"
-        advice = "use fewer clients or a larger classes_per_client"
-    _check_no_empty_client(parts, settings, advice, len(labels))
+        _check_no_empty_client(parts, f"partitioner='classes', classes_per_client={classes_per_client}, seed={seed}",
+                               "use fewer clients or a larger classes_per_client", len(labels))
     return [np.sort(part).astype(np.int64) for part in parts]
 
 
@@ -424,7 +422,7 @@ def _dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, see
         draws += 1
         empty = [client for client, part in enumerate(parts) if len(part) == 0]
         if not empty:
-            return [np.sort(part).astype(np.int64) for part in parts]
+            return parts
         if 2 * len(empty) > num_clients:
             break
     raise DataError(f"partitioner='dirichlet' left some client with no samples in every draw ({draws} "

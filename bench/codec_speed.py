@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from fedmask import codec
+from fedmask.wire import masks as codec
+from fedmask.wire.frame import Layout
 
 SHAPES = (("1.bias", (300,)), ("1.weight", (300, 784)), ("3.bias", (100,)), ("3.weight", (100, 300)),
           ("5.bias", (10,)), ("5.weight", (10, 100)))
@@ -25,7 +26,7 @@ FINGERPRINT = b"codecspd"
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    layout = codec.MaskLayout(SHAPES)
+    layout = Layout(SHAPES)
     line = [f"format {codec.FORMAT_VERSION}"]
     for clients in (10, 100):
         theta = {name: (rng.integers(0, clients + 1, shape) + 1) / (clients + 2) for name, shape in SHAPES}

@@ -126,7 +126,7 @@ def num_layers(task: str) -> int:
     from fedmask.config import load
 
     config = load(ROOT / TASKS[task], [])
-    mode = config.method_entry.mask_mode
+    mode = config.method_entry.make_mode(config)
     model = fm_task.make_model(config, fm_task.splits_of(config), mode)
     return len(fm_task.ModelSpec.of(config, model, mode).layout.shapes)
 
@@ -234,14 +234,16 @@ def coder_speed(entries: int = SPEED_ENTRIES, seed: int = 0) -> dict[str, Any]:
     """
     import numpy as np
 
-    from fedmask.codec import MaskLayout, code_lengths, decode_masks, encode_masks, mask_prior
+    from fedmask.methods.fedpm import Bernoulli
+    from fedmask.wire.frame import Layout
+    from fedmask.wire.masks import code_lengths, decode_masks, encode_masks
 
     rng = np.random.default_rng(seed)
     theta = np.clip(rng.beta(0.2, 0.2, entries), 0.01, 0.99).astype(np.float32)
     masks = {"w": rng.random(entries) < theta}
-    layout = MaskLayout.from_arrays(masks)
+    layout = Layout.from_arrays(masks)
     fp = layout.fingerprint(seed, "bench", "bench")
-    prior = mask_prior({"w": theta}, "bernoulli", 0.5)  # both ends compute it from the broadcast
+    prior = Bernoulli().prior({"w": theta})  # both ends compute it from the broadcast
     mbytes = entries / 8 / 1e6
     out: dict[str, Any] = {"entries": entries, "theta": "Beta(0.2, 0.2) clipped to [0.01, 0.99]",
                            "mask_ones_fraction": float(masks["w"].mean())}
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] coder speed, {SPEED_ENTRIES:,} entries", flush=True)
         try:
             speed = coder_speed()
-        except Exception as err:  # noqa: BLE001 - report it with the rest
+        except Exception as err:  # report it with the rest
             import traceback
 
             speed = {"error": traceback.format_exc()}

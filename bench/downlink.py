@@ -4,7 +4,7 @@ For every task (dataset x partition) it runs ``fedmask sweep`` (resumable: finis
 are kept) for float32 and float16, quantized with 2, 4 and 8 bits, and the lossless
 broadcast, then reads every run's rounds.jsonl and summary.json back. Bytes are the
 ledger's, measured from the real Flower messages; "x FedAvg" is FedAvg's round trip of the
-same architecture (weighed by fedmask.totals) over the run's mean up + down message bytes
+same architecture (weighed by fedmask.record.totals) over the run's mean up + down message bytes
 per client and round. The recommended default is the cheapest setting whose mean final
 accuracy is within one seed std of float32's on every task.
 
@@ -89,7 +89,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarise(task: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from fedmask import task as fm_task
     from fedmask.config import resolve
-    from fedmask.totals import fedavg_round_bytes
+    from fedmask.record.totals import fedavg_round_bytes
 
     out = []
     by_setting: dict[str, list[dict[str, Any]]] = {}
@@ -180,7 +180,7 @@ def write(rows: list[dict[str, Any]], best: str | None, notes: list[str], note: 
         "# Downlink codecs: accuracy and bytes both ways", "",
         "Bytes are message bytes measured by the ledger on the real Flower messages, per client the server",
         "sent to, averaged over rounds; 'x FedAvg' is one FedAvg round trip of the same architecture",
-        "(fedmask.totals, weighed as sent) over the up + down bytes. Accuracy: final test accuracy, mean ±",
+        "(fedmask.record.totals, weighed as sent) over the up + down bytes. Accuracy: final test accuracy, mean ±",
         "sample std over seeds. 'bpp': bits per parameter per client. FedPM unless the task says otherwise.", "",
         *([note, ""] if note else []), table, "",
         f"**Recommended default (cheapest within float32's seed spread on every task): {best}**", "",

@@ -27,7 +27,7 @@ of bench/ lists them) gained less than 0.005 bits.
 
 The run's counts are not written by ``fedmask run``, so this bench runs the server in its
 own process (``--engine inprocess``) and wraps two methods of
-:class:`fedmask.broadcast.LosslessDownlink` for the run's duration to read them; the
+:class:`fedmask.downlink.LosslessDownlink` for the run's duration to read them; the
 messages, their bytes and the run directory are those of a normal run.
 """
 
@@ -86,7 +86,8 @@ def floor_bits(counts: dict[str, np.ndarray], context: dict[str, np.ndarray] | N
 @contextmanager
 def recording() -> Iterator[dict[str, Any]]:
     """Record each version's counts and each broadcast's (version, node, held, kind, bytes)."""
-    from fedmask.broadcast import LosslessDownlink, vote_contexts
+    from fedmask.downlink import LosslessDownlink
+    from fedmask.methods.fedpm import Bernoulli
 
     log: dict[str, Any] = {"counts": {}, "broadcasts": [], "seed_bins": None}
     record, message_for = LosslessDownlink.record, LosslessDownlink.message_for
@@ -96,7 +97,7 @@ def recording() -> Iterator[dict[str, Any]]:
         if votes is not None:
             log["counts"][version] = {name: np.rint(np.asarray(v)).astype(np.uint8) for name, v in votes.items()}
         if log["seed_bins"] is None:  # the first round's previous state is the seed's
-            log["seed_bins"] = {name: c for name, (c, _) in vote_contexts(previous, "bernoulli", 1.0).items()}
+            log["seed_bins"] = {name: c for name, (c, _) in Bernoulli().vote_contexts(previous).items()}
         record(self, version, previous, new_state, votes, clients, replay)
 
     def recording_message_for(self: LosslessDownlink, node: int, state: Any) -> tuple[np.ndarray, str]:

@@ -99,23 +99,21 @@ def train_central(config: RunConfig) -> tuple[list[float], float]:
     import torch
 
     from fedmask import task
-    from fedmask.data import client_split
-    from fedmask.masking import get_scores
+    from fedmask.core.masking import get_scores
+    from fedmask.core.weights import derive_seed
+    from fedmask.methods.laperm import LaPerm
     from fedmask.recycling import apply_plan, recycle_plan
-    from fedmask.weights import derive_seed
 
     torch.set_num_threads(1)
     splits = task.splits_of(config)
-    parts = [client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
-                          config.dirichlet_alpha, config.classes_per_client)
-             for pid in range(config.num_clients)]
+    parts = [task.client_data(config, pid) for pid in range(config.num_clients)]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # what the clients hold
-    mode = config.method_entry.mask_mode
-    if mode == "laperm":
-        return _laperm_central(config, splits, x, y)
+    mode = task.mode_of(config, config.method_entry.mask_mode)
+    if isinstance(mode, LaPerm):
+        return _laperm_central(config, mode, splits, x, y)
     model = task.make_model(config, splits, mode)
     if mode is not None:
-        task.load_state(model, config.method_entry.make_aggregator(config).initial_state(get_scores(model)), mode)
+        mode.load_state(model, config.method_entry.make_aggregator(config).initial_state(get_scores(model)))
     device = task.pick_device(config)
     epochs = config.num_rounds * config.local_epochs
     one_epoch = config.replace(local_epochs=1)
@@ -123,7 +121,7 @@ def train_central(config: RunConfig) -> tuple[list[float], float]:
     for epoch in range(1, epochs + 1):
         # the model (and the optimizer state with it) is rebuilt by train() each call, as on a
         # client; scores carry over, which is all a central run keeps between epochs
-        task.train(model, x, y, one_epoch, device, seed=derive_seed(config.seed, "central", epoch))
+        task.train(model, x, y, one_epoch, device, derive_seed(config.seed, "central", epoch), mode)
         every = config.recycle_every
         if every and epoch % every == 0 and epoch < epochs:
             apply_plan(model, recycle_plan(get_scores(model), config.recycle_fraction))
@@ -133,25 +131,29 @@ def train_central(config: RunConfig) -> tuple[list[float], float]:
     return curve, time.perf_counter() - start
 
 
-def _laperm_central(config: RunConfig, splits: Any, x: Any, y: Any) -> tuple[list[float], float]:
+def _laperm_central(config: RunConfig, mode: Any, splits: Any, x: Any, y: Any) -> tuple[list[float], float]:
     """The paper's LaPerm on the pooled data: one inner Adam and one step count for all
     epochs (a rewire every laperm-sync steps); after each epoch the arrangement the shadow
     weights rank to is evaluated, and training goes on from the shadow weights."""
     import torch
 
-    from fedmask import laperm, task
-    from fedmask.masking import get_scores, set_scores
-    from fedmask.weights import derive_seed
+    from fedmask import task
+    from fedmask.core.masking import get_scores, set_scores
+    from fedmask.core.training import LocalLoop
+    from fedmask.core.weights import derive_seed
+    from fedmask.methods.laperm import rewire
 
-    model = task.make_model(config, splits, "laperm")
+    model = task.make_model(config, splits, mode)
     device = task.pick_device(config)
-    trainer = laperm.LaPermTrainer(model, config.laperm_lr, config.laperm_sync, device)
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, "central"))
+    model.to(device).train()
+    optimizer = mode.optimizer()([p for p in model.parameters() if p.requires_grad])
+    loop = LocalLoop(model, device, optimizer, torch.Generator().manual_seed(derive_seed(config.seed, "central")),
+                     mode.after_step(model))
     curve, start = [], time.perf_counter()
     for _ in range(config.num_rounds * config.local_epochs):
-        trainer.epoch(x, y, config.batch_size, generator)
+        loop.epoch(x, y, config.batch_size)
         shadow = get_scores(model)
-        laperm.rewire(model)
+        rewire(model)
         _, acc = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, device)
         set_scores(model, shadow)
         curve.append(100 * acc)
@@ -178,7 +180,7 @@ def run_row(task_name: str, method: str, rounds: int, runs_dir: Path) -> Row:
     try:
         row.central_curve, row.central_wall_s = train_central(load(ROOT / path, [*sets, f"num-rounds={rounds}"]))
         row.central_acc = row.central_curve[-1]
-    except Exception as err:  # noqa: BLE001 - report it in the table, go on with the rest
+    except Exception as err:  # report it in the table, go on with the rest
         row.error = (row.error or "") + f"\ncentral: {type(err).__name__}: {err}"
     return row
 

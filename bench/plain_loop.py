@@ -11,11 +11,11 @@ from typing import Any
 
 from fedmask import task
 from fedmask.config import RunConfig
-from fedmask.data import client_split
-from fedmask.masking import check_batchnorm, get_scores, set_scores, upload_arrays
+from fedmask.core.masking import check_batchnorm, get_scores
+from fedmask.core.sampling import sample_partitions
+from fedmask.core.weights import derive_seed
 from fedmask.recycling import apply_plan, is_recycle_round, recycle_plan
-from fedmask.sampling import sample_partitions
-from fedmask.weights import derive_seed
+from fedmask.wire.frame import Layout
 
 
 def run_plain(config: RunConfig) -> dict[str, Any]:
@@ -24,39 +24,37 @@ def run_plain(config: RunConfig) -> dict[str, Any]:
     splits = task.splits_of(config)
     device = task.pick_device(config)
     method = config.method_entry
-    dense, mode = method.dense, method.mask_mode
-    aggregator = None if dense else method.make_aggregator(config)
+    mode = task.mode_of(config, method.mask_mode)
+    aggregator = None if mode is None else method.make_aggregator(config)
     model = task.make_model(config, splits, mode)
-    state = task.dense_state(model) if dense else aggregator.initial_state(get_scores(model))
+    state = task.dense_state(model) if aggregator is None else aggregator.initial_state(get_scores(model))
+    layout = Layout.from_arrays(state)
     accuracies, elapsed, start = [], [], time.perf_counter()
     for server_round in range(1, config.num_rounds + 1):
         masks, weights, dense_states = [], [], []
         # the round's starting scores, computed once as the engines' clients do (one
         # logit(theta) per broadcast, not per client: about 2 ms a FedPM client)
-        scores = None if dense or mode == "laperm" else task.training_scores(config, state, mode)
+        scores = {} if mode is None else mode.scores_of_state(state)
         for pid in sample_partitions(config.seed, config.num_clients, config.clients_per_round, server_round):
-            x, y = client_split(splits, pid, config.num_clients, config.partitioner, config.seed,
-                                config.dirichlet_alpha, config.classes_per_client)
-            if dense:
+            x, y = task.client_data(config, pid)
+            if mode is None:
                 task.load_dense_state(model, state)
-            elif scores is None:
-                task.load_state(model, state, mode)
             else:
-                set_scores(model, scores)
+                mode.load_scores(model, scores)
             seed = derive_seed(config.seed, "train", server_round, pid)
-            task.train(model, x, y, config, device, seed)
+            task.train(model, x, y, config, device, seed, mode)
             weights.append(float(len(x)))
-            if dense:
+            if mode is None:
                 dense_states.append(task.dense_state(model))
             else:
-                masks.append(upload_arrays(model))
-        if dense:
+                masks.append(mode.votes(mode.upload(model), layout))
+        if mode is None or aggregator is None:
             total = sum(weights)
             state = {k: sum(w * s[k] for w, s in zip(weights, dense_states)) / total for k in state}
             task.load_dense_state(model, {k: v.astype(state[k].dtype) for k, v in state.items()})
         else:
             state = aggregator.aggregate(server_round, state, masks, weights)
-            task.load_state(model, state, mode)
+            mode.load_state(model, state)
             if is_recycle_round(config, server_round):  # the model persists here: apply in place
                 apply_plan(model, recycle_plan(state, config.recycle_fraction))
         # sampled evaluation masks seeded by the round, as server.server_app.evaluate_global's

@@ -49,7 +49,7 @@ SCENARIOS: list[tuple[str, list[str]]] = [
 
 
 def rejected_uploads(rows: list[dict[str, Any]]) -> int:
-    """Failure records of kind "rejected" (one of fedmask.failures.FAILURE_KINDS): uploads or
+    """Failure records of kind "rejected" (one of fedmask.record.failures.FAILURE_KINDS): uploads or
     replies the server refused.
     """
     return sum(1 for r in rows for f in r["failure_details"] if f["kind"] == "rejected")

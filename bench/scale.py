@@ -190,9 +190,8 @@ def _row(rows: list[dict[str, Any]], engine: str, clients: int, per_round: int) 
     return best
 
 
-def write(out_dir: Path, results: dict[str, Any], started: float, args: argparse.Namespace,
-          final: bool = False) -> None:
-    rows = results["rows"]
+def _table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One line per (engine, clients, clients a round): its fastest run against the plain loop's."""
     table = []
     settings = list(dict.fromkeys((r["engine"], r["num_clients"], r["clients_per_round"]) for r in rows))
     for engine, clients, per_round in settings:
@@ -207,6 +206,11 @@ def write(out_dir: Path, results: dict[str, Any], started: float, args: argparse
                       fmt(ratio, ".2f"), f"{r['peak_mb']:.0f}", fmt(r.get("to_round1_s"), ".1f"),
                       fmt(r["wall_s"], ".0f"), fmt(r["accuracy"][-1] if r.get("accuracy") else None, ".4f"),
                       "ok" if r["rc"] == 0 else "FAILED"])
+    return table
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The scale targets, each with its number, PASS or FAIL."""
     checks = []
 
     def check(name: str, value: float | None, target: float, lower_is_better: bool = True) -> None:
@@ -238,6 +242,13 @@ def write(out_dir: Path, results: dict[str, Any], started: float, args: argparse
         r = _row(rows, engine, 10000, 10)
         if r:
             check(f"{engine}: start-up to the end of round 1 at 10,000 clients, s", r.get("to_round1_s"), 15.0)
+    return checks
+
+
+def write(out_dir: Path, results: dict[str, Any], started: float, args: argparse.Namespace,
+          final: bool = False) -> None:
+    rows = results["rows"]
+    table, checks = _table(rows), _targets(rows)
     lines = [f"# Scale: engines against the plain loop ({DATA_NAME}, LeNet-300-100, FedPM)", "",
              f"Config: `configs/mnist-fedpm.toml` with {' '.join('--set ' + s for s in DATA)}, "
              f"`per-client = false`, {args.rounds} rounds per run. s/round: rounds 2..N of `rounds.jsonl` "

@@ -4,26 +4,28 @@ A round's train instructions arrive together; each is read and checked as the Cl
 reads it, faults are drawn per client as there, and the clients that train are trained
 together (:func:`fedmask.batched.train_batched`): one batched computation per group of
 clients that share a config and a broadcast. Every client then codes its own upload with
-the ClientApp's own code (:func:`clients.client_app.reply_of`) and gets its own reply
+the ClientApp's own code (:func:`clients.local_round.reply_of`) and gets its own reply
 message, so the server checks, decodes and weighs each exactly as from the other engines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
 import torch
 from flwr.app import Message, RecordDict
 
-from clients.client_app import ArraysKey, LocalRound, client_data, prepare_model, reply_of
+from clients.local_round import prepare_model, reply_of
+from clients.received import ArraysKey
 from fedmask import task
 from fedmask.batched import train_batched, unsupported
+from fedmask.core.masking import get_scores, set_scores
+from fedmask.core.weights import derive_seed
 from fedmask.faults import client_fault
-from fedmask.instruction import TrainInstruction
-from fedmask.masking import get_scores, set_scores
+from fedmask.protocol.instruction import TrainInstruction
 from fedmask.recycling import RECORD
-from fedmask.weights import derive_seed
 
 CLIENTS_PER_BATCH = 10  # clients trained in one batched computation (10 was faster than 50 on 2 CPU cores)
 
@@ -47,7 +49,7 @@ def train_many(messages: list[Message]) -> list[Reply]:
                 continue
             if fault == "crash":
                 raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
-        except Exception as err:  # noqa: BLE001 - as the ClientApp would raise it
+        except Exception as err:  # as the ClientApp would raise it
             replies[i] = err
             continue
         records = msg.content.array_records
@@ -72,21 +74,22 @@ def _train_group(messages: list[Message], members: list[tuple[int, TrainInstruct
     recycle = first_msg.content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: a.numpy() for name, a in recycle.items()}
     try:
-        model, spec, prior, state = prepare_model(instruction, arrays, recycle_arrays)
-        start_scores = get_scores(model)
-        data = [client_data(ins) for _, ins, _ in members]
+        start = prepare_model(instruction, arrays, recycle_arrays)
+        assert start.mode is not None
+        data = [task.client_data(config, ins.partition_id) for _, ins, _ in members]
         seeds = [derive_seed(config.seed, "train", ins.server_round, ins.partition_id) for _, ins, _ in members]
-        results = train_batched(model, start_scores, data, seeds, config, task.pick_device(config))
-    except Exception as err:  # noqa: BLE001 - every client of the group fails as it would alone
+        results = train_batched(start.model, get_scores(start.model), data, seeds, config, task.pick_device(config),
+                                start.mode)
+    except Exception as err:  # every client of the group fails as it would alone
         for i, _, _ in members:
             replies[i] = err
         return
     for (i, ins, fault), result, (x, _) in zip(members, results, data):
         try:
-            set_scores(model, result.scores)
-            done = LocalRound(model, spec, prior, len(x), result.metrics, state)
+            set_scores(start.model, result.scores)
+            done = dataclasses.replace(start, num_examples=len(x), metrics=result.metrics)
             replies[i] = _with_generator(result.generator, functools.partial(reply_of, messages[i], ins, done, fault))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             replies[i] = err
 
 

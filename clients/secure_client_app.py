@@ -15,13 +15,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from clients.client_app import local_round, on_this_node
-from clients.client_app import query as query_node
-from fedmask.instruction import TrainInstruction
-from fedmask.masking import current_masks
+from clients.local_round import answer_query, local_round, on_this_node
+from fedmask.protocol.instruction import TrainInstruction
 
 app = ClientApp(mods=[secaggplus_mod])
-app.query()(query_node)  # which partition this node holds (the mod passes queries through)
+app.query()(answer_query)  # which partition this node holds (the mod passes queries through)
 
 
 @app.train()
@@ -32,7 +30,8 @@ def train(msg: Message, context: Context) -> Message:
     names = [str(name) for name in str(fitins.config["tensor-names"]).split(",")]
     arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     done = local_round(instruction, arrays)
-    masks = current_masks(done.model, sample=True)
+    assert done.mode is not None
+    masks = done.mode.upload(done.model)  # one Bernoulli sample
     # one weight per client: FedPM counts masks unweighted, and sums are what the server sees
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([masks[n].astype(np.float32) for n in names]),
                     num_examples=1, metrics=dict(done.metrics))

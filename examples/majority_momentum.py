@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmask.aggregators import MaskAggregator, Masks, State, weighted_vote
+from fedmask import MaskAggregator, weighted_vote
+from fedmask.methods.base import Masks, State
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class MajorityMomentum(MaskAggregator):
     mask_mode = "bernoulli"
     params = MomentumParams()
 
-    def __init__(self, config):  # noqa: ANN001 - the run's RunConfig
+    def __init__(self, config):  # the run's RunConfig
         super().__init__(config)
         self.buffer: State = {}
 

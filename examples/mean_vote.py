@@ -5,7 +5,7 @@ Run it with ``fedmask run configs/quickstart.toml --set method="examples.mean_vo
 
 import numpy as np
 
-from fedmask.aggregators import MaskAggregator, weighted_vote
+from fedmask import MaskAggregator, weighted_vote
 
 
 class MeanVote(MaskAggregator):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,35 +82,19 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
 
     _quiet_logs()
     if engine == "inprocess":
-        from server.inprocess_grid import InProcessGrid
+        from engines.inprocess import InProcessGrid
 
         run_server(InProcessGrid(client_app, config.num_clients), config, run_dir, resume=resume)
-        return
-    if engine == "batched":
+    elif engine == "batched":
         check_engine(config, engine)
-        from server.batched_grid import BatchedGrid
+        from engines.batched import BatchedGrid
 
         run_server(BatchedGrid(client_app, config.num_clients), config, run_dir, resume=resume)
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation
+    else:
+        from engines import ray
 
-    from fedmask import flower_engine
-
-    flower_engine.install()  # Flower's injector asks every node every 0.1 s (see flower_engine)
-
-    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
-    if ray_address:
-        init_args["address"] = ray_address
-    run_simulation(
-        server_app=make_server_app(config, run_dir, resume=resume),
-        client_app=client_app,
-        num_supernodes=config.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-            "init_args": init_args,
-        },
-    )
+        ray.run(make_server_app(config, run_dir, resume=resume), client_app, config.num_clients, config.num_cpus,
+                config.num_gpus, ray_address)
 
 
 def check_engine(config: RunConfig, engine: str) -> None:
@@ -174,7 +157,7 @@ def load_run(run_dir: str | Path) -> Result:
 
 def _final_state(run_dir: Path) -> dict[str, np.ndarray]:
     """The global state of the last checkpoint (or SecAgg+'s final_state.npz); {} if none."""
-    from fedmask.checkpoint import FILENAME
+    from fedmask.record.checkpoint import FILENAME
 
     if (run_dir / FILENAME).exists():
         with np.load(run_dir / FILENAME) as data:

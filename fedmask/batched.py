@@ -16,22 +16,20 @@ masks. :func:`unsupported` says why anything else is refused.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmask.masking import TOPK_MODES, ScoreMask, bernoulli_sample, original_tensor, score_masks
-from fedmask.optimizers import adam_step, sgd_step
+from fedmask.config import RunConfig
+from fedmask.core.masking import original_tensor
+from fedmask.core.optimizers import adam_step, sgd_step
+from fedmask.methods import MODES
+from fedmask.methods.base import MaskMode
 
-if TYPE_CHECKING:
-    from fedmask.config import RunConfig
-
-BATCHED_MODES = ("bernoulli", "topk", "biprop")
+BATCHED_MODES = tuple(name for name, mode in MODES.items() if mode.batched)
 BATCHED_MODELS = ("mlp", "lenet-300-100")
 
 
@@ -40,7 +38,7 @@ def unsupported(config: RunConfig, mode: str | None) -> str | None:
     if mode is None:
         return f"method {config.method!r} trains dense weights; batched clients train masks " \
                f"({', '.join(BATCHED_MODES)})"
-    if mode not in BATCHED_MODES:
+    if not MODES[mode].batched:
         return f"method {config.method!r} trains {mode!r}; batched clients train {', '.join(BATCHED_MODES)} masks"
     if config.model not in BATCHED_MODELS:
         return f"model {config.model!r}: batched clients support {', '.join(BATCHED_MODELS)} (Linear layers)"
@@ -52,18 +50,6 @@ def unsupported(config: RunConfig, mode: str | None) -> str | None:
     if config.fedpm_gradient != "straight-through" or config.biprop_gradient != "fedmask":
         return "fedpm-gradient/biprop-gradient 'reference': batched clients train with fedmask's gradients"
     return None
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: a precomputed sample (or top-k mask); backward: the gradient unchanged."""
-
-    @staticmethod
-    def forward(ctx: Any, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
 
 
 @dataclass
@@ -84,14 +70,11 @@ class ClientResult:
 
 
 def _layers(model: nn.Module) -> list[nn.Module | _Layer]:
-    masks = score_masks(model)
     out: list[nn.Module | _Layer] = []
     for name, module in cast(nn.Sequential, model).named_children():
         if isinstance(module, nn.Linear):
             w, b = f"{name}.weight", f"{name}.bias"
             out.append(_Layer(original_tensor(model, w).detach(), original_tensor(model, b).detach(), (w, b)))
-            if not isinstance(masks[w], ScoreMask):
-                raise ValueError(f"batched clients: '{w}' is not a score mask")
         elif isinstance(module, (nn.Flatten, nn.ReLU)):
             out.append(module)
         else:
@@ -106,10 +89,10 @@ def train_batched(
     seeds: list[int],
     config: RunConfig,
     device: torch.device,
+    mode: MaskMode,
 ) -> list[ClientResult]:
     """Train ``len(data)`` clients from the same starting ``scores`` (the broadcast), each
-    on its own data with its own seed, together; the model is only read."""
-    mode = next(iter(score_masks(model).values())).mode
+    on its own data with its own seed, together; the model (masked by ``mode``) is only read."""
     layers = _layers(model)
     frozen = [(m.weight.to(device), m.bias.to(device)) if isinstance(m, _Layer) else None for m in layers]
     clients = len(data)
@@ -144,8 +127,9 @@ def train_batched(
         for layer, tensors in zip(layers, frozen):
             if isinstance(layer, _Layer):
                 assert tensors is not None
-                weight = _masked(mode, tensors[0], params[layer.names[0]], idx, active, sample_gens, config)
-                bias = _masked(mode, tensors[1], params[layer.names[1]], idx, active, sample_gens, config)
+                gens = [sample_gens[i] for i in active]
+                weight = mode.batched_weight(tensors[0], _rows(params[layer.names[0]], idx, active), gens)
+                bias = mode.batched_weight(tensors[1], _rows(params[layer.names[1]], idx, active), gens)
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif isinstance(layer, nn.Flatten):
                 h = h.flatten(2)
@@ -177,52 +161,9 @@ def _padded(value: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([value, pad])
 
 
-def _masked(mode: str, frozen: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, active: list[int],
-            gens: list[torch.Generator], config: RunConfig) -> torch.Tensor:
-    """The active clients' masked tensors (A, *shape), as ScoreMask.forward computes each."""
-    own = scores if len(active) == scores.shape[0] else scores.index_select(0, idx)
-    if mode in TOPK_MODES:
-        magnitudes = own.abs()
-        flat = magnitudes.flatten(1)
-        kept = max(1, round(config.density * flat.shape[1]))
-        chosen = torch.zeros_like(flat)
-        chosen.scatter_(1, flat.topk(kept, dim=1, sorted=False).indices, 1.0)
-        mask = _StraightThrough.apply(magnitudes, chosen.view_as(magnitudes))
-        if mode == "biprop":
-            with torch.no_grad():
-                alpha = (frozen.abs() * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
-            return torch.sign(frozen) * alpha.view(-1, *[1] * frozen.dim()) * mask
-        return frozen * mask
-    probs = torch.sigmoid(own)
-    with torch.no_grad():
-        sample = torch.empty_like(probs)
-        if probs.device.type == "cpu":
-            # each client's uniforms from its own generator, then one comparison for all
-            # (bernoulli_sample's identity); the draws run on the pool's threads
-            def draw(row: int) -> None:
-                torch.rand(probs.shape[1:], generator=gens[active[row]], out=sample[row])
-
-            if torch.get_num_threads() > 1:
-                list(_pool().map(draw, range(len(active))))
-            else:
-                for row in range(len(active)):
-                    draw(row)
-            sample.lt_(probs)
-        else:
-            for row, i in enumerate(active):
-                sample[row] = bernoulli_sample(probs[row], gens[i])
-    return frozen * _StraightThrough.apply(probs, sample)
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Threads that draw different clients' random numbers at once (torch releases the GIL)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="fedmask-draw")
-    return _POOL
+def _rows(scores: torch.Tensor, idx: torch.Tensor, active: list[int]) -> torch.Tensor:
+    """The active clients' rows of the stacked scores."""
+    return scores if len(active) == scores.shape[0] else scores.index_select(0, idx)
 
 
 class _Optimizer:
@@ -248,7 +189,7 @@ class _Optimizer:
             grad = cast(torch.Tensor, param.grad)
             grad = grad if full else grad.index_select(0, idx)
             first, second = (b if full else b.index_select(0, idx) for b in self.buffers[name])
-            # the kernels each client alone runs (fedmask.optimizers), elementwise: stacked, an
+            # the kernels each client alone runs (fedmask.core.optimizers), elementwise: stacked, an
             # entry may round otherwise in the last bit (the CPU kernel's scalar tail loop)
             if cfg.optimizer == "adam":
                 if p.device not in steps:

@@ -7,13 +7,8 @@ every name has one.
 
 from __future__ import annotations
 
-from fedmask.codec import UPLINK_CODECS
-from fedmask.data import DATASETS, PARTITIONERS
-from fedmask.downlink import DOWNLINK_CODECS
-from fedmask.faults import ATTACKS
 from fedmask.methods import BUILTIN
-from fedmask.models import MODELS
-from fedmask.weights import INITS
+from fedmask.names import ATTACKS, DATASETS, DOWNLINK_CODECS, INITS, MODELS, PARTITIONERS, UPLINK_CODECS
 
 _MODELS = {
     "mlp": "64-256-256-classes perceptron (digits-sized inputs; any input is flattened)",
@@ -85,5 +80,5 @@ def format_catalog() -> str:
         lines.append(f"{title}:")
         width = max(len(name) for name in entries)
         lines += [f"  {name:<{width}}  {text}" for name, text in entries.items()]
-    lines.append("  (a plug-in method is any 'module:Class' subclass of fedmask.aggregators.MaskAggregator)")
+    lines.append("  (a plug-in method is any 'module:Class' subclass of fedmask.MaskAggregator)")
     return "\n".join(lines)

@@ -37,7 +37,7 @@ def _stop_on_interrupt(run_dir: Path) -> None:
                 import ray
 
                 ray.shutdown()
-            except Exception:  # noqa: BLE001, S110 - leaving anyway
+            except Exception:  # leaving anyway
                 pass
 
         stopper = threading.Thread(target=shutdown, daemon=True)
@@ -52,7 +52,7 @@ def _check_out(run_dir: Path, overwrite: bool) -> None:
     """A run directory that is a folder, empty or new, unless --overwrite (which replaces
     a fedmask run's files and keeps any others)."""
     from fedmask.config import ConfigError
-    from fedmask.results import RUN_FILES
+    from fedmask.record.results import RUN_FILES
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: expected a folder, got a file")
@@ -67,10 +67,10 @@ def _check_out(run_dir: Path, overwrite: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedmask.checkpoint import check_resumable
     from fedmask.config import ConfigError, load
-    from fedmask.data import DataError
+    from fedmask.core.data import DataError
     from fedmask.preflight import check_before_start
+    from fedmask.record.checkpoint import check_resumable
 
     if bool(args.config) == bool(args.resume):
         print("fedmask: error: give a CONFIG or --resume RUN_DIR (one of them)", file=sys.stderr)

@@ -8,7 +8,7 @@ default, a type and a rule here; a typo or an impossible value is refused before
 starts (the CLI exits with code 2), with a message that names the key and what it accepts.
 
 On the wire (inside a train message) the config travels as one JSON string of the same
-kebab-case keys (:mod:`fedmask.instruction`), read back with :meth:`RunConfig.from_record`;
+kebab-case keys (:mod:`fedmask.protocol.instruction`), read back with :meth:`RunConfig.from_record`;
 :meth:`RunConfig.to_record` gives the keys as a ConfigRecord of their own.
 """
 
@@ -22,28 +22,33 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmask.codec import UPLINK_CODECS
-from fedmask.data import DATASETS, PARTITIONERS
-from fedmask.downlink import DOWNLINK_CODECS
-from fedmask.faults import ATTACKS, FAULTS
-from fedmask.masking import (
+from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
+from fedmask.names import (
+    ATTACKS,
     BATCHNORMS,
     BIPROP_GRADIENTS,
+    DATASETS,
+    DEVICES,
+    DOWNLINK_CODECS,
+    EDGE_POPUP_SERVER_RULES,
     EVAL_MASKS,
+    FAULTS,
     FEDPM_GRADIENTS,
+    FEDPM_PRIOR_RESET_RULES,
+    INITS,
+    MODELS,
+    OPTIMIZERS,
+    PARTITIONERS,
+    ROBUST_RULES,
     SLOT_SCORE_INITS,
     SLOT_SELECTIONS,
+    TRACKERS,
+    UPLINK_CODECS,
 )
-from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
-from fedmask.models import MODELS
-from fedmask.tracking import TRACKERS
-from fedmask.weights import INITS
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
-ROBUST_RULES = ("none", "trimmed", "median")
-EDGE_POPUP_SERVER_RULES = ("pseudo-gradient", "vote-average", "vote-levels")
 MAX_SEED = 2**63 - 1  # seeds feed numpy and torch generators, which take 64-bit values
 
 
@@ -104,7 +109,7 @@ class RunConfig:
     num_rounds: int = _key(20, "federated rounds", check=_between(1, 1_000_000), rule="in 1..10^6")
     local_epochs: int = _key(1, "local epochs per round", check=_between(1, 10_000), rule="in 1..10^4")
     batch_size: int = _key(32, "local batch size", check=_between(1, 1_000_000), rule="in 1..10^6")
-    optimizer: str = _key("adam", "local optimizer", choices=("adam", "sgd"))
+    optimizer: str = _key("adam", "local optimizer", choices=OPTIMIZERS)
     lr: float = _key(0.1, "local learning rate", check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
     momentum: float = _key(0.9, "SGD momentum", check=lambda v: 0 <= v < 1, rule="in [0, 1)")
     weight_decay: float = _key(0.0, "local weight decay", check=_between(0, 1e6), rule="in [0, 1e6]")
@@ -121,7 +126,7 @@ class RunConfig:
     fedpm_prior_reset_rule: str = _key("fedmask", "FedPM: which rounds reset the prior with fedpm-prior-reset = N: "
                                        "'fedmask' when (round - 1) % N == 0 (rounds 1, N+1, ...), 'fl4health' "
                                        "when (round + 1) % N == 0, as FL4Health's FedPm; they differ for N >= 3",
-                                       choices=("fedmask", "fl4health"))
+                                       choices=FEDPM_PRIOR_RESET_RULES)
     fedpm_gradient: str = _key("straight-through", "FedPM: the gradient through the Bernoulli sample: "
                                "'straight-through' passes g (fedmask's default), 'reference' passes theta * g "
                                "as FedPM's reference code", choices=FEDPM_GRADIENTS)
@@ -183,7 +188,7 @@ class RunConfig:
                                    check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
     uplink_codec: str = _key("entropy", "how clients code their masks: 'packbits' (1 bit per "
                              "parameter) or 'entropy' (range-coded against the broadcast state, "
-                             "packed bits when that is shorter)", choices=tuple(UPLINK_CODECS))
+                             "packed bits when that is shorter)", choices=UPLINK_CODECS)
     downlink_codec: str = _key("lossless", "how the server codes the broadcast state: 'lossless' sends each node "
                                "the coded votes since the state it holds (exact); float32, float16, quantized "
                                "send the state", choices=DOWNLINK_CODECS)
@@ -217,7 +222,7 @@ class RunConfig:
     num_cpus: int = _key(1, "CPU cores per simulated client", check=_between(1, 4096), rule="in 1..4096")
     num_gpus: float = _key(0.0, "GPU share per client (0.25 = four clients per GPU)",
                            check=_between(0, 1024), rule="in [0, 1024]")
-    device: str = _key("auto", "where tensors live: auto uses CUDA when present", choices=("auto", "cpu", "cuda"))
+    device: str = _key("auto", "where tensors live: auto uses CUDA when present", choices=DEVICES)
     round_timeout: float = _key(600.0, "seconds the server waits for replies in a round",
                                 check=_between(0, 86_400 * 7, open_lo=True), rule="in (0, 604800]")
     tracker: str = _key("none", "mirror every round's numbers to an experiment tracker: 'tensorboard' "

@@ -1,153 +1,342 @@
-"""The broadcast global state, in fewer than 32 bits per parameter.
+"""The ``lossless`` downlink: every client ends up with the server's state, bit for bit,
+for a few bits per parameter.
 
-``float32`` sends the state as is; ``float16`` halves it; ``quantized`` maps each tensor
-to ``2**bits`` uniform levels between its min and max and entropy-codes the level indices
-with their own histogram (constriction's range coder, categorical model). The receiver
-needs only the tensor layout, which every party derives from the seed and config.
+The server's next state is a deterministic function of the previous state and the round's
+aggregated votes (a built-in rule's :meth:`replay`, :mod:`fedmask.methods`): FedPM's theta is the clamped
+posterior mode of this round's counts of ones (with the prior reset every round it does
+not even depend on the previous state); edge-popup, Biprop and Slot Machines move the
+previous scores by the votes. So instead of the state the server sends *steps*: a round's
+vote tensors, entropy-coded, and every client replays the server's update with the same
+float64 operations. A client holds what it last received in
+Flower's per-node ``context.state``; the initial state (version 0) is a pure function of
+the seed, so a client that holds nothing regenerates it.
 
-Wire format of ``quantized`` (little-endian)::
+What a node is sent (the server picks the shortest that it knows the node can use):
 
-    magic "FMSQ" | format u8 | bits u8 | reserved u16 | layout fingerprint 8s | crc32 u32
-    per tensor in layout order: lo f32 | hi f32 | model u8 | values u32 | coded bytes u32 | data
+- ``replay`` from the version the node confirmed holding: the steps since then (nothing
+  at all when the node already holds the current state);
+- ``replay`` from version 0 (the seed's state): every step of the run so far; any node
+  can use it, also one whose state was lost;
+- for FedPM (prior reset every round): the last step alone, coded without context
+  (``standalone``): theta follows from the counts alone;
+- for FedPM, to a node that holds an older state the server still keeps: the last step
+  alone, coded with the contexts of the state the node holds (``jump``): a replay from
+  that state of one step, which the node decodes as any replay. Under partial
+  participation a node typically last took part several rounds ago; the state it holds
+  still predicts this round's counts better than no context at all. A node that holds
+  nothing can be sent the jump from the seed's state (version 0), which it regenerates;
+- ``state``, when every tensor of the current state takes at most 256 values (edge-popup's
+  ``vote-levels``, FedPM's theta): the state itself, its values coded with the values of
+  the state the node holds as contexts (the seed's state for a node that holds nothing),
+  or without context. A state that moves little between rounds then costs well under a
+  bit per parameter whatever the node missed, where a replay costs every step it missed;
+- ``full``: the float32 state, as the ``float32`` codec sends it. A plug-in aggregator, or
+  FedPM with an accumulated prior (``fedpm-prior-reset != 1``, whose theta depends on past
+  rounds' counts), has an update clients cannot replay: it gets this, unless its state is
+  few-valued (FedPM's theta then takes at most clients-since-reset + 1 values: ``state``)
+  or the node already holds the current state (a header). So does every node after a
+  resume, until it confirms a state.
 
-``model`` 0 stores the level indices raw (u8 or u16), 1 stores a histogram of
-``2**bits`` u32 counts followed by the range-coded indices; the smaller one is sent. The
-CRC covers the header before it and the whole payload; the fingerprint and per-tensor
-value counts make a broadcast for another layout fail loudly.
+A node's reply carries a ConfigRecord ``downlink`` with the version and digest of the
+state it now holds; the server updates what it knows of the node only from that, and
+forgets a node that did not answer (it may or may not have taken the broadcast). A node
+that cannot use a replay (its state is gone) fails the round with a clear error; the
+server then knows nothing of it and sends it a self-contained broadcast next time.
+
+The bytes of each broadcast are :mod:`fedmask.wire.lossless`'s.
 """
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import constriction
 import numpy as np
 
-from fedmask.codec import MaskLayout
+from fedmask.wire.frame import Layout
+from fedmask.wire.lossless import (
+    FRAME,
+    KIND_FULL,
+    STATE_VALUES,
+    STEP,
+    STEP_STATE,
+    STEP_STATE_ALONE,
+    STEP_VOTES,
+    Contexts,
+    State,
+    Step,
+    decode_sections,
+    encode_state,
+    encode_step,
+    envelope,
+    few_valued,
+    full_blob,
+    replay_blob,
+    state_digest,
+    value_contexts,
+)
 
-# "lossless" is not a codec of one state but a per-node protocol (fedmask.broadcast): the
-# server sends each node the coded votes since the state it holds; the strategy handles it.
-DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")
-_MAGIC = b"FMSQ"
-_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sBBH8sI")
-_SECTION = struct.Struct("<ffBII")
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
+RECORD = "lossless"  # the Array of the ``arrays`` record that carries a lossless broadcast
+CONFIRM = "downlink"  # the reply's ConfigRecord: version and digest of the state the node holds
+HELD_STATE, HELD_META = "downlink-held", "downlink-held-meta"  # in a node's context.state
+KEPT_STATES_BYTES = 256 * 2**20  # recent states the server keeps for jumps (at least one)
 
-
-class StateCodecError(ValueError):
-    """A broadcast that cannot be this model's state."""
-
-    def __init__(self, field: str, expected: object, got: object):
-        super().__init__(f"broadcast rejected: {field}: expected {expected}, got {got}")
-
-
-def encode_state(state: dict[str, np.ndarray], layout: MaskLayout, codec: str, bits: int = 8) -> dict[str, np.ndarray]:
-    """Arrays to put in the broadcast ArrayRecord."""
-    if codec == "float32":
-        return {name: state[name].astype(np.float32) for name, _ in layout.shapes}
-    if codec == "float16":  # saturate: a value past float16's range must not arrive as inf
-        return {name: np.clip(state[name], -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
-                for name, _ in layout.shapes}
-    if codec == "lossless":
-        raise ValueError("downlink-codec 'lossless' codes per node, against the state each holds: "
-                         "see fedmask.broadcast.LosslessDownlink (server.strategies.MaskStrategy uses it)")
-    if codec != "quantized":
-        raise ValueError(f"downlink-codec: expected one of {', '.join(DOWNLINK_CODECS)}, got {codec!r}")
-    sections = b"".join(_encode_tensor(state[name].astype(np.float64).ravel(), bits) for name, _ in layout.shapes)
-    head = _HEADER.pack(_MAGIC, _FORMAT_VERSION, bits, 0, _layout_fingerprint(layout), 0)[:-4]
-    crc = zlib.crc32(sections, zlib.crc32(head))
-    return {"state": np.frombuffer(head + struct.pack("<I", crc) + sections, dtype=np.uint8).copy()}
+Replay = Callable[[State, State, float], State]  # (state, the round's votes, clients) -> next state
+VoteContexts = Callable[[State], Contexts]  # the contexts a state gives the next step's votes
 
 
-def _layout_fingerprint(layout: MaskLayout) -> bytes:
-    return zlib.crc32(repr(layout.shapes).encode()).to_bytes(4, "little") * 2
+@dataclass
+class Held:
+    """A state a node holds, with its version (the round that made it; 0 = the seed's)."""
+
+    version: int
+    digest: bytes
+    state: State
 
 
-def decode_state(arrays: dict[str, np.ndarray], layout: MaskLayout) -> dict[str, np.ndarray]:
-    """float32 arrays by tensor name, whatever codec the server chose."""
-    if set(arrays) == {"state"} and arrays["state"].dtype == np.uint8:
-        return _decode_quantized(np.ascontiguousarray(arrays["state"]), layout)
-    expected = {name: shape for name, shape in layout.shapes}
-    got = {name: tuple(a.shape) for name, a in arrays.items()}
-    if got != expected:
-        raise StateCodecError("tensors", sorted(expected), sorted(got))
-    return {name: a.astype(np.float32) for name, a in arrays.items()}
+# ---------------------------------------------------------------- a node's side
 
 
-def _levels(values: np.ndarray, bits: int) -> tuple[float, float, np.ndarray]:
-    lo, hi = float(np.float32(values.min())), float(np.float32(values.max()))
-    top = 2**bits - 1
-    scale = (hi - lo) / top if hi > lo else 1.0
-    return lo, hi, np.clip(np.rint((values - lo) / scale), 0, top).astype(np.int32)
+def receive(blob: np.ndarray, layout: Layout, fingerprint: bytes, held: Held | None,
+            initial: Callable[[], State], replay: Replay | None, contexts: VoteContexts) -> Held:
+    """The server's state from a lossless broadcast, checked against its digest.
+
+    ``held`` is what this node kept from its last broadcast (None: nothing); ``initial``
+    regenerates the seed's state (version 0); ``replay`` is the method's update (None: a
+    plug-in, whose update a node cannot replay) and ``contexts`` what a state tells of the
+    next votes (the method's).
+    """
+    sent = envelope(blob, fingerprint)
+    target = sent.target
+    if sent.kind == KIND_FULL:
+        return _checked(Held(*target, _full_state(sent.body, layout)), layout, "full state")
+    current = None if sent.base is None else _base(*sent.base, held, initial, layout)
+    offset = 0
+    for index in range(sent.steps):
+        if offset + STEP.size > len(sent.body):
+            raise FRAME.error(f"step {index}", "a step header", "end of broadcast")
+        version, digest, standalone, clients = STEP.unpack_from(sent.body, offset)
+        state = None if current is None else current.state
+        if (standalone > STEP_STATE_ALONE or (standalone in (STEP_VOTES, STEP_STATE) and state is None)
+                or not math.isfinite(clients)):
+            raise FRAME.error(f"step {index}", "standalone 0..3 (0 and 2 after a state), finite clients",
+                              (standalone, clients))
+        if standalone in (STEP_STATE, STEP_STATE_ALONE):  # the state itself, no replay
+            state, offset = _state_step(sent.body, offset + STEP.size, layout, state, standalone, index)
+        else:
+            votes, offset = decode_sections(sent.body, offset + STEP.size, layout,
+                                            None if state is None else contexts(state))
+            if replay is None:
+                raise FRAME.error("replay", "a method whose update clients can replay", "a plug-in")
+            state = replay(state or {name: np.zeros(shape, np.float32) for name, shape in layout.shapes},
+                           votes, clients)
+        current = _checked(Held(version, digest, state), layout, f"step {index} (round {version})")
+    if offset != len(sent.body):
+        raise FRAME.error("length", f"{FRAME.size + offset} bytes", FRAME.size + len(sent.body))
+    if current is None or (current.version, current.digest) != target:
+        got = None if current is None else (current.version, current.digest.hex())
+        raise FRAME.error("target", (target[0], target[1].hex()), got)
+    return current
 
 
-def _encode_tensor(values: np.ndarray, bits: int) -> bytes:
-    lo, hi, levels = _levels(values, bits)
-    raw = levels.astype(np.uint8 if bits <= 8 else "<u2").tobytes()
-    counts = np.bincount(levels, minlength=2**bits).astype("<u4")
-    encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(levels, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
-    coded = counts.tobytes() + encoder.get_compressed().astype("<u4").tobytes()
-    model, data = (1, coded) if len(coded) < len(raw) else (0, raw)
-    return _SECTION.pack(lo, hi, model, values.size, len(data)) + data
+def _full_state(body: bytes, layout: Layout) -> State:
+    """A ``full`` broadcast's float32 tensors, in layout order."""
+    sizes = [4 * math.prod(shape) for _, shape in layout.shapes]
+    if sum(sizes) != len(body):
+        raise FRAME.error("length", f"{FRAME.size + sum(sizes)} bytes (float32 state)", FRAME.size + len(body))
+    full, start = {}, 0
+    for (name, shape), size in zip(layout.shapes, sizes):
+        full[name] = np.frombuffer(body[start : start + size], dtype="<f4").astype(np.float32).reshape(shape)
+        start += size
+    return full
 
 
-def _decode_quantized(blob: np.ndarray, layout: MaskLayout) -> dict[str, np.ndarray]:
-    if blob.size < _HEADER.size:
-        raise StateCodecError("length", f">= {_HEADER.size} bytes", blob.size)
-    raw = blob.tobytes()
-    magic, version, bits, reserved, fingerprint, crc = _HEADER.unpack(raw[: _HEADER.size])
-    if magic != _MAGIC or version != _FORMAT_VERSION:
-        raise StateCodecError("header", f"{_MAGIC!r} format {_FORMAT_VERSION}", (magic, version))
-    got_crc = zlib.crc32(raw[_HEADER.size :], zlib.crc32(raw[: _HEADER.size - 4]))
-    if got_crc != crc:
-        raise StateCodecError("crc32", f"{crc:08x}", f"{got_crc:08x} (corrupted broadcast)")
-    if reserved != 0 or not 1 <= bits <= 16:
-        raise StateCodecError("header", "reserved 0 and 1..16 bits", (reserved, bits))
-    if fingerprint != _layout_fingerprint(layout):
-        raise StateCodecError("layout fingerprint", _layout_fingerprint(layout).hex(), fingerprint.hex())
-    payload, offset, top = raw[_HEADER.size :], 0, 2**bits - 1
-    out = {}
-    for name, shape in layout.shapes:
-        size = math.prod(shape)
-        if offset + _SECTION.size > len(payload):
-            raise StateCodecError(f"'{name}' section", "a section header", "end of broadcast")
-        lo, hi, model, count, length = _SECTION.unpack_from(payload, offset)
-        offset += _SECTION.size
-        data = payload[offset : offset + length]
-        offset += length
-        bounds_ok = math.isfinite(lo) and math.isfinite(hi) and lo <= hi
-        if count != size or len(data) != length or model not in (0, 1) or not bounds_ok:
-            raise StateCodecError(f"'{name}' section", f"{size} values, model 0/1, finite lo <= hi",
-                                  (count, model, lo, hi, len(data)))
-        levels = _decode_levels(name, model, data, size, bits)
-        if levels.size != size or (levels.size and (levels.min() < 0 or levels.max() > top)):
-            raise StateCodecError(f"'{name}' values", f"{size} levels in 0..{top}", levels.size)
-        scale = (hi - lo) / top if hi > lo else 1.0
-        out[name] = (lo + levels * scale).astype(np.float32).reshape(shape)
-    if offset != len(payload):
-        raise StateCodecError("length", f"{_HEADER.size + offset} bytes", blob.size)
-    return out
+def _state_step(body: bytes, offset: int, layout: Layout, state: State | None, standalone: int,
+                index: int) -> tuple[State, int]:
+    """A state step's values, coded with the values of the state before it as contexts (or none)."""
+    contexts = value_contexts(state or {}) if standalone == STEP_STATE else None
+    if standalone == STEP_STATE and contexts is None:
+        raise FRAME.error(f"step {index}", f"a base state of at most {STATE_VALUES} values per tensor", "more")
+    values, offset = decode_sections(body, offset, layout, contexts)
+    new_state = {}
+    for name, exact in values.items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_state[name] = exact.astype(np.float32)
+        if not np.array_equal(new_state[name].astype(np.float64), exact):
+            raise FRAME.error(f"'{name}' state values", "float32 values", "values float32 cannot hold")
+    return new_state, offset
 
 
-def _decode_levels(name: str, model: int, data: bytes, size: int, bits: int) -> np.ndarray:
-    if model == 0:
-        width = 1 if bits <= 8 else 2
-        if len(data) != size * width:
-            raise StateCodecError(f"'{name}' raw values", f"{size * width} bytes", len(data))
-        return np.frombuffer(data, dtype=np.uint8 if width == 1 else "<u2").astype(np.int64)
-    table = 4 * 2**bits
-    if len(data) < table or (len(data) - table) % 4:
-        raise StateCodecError(f"'{name}' coded values", f"a {table}-byte histogram and whole words", len(data))
-    counts = np.frombuffer(data[:table], dtype="<u4").astype(np.float64)
-    if counts.sum() != size:
-        raise StateCodecError(f"'{name}' histogram", f"counts summing to {size}", counts.sum())
-    words = np.frombuffer(data[table:], dtype="<u4").astype(np.uint32)
-    try:
-        decoder = constriction.stream.queue.RangeDecoder(words)
-        return decoder.decode(constriction.stream.model.Categorical(counts / counts.sum(), perfect=False), size)
-    except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
-        raise StateCodecError(f"'{name}' coded values", "a valid range-coded stream", str(err)) from None
+def _base(version: int, digest: bytes, held: Held | None, initial: Callable[[], State], layout: Layout) -> Held:
+    """The state a replay starts from: what this node holds, or the seed's (version 0)."""
+    if held is not None and (held.version, held.digest) == (version, digest):
+        return held
+    if version == 0:
+        return _checked(Held(0, digest, initial()), layout, "the seed's initial state")
+    have = "nothing" if held is None else f"round {held.version} ({held.digest.hex()})"
+    raise FRAME.error("base state", f"round {version} ({digest.hex()}), as the server last heard from this node",
+                      f"{have}: the node lost or never had it; the server sends a self-contained broadcast "
+                      "next time")
+
+
+def _checked(held: Held, layout: Layout, what: str) -> Held:
+    got = state_digest(held.state, layout)
+    if got != held.digest:
+        raise FRAME.error(f"digest of {what}", held.digest.hex(), got.hex())
+    return held
+
+
+# ---------------------------------------------------------------- the server's side
+
+
+@dataclass
+class LosslessDownlink:
+    """The server's history of steps and what it knows each node holds."""
+
+    layout: Layout
+    fingerprint: bytes
+    contexts: VoteContexts  # what a state tells of the next round's votes (the method's)
+    can_replay: bool  # False: a plug-in, or the check in :meth:`record` failed: full states only
+    absorbing: bool  # the update ignores the previous state (FedPM with the prior reset every round)
+    start: int  # the first version the history can replay from (0, or the round of a resume)
+    versions: dict[int, bytes] = field(default_factory=dict)
+    chained: list[Step] = field(default_factory=list)
+    standalone: Step | None = None  # the last step, coded without context (absorbing only)
+    held: dict[int, int] = field(default_factory=dict)  # node id -> confirmed version
+    awaiting: set[int] = field(default_factory=set)
+    few_valued: bool = False  # the current state can be sent as itself (a state step)
+    # absorbing or few-valued: copies of recent states (contexts for a jump, oldest first);
+    # absorbing: the last step's votes
+    kept_states: dict[int, State] = field(default_factory=dict)
+    last_votes: tuple[State, float] | None = None
+    _cache: dict[object, np.ndarray] = field(default_factory=dict)
+    _kept_few: dict[int, bool] = field(default_factory=dict)  # per kept version: few-valued?
+
+    @classmethod
+    def create(cls, layout: Layout, fingerprint: bytes, contexts: VoteContexts, can_replay: bool, absorbing: bool,
+               state: State, version: int = 0) -> LosslessDownlink:
+        """The history of a run whose current state ``state`` was made by round ``version``."""
+        out = cls(layout, fingerprint, contexts, can_replay, absorbing, version)
+        out.versions[version] = state_digest(state, layout)
+        return out
+
+    @property
+    def current(self) -> int:
+        return max(self.versions)
+
+    def record(self, version: int, previous: State, new_state: State, votes: State | None = None,
+               clients: float = 0.0, replay: Replay | None = None) -> None:
+        """A new state from ``votes``; checks that a client's replay reaches it bit for bit.
+
+        Without votes (an aggregator clients cannot replay) only the new version is kept.
+        """
+        digest = state_digest(new_state, self.layout)
+        last = self.current  # the version of ``previous`` (not version - 1 after a round without replies)
+        self.versions[version] = digest
+        self._cache.clear()
+        if self.can_replay and (votes is None or replay is None
+                                or state_digest(replay(previous, votes, clients), self.layout) != digest):
+            self.can_replay = False  # a plug-in, or an aggregator whose replay is not its update
+        # a few-valued state can be sent as itself whether or not clients can replay the update
+        # (FedPM with an accumulated prior: theta takes at most clients-since-reset + 1 values)
+        self.few_valued = few_valued(new_state)
+        if self.can_replay:
+            assert votes is not None
+            self.chained.append(encode_step(version, digest, votes, clients, self.layout, self.contexts(previous)))
+            if self.absorbing:
+                self.standalone = encode_step(version, digest, votes, clients, self.layout, None)
+                self.last_votes = (votes, clients)
+        if (self.can_replay and self.absorbing) or self.few_valued:
+            # copies: the downlink owns them, so they stay the states their digests name
+            if last not in self.kept_states:
+                self.kept_states[last] = {name: value.copy() for name, value in previous.items()}
+            self.kept_states[version] = {name: value.copy() for name, value in new_state.items()}
+            kept_bytes = sum(a.nbytes for kept in self.kept_states.values() for a in kept.values())
+            while len(self.kept_states) > 1 and kept_bytes > KEPT_STATES_BYTES:
+                oldest_version = min(self.kept_states)
+                oldest = self.kept_states.pop(oldest_version)
+                self._kept_few.pop(oldest_version, None)
+                kept_bytes -= sum(a.nbytes for a in oldest.values())
+
+    def message_for(self, node: int, state: State) -> tuple[np.ndarray, str]:
+        """The shortest broadcast of the current state this node can use, and its kind."""
+        target = (self.current, self.versions[self.current])
+        options: list[tuple[str, object]] = [("full", "full")]
+        known = self.held.get(node)
+        for held in (known, 0 if self.start == 0 else None):  # what the node holds, or the seed's state
+            # a replay from it; without replayable steps, only from the current state (a header)
+            if held is not None and held in self.versions and held >= self.start and (
+                    self.can_replay or held == target[0]):
+                options.append(("replay", held))
+        if self.can_replay and self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
+            options.append(("standalone", "standalone"))
+            if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
+                options.append(("jump", ("jump", known)))
+            elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
+                # a node that holds nothing regenerates the seed's state: the counts coded against it
+                options.append(("jump", ("jump", 0)))
+        if self.few_valued:
+            options.append(("state", ("state", None)))
+            # coded against what the node holds, or else the seed's state, which every node regenerates
+            for base in (known, 0 if self.start == 0 else None):
+                if base is not None and self.start <= base < target[0] and self._few_kept(base):
+                    options.append(("state", ("state", base)))
+                    break
+        blobs = [(self._blob(key, state, target), kind) for kind, key in options]
+        return min(blobs, key=lambda b: b[0].size)
+
+    def _few_kept(self, version: int) -> bool:
+        """Whether the server keeps this version and its values can serve as contexts."""
+        if version not in self.kept_states:
+            return False
+        if version not in self._kept_few:
+            self._kept_few[version] = few_valued(self.kept_states[version])
+        return self._kept_few[version]
+
+    def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
+        if key not in self._cache:
+            if key == "full":
+                self._cache[key] = full_blob(state, self.layout, self.fingerprint, target[0])
+            elif key == "standalone":
+                assert self.standalone is not None
+                self._cache[key] = replay_blob([self.standalone], self.fingerprint, (0, bytes(8)), target)
+            elif isinstance(key, tuple) and key[0] == "state":  # ("state", version it is coded against)
+                held = key[1]
+                step = encode_state(target[0], target[1], state, self.layout,
+                                    None if held is None else self.kept_states[held])
+                base = (0, bytes(8)) if held is None else (held, self.versions[held])
+                self._cache[key] = replay_blob([step], self.fingerprint, base, target)
+            elif isinstance(key, tuple):  # ("jump", version the node holds)
+                assert self.last_votes is not None
+                held = key[1]
+                votes, clients = self.last_votes
+                step = encode_step(target[0], target[1], votes, clients, self.layout,
+                                   self.contexts(self.kept_states[held]))
+                self._cache[key] = replay_blob([step], self.fingerprint, (held, self.versions[held]), target)
+            else:
+                assert isinstance(key, int)
+                steps = [s for s in self.chained if s.version > key]
+                self._cache[key] = replay_blob(steps, self.fingerprint, (key, self.versions[key]), target)
+        return self._cache[key]
+
+    def sent(self, nodes: list[int]) -> None:
+        """Nodes just sent a broadcast: until they confirm, the server does not know what they hold."""
+        self.awaiting = set(nodes)
+
+    def confirm(self, node: int, version: object, digest: object) -> bool:
+        """A node's reply says what it holds; believed only when it is a state the server made."""
+        self.awaiting.discard(node)
+        ok = (isinstance(version, int) and not isinstance(version, bool) and isinstance(digest, str)
+              and self.versions.get(version, b"").hex() == digest)
+        if ok and isinstance(version, int):
+            self.held[node] = version
+        else:
+            self.held.pop(node, None)
+        return ok
+
+    def end_round(self) -> None:
+        """Nodes that were sent a broadcast and did not confirm: the server knows nothing of them."""
+        for node in self.awaiting:
+            self.held.pop(node, None)
+        self.awaiting = set()

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmask import codec
-from fedmask.weights import derive_seed
+from fedmask.core.weights import derive_seed
+from fedmask.names import CORRUPTIONS, FAULTS
+from fedmask.wire import masks, ranks, updates
+from fedmask.wire.frame import Frame
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
-FAULTS = ("drop", "crash", "corrupt", "slow")
-ATTACKS = ("none", "invert", "all-ones", "random", "colluding")
-CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
+UPLOAD_FRAMES = (masks.FRAME, ranks.FRAME, updates.FRAME)  # what a client uploads, by magic
 # A slow client answers at once with this ConfigRecord ({"delay": seconds}) in its reply;
 # the server's MeasuringGrid strips it and delivers the reply that many seconds after it
 # pulled it (lost if that is past round-timeout). Slowness is late delivery, not a client
@@ -39,19 +39,29 @@ def client_fault(config: RunConfig, server_round: int, partition_id: int) -> str
     return None
 
 
+def upload_frame(blob: np.ndarray) -> Frame:
+    """The frame of an upload, by its magic (masks, LaPerm's ranks, compressed updates)."""
+    magic = bytes(blob[:4])
+    for frame in UPLOAD_FRAMES:
+        if frame.magic == magic:
+            return frame
+    raise ValueError(f"upload: expected one of the magics {[f.magic for f in UPLOAD_FRAMES]}, got {magic!r}")
+
+
 def corrupt_upload(blob: np.ndarray, config: RunConfig, server_round: int, partition_id: int) -> tuple[np.ndarray, str]:
-    """A broken copy of an upload and how it was broken (one of :data:`CORRUPTIONS`)."""
+    """A broken copy of an upload and how it was broken (one of :data:`CORRUPTIONS`), at the
+    offsets of the upload's own format."""
     rng = np.random.default_rng(derive_seed(config.seed, "corrupt", server_round, partition_id))
     kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+    frame = upload_frame(blob)
     broken = blob.copy()
     if kind == "truncate":
         broken = broken[: int(rng.integers(0, blob.size))]
     elif kind == "bit-flip":  # a payload byte, past the header (byte 0 if there is no payload)
-        header = codec.HEADER_BYTES
-        position = int(rng.integers(header, blob.size)) if blob.size > header else 0
+        position = int(rng.integers(frame.size, blob.size)) if blob.size > frame.size else 0
         broken[position] ^= np.uint8(1 << int(rng.integers(8)))
-    else:  # a mask made for another model: the header's fingerprint differs
-        field = codec.FINGERPRINT_BYTES
+    else:  # an upload made for another model: the header's fingerprint differs
+        field = frame.slice("fingerprint")
         broken[field] = rng.integers(0, 256, field.stop - field.start, dtype=np.uint8)
     return broken, kind
 
@@ -63,23 +73,6 @@ def attackers(config: RunConfig) -> frozenset[int]:
     count = round(config.attack_fraction * config.num_clients)
     order = np.random.default_rng(derive_seed(config.seed, "attackers")).permutation(config.num_clients)
     return frozenset(int(p) for p in order[:count])
-
-
-def colluding_masks(broadcast: dict[str, np.ndarray], mask_mode: str, density: float) -> dict[str, np.ndarray]:
-    """The one crafted upload every colluding attacker sends: the complement of the global
-    mask as any party derives it from the broadcast state (FedPM: theta < 0.5; top-k: the
-    weights outside the global top-k; Slot Machines: candidate K-1-argmax, as bit-planes)."""
-    from fedmask.masking import topk_mask_np
-
-    if mask_mode == "bernoulli":
-        return {k: v < 0.5 for k, v in broadcast.items()}
-    if mask_mode == "slots":
-        planes: dict[str, np.ndarray] = {}
-        for name, scores in broadcast.items():
-            slots = scores.shape[0]
-            planes |= codec.choices_to_planes({name: slots - 1 - np.argmax(scores, axis=0)}, slots)
-        return planes
-    return {k: ~topk_mask_np(np.abs(v), density).astype(bool) for k, v in broadcast.items()}
 
 
 def robustness_warning(config: RunConfig) -> str | None:
@@ -100,7 +93,7 @@ def robustness_warning(config: RunConfig) -> str | None:
 def attack_masks(masks: dict[str, np.ndarray], config: RunConfig, server_round: int,
                  partition_id: int, crafted: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What a Byzantine client uploads instead of its honest mask (``crafted``: the
-    colluders' common mask, :func:`colluding_masks`)."""
+    colluders' common mask, the mask mode's :meth:`~fedmask.methods.base.MaskMode.colluding_upload`)."""
     kind = config.attack
     if kind == "colluding":
         if crafted is None:

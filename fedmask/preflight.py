@@ -15,8 +15,8 @@ import torch
 
 from fedmask import task
 from fedmask.config import ConfigError, RunConfig
-from fedmask.data import partition_sizes
-from fedmask.masking import check_batchnorm, get_scores
+from fedmask.core.data import partition_sizes
+from fedmask.core.masking import check_batchnorm, get_scores
 
 
 def check_before_start(config: RunConfig) -> None:
@@ -44,7 +44,7 @@ def check_before_start(config: RunConfig) -> None:
                     config.classes_per_client)
     method = config.method_entry
     try:
-        model = task.make_model(config, splits, method.mask_mode)
+        model = task.make_model(config, splits, task.mode_of(config, method.mask_mode))
     except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
         raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -54,7 +54,7 @@ def check_before_start(config: RunConfig) -> None:
     try:
         aggregator = method.make_aggregator(config)
         initial = aggregator.initial_state(get_scores(model))
-    except Exception as err:  # noqa: BLE001 - a plug-in may fail in any way; say which class
+    except Exception as err:  # a plug-in may fail in any way; say which class
         raise ConfigError(f"config key 'method': {name!r} failed to start: {type(err).__name__}: {err}") from None
     scores = get_scores(model)
     for tensor, value in scores.items():

@@ -27,8 +27,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedmask.codec import READABLE_FORMATS, MaskCodecError, MaskLayout, decode_masks, encode_masks
-from fedmask.masking import original_tensor, regenerate_frozen, score_masks
+from fedmask.core.masking import original_tensor, regenerate_frozen, score_masks
+from fedmask.wire.frame import Layout
+from fedmask.wire.masks import FRAME, READABLE_FORMATS, decode_masks, encode_masks
 
 RECORD = "recycle"  # the name of the broadcast's ArrayRecord that carries the log
 
@@ -55,21 +56,21 @@ def recycle_plan(state: dict[str, np.ndarray], fraction: float) -> dict[str, np.
     return plan
 
 
-def plan_layout(state_layout: MaskLayout) -> MaskLayout:
+def plan_layout(state_layout: Layout) -> Layout:
     """The coded plan's tensors: ``name/high`` and ``name/low`` of every state tensor."""
-    return MaskLayout(tuple(sorted((f"{name}/{part}", shape) for name, shape in state_layout.shapes
+    return Layout(tuple(sorted((f"{name}/{part}", shape) for name, shape in state_layout.shapes
                                    for part in ("high", "low"))))
 
 
-def check_plan(plan: dict[str, np.ndarray], state_layout: MaskLayout) -> None:
+def check_plan(plan: dict[str, np.ndarray], state_layout: Layout) -> None:
     """A decoded plan must pair every low weight with one high weight, in disjoint sets."""
     for name, _ in state_layout.shapes:
         low, high = plan[f"{name}/low"], plan[f"{name}/high"]
         if int(low.sum()) != int(high.sum()):
-            raise MaskCodecError(f"recycle '{name}'", f"as many high as low weights ({int(low.sum())})",
+            raise FRAME.error(f"recycle '{name}'", f"as many high as low weights ({int(low.sum())})",
                                  int(high.sum()))
         if (low & high).any():
-            raise MaskCodecError(f"recycle '{name}'", "disjoint low and high sets", "overlapping sets")
+            raise FRAME.error(f"recycle '{name}'", "disjoint low and high sets", "overlapping sets")
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ class RecycleLog:
 
     events: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
-    def add(self, server_round: int, plan: dict[str, np.ndarray], state_layout: MaskLayout,
+    def add(self, server_round: int, plan: dict[str, np.ndarray], state_layout: Layout,
             fingerprint: bytes) -> None:
         blob = encode_masks(plan, plan_layout(state_layout), fingerprint, codec="entropy")
         self.events.append((server_round, blob))
@@ -106,18 +107,18 @@ class RecycleLog:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RecycleLog:
         """From the record's (or a checkpoint's) arrays; says which field is wrong."""
         if "rounds" not in arrays:
-            raise MaskCodecError("recycle log", "an array 'rounds'", sorted(arrays))
+            raise FRAME.error("recycle log", "an array 'rounds'", sorted(arrays))
         rounds = [int(r) for r in np.asarray(arrays["rounds"]).ravel()]
         missing = [f"event-{i}" for i in range(len(rounds)) if f"event-{i}" not in arrays]
         if missing or len(arrays) != len(rounds) + 1:
-            raise MaskCodecError("recycle log", f"'rounds' and event-0..event-{len(rounds) - 1}", sorted(arrays))
+            raise FRAME.error("recycle log", f"'rounds' and event-0..event-{len(rounds) - 1}", sorted(arrays))
         return cls([(r, np.asarray(arrays[f"event-{i}"])) for i, r in enumerate(rounds)])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {name: array.numpy() for name, array in self.to_record().items()}
 
 
-def sync_frozen(model: nn.Module, log: RecycleLog, state_layout: MaskLayout, fingerprint: bytes,
+def sync_frozen(model: nn.Module, log: RecycleLog, state_layout: Layout, fingerprint: bytes,
                 seed: int, init: str) -> None:
     """Bring the model's frozen weights to what the log says, bit for bit.
 

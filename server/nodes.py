@@ -1,4 +1,4 @@
-"""The connected nodes and the partition each one trains (see :mod:`fedmask.placement`).
+"""The connected nodes and the partition each one trains (see :mod:`fedmask.protocol.placement`).
 
 :func:`partition_nodes` waits until ``num-clients`` nodes have joined (or a minute has
 passed with at least one), asks each node for its node config with one QUERY message, and
@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedmask.config import RunConfig
-from fedmask.placement import NODE_RECORD, QUERY_RECORD, place
+from fedmask.protocol.placement import NODE_RECORD, QUERY_RECORD, place
 
 JOIN_TIMEOUT_S = 60.0  # how long the first round waits for every client node to connect
 

@@ -22,12 +22,13 @@ from flwr.server.compat import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from fedmask.aggregators import FedPMAggregator, State
 from fedmask.config import RunConfig
-from fedmask.failures import Failure
-from fedmask.instruction import TrainInstruction
-from fedmask.results import RoundOutcome
-from fedmask.sampling import sample_partitions
+from fedmask.core.sampling import sample_partitions
+from fedmask.methods.base import State
+from fedmask.methods.fedpm import FedPMAggregator
+from fedmask.protocol.instruction import TrainInstruction
+from fedmask.record.failures import Failure
+from fedmask.record.results import RoundOutcome
 
 _JOIN_TIMEOUT_S = 60  # how long the first round waits for every client node to connect
 
@@ -35,23 +36,23 @@ _JOIN_TIMEOUT_S = 60  # how long the first round waits for every client node to 
 class SecureFedPM(Strategy):
     """Legacy-API strategy: seeded sampling, FedPM from secure sums, server evaluation."""
 
-    def __init__(self, config: RunConfig, state: State,
+    def __init__(self, config: RunConfig, state: State, aggregator: FedPMAggregator,
                  evaluate: Callable[[int, State, RoundOutcome], tuple[float, float]],
                  placement: dict[int, int] | None = None, deployment: bool = False):
         self.config, self.state, self.evaluate_state = config, state, evaluate
         self.placement = placement  # partition -> node id (server.nodes.node_placement); None: by index
         self.deployment = deployment  # nodes train the partition they hold, if any
         self.names = list(state)
-        self.aggregator = FedPMAggregator(config)
+        self.aggregator = aggregator
         self.outcomes: dict[int, RoundOutcome] = {}
 
     def _parameters(self) -> Parameters:
         return ndarrays_to_parameters([self.state[n] for n in self.names])
 
-    def initialize_parameters(self, client_manager) -> Parameters:  # noqa: ANN001
+    def initialize_parameters(self, client_manager) -> Parameters:
         return self._parameters()
 
-    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+    def configure_fit(self, server_round, parameters, client_manager):
         # Every simulated client must have joined: partitions map to nodes by index, so
         # starting with fewer nodes would send two partitions to one node.
         needed = self.config.num_clients
@@ -63,13 +64,14 @@ class SecureFedPM(Strategy):
         instructions = []
         cfg = self.config
         for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
-            settings = {**TrainInstruction(cfg, server_round, pid, "bernoulli", node_data=self.deployment).to_flat(),
+            instruction = TrainInstruction(cfg, server_round, pid, self.aggregator.mask_mode, node_data=self.deployment)
+            settings = {**instruction.to_flat(),
                         "tensor-names": ",".join(self.names)}
             proxy = by_node[self.placement[pid]] if self.placement else proxies[pid % len(proxies)]
             instructions.append((proxy, FitIns(parameters, settings)))
         return instructions
 
-    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+    def aggregate_fit(self, server_round, results, failures):
         outcome = self.outcomes.setdefault(server_round, RoundOutcome())
         for failure in failures:
             # the workflow reports an exception (no answer in time) or a client's failed result
@@ -83,13 +85,13 @@ class SecureFedPM(Strategy):
         self.state = self.aggregator.aggregate_counts(server_round, self.state, ones, clients)
         return self._parameters(), {}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+    def configure_evaluate(self, server_round, parameters, client_manager):
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
+    def aggregate_evaluate(self, server_round, results, failures):
         return None, {}
 
-    def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
+    def evaluate(self, server_round, parameters):
         loss, accuracy = self.evaluate_state(server_round, self.state,
                                              self.outcomes.setdefault(server_round, RoundOutcome()))
         return loss, {"accuracy": accuracy}

@@ -1,9 +1,9 @@
 """The fedmask ServerApp: broadcast the global state, aggregate masks, evaluate, record.
 
-A run is four steps, each a function: :func:`build` (model, strategy, recorder from a
-checked config), :func:`restore` (a checkpoint's state, when resuming), the rounds
-(Flower's ``strategy.start``, or SecAgg+'s workflow), and :func:`end_round` (evaluate the
-global model, write the round's line and a checkpoint), which both paths share.
+A run is three steps, each a function: :func:`build` (model, strategy and recorder from a
+checked config, and from the checkpoint when resuming), the rounds (Flower's
+``strategy.start``, or SecAgg+'s workflow), and :func:`end_round` (evaluate the global
+model, write the round's line and a checkpoint), which both paths share.
 
 ``fedmask run`` builds the ServerApp with :func:`make_server_app` from a checked config;
 ``flwr run .`` uses ``app`` below, which reads the same keys from the run config.
@@ -25,21 +25,25 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedmask import task
-from fedmask.aggregators import MaskAggregator
-from fedmask.checkpoint import Checkpoint, check_resumable, config_digest
 from fedmask.config import ConfigError, RunConfig, resolve
-from fedmask.data import DataError, Splits, partition_sizes
+from fedmask.core.data import DataError, Splits, partition_sizes
+from fedmask.core.masking import check_batchnorm, get_scores
+from fedmask.core.weights import derive_seed
+from fedmask.downlink import LosslessDownlink
 from fedmask.faults import robustness_warning
-from fedmask.ledger import Ledger, MeasuringGrid
-from fedmask.masking import check_batchnorm, get_scores
+from fedmask.methods import Method
+from fedmask.methods.base import MaskAggregator
+from fedmask.methods.fedpm import FedPMAggregator
+from fedmask.methods.votes import VoteRule, Voting
 from fedmask.preflight import check_before_start
+from fedmask.record.checkpoint import Checkpoint, check_resumable, config_digest
+from fedmask.record.ledger import Ledger, MeasuringGrid
+from fedmask.record.results import RoundOutcome, RunRecorder
+from fedmask.record.totals import fedavg_round_bytes
 from fedmask.recycling import RecycleLog, sync_frozen
-from fedmask.results import RoundOutcome, RunRecorder
-from fedmask.totals import fedavg_round_bytes
-from fedmask.weights import derive_seed
 from server.nodes import node_placement
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
-from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, state_record
+from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, Start, state_record
 
 log = logging.getLogger("fedmask")
 _RECYCLE_PREFIX = "recycle/"  # the recycling log's arrays in a checkpoint's aggregator memory
@@ -53,11 +57,15 @@ class ServerRun:
     splits: Splits
     model: nn.Module  # the global model, evaluated after every round
     strategy: SeededFedAvg
-    aggregator: MaskAggregator | None  # None for the dense baseline
+    aggregator: MaskAggregator | None  # None for the dense baselines
     ledger: Ledger
     recorder: RunRecorder
     load_global: Callable[[], None]  # puts the strategy's global state into ``model``
-    rounds_done: int = 0  # rounds finished before a resume
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds finished before a resume."""
+        return self.strategy.rounds_done
 
     def aggregator_memory(self) -> dict[str, np.ndarray]:
         """What a checkpoint keeps besides the state: the aggregator's memory, the recycling log."""
@@ -69,68 +77,91 @@ class ServerRun:
         return memory
 
 
-def build(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerRun:
-    """The model, strategy and recorder of a run (plain, not secure aggregation)."""
+@dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint gives back: the strategy's start, the aggregator's memory, the
+    recycling log, and the initial state's accuracy."""
+
+    start: Start
+    memory: dict[str, np.ndarray]
+    recycle_log: RecycleLog | None
+    initial: dict[str, float]
+
+
+def _resumed(run_dir: Path) -> Resumed | None:
+    """The checkpoint of a run directory (None: a run stopped before its first one starts from round 1)."""
+    if Checkpoint.round_of(run_dir) == 0:
+        return None
+    checkpoint = Checkpoint.load(run_dir)
+    outcomes = {int(r): RoundOutcome(**o) for r, o in checkpoint.records.get("outcomes", {}).items()}
+    memory = dict(checkpoint.aggregator)
+    recycle = {k[len(_RECYCLE_PREFIX):]: memory.pop(k) for k in list(memory) if k.startswith(_RECYCLE_PREFIX)}
+    return Resumed(Start(checkpoint.state, checkpoint.round, outcomes), memory,
+                   RecycleLog.from_arrays(recycle) if recycle else None, checkpoint.records.get("initial", {}))
+
+
+def build(config: RunConfig, run_dir: Path, resume: bool = False, deployment: bool = False) -> ServerRun:
+    """The model, strategy and recorder of a run (plain, not secure aggregation); with
+    ``resume``, from the run directory's checkpoint."""
     method = config.method_entry
     check_batchnorm(config.batchnorm, config.model)  # running statistics cannot be federated
     splits = task.splits_of(config)
     ledger = Ledger()
-    model = task.make_model(config, splits, method.mask_mode)
+    mode = task.mode_of(config, method.mask_mode)
+    model = task.make_model(config, splits, mode)
+    resumed = _resumed(run_dir) if resume else None
+    options: dict[str, Any] = {"deployment": deployment, "partition_sizes": partition_sizes(
+        splits, config.num_clients, config.partitioner, config.seed, config.dirichlet_alpha,
+        config.classes_per_client)}
     aggregator: MaskAggregator | None = None
-    if method.mask_mode is None:
-        initial = task.dense_state(model)
-        num_params = sum(v.size for v in initial.values())
-        strategy: SeededFedAvg = (CompressedFedAvg(config, ledger, initial, method.compressor) if method.compressor
-                                  else DenseFedAvg(config, ledger, initial))
+    if mode is None:
+        strategy: SeededFedAvg = _dense_strategy(config, method, ledger, task.dense_state(model), resumed, options)
+        num_params = sum(v.size for v in strategy.state.values())
 
         def load_global() -> None:
             task.load_dense_state(model, strategy.state)
     else:
-        mode = method.mask_mode
         aggregator = method.make_aggregator(config)
         spec = task.ModelSpec.of(config, model, mode)
         num_params = spec.num_connections  # Slot Machines' state has K scores per connection
-        mask_strategy = MaskStrategy(config, ledger, aggregator, spec, aggregator.initial_state(get_scores(model)))
+        start = resumed.start if resumed else Start(aggregator.initial_state(get_scores(model)))
+        lossless = None
+        if config.downlink_codec == "lossless":  # a resumed run's nodes hold nothing its history knows
+            lossless = LosslessDownlink.create(spec.layout, spec.fingerprint, mode.vote_contexts,
+                                               method.builtin and aggregator.replayable,
+                                               isinstance(aggregator, Voting) and aggregator.absorbing, start.state,
+                                               start.rounds_done)
+        mask_strategy = MaskStrategy(config, ledger, start, aggregator, mode, spec, lossless,
+                                     resumed.recycle_log if resumed else None, **options)
         strategy = mask_strategy
+        if resumed:
+            aggregator.load_state_dict(resumed.memory)
 
         def load_global() -> None:
             # The state as clients decode it (the downlink codec may be lossy), and the
             # frozen weights after the recycling log, exactly as a client replays it.
-            task.load_state(model, mask_strategy.deployed(), mode)
+            mode.load_state(model, mask_strategy.deployed())
             if config.recycle_every:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
-    strategy.partition_sizes = partition_sizes(splits, config.num_clients, config.partitioner, config.seed,
-                                               config.dirichlet_alpha, config.classes_per_client)
     recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None,
                            fedavg=fedavg_equivalent(config, splits))
+    if resumed:
+        recorder.initial = resumed.initial
     return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
+
+
+def _dense_strategy(config: RunConfig, method: Method, ledger: Ledger, initial: dict[str, np.ndarray],
+                    resumed: Resumed | None, options: dict[str, Any]) -> SeededFedAvg:
+    start = resumed.start if resumed else Start(initial)
+    coding = method.compression(config)
+    if coding is None:
+        return DenseFedAvg(config, ledger, start, VoteRule.from_config(config), **options)
+    return CompressedFedAvg(config, ledger, start, VoteRule.from_config(config), coding, **options)
 
 
 def fedavg_equivalent(config: RunConfig, splits: Splits) -> dict[str, int]:
     """One FedAvg round trip of this architecture (dense float32 weights), weighed as sent."""
     return fedavg_round_bytes(config, task.dense_state(task.make_model(config, splits, None)))
-
-
-def restore(run: ServerRun, run_dir: Path) -> None:
-    """Put the checkpoint's state, aggregator memory and records back; the rounds after it run next.
-
-    A run stopped before its first checkpoint has nothing to restore: it starts from round 1.
-    """
-    if Checkpoint.round_of(run_dir) == 0:
-        return
-    checkpoint = Checkpoint.load(run_dir)
-    run.rounds_done = run.strategy.round_offset = checkpoint.round
-    run.strategy.state = checkpoint.state
-    if isinstance(run.strategy, MaskStrategy):
-        run.strategy.resumed(checkpoint.round)  # nodes hold nothing the new history knows: full states first
-    run.strategy.load_records(checkpoint.records)
-    run.recorder.initial = checkpoint.records.get("initial", {})
-    memory = dict(checkpoint.aggregator)
-    recycle = {k[len(_RECYCLE_PREFIX):]: memory.pop(k) for k in list(memory) if k.startswith(_RECYCLE_PREFIX)}
-    if recycle and isinstance(run.strategy, MaskStrategy):
-        run.strategy.recycle_log = RecycleLog.from_arrays(recycle)
-    if run.aggregator is not None:
-        run.aggregator.load_state_dict(memory)
 
 
 def evaluate_global(config: RunConfig, model: nn.Module, splits: Splits, server_round: int) -> tuple[float, float]:
@@ -169,16 +200,13 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
         logging.getLogger("fedmask").warning("%s", warning)
     if resume:
         check_resumable(run_dir, config)
-    run = build(config, run_dir, resume)
-    run.strategy.deployment = deployment
-    if resume:
-        restore(run, run_dir)
+    run = build(config, run_dir, resume, deployment)
     run.recorder.header()
     if config.num_rounds <= run.rounds_done:
         return run.recorder.finish()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round += run.rounds_done
+        server_round = run.strategy.round_of(server_round)
         if server_round == run.rounds_done and run.rounds_done:
             return None  # evaluated before the stop
         return end_round(run, server_round)
@@ -198,15 +226,19 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
     """FedPM under SecAgg+ (Flower's workflow): the same model, evaluation and run directory."""
     method = config.method_entry
     splits = task.splits_of(config)
-    model = task.make_model(config, splits, method.mask_mode)
-    initial = method.make_aggregator(config).initial_state(get_scores(model))
+    mode = method.make_mode(config)
+    model = task.make_model(config, splits, mode)
+    aggregator = method.make_aggregator(config)
+    if not isinstance(aggregator, FedPMAggregator):  # the config allows secure aggregation with FedPM only
+        raise ConfigError(f"config key 'secure-aggregation': expected method = 'fedpm', got {config.method!r}")
+    initial = aggregator.initial_state(get_scores(model))
     ledger = Ledger()
     recorder = RunRecorder(run_dir, config, sum(v.size for v in initial.values()),
                            fedavg=fedavg_equivalent(config, splits))
     recorder.header()
 
     def evaluate(server_round: int, state: dict[str, np.ndarray], outcome: RoundOutcome) -> tuple[float, float]:
-        task.load_state(model, state, "bernoulli")
+        mode.load_state(model, state)
         loss, accuracy = evaluate_global(config, model, splits, server_round)
         if server_round == 0:
             recorder.initial = {"accuracy": accuracy, "loss": loss}
@@ -216,7 +248,7 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
 
     measuring = MeasuringGrid(grid, ledger)
     placement = node_placement(measuring, config, deployment)
-    strategy = SecureFedPM(config, initial, evaluate, placement, deployment)
+    strategy = SecureFedPM(config, initial, aggregator, evaluate, placement, deployment)
     context = context or Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     secagg_workflow(config)(measuring, legacy_context(context, config, strategy))
     save_final_state(run_dir, strategy.state)

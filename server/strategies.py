@@ -1,11 +1,19 @@
-"""Flower strategies around the aggregators: sampling, reply checks, failures.
+"""Flower strategies around the aggregation rules: sampling, reply checks, failures.
 
-Both strategies extend Flower's ``FedAvg`` from the Message API. They pick the round's
-clients with a seeded RNG (Flower's sampler uses unseeded ``random`` and random node ids)
-and send each its partition id, so a run is reproducible. ``MaskStrategy`` decodes and
-checks every upload before an aggregator sees it; a bad upload is rejected, logged and
-recorded, and the round goes on with the others. ``DenseFedAvg`` is Flower's own FedAvg
-aggregation, the float32 baseline.
+Every strategy extends Flower's ``FedAvg`` from the Message API and runs one template
+(:class:`SeededFedAvg`): pick the round's clients with a seeded RNG (Flower's sampler uses
+unseeded ``random`` and random node ids) and send each its partition id, so a run is
+reproducible; then, for the replies, keep the usable ones -> :meth:`~SeededFedAvg.decode`
+each -> :meth:`~SeededFedAvg.fold` it in -> :meth:`~SeededFedAvg.finish` the round. A
+reply that cannot be used is rejected, logged and recorded, and the round goes on with the
+others. Each variant overrides those hooks and nothing else:
+
+- :class:`DenseFedAvg`: Flower's own FedAvg aggregation of float32 weights (the baseline);
+- :class:`CompressedFedAvg`: the compressed dense baselines' coded updates;
+- :class:`MaskStrategy`: coded masks folded into a :class:`~fedmask.methods.base.MaskAggregator`,
+  and the broadcast of the new state (:mod:`fedmask.downlink`).
+
+A resumed run's rounds are numbered from its checkpoint in one place, :meth:`SeededFedAvg.round_of`.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,25 +29,25 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmask import laperm
-from fedmask.aggregators import FedPMAggregator, MaskAggregator, Replayable, State, dense_aggregate
-from fedmask.broadcast import CONFIRM, LosslessDownlink
-from fedmask.broadcast import RECORD as LOSSLESS_RECORD
-from fedmask.codec import MaskCodecError, MaskLayout, Prior, code_lengths, decode_masks, mask_prior, planes_to_choices
-from fedmask.compression import CompressionError, aggregate_updates, decompress
 from fedmask.config import RunConfig
-from fedmask.diagnostics import DriftTally, Masks, global_mask, mask_of_prior, round_diagnostics
-from fedmask.downlink import decode_state, encode_state
-from fedmask.failures import Failure
-from fedmask.instruction import TrainInstruction
-from fedmask.ledger import Ledger
-from fedmask.masking import TOPK_MODES
-from fedmask.placement import TRAINED_RECORD
+from fedmask.core.sampling import sample_partitions
+from fedmask.downlink import CONFIRM, LosslessDownlink
+from fedmask.downlink import RECORD as LOSSLESS_RECORD
+from fedmask.methods.base import MaskAggregator, MaskMode, Masks, RoundResult, State
+from fedmask.methods.dense import Compressed, dense_aggregate
+from fedmask.methods.votes import VoteRule, Voting
+from fedmask.protocol.instruction import TrainInstruction
+from fedmask.protocol.placement import TRAINED_RECORD
+from fedmask.protocol.replies import BadArray, checked_numpy
+from fedmask.record.diagnostics import DriftTally, round_diagnostics
+from fedmask.record.failures import Failure
+from fedmask.record.ledger import Ledger
+from fedmask.record.results import RoundOutcome
 from fedmask.recycling import RECORD, RecycleLog, is_recycle_round, recycle_plan
-from fedmask.replies import BadArray, checked_numpy
-from fedmask.results import RoundOutcome
-from fedmask.sampling import sample_partitions
 from fedmask.task import ModelSpec
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.masks import Prior
+from fedmask.wire.state import decode_state, encode_state
 from server.nodes import node_placement
 
 log = logging.getLogger("fedmask")
@@ -52,13 +61,9 @@ def state_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})
 
 
-def record_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
 def reply_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """A reply's arrays, each checked (:func:`fedmask.replies.checked_numpy`); RejectedReply
-    names the first bad one."""
+    """A reply's arrays, each checked (:func:`fedmask.protocol.replies.checked_numpy`);
+    RejectedReply names the first bad one."""
     arrays = {}
     for name, array in record.items():
         try:
@@ -66,6 +71,18 @@ def reply_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
         except BadArray as err:
             raise RejectedReply(f"arrays '{str(name)[:40]}': {err}") from None
     return arrays
+
+
+def single_blob(reply: Message, name: str) -> np.ndarray:
+    """The one 1-D uint8 Array ``name`` that a coded upload is, checked."""
+    record = reply.content.array_records.get("arrays")
+    if record is None or list(record.keys()) != [name] or len(reply.content.array_records) != 1:
+        keys = None if record is None else [str(k)[:40] for k in list(record.keys())[:5]]
+        raise RejectedReply(f"arrays: expected one ArrayRecord 'arrays' with one Array '{name}', got {keys}")
+    blob = reply_arrays(record)[name]
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise RejectedReply(f"arrays '{name}': expected a 1-D uint8 blob, got {blob.dtype} {blob.shape}")
+    return blob
 
 
 # A client's weight when the server does not know its partition's size: beyond 2**53 a
@@ -105,20 +122,36 @@ def _check_metrics(reply: Message) -> None:
                 raise RejectedReply(f"metrics '{name}.{key}': expected finite numbers, got {value!r}")
 
 
-class SeededFedAvg(FedAvg):
-    """FedAvg with reproducible client sampling and a record of every round's outcome."""
+@dataclass(frozen=True)
+class Start:
+    """Where a strategy starts: the state, and for a resumed run the rounds already done and
+    the outcomes recorded for them."""
 
-    def __init__(self, run_config: RunConfig, ledger: Ledger, mask_mode: str | None):
+    state: State
+    rounds_done: int = 0
+    outcomes: dict[int, RoundOutcome] = field(default_factory=dict)
+
+
+class SeededFedAvg(FedAvg):
+    """The round template: reproducible sampling, usable replies -> decode -> fold -> finish,
+    and a record of every round's outcome."""
+
+    def __init__(self, run_config: RunConfig, ledger: Ledger, mask_mode: str | None, start: Start,
+                 partition_sizes: tuple[int, ...] | None = None, deployment: bool = False):
+        """``partition_sizes``: each partition's train samples, when the server knows them (a
+        client's weight above its partition's size is refused); ``deployment`` (``flwr run``):
+        query the nodes for the partitions they hold, instead of placing partitions by index."""
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
         self.run_config, self.ledger, self.mask_mode = run_config, ledger, mask_mode
-        self.outcomes: dict[int, RoundOutcome] = {}
-        self.round_offset = 0  # rounds already done before a resume
-        self.state: dict[str, np.ndarray] = {}
+        self.state = start.state
+        self.rounds_done = start.rounds_done
+        self.outcomes: dict[int, RoundOutcome] = dict(start.outcomes)
+        self.partition_sizes, self.deployment = partition_sizes, deployment
         self._nodes: dict[int, int] | None = None  # partition -> node id
-        self.deployment = False  # query the nodes for the partitions they hold (flwr run); else by index
-        # train samples of each partition, when the server knows them: a client's weight
-        # (num-examples) above its partition's size is refused
-        self.partition_sizes: tuple[int, ...] | None = None
+
+    def round_of(self, server_round: int) -> int:
+        """The run's round number of Flower's ``server_round`` (which counts from 1 at every start)."""
+        return server_round + self.rounds_done
 
     def outcome(self, server_round: int) -> RoundOutcome:
         return self.outcomes.setdefault(server_round, RoundOutcome())
@@ -127,37 +160,83 @@ class SeededFedAvg(FedAvg):
         """What a checkpoint keeps of the strategy (JSON-able)."""
         return {"outcomes": {r: o.to_dict() for r, o in self.outcomes.items()}}
 
-    def load_records(self, records: dict[str, Any]) -> None:
-        self.outcomes = {int(r): RoundOutcome(**o) for r, o in records.get("outcomes", {}).items()}
-
     def _placement(self, grid: Grid) -> dict[int, int]:
         """partition -> node, found once: nodes that hold a partition (node config) get it."""
         if self._nodes is None:
             self._nodes = node_placement(grid, self.run_config, self.deployment)
         return self._nodes
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        server_round += self.round_offset
+    # ------------------------------------------------------------ sending
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.train_messages(self.round_of(server_round), grid)
+
+    def train_messages(self, server_round: int, grid: Grid) -> list[Message]:
+        """One train message per sampled partition: its instruction and the broadcast state."""
         nodes = self._placement(grid)
+        cfg, arrays = self.run_config, self.broadcast()
         messages = []
-        cfg = self.run_config
         for pid in sample_partitions(cfg.seed, cfg.num_clients, cfg.clients_per_round, server_round):
             instruction = ConfigRecord(
                 TrainInstruction(cfg, server_round, pid, self.mask_mode, node_data=self.deployment).to_flat())
-            messages.append(
-                Message(
-                    RecordDict({"arrays": arrays, "config": instruction}),
-                    dst_node_id=nodes[pid],
-                    message_type=MessageType.TRAIN,
-                    group_id=str(server_round),
-                )
-            )
+            messages.append(Message(RecordDict({"arrays": arrays, "config": instruction}), dst_node_id=nodes[pid],
+                                    message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:  # noqa: ANN001
+    def broadcast(self) -> ArrayRecord:
+        """What every train message carries of the current state (the float32 state, by default)."""
+        return state_record(self.state)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the server evaluates the global model itself
+
+    # ------------------------------------------------------------ receiving
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Decode each usable reply, in partition order, and fold it in at once (a round's
+        uploads are never held together by the mask rules), then finish the round."""
+        server_round = self.round_of(server_round)
+        replies = list(replies)
+        self.received(replies)
+        self.discard()
+        folded = []
+        for reply, weight in self.usable_replies(server_round, replies):
+            try:
+                decoded = self.decode(server_round, reply)
+            except (WireError, RejectedReply) as err:
+                self.reject(server_round, reply, str(err))
+                continue
+            except Exception as err:  # no reply may stop the server, whatever it holds
+                self.reject(server_round, reply, f"cannot decode: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            self.fold(server_round, decoded, weight)
+            folded.append((reply, weight))
+        if self.too_few(server_round, len(folded)):
+            self.discard()
+            return None, None
+        self.state = self.finish(server_round)
+        return state_record(self.state), self.finish_round(server_round, folded)
+
+    def received(self, replies: list[Message]) -> None:
+        """Every reply of the round, before any is decoded (nothing, by default)."""
+
+    def decode(self, server_round: int, reply: Message) -> Any:
+        """A usable reply's upload, checked (RejectedReply or WireError when it is bad)."""
+        raise NotImplementedError
+
+    def fold(self, server_round: int, decoded: Any, weight: float) -> None:
+        """Take one decoded upload."""
+        raise NotImplementedError
+
+    def finish(self, server_round: int) -> State:
+        """The next state from everything folded this round."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Forget what was folded (a new round, or one skipped for too few uploads)."""
+
+    # ------------------------------------------------------------ the shared checks and records
 
     def record_failure(self, server_round: int, failure: Failure) -> None:
         log.warning("round %d: client %d %s: %s", server_round, failure.partition_id, failure.kind, failure.reason)
@@ -225,12 +304,13 @@ class SeededFedAvg(FedAvg):
 class DenseFedAvg(SeededFedAvg):
     """The dense float32 baseline: Flower's FedAvg aggregation on checked replies."""
 
-    def __init__(self, run_config: RunConfig, ledger: Ledger, reference: dict[str, np.ndarray]):
-        super().__init__(run_config, ledger, mask_mode=None)
-        self.reference = {k: (v.shape, v.dtype) for k, v in reference.items()}
-        self.state = reference
+    def __init__(self, run_config: RunConfig, ledger: Ledger, start: Start, rule: VoteRule, **options: Any):
+        super().__init__(run_config, ledger, None, start, **options)
+        self.rule = rule
+        self.reference = {k: (v.shape, v.dtype) for k, v in start.state.items()}
+        self.folded: list[tuple[Any, float]] = []
 
-    def _checked_weights(self, reply: Message) -> dict[str, np.ndarray]:
+    def decode(self, server_round: int, reply: Message) -> dict[str, np.ndarray]:
         """The reply's weights: the model's tensors, shapes and dtypes, finite."""
         record = reply.content.array_records.get("arrays")
         if record is None or len(reply.content.array_records) != 1:
@@ -244,89 +324,95 @@ class DenseFedAvg(SeededFedAvg):
             raise RejectedReply("arrays: expected finite values, got NaN or inf")
         return weights
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
-        server_round += self.round_offset
-        good, states = [], []
-        for reply, weight in self.usable_replies(server_round, replies):
-            try:
-                states.append(self._checked_weights(reply))
-                good.append((reply, weight))
-            except RejectedReply as err:
-                self.reject(server_round, reply, str(err))
-        if self.too_few(server_round, len(good)):
-            return None, None
-        self.state = dense_aggregate(states, [w for _, w in good], self.run_config)
-        return state_record(self.state), self.finish_round(server_round, good)
+    def fold(self, server_round: int, decoded: Any, weight: float) -> None:
+        self.folded.append((decoded, weight))
+
+    def discard(self) -> None:
+        self.folded = []
+
+    def finish(self, server_round: int) -> State:
+        return dense_aggregate([s for s, _ in self.folded], [w for _, w in self.folded], self.rule)
+
+
+class CompressedFedAvg(DenseFedAvg):
+    """The compressed dense baselines (SignSGD, EF-SignSGD, QSGD, top-k): clients upload a
+    coded update in one Array 'update'; the server decodes each, checks it like a mask, and
+    applies the method's update rule (:class:`fedmask.methods.dense.Compressed`)."""
+
+    def __init__(self, run_config: RunConfig, ledger: Ledger, start: Start, rule: VoteRule, coding: Compressed,
+                 **options: Any):
+        super().__init__(run_config, ledger, start, rule, **options)
+        self.coding = coding
+        self.layout = Layout.from_arrays(start.state)
+        self.fingerprint = self.layout.fingerprint(run_config.seed, run_config.model, "dense")
+
+    def decode(self, server_round: int, reply: Message) -> dict[str, np.ndarray]:
+        return self.coding.decode(single_blob(reply, "update"), self.layout, self.fingerprint)
+
+    def finish(self, server_round: int) -> State:
+        return self.coding.aggregate(self.state, [u for u, _ in self.folded], [w for _, w in self.folded])
 
 
 class MaskStrategy(SeededFedAvg):
-    """Masks up, global state down; the maths lives in a :class:`MaskAggregator`."""
+    """Masks up, global state down; the maths lives in a :class:`MaskAggregator` and the
+    mask mode (:class:`MaskMode`)."""
 
-    def __init__(
-        self,
-        run_config: RunConfig,
-        ledger: Ledger,
-        aggregator: MaskAggregator,
-        spec: ModelSpec,
-        initial_state: State,
-    ):
-        super().__init__(run_config, ledger, aggregator.mask_mode)
-        self.aggregator, self.spec, self.state = aggregator, spec, initial_state
-        if run_config.recycle_every and aggregator.mask_mode not in TOPK_MODES:
+    def __init__(self, run_config: RunConfig, ledger: Ledger, start: Start, aggregator: MaskAggregator,
+                 mode: MaskMode, spec: ModelSpec, lossless: LosslessDownlink | None = None,
+                 recycle_log: RecycleLog | None = None, **options: Any):
+        """``lossless``: the lossless downlink's history (None: the stateless ``downlink-codec``);
+        ``recycle_log``: the weight-recycling events so far."""
+        super().__init__(run_config, ledger, aggregator.mask_mode, start, **options)
+        self.aggregator, self.mode, self.spec, self.lossless = aggregator, mode, spec, lossless
+        if run_config.recycle_every and not mode.recyclable:
             raise ValueError(f"recycle-every: weight recycling needs a top-k mask method (edge-popup, "
-                             f"biprop); {run_config['method']!r} trains {aggregator.mask_mode!r} masks")
-        self.recycle_log = RecycleLog()
-        self.prior: Prior | None = None
+                             f"biprop); {run_config['method']!r} trains {mode.name!r} masks")
+        self.recycle_log = recycle_log or RecycleLog()
+        self.prior: Prior | None = None  # what this round's uploads are coded against
+        self._reference: Masks | None = None  # the global mask of the broadcast this round's clients trained from
+        self._drift = DriftTally(None)
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
-        self.lossless: LosslessDownlink | None = None
-        if run_config.downlink_codec == "lossless":
-            self.resumed(0)
         self._global: tuple[State, Masks | None] | None = None  # (state, its global mask), the last one asked
 
     def global_mask(self, state: State) -> Masks | None:
-        """The global mask ``state`` implies (:func:`fedmask.diagnostics.global_mask`), kept for
-        the last state asked: a round's new state is the next round's previous one."""
+        """The global mask ``state`` implies, kept for the last state asked: a round's new
+        state is the next round's previous one."""
         if self._global is None or self._global[0] is not state:
-            self._global = (state, global_mask(state, self.aggregator.mask_mode, self.run_config.density,
-                                               self.spec.layout))
+            self._global = (state, self.mode.global_mask(state))
         return self._global[1]
 
-    def resumed(self, version: int) -> None:
-        """(Re)start the lossless downlink's history at the current state, made by round ``version``
-        (0: the seed's initial state, which clients can regenerate)."""
-        if self.run_config.downlink_codec == "lossless":
-            self.lossless = LosslessDownlink.create(self.aggregator, self.spec.layout, self.spec.fingerprint,
-                                                    self.aggregator.mask_mode, self.run_config.density,
-                                                    self.state, version)
+    # ------------------------------------------------------------ the broadcast
 
-    def _broadcast(self) -> tuple[dict[str, np.ndarray], State]:
+    def _coded_state(self) -> tuple[dict[str, np.ndarray], State]:
         """The coded broadcast of the current state and what clients decode from it.
 
         Evaluation after a round and the next round's broadcast need the same pair, so it
         is computed once per state.
         """
         if self._coded is None or self._coded[0] is not self.state:
-            if self.lossless is not None:  # per node (see configure_train); clients end with the exact state
+            if self.lossless is not None:  # per node (see train_messages); clients end with the exact state
                 exact = {name: np.asarray(value, dtype=np.float32) for name, value in self.state.items()}
                 self._coded = (self.state, {}, exact)
-                return {}, exact
-            encoded = encode_state(self.state, self.spec.layout, self.run_config.downlink_codec,
-                                   self.run_config.downlink_bits)
-            self._coded = (self.state, encoded, decode_state(encoded, self.spec.layout))
+            else:
+                encoded = encode_state(self.state, self.spec.layout, self.run_config.downlink_codec,
+                                       self.run_config.downlink_bits)
+                self._coded = (self.state, encoded, decode_state(encoded, self.spec.layout))
         return self._coded[1], self._coded[2]
 
     def deployed(self) -> State:
         """The current state as clients hold it after the downlink codec (what they train from)."""
-        return self._broadcast()[1]
+        return self._coded_state()[1]
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        encoded, broadcast = self._broadcast()
-        self.prior = mask_prior(broadcast, self.aggregator.mask_mode, self.run_config.density)
-        messages = list(super().configure_train(server_round, state_record(encoded), config, grid))
+    def broadcast(self) -> ArrayRecord:
+        return state_record(self._coded_state()[0])
+
+    def train_messages(self, server_round: int, grid: Grid) -> list[Message]:
+        deployed = self.deployed()
+        self.prior = self.mode.prior(deployed)
+        self._reference = self.mode.global_mask(deployed)
+        messages = super().train_messages(server_round, grid)
         if self.lossless is not None:
-            self._lossless_messages(server_round + self.round_offset, messages)
+            self._lossless_messages(server_round, messages)
         if self.run_config.recycle_every:
             record = self.recycle_log.to_record()
             for message in messages:
@@ -344,9 +430,12 @@ class MaskStrategy(SeededFedAvg):
         self.lossless.sent([m.metadata.dst_node_id for m in messages])
         self.outcome(server_round).broadcasts = kinds
 
-    def _confirmations(self, replies: list[Message]) -> None:
+    # ------------------------------------------------------------ the round
+
+    def received(self, replies: list[Message]) -> None:
         """What each node that answered now holds (lossless downlink); nodes that did not are forgotten."""
-        assert self.lossless is not None
+        if self.lossless is None:
+            return
         for reply in replies:
             node = self.ledger.sent_to.get(reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1))[1]
             record = reply.content.config_records.get(CONFIRM) if reply.has_content() else None
@@ -354,95 +443,47 @@ class MaskStrategy(SeededFedAvg):
                 self.lossless.confirm(node, record.get("version"), record.get("digest"))
         self.lossless.end_round()
 
-    def decode(self, reply: Message, lengths: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-        """The upload's binary tensors (masks, or Slot Machines' bit-planes), checked.
-
-        With ``lengths``, the upload's ideal and formula bits are measured in the same pass.
-        """
-        record = reply.content.array_records.get("arrays")
-        if record is None or list(record.keys()) != ["mask"] or len(reply.content.array_records) != 1:
-            keys = None if record is None else [str(k)[:40] for k in list(record.keys())[:5]]
-            raise RejectedReply(f"arrays: expected one ArrayRecord 'arrays' with one Array 'mask', got {keys}")
-        blob = reply_arrays(record)["mask"]
-        if blob.dtype != np.uint8 or blob.ndim != 1:
-            raise RejectedReply(f"arrays 'mask': expected a 1-D uint8 blob, got {blob.dtype} {blob.shape}")
-        if self.aggregator.mask_mode == "laperm":  # ranks, coded against the broadcast ranks
-            return laperm.decode_ranks(blob, self.spec.upload, self.spec.fingerprint, self.prior,
-                                       self.run_config.laperm_rank_step)
-        return decode_masks(blob, self.spec.upload, self.spec.fingerprint, self.prior, lengths)
-
-    def votes_of(self, bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the aggregator gets: the masks, or the slot indices the planes spell."""
-        if self.aggregator.mask_mode == "slots":
-            return planes_to_choices(bits, self.spec.layout)
-        return bits
-
-    def _measure_code(self, server_round: int, masks: dict[str, np.ndarray],
-                      lengths: dict[str, float] | None = None) -> None:
-        """Ideal code length under the uplink model, and FedPM's formula, for this mask
-        (``lengths`` when the decoder measured them already)."""
-        if self.aggregator.mask_mode == "laperm":
-            lengths = laperm.code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior,
-                                          self.run_config.laperm_rank_step)
-        elif not lengths:
-            lengths = code_lengths(masks, self.spec.upload, self.run_config.uplink_codec, self.prior)
-        outcome = self.outcome(server_round)
-        if outcome.code_lengths is None:
-            outcome.code_lengths = {"ideal_bits": 0.0, "formula_bits": 0.0}
-        totals = outcome.code_lengths
+    def decode(self, server_round: int, reply: Message) -> Masks:
+        """The upload's votes for the aggregation rule, checked; the code lengths and the
+        client's drift are measured on the way."""
+        lengths: dict[str, float] = {}
+        upload = self.mode.decode_upload(single_blob(reply, "mask"), self.spec.upload, self.spec.fingerprint,
+                                         self.prior, self.run_config.uplink_codec, lengths)
+        votes = self.mode.votes(upload, self.spec.layout)
+        totals = self.outcome(server_round).code_lengths
+        if totals is None:
+            totals = self.outcome(server_round).code_lengths = {"ideal_bits": 0.0, "formula_bits": 0.0}
         for key, value in lengths.items():
             totals[key] += value
+        self._drift.add(votes)
+        return votes
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
-        """Decode each usable upload, in partition order, and fold it into the aggregator
-        at once: the round's masks are never held together (streaming aggregation)."""
-        server_round += self.round_offset
-        replies = list(replies)
-        if self.lossless is not None:
-            self._confirmations(replies)
-        usable = []
+    def fold(self, server_round: int, decoded: Any, weight: float) -> None:
+        self.aggregator.fold(server_round, self.state, decoded, weight)
+
+    def discard(self) -> None:
         self.aggregator.discard()
         # client drift: each upload against the global mask of the broadcast it trained from
-        # (the prior the uplink decoder uses), folded in as counts (fedmask.diagnostics)
-        mode = self.aggregator.mask_mode
-        drift = DriftTally(None if self.prior is None else mask_of_prior(self.prior, mode, self.spec.layout))
-        for reply, weight in self.usable_replies(server_round, replies):
-            try:
-                lengths: dict[str, float] = {}
-                votes = self.votes_of(self.decode(reply, lengths))
-                self._measure_code(server_round, votes, lengths)
-            except (MaskCodecError, RejectedReply) as err:
-                self.reject(server_round, reply, str(err))
-                continue
-            except Exception as err:  # noqa: BLE001 - no reply may stop the server, whatever it holds
-                self.reject(server_round, reply, f"cannot decode: {type(err).__name__}: {str(err)[:200]}")
-                continue
-            self.aggregator.fold(server_round, self.state, votes, weight)
-            drift.add(votes)
-            usable.append((reply, weight))
-        if self.too_few(server_round, len(usable)):
-            self.aggregator.discard()
-            return None, None
-        new_state = self.aggregator.finish(server_round, self.state)
+        self._drift = DriftTally(self._reference)
+
+    def finish(self, server_round: int) -> State:
+        result = self.aggregator.finish(server_round, self.state)
+        if not isinstance(result, RoundResult):  # a plug-in's finish may return the state itself
+            result = RoundResult(result)
+        new_state = result.state
         self._check_state(new_state)
-        bernoulli = mode == "bernoulli"
+        figures = self.mode.state_diagnostics(new_state) | self.aggregator.state_diagnostics(new_state)
         self.outcome(server_round).diagnostics = round_diagnostics(
-            self.global_mask(self.state), self.global_mask(new_state), drift,
-            theta=new_state if bernoulli else None,
-            eps=self.run_config.fedpm_eps if bernoulli and isinstance(self.aggregator, FedPMAggregator) else None)
+            self.global_mask(self.state), self.global_mask(new_state), self._drift, figures)
         if self.lossless is not None:
-            recorded = getattr(self.aggregator, "last_round_votes", None)
-            if isinstance(self.aggregator, Replayable) and self.lossless.can_replay and recorded is not None:
-                votes, clients = recorded
-                self.lossless.record(server_round, self.state, new_state, votes, clients, self.aggregator.replay)
-            else:  # a plug-in (or a rule that replaced aggregate): full states only
-                self.lossless.record(server_round, self.state, new_state)
-        self.state = new_state
+            replay = self.aggregator.replay if isinstance(self.aggregator, Voting) else None
+            self.lossless.record(server_round, self.state, new_state, result.votes, result.clients, replay)
         if is_recycle_round(self.run_config, server_round):
             # from the state as clients decode it, so that any of them could derive it too
+            self.state = new_state
             plan = recycle_plan(self.deployed(), self.run_config.recycle_fraction)
             self.recycle_log.add(server_round, plan, self.spec.layout, self.spec.fingerprint)
-        return state_record(new_state), self.finish_round(server_round, usable)
+        return new_state
 
     def _check_state(self, new_state: State) -> None:
         """An aggregator (maybe a plug-in) must keep the state's names and shapes, as floats."""
@@ -458,43 +499,3 @@ class MaskStrategy(SeededFedAvg):
                                  f"'{name}'; expected floats")
             if not np.isfinite(got).all():
                 raise ValueError(f"{type(self.aggregator).__name__}.aggregate returned NaN/inf in '{name}'")
-
-
-class CompressedFedAvg(DenseFedAvg):
-    """The compressed dense baselines (SignSGD, EF-SignSGD, QSGD, top-k): clients upload a
-    coded update in one Array 'update'; the server decodes each, checks it like a mask, and
-    applies :func:`fedmask.compression.aggregate_updates`."""
-
-    def __init__(self, run_config: RunConfig, ledger: Ledger, reference: dict[str, np.ndarray], compressor: str):
-        super().__init__(run_config, ledger, reference)
-        self.compressor = compressor
-        self.layout = MaskLayout.from_arrays(reference)
-        self.fingerprint = self.layout.fingerprint(run_config.seed, run_config.model, "dense")
-
-    def decode_update(self, reply: Message) -> dict[str, np.ndarray]:
-        record = reply.content.array_records.get("arrays")
-        if record is None or list(record.keys()) != ["update"]:
-            keys = None if record is None else list(record.keys())
-            raise RejectedReply(f"arrays: expected one Array 'update', got {keys}")
-        try:
-            blob = checked_numpy(record["update"])
-        except BadArray as err:
-            raise RejectedReply(f"arrays 'update': {err}") from None
-        if blob.dtype != np.uint8 or blob.ndim != 1:
-            raise RejectedReply(f"arrays 'update': expected a 1-D uint8 array, got {blob.dtype} {blob.shape}")
-        return decompress(blob, self.layout, self.fingerprint, self.compressor, self.run_config.qsgd_levels)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # noqa: ANN201
-        server_round += self.round_offset
-        updates, good = [], []
-        for reply, weight in self.usable_replies(server_round, replies):
-            try:
-                updates.append(self.decode_update(reply))
-                good.append((reply, weight))
-            except (CompressionError, RejectedReply, ValueError, TypeError) as err:
-                self.reject(server_round, reply, str(err))
-        if self.too_few(server_round, len(good)):
-            return None, None
-        self.state = aggregate_updates(self.compressor, self.state, updates, [w for _, w in good],
-                                       self.run_config.signsgd_server_lr)
-        return state_record(self.state), self.finish_round(server_round, good)

@@ -1,6 +1,6 @@
 """The ``batched`` engine: the in-process grid, with a round's clients trained together.
 
-Messages cross the grid exactly as in :class:`server.inprocess_grid.InProcessGrid` (each
+Messages cross the grid exactly as in :class:`engines.inprocess.InProcessGrid` (each
 through Flower's protobuf serde both ways, each reply weighed by the server's ledger),
 but the train instructions pushed together are handed to
 :func:`clients.batched_client.train_many`, which trains the clients that share a config
@@ -16,7 +16,7 @@ from flwr.app import Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 
 from clients.batched_client import train_many
-from server.inprocess_grid import InProcessGrid, _over_the_wire
+from engines.inprocess import InProcessGrid, _over_the_wire
 
 
 class BatchedGrid(InProcessGrid):

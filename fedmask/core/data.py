@@ -32,8 +32,7 @@ from typing import cast
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "idx")
-PARTITIONERS = ("iid", "dirichlet", "classes")
+from fedmask.names import DATASETS, PARTITIONERS
 
 DEFAULT_DATA_DIR = Path("~/.cache/fedmask/data").expanduser()
 DOWNLOAD_TIMEOUT_S = 20.0

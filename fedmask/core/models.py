@@ -1,6 +1,6 @@
 """Model shapes from the papers, built from plain Linear/Conv2d so that masking composes.
 
-``build_model`` returns an ordinary dense PyTorch model; :func:`fedmask.masking.to_masked`
+``build_model`` returns an ordinary dense PyTorch model; :func:`fedmask.core.masking.to_masked`
 turns it into a masked one. The dense form is what the FedAvg baseline trains.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODELS = ("mlp", "lenet-300-100", "conv2", "conv4", "conv6", "resnet18")
+from fedmask.names import MODELS
 
 # Conv widths per block (two convs then a 2x2 max-pool per block), as in the lottery-ticket
 # and FedPM papers; each is followed by a 256-256-classes dense head.

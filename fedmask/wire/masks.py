@@ -1,4 +1,4 @@
-"""Masks to bytes and back, with a header that lets the receiver refuse what is not ours.
+"""Binary masks to bytes and back (format ``FMSK`` on :mod:`fedmask.wire.frame`).
 
 Wire format (little-endian): a 28-byte header, then the payload::
 
@@ -41,24 +41,32 @@ mask.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import constriction
 import numpy as np
 
-MAGIC = b"FMSK"
+from fedmask.wire.frame import (
+    Frame,
+    Layout,
+    Reader,
+    bernoulli,
+    blob_bytes,
+    categorical,
+    coded_bytes,
+    decoding,
+    encoder,
+)
+
 FORMAT_VERSION = 3  # 2: side sections coded per group of equal prior values; 3: and eight bits a symbol
 # Decoded too: format 2, in which earlier versions wrote checkpoints (the recycling log holds uploads)
 READABLE_FORMATS = (2, 3)
 CODEC_PACKBITS = 1
 CODEC_ENTROPY = 2
-UPLINK_CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
+CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
 MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY = 0, 1, 2
 _SECTION = struct.Struct("<BII")
 SIDE_GROUPS_MAX = 4096  # more distinct prior values: the side model codes bit by bit
@@ -67,49 +75,46 @@ SECTION_BYTES = _SECTION.size
 # An entropy-coded section must beat the packed bits by this much to be chosen: the range
 # coder ends on a whole 32-bit word and may need one more.
 _CODER_SLACK_BYTES = 8
-# The header's fields in wire order, with their struct formats; the offsets below follow.
-HEADER_FIELDS = (("magic", "4s"), ("format", "B"), ("codec", "B"), ("reserved", "H"),
-                 ("bit count", "Q"), ("fingerprint", "8s"), ("crc32", "I"))
-_HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
-HEADER_BYTES = _HEADER.size
+# The upload header (masks here, LaPerm's ranks with their own magic): its fields after the magic.
+UPLOAD_FIELDS = (("format version", "B"), ("codec", "B"), ("reserved", "H"), ("bit count", "Q"),
+                 ("fingerprint", "8s"), ("crc32", "I"))
+FRAME = Frame("mask", b"FMSK", UPLOAD_FIELDS)
+HEADER_BYTES = FRAME.size
 
 
-def header_field(name: str) -> slice:
-    """The bytes of one header field in an upload, e.g. ``blob[header_field("crc32")]``."""
-    names = [field for field, _ in HEADER_FIELDS]
-    index = names.index(name)
-    start = struct.calcsize("<" + "".join(fmt for _, fmt in HEADER_FIELDS[:index]))
-    return slice(start, start + struct.calcsize("<" + HEADER_FIELDS[index][1]))
+def read_upload_header(frame: Frame, blob: object, layout: Layout, fingerprint: bytes,
+                       versions: tuple[int, ...]) -> tuple[dict[str, Any], bytes]:
+    """The header's fields and the whole upload's bytes, after checking everything in the
+    header: a 1-D uint8 array at least a header long, the magic, a format version of
+    ``versions``, the codec (packbits or entropy), a zero reserved field, the layout's count
+    and the fingerprint. Shared by every upload in this header (masks here, LaPerm's ranks)."""
+    raw = blob_bytes(blob, frame)
+    fields, _ = frame.read(raw)
+    if fields["magic"] != frame.magic:
+        raise frame.error("magic", frame.magic, fields["magic"])
+    if fields["format version"] not in versions:
+        raise frame.error("format version", " or ".join(map(str, versions)), fields["format version"])
+    if fields["codec"] not in CODECS.values():
+        raise frame.error("codec", "1 (packbits) or 2 (entropy)", fields["codec"])
+    if fields["reserved"] != 0:
+        raise frame.error("reserved", 0, fields["reserved"])
+    if fields["bit count"] != layout.num_params:
+        raise frame.error("bit count", layout.num_params, fields["bit count"])
+    if fields["fingerprint"] != fingerprint:
+        raise frame.error("fingerprint", f"{fingerprint.hex()} (this seed, model, init)",
+                          f"{fields['fingerprint'].hex()} (another model)")
+    return fields, raw
 
 
-FINGERPRINT_BYTES = header_field("fingerprint")
-
-
-class MaskCodecError(ValueError):
-    """An upload that cannot be a mask for this model; says which field and why."""
-
-    def __init__(self, field: str, expected: object, got: object):
-        self.field, self.expected, self.got = field, expected, got
-        super().__init__(f"mask rejected: {field}: expected {expected}, got {got}")
-
-
-@dataclass(frozen=True)
-class MaskLayout:
-    """The masked tensors of a model, by name and shape, in wire order."""
-
-    shapes: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MaskLayout:
-        return cls(tuple((name, tuple(a.shape)) for name, a in sorted(arrays.items())))
-
-    @property
-    def num_params(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.shapes)
-
-    def fingerprint(self, seed: int, model: str, init: str) -> bytes:
-        """8 bytes that differ for any other seed, model, init or tensor layout."""
-        return hashlib.sha256(repr((seed, model, init, self.shapes)).encode()).digest()[:8]
+def check_side_crc(frame: Frame, raw: bytes, side: str | None, digest: int | None, broadcast: str) -> None:
+    """The payload's CRC32, seeded with the side information's ``digest`` when a section
+    (``side``, the first one) was coded against the broadcast: so a payload decoded against
+    another broadcast than it was coded for is refused. ``broadcast`` names what it is."""
+    if side is not None and digest is None:
+        raise frame.error(f"section '{side}' side information", broadcast, "none")
+    seed = digest if side is not None and digest is not None else 0
+    frame.check_crc(raw, seed, "corrupted payload, or coded against another broadcast" if seed
+                    else "corrupted payload")
 
 
 Prior = dict[str, np.ndarray]
@@ -117,35 +122,34 @@ Prior = dict[str, np.ndarray]
 
 def encode_masks(
     masks: dict[str, np.ndarray],
-    layout: MaskLayout,
+    layout: Layout,
     fingerprint: bytes,
     codec: str = "packbits",
     prior: Prior | None = None,
 ) -> np.ndarray:
-    """The masks as a uint8 upload; ``prior`` (see :func:`mask_prior`) enables the side model."""
-    if sorted(masks) != [name for name, _ in layout.shapes]:
-        raise ValueError(f"masks: expected tensors {[n for n, _ in layout.shapes]}, got {sorted(masks)}")
-    if codec not in UPLINK_CODECS:
-        raise ValueError(f"uplink-codec: expected one of {', '.join(UPLINK_CODECS)}, got {codec!r}")
-    bits = [np.asarray(masks[name], dtype=bool).ravel() for name, _ in layout.shapes]
+    """The masks as a uint8 upload; ``prior`` (P(bit = 1) per weight, from the broadcast)
+    enables the side model."""
+    if sorted(masks) != layout.names:
+        raise ValueError(f"masks: expected tensors {layout.names}, got {sorted(masks)}")
+    if codec not in CODECS:
+        raise ValueError(f"uplink-codec: expected one of {', '.join(CODECS)}, got {codec!r}")
+    bits = [np.asarray(masks[name], dtype=bool).ravel() for name in layout.names]
     if codec == "packbits":
-        payload = np.packbits(np.concatenate(bits))
+        payload = np.packbits(np.concatenate(bits)).tobytes()
     else:
-        sections = [_encode_section(b, None if prior is None else _tables(prior, name))
-                    for b, (name, _) in zip(bits, layout.shapes)]
-        payload = np.frombuffer(b"".join(sections), dtype=np.uint8)
-    payload_bytes = payload.tobytes()
-    uses_prior = codec == "entropy" and _first_side_section(payload_bytes, layout) is not None
-    crc = zlib.crc32(payload_bytes, _prior_digest(prior, layout) if uses_prior else 0)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, UPLINK_CODECS[codec], 0, layout.num_params, fingerprint, crc)
-    return np.concatenate([np.frombuffer(header, dtype=np.uint8), payload])
+        payload = b"".join(_encode_section(b, None if prior is None else _tables(prior, name))
+                           for b, name in zip(bits, layout.names))
+    uses_prior = codec == "entropy" and _first_side_section(payload, layout) is not None
+    values = {"format version": FORMAT_VERSION, "codec": CODECS[codec], "reserved": 0,
+              "bit count": layout.num_params, "fingerprint": fingerprint}
+    return FRAME.pack(values, payload, _prior_digest(prior, layout) if uses_prior else 0)
 
 
 def decode_masks(
-    blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None = None,
+    blob: object, layout: Layout, fingerprint: bytes, prior: Prior | None = None,
     lengths: dict[str, float] | None = None, formats: tuple[int, ...] = (FORMAT_VERSION,),
 ) -> dict[str, np.ndarray]:
-    """The masks in ``blob``, or :class:`MaskCodecError` naming the first thing wrong.
+    """The masks in ``blob``, or :class:`WireError` naming the first thing wrong.
 
     With a ``lengths`` dict, also what :func:`code_lengths` reports for the upload
     (``ideal_bits`` under the models the sections name, ``formula_bits``), measured in the
@@ -157,17 +161,37 @@ def decode_masks(
     recycling log of an older checkpoint, checked by its digests) is read with
     :data:`READABLE_FORMATS`.
     """
+    fields, raw = read_upload_header(FRAME, blob, layout, fingerprint, formats)
+    num_bits = layout.num_params
+    packed_len = HEADER_BYTES + (num_bits + 7) // 8
+    longest = packed_len + SECTION_BYTES * len(layout.shapes) + 64
+    if fields["codec"] == CODEC_PACKBITS and len(raw) != packed_len:
+        raise FRAME.error("length", f"{packed_len} bytes", f"{len(raw)} bytes")
+    if fields["codec"] == CODEC_ENTROPY and len(raw) > longest:
+        raise FRAME.error("length", f"at most {longest} bytes (never more than packed bits)", f"{len(raw)} bytes")
+    payload = raw[HEADER_BYTES:]
+    side = _first_side_section(payload, layout) if fields["codec"] == CODEC_ENTROPY else None
+    check_side_crc(FRAME, raw, side, None if prior is None or side is None else _prior_digest(prior, layout),
+                   "the last broadcast state")
     sections: list[tuple[str, int, int]] = []
-    out = _decode_masks(blob, layout, fingerprint, prior, sections, formats)
+    if fields["codec"] == CODEC_PACKBITS:
+        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=num_bits).astype(bool)
+        out, start = {}, 0
+        for name, shape in layout.shapes:
+            size = math.prod(shape)
+            out[name] = bits[start : start + size].reshape(shape)
+            start += size
+    else:
+        out = _decode_sections(payload, layout, prior, sections, bytewise=fields["format version"] >= 3)
     if lengths is not None:
         lengths.update(_measured_lengths(out, layout, prior, sections))
     return out
 
 
-def _measured_lengths(masks: dict[str, np.ndarray], layout: MaskLayout, prior: Prior | None,
+def _measured_lengths(masks: dict[str, np.ndarray], layout: Layout, prior: Prior | None,
                       sections: list[tuple[str, int, int]]) -> dict[str, float]:
     """Ideal bits of decoded masks under the models their sections were coded with."""
-    ones = {name: int(np.count_nonzero(masks[name])) for name, _ in layout.shapes}
+    ones = {name: int(np.count_nonzero(masks[name])) for name in layout.names}
     if not sections:  # packed bits: one bit per parameter
         ideal = float(layout.num_params)
     else:
@@ -191,158 +215,7 @@ def _formula_bits(ones: int, n: int) -> float:
     return n * entropy + math.log2(n)
 
 
-def check_payload_crc(payload: bytes, crc: int, side: str | None, prior: Any,
-                      prior_digest: Callable[[Any], int], broadcast: str) -> None:
-    """The payload's CRC32, seeded with ``prior_digest(prior)`` when a section (``side``, the
-    first one) was coded against the broadcast: so a payload decoded against another
-    broadcast than it was coded for is refused. ``broadcast`` names what the prior is.
-
-    Shared by every upload in this header format (masks here, LaPerm's ranks).
-    """
-    seed = 0
-    if side is not None:
-        if prior is None:
-            raise MaskCodecError(f"section '{side}' side information", broadcast, "none")
-        seed = prior_digest(prior)
-    got = zlib.crc32(payload, seed)
-    if got != crc:
-        why = "corrupted payload, or coded against another broadcast" if seed else "corrupted payload"
-        raise MaskCodecError("crc32", f"{crc:08x}", f"{got:08x} ({why})")
-
-
-def check_header(blob: object, layout: MaskLayout, fingerprint: bytes, magic: bytes = MAGIC,
-                 format_version: int | tuple[int, ...] = FORMAT_VERSION) -> tuple[int, int]:
-    """The (codec, crc32) of an upload's header, after checking everything in it.
-
-    Shared by every upload in this header format (masks here, LaPerm's ranks with their own
-    magic): a 1-D uint8 array at least a header long, the magic, format version, codec
-    (packbits or entropy), zero reserved field, the layout's count and the fingerprint.
-    Raises :class:`MaskCodecError` naming the first field that is wrong.
-    """
-    if not isinstance(blob, np.ndarray):
-        raise MaskCodecError("type", "numpy.ndarray", type(blob).__name__)
-    if blob.dtype != np.uint8:
-        raise MaskCodecError("dtype", "uint8", str(blob.dtype))
-    if blob.ndim != 1:
-        raise MaskCodecError("shape", "1-D", f"{blob.ndim}-D {blob.shape}")
-    if blob.size < HEADER_BYTES:
-        raise MaskCodecError("length", f"at least {HEADER_BYTES} bytes", f"{blob.size} bytes")
-    got_magic, version, codec, reserved, count, got_fp, crc = _HEADER.unpack(
-        np.ascontiguousarray(blob[:HEADER_BYTES]).tobytes())
-    if got_magic != magic:
-        raise MaskCodecError("magic", magic, got_magic)
-    accepted = format_version if isinstance(format_version, tuple) else (format_version,)
-    if version not in accepted:
-        raise MaskCodecError("format version", " or ".join(map(str, accepted)), version)
-    if codec not in UPLINK_CODECS.values():
-        raise MaskCodecError("codec", "1 (packbits) or 2 (entropy)", codec)
-    if reserved != 0:
-        raise MaskCodecError("reserved", 0, reserved)
-    if count != layout.num_params:
-        raise MaskCodecError("bit count", layout.num_params, count)
-    if got_fp != fingerprint:
-        raise MaskCodecError(
-            "fingerprint", f"{fingerprint.hex()} (this seed, model, init)", f"{got_fp.hex()} (another model)"
-        )
-    return codec, crc
-
-
-def _decode_masks(blob: object, layout: MaskLayout, fingerprint: bytes, prior: Prior | None,
-                  sections: list[tuple[str, int, int]], formats: tuple[int, ...]) -> dict[str, np.ndarray]:
-    codec, crc = check_header(blob, layout, fingerprint, format_version=formats)
-    assert isinstance(blob, np.ndarray)
-    bytewise = int(blob[header_field("format").start]) >= 3
-    blob = np.ascontiguousarray(blob)
-    num_bits = layout.num_params
-    packed_len = HEADER_BYTES + (num_bits + 7) // 8
-    if codec == CODEC_PACKBITS and blob.size != packed_len:
-        raise MaskCodecError("length", f"{packed_len} bytes", f"{blob.size} bytes")
-    if codec == CODEC_ENTROPY and blob.size > packed_len + SECTION_BYTES * len(layout.shapes) + 64:
-        raise MaskCodecError("length", f"at most {packed_len + SECTION_BYTES * len(layout.shapes) + 64} "
-                             "bytes (never more than packed bits)", f"{blob.size} bytes")
-    payload = blob[HEADER_BYTES:]
-    payload_bytes = payload.tobytes()
-    side = _first_side_section(payload_bytes, layout) if codec == CODEC_ENTROPY else None
-    check_payload_crc(payload_bytes, crc, side, prior, lambda p: _prior_digest(p, layout), "the last broadcast state")
-    if codec == CODEC_PACKBITS:
-        bits = np.unpackbits(payload, count=num_bits).astype(bool)
-        out, start = {}, 0
-        for name, shape in layout.shapes:
-            size = math.prod(shape)
-            out[name] = bits[start : start + size].reshape(shape)
-            start += size
-        return out
-    return _decode_sections(payload.tobytes(), layout, prior, sections, bytewise)
-
-
-def slot_bits(slots: int) -> int:
-    """Bits that carry one slot index: ceil(log2 K)."""
-    return max(1, math.ceil(math.log2(slots)))
-
-
-def upload_layout(layout: MaskLayout, mask_mode: str) -> MaskLayout:
-    """The binary tensors a client uploads, given the state's layout.
-
-    Masks have the state's shapes. A Slot Machines state is (K, *shape) scores per tensor;
-    its upload is the chosen index per connection as ceil(log2 K) bit-planes
-    ``name/bit0`` (least significant) ... , each of the connection shape, so the one
-    binary codec (packed or entropy-coded) carries it.
-    """
-    if mask_mode != "slots":
-        return layout
-    planes = [(f"{name}/bit{j}", shape[1:]) for name, shape in layout.shapes for j in range(slot_bits(shape[0]))]
-    return MaskLayout(tuple(sorted(planes)))
-
-
-def choices_to_planes(choices: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
-    """Slot indices (integers < K) as the bit-planes of :func:`upload_layout`."""
-    return {f"{name}/bit{j}": ((index.astype(np.int64) >> j) & 1).astype(bool)
-            for name, index in choices.items() for j in range(slot_bits(slots))}
-
-
-def planes_to_choices(planes: dict[str, np.ndarray], layout: MaskLayout) -> dict[str, np.ndarray]:
-    """The slot indices back from bit-planes; an index >= K (possible when K is not a
-    power of two) is a :class:`MaskCodecError`."""
-    out = {}
-    for name, shape in layout.shapes:
-        slots = shape[0]
-        index = np.zeros(shape[1:], dtype=np.int64)
-        for j in range(slot_bits(slots)):
-            index |= planes[f"{name}/bit{j}"].astype(np.int64) << j
-        if index.size and int(index.max()) >= slots:
-            raise MaskCodecError(f"'{name}' slot index", f"< {slots} (slots)", int(index.max()))
-        out[name] = index.astype(np.uint8)
-    return out
-
-
-def mask_prior(state: dict[str, np.ndarray], mask_mode: str, density: float) -> Prior:
-    """What both ends know of a client's next mask: P(bit = 1) per weight.
-
-    FedPM broadcasts theta, the probability itself. Edge-popup broadcasts scores; their
-    global top-k selection (0 or 1) is the prior, and the coder adds a flip rate. Slot
-    Machines broadcasts (K, *shape) scores: each bit-plane's prior is that bit of the
-    global argmax index (also under probabilistic selection: argmax is exact comparisons,
-    so every machine derives the same prior, where a softmax's ``exp`` may differ in the
-    last bit between CPUs and make the CRC refuse every upload). LaPerm broadcasts ranks:
-    the prior is those ranks, as integers (see :mod:`fedmask.laperm`).
-    """
-    from fedmask.masking import topk_mask_np
-
-    if mask_mode == "bernoulli":
-        return {k: v.astype(np.float64) for k, v in state.items()}
-    if mask_mode == "laperm":  # the broadcast ranks: uploads are coded as displacements from them
-        return {k: np.rint(v).astype(np.int64) for k, v in state.items()}
-    if mask_mode == "slots":
-        prior: dict[str, np.ndarray] = {}
-        for name, scores in state.items():
-            planes = choices_to_planes({name: np.argmax(scores, axis=0)}, scores.shape[0])
-            prior |= {k: v.astype(np.float64) for k, v in planes.items()}
-        return prior
-    # topk and biprop: the state is scores, the prior their global top-k
-    return {k: topk_mask_np(np.abs(v), density).astype(np.float64) for k, v in state.items()}
-
-
-def _first_side_section(payload: bytes, layout: MaskLayout) -> str | None:
+def _first_side_section(payload: bytes, layout: Layout) -> str | None:
     """The first tensor whose section header (read within bounds, before the CRC check)
     says it was coded against the broadcast state."""
     offset = 0
@@ -356,7 +229,7 @@ def _first_side_section(payload: bytes, layout: MaskLayout) -> str | None:
     return None
 
 
-def _prior_digest(prior: Prior | None, layout: MaskLayout) -> int:
+def _prior_digest(prior: Prior | None, layout: Layout) -> int:
     """CRC32 of the prior's float64 values in layout order (what both ends code against).
 
     A round codes every client's mask against one prior: the digest is computed once per
@@ -370,10 +243,10 @@ def _prior_digest(prior: Prior | None, layout: MaskLayout) -> int:
         digest = 0
         for name, shape in layout.shapes:
             if name not in prior:
-                raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
+                raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
             values = _tables(prior, name).values
             if values.size != math.prod(shape):
-                raise MaskCodecError(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
+                raise FRAME.error(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
             digest = zlib.crc32(values.tobytes(), digest)
         entry.digests[key] = digest
     return entry.digests[key]
@@ -542,13 +415,13 @@ def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
     if model == MODEL_PACKED:
         data = np.packbits(bits).tobytes()
     else:
-        encoder = constriction.stream.queue.RangeEncoder()
+        coder = encoder()
         if model == MODEL_FREQUENCY:
-            _encode_run(encoder, bits, _frequency_probs(param, bits.size))
+            _encode_run(coder, bits, _frequency_probs(param, bits.size))
         else:
             assert tables is not None  # the side model is chosen only when there is a prior
-            _side_encode(encoder, bits, tables, param)
-        data = encoder.get_compressed().astype("<u4").tobytes()
+            _side_encode(coder, bits, tables, param)
+        data = coded_bytes(coder)
     return _SECTION.pack(model, param, len(data)) + data
 
 
@@ -561,24 +434,24 @@ def _byte_model(prob: float) -> Any:
     table = np.ones(256)
     for bit in _BYTE_BITS:
         table = table * np.where(bit, prob, 1.0 - prob)
-    return constriction.stream.model.Categorical(table, perfect=False)
+    return categorical(table)
 
 
-def _encode_run(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarray, prob: float) -> None:
+def _encode_run(encoder: Any, bits: np.ndarray, prob: float) -> None:
     """Bits that are each 1 with probability ``prob``: whole bytes as symbols, then the last
     ``size % 8`` one by one."""
     whole = bits.size - bits.size % 8
     if whole:
         encoder.encode(np.packbits(bits[:whole]).astype(np.int32), _byte_model(prob))
     if whole < bits.size:
-        encoder.encode(bits[whole:].astype(np.int32), constriction.stream.model.Bernoulli(prob, perfect=False))
+        encoder.encode(bits[whole:].astype(np.int32), bernoulli(prob))
 
 
-def _decode_run(decoder: constriction.stream.queue.RangeDecoder, size: int, prob: float,
+def _decode_run(decoder: Any, size: int, prob: float,
                 bytewise: bool = True) -> np.ndarray:
     """Inverse of :func:`_encode_run`: ``size`` bits, as bool (``bytewise`` False: format 2,
     every bit its own symbol)."""
-    bit_model = constriction.stream.model.Bernoulli(prob, perfect=False)
+    bit_model = bernoulli(prob)
     whole = size - size % 8 if bytewise else 0
     pieces = [np.unpackbits(decoder.decode(_byte_model(prob), whole // 8).astype(np.uint8)).astype(bool)] \
         if whole else []
@@ -648,11 +521,11 @@ def _run_plan(tables: _SideTables, param: int) -> _RunPlan:
     return plan
 
 
-def _side_encode(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarray, tables: _SideTables,
+def _side_encode(encoder: Any, bits: np.ndarray, tables: _SideTables,
                  param: int) -> None:
     """The side model's bits: group by group (one fixed probability each) or bit by bit."""
     if tables.groups is None:
-        encoder.encode(bits.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False),
+        encoder.encode(bits.astype(np.int32), bernoulli(),
                        _side_q(tables, param))
         return
     plan = _run_plan(tables, param)
@@ -664,17 +537,17 @@ def _side_encode(encoder: constriction.stream.queue.RangeEncoder, bits: np.ndarr
         encoder.encode(run_symbols[start : start + count], byte_model)
         start += count
     if plan.tail_probs.size:
-        encoder.encode(ordered[layout.run_bits :].astype(np.int32), constriction.stream.model.Bernoulli(perfect=False),
+        encoder.encode(ordered[layout.run_bits :].astype(np.int32), bernoulli(),
                        plan.tail_probs)
 
 
-def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideTables, param: int,
+def _side_decode(decoder: Any, tables: _SideTables, param: int,
                  bytewise: bool = True) -> np.ndarray:
     """Inverse of :func:`_side_encode` (``bytewise`` False: format 2, where a group's bits
     were coded one by one, group after group)."""
     groups = tables.groups
     if groups is None:
-        return decoder.decode(constriction.stream.model.Bernoulli(perfect=False), _side_q(tables, param))
+        return decoder.decode(bernoulli(), _side_q(tables, param))
     symbols = np.empty(tables.values.size, dtype=bool)
     if not bytewise:
         pieces = [_decode_run(decoder, count, prob, bytewise=False)
@@ -688,7 +561,7 @@ def _side_decode(decoder: constriction.stream.queue.RangeDecoder, tables: _SideT
     if runs:
         ordered[: layout.run_bits] = np.unpackbits(np.concatenate(runs).astype(np.uint8))
     if plan.tail_probs.size:
-        ordered[layout.run_bits :] = decoder.decode(constriction.stream.model.Bernoulli(perfect=False),
+        ordered[layout.run_bits :] = decoder.decode(bernoulli(),
                                                     plan.tail_probs)
     symbols[layout.order] = ordered
     return symbols
@@ -701,23 +574,17 @@ def _side_q(tables: _SideTables, param: int) -> np.ndarray:
     return _side_probs(tables.values, param)
 
 
-def _decode_sections(payload: bytes, layout: MaskLayout, prior: Prior | None,
+def _decode_sections(payload: bytes, layout: Layout, prior: Prior | None,
                      sections: list[tuple[str, int, int]], bytewise: bool = True) -> dict[str, np.ndarray]:
-    out, offset = {}, 0
+    out, reader = {}, Reader(payload, FRAME)
     for name, shape in layout.shapes:
-        size = math.prod(shape)
-        if offset + SECTION_BYTES > len(payload):
-            raise MaskCodecError(f"section '{name}'", "a 9-byte section header", "end of payload")
-        model, param, length = _SECTION.unpack_from(payload, offset)
-        offset += SECTION_BYTES
-        if offset + length > len(payload):
-            raise MaskCodecError(f"section '{name}' length", f"<= {len(payload) - offset} bytes", length)
-        data = payload[offset : offset + length]
-        offset += length
-        out[name] = _decode_section(name, model, param, data, size, prior, bytewise).reshape(shape)
+        model, param, length = reader.unpack(_SECTION, f"section '{name}'", "a 9-byte section header")
+        if length > reader.left:
+            raise FRAME.error(f"section '{name}' length", f"<= {reader.left} bytes", length)
+        data = reader.take(length, f"section '{name}'")
+        out[name] = _decode_section(name, model, param, data, math.prod(shape), prior, bytewise).reshape(shape)
         sections.append((name, model, param))
-    if offset != len(payload):
-        raise MaskCodecError("length", f"{HEADER_BYTES + offset} bytes", f"{HEADER_BYTES + len(payload)} bytes")
+    reader.end()
     return out
 
 
@@ -726,35 +593,29 @@ def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
     """One section's bits; ``bytewise`` False: format 2, every bit its own coder symbol."""
     if model == MODEL_PACKED:
         if len(data) != (size + 7) // 8:
-            raise MaskCodecError(f"section '{name}' length", (size + 7) // 8, len(data))
+            raise FRAME.error(f"section '{name}' length", (size + 7) // 8, len(data))
         return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=size).astype(bool)
     if model not in (MODEL_SIDE, MODEL_FREQUENCY):
-        raise MaskCodecError(f"section '{name}' model", "0 (packed), 1 (side) or 2 (frequency)", model)
-    if len(data) % 4:
-        raise MaskCodecError(f"section '{name}' length", "a multiple of 4 bytes", len(data))
+        raise FRAME.error(f"section '{name}' model", "0 (packed), 1 (side) or 2 (frequency)", model)
     if model == MODEL_FREQUENCY and param > size:
-        raise MaskCodecError(f"section '{name}' ones", f"<= {size}", param)
+        raise FRAME.error(f"section '{name}' ones", f"<= {size}", param)
     if model == MODEL_SIDE and (prior is None or name not in prior):
-        raise MaskCodecError(f"section '{name}' side information", "the last broadcast state", "none")
-    words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
-    try:
-        decoder = constriction.stream.queue.RangeDecoder(words)
+        raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
+    with decoding(FRAME, f"section '{name}' stream", data) as decoder:
         if model == MODEL_FREQUENCY:
             symbols = _decode_run(decoder, size, _frequency_probs(param, size), bytewise)
         else:
             assert prior is not None  # checked above for the side model
             tables = _tables(prior, name)
             if tables.values.size != size:
-                raise MaskCodecError(f"side information '{name}'", f"{size} values", tables.values.size)
+                raise FRAME.error(f"side information '{name}'", f"{size} values", tables.values.size)
             symbols = _side_decode(decoder, tables, param, bytewise)
-    except Exception as err:  # noqa: BLE001 - whatever the coder says, the stream is bad
-        raise MaskCodecError(f"section '{name}' stream", "a valid range-coded stream", str(err)) from None
     if symbols.size != size:
-        raise MaskCodecError(f"section '{name}' symbols", size, symbols.size)
+        raise FRAME.error(f"section '{name}' symbols", size, symbols.size)
     return symbols.astype(bool)
 
 
-def code_lengths(masks: dict[str, np.ndarray], layout: MaskLayout, codec: str,
+def code_lengths(masks: dict[str, np.ndarray], layout: Layout, codec: str,
                  prior: Prior | None) -> dict[str, float]:
     """Ideal bits under the models the encoder chose, and FedPM's formula for the same mask.
 

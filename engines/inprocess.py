@@ -5,7 +5,7 @@ is delivered, as it would over the wire, so a client never shares an object with
 server. A ClientApp that raises becomes an error reply, as in Flower's engines. Use it for
 fast tests and debugging (``fedmask run --engine inprocess``); it runs one client at a time,
 when the instructions are pushed. ``send_and_receive`` honours its timeout as
-:class:`fedmask.ledger.MeasuringGrid` does: a simulated slow client's reply arrives its
+:class:`fedmask.record.ledger.MeasuringGrid` does: a simulated slow client's reply arrives its
 delay after the others, and is lost if that is past the deadline.
 """
 
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmask.ledger import Ledger, MeasuringGrid
+from fedmask.record.ledger import Ledger, MeasuringGrid
 
 _RUN_ID = 1
 
@@ -58,7 +58,7 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return Run.create_empty(_RUN_ID)
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -71,7 +71,7 @@ class InProcessGrid(Grid):
             delivered = _over_the_wire(message)
             try:
                 reply = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
-            except Exception as err:  # noqa: BLE001 - an engine turns any client failure into a reply
+            except Exception as err:  # an engine turns any client failure into a reply
                 reason = f"{type(err).__name__}: {err}"
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=delivered)
             reply.metadata.__dict__["_message_id"] = str(uuid4())

@@ -40,7 +40,7 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             raise BadArray(f"unsupported .npy version {version}")
     except BadArray:
         raise
-    except Exception as err:  # noqa: BLE001 - any parse failure is a bad array
+    except Exception as err:  # any parse failure is a bad array
         raise BadArray(f"not a valid .npy ({type(err).__name__}: {err})") from None
     return tuple(shape), bool(fortran), np.dtype(dtype), stream.tell()
 

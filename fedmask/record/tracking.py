@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-TRACKERS = ("none", "tensorboard", "mlflow")
+from fedmask.names import TRACKERS
 
 
 class TrackerMissing(ImportError):

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 from rich.console import Console
 
-from fedmask.diagnostics import DIAGNOSTIC_KEYS
-from fedmask.failures import FAILURE_KINDS, Failure
-from fedmask.ledger import Ledger
-from fedmask.totals import round_total_fields
-from fedmask.tracking import make_tracker
+from fedmask.record.diagnostics import DIAGNOSTIC_KEYS
+from fedmask.record.failures import FAILURE_KINDS, Failure
+from fedmask.record.ledger import Ledger
+from fedmask.record.totals import round_total_fields
+from fedmask.record.tracking import make_tracker
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -76,7 +76,7 @@ class RoundOutcome:
     code_lengths: dict[str, float] | None = None  # ideal and formula bits of the round's uploads
     skipped: str | None = None  # why the round left the global state unchanged
     broadcasts: dict[str, int] | None = None  # lossless downlink: nodes sent each kind (full, replay, standalone)
-    # mask diagnostics (fedmask.diagnostics.DIAGNOSTIC_KEYS); None: not computed (dense, SecAgg+, skipped)
+    # mask diagnostics (fedmask.record.diagnostics.DIAGNOSTIC_KEYS); None: not computed (dense, SecAgg+, skipped)
     diagnostics: dict[str, float | None] | None = None
 
     def add_failure(self, failure: Failure) -> None:
@@ -94,7 +94,7 @@ class RunRecorder:
         """A fresh run directory, or with ``resume_after`` the rounds up to that one kept.
 
         ``fedavg``: one FedAvg round trip of the same architecture, weighed
-        (:func:`fedmask.totals.fedavg_round_bytes`); the rounds' totals are compared with it.
+        (:func:`fedmask.record.totals.fedavg_round_bytes`); the rounds' totals are compared with it.
         """
         self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
         self.fedavg = fedavg

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-INITS = ("signed-kaiming-constant", "kaiming-normal", "kaiming-uniform", "signed-constant-e", "glorot-uniform")
+from fedmask.names import INITS
 
 
 def derive_seed(*parts: object) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmask.weights import derive_seed
+from fedmask.core.weights import derive_seed
 
 
 def sample_partitions(seed: int, num_clients: int, clients_per_round: int, server_round: int) -> list[int]:

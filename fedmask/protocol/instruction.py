@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmask.config import ConfigError, RunConfig
-from fedmask.masking import MASK_MODES
+from fedmask.names import MASK_MODES
 
 CONFIG_KEY = "run-config"
 INSTRUCTION_KEYS = (CONFIG_KEY, "server-round", "partition-id", "mask-mode", "node-data")
@@ -35,7 +35,7 @@ class TrainInstruction:
     partition_id: int
     mask_mode: str | None  # None: the dense baseline
     # A deployment: a node that holds a partition of its own (node config) trains on it
-    # (fedmask.placement); in simulation every node trains the partition named here.
+    # (fedmask.protocol.placement); in simulation every node trains the partition named here.
     node_data: bool = False
 
     def to_flat(self) -> dict[str, Any]:

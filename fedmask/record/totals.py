@@ -4,7 +4,7 @@ FedAvg's cost is measured, not computed from ``2 x 4 x params``: :func:`fedavg_r
 builds one FedAvg round trip of the same architecture (the dense float32 weights of the
 run's model in a train instruction with the run's config record, and the same weights in
 the reply with its metrics), and weighs both with the ledger's own
-:func:`~fedmask.ledger.payload_bytes` and :func:`~fedmask.ledger.message_bytes`, exactly as
+:func:`~fedmask.record.ledger.payload_bytes` and :func:`~fedmask.record.ledger.message_bytes`, exactly as
 ``method = "fedavg"`` messages are weighed when they are really sent.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-from fedmask.instruction import TrainInstruction
-from fedmask.ledger import message_bytes, payload_bytes
+from fedmask.protocol.instruction import TrainInstruction
+from fedmask.record.ledger import message_bytes, payload_bytes
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig

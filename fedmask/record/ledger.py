@@ -28,9 +28,9 @@ from flwr.app import Array, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
-from fedmask.failures import Failure
 from fedmask.faults import SLOW_RECORD
-from fedmask.replies import arrived_bytes
+from fedmask.protocol.replies import arrived_bytes
+from fedmask.record.failures import Failure
 
 
 def payload_bytes(message: Message) -> int:
@@ -54,7 +54,7 @@ def payload_bytes(message: Message) -> int:
 
 
 def _array_bytes(array: Array) -> int:
-    """The bytes that arrived (see :func:`fedmask.replies.arrived_bytes`): element count x
+    """The bytes that arrived (see :func:`fedmask.protocol.replies.arrived_bytes`): element count x
     dtype size for a well-formed array, every data byte of a malformed one or of legacy
     Parameters (the SecAgg+ path); never a size computed from a declared shape."""
     return arrived_bytes(array)
@@ -90,7 +90,7 @@ def message_bytes(message: Message) -> int:
     """
     try:
         proto = message_to_proto(message)
-    except Exception:  # noqa: BLE001 - a hostile reply that cannot be serialized again
+    except Exception:  # a hostile reply that cannot be serialized again
         return payload_bytes(message)
     meta = proto.metadata
     for name in _UINT64_ID_FIELDS:
@@ -191,14 +191,14 @@ class MeasuringGrid(Grid):
         # replies of simulated slow clients, by instruction id: (arrival time, reply)
         self._held: dict[str, tuple[float, Message]] = {}
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+    def set_run(self, run) -> None:  # Flower's Run
         self.inner.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         return self.inner.run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:

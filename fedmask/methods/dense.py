@@ -1,0 +1,139 @@
+"""The dense baselines the mask methods are judged against: FedAvg and compressed updates.
+
+FedAvg's clients train the dense model from the broadcast float32 weights and send their
+weights back; the server averages them (Flower's FedAvg mean; FedTrimmedAvg's or
+FedMedian's rule with ``robust-aggregation``: :func:`dense_aggregate`).
+
+The compressed baselines' clients train as FedAvg's and upload their update
+``delta = local weights - broadcast weights``, compressed (:class:`Compressed`; the bytes
+are :mod:`fedmask.wire.updates`):
+
+- ``signsgd``, SignSGD with majority vote (Bernstein et al., ICML 2018): one bit per
+  parameter; the server moves every weight by ``signsgd-server-lr`` towards the majority.
+- ``ef-signsgd`` (Karimireddy et al., ICML 2019): the sign times the mean ``|p|`` of each
+  tensor, with error feedback: ``p = delta + e``, the client keeps ``e = p - C(p)``.
+- ``qsgd`` (Alistarh et al., NeurIPS 2017): the norm, and per parameter a sign and one of
+  ``qsgd-levels`` levels by stochastic rounding (unbiased), range-coded.
+- ``topk-ef`` (Stich et al., NeurIPS 2018): the ``topk-fraction`` largest ``|p|`` of each
+  tensor, with error feedback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmask.methods.base import Settings, State
+from fedmask.methods.votes import VoteRule, relative
+from fedmask.names import COMPRESSORS
+from fedmask.wire.frame import Layout
+from fedmask.wire.updates import Update, compress, decompress
+
+
+def dense_aggregate(states: list[State], weights: list[float], rule: VoteRule) -> State:
+    """The dense baseline's next weights, as ``robust-aggregation`` says.
+
+    ``none`` is Flower's FedAvg mean (``weight / total`` per client, accumulated in the
+    tensors' dtype, clients in the order given). ``trimmed`` is Flower's FedTrimmedAvg rule,
+    the unweighted coordinate-wise mean after cutting ``trim-fraction`` of the values at
+    each end; ``median`` is FedMedian's coordinate-wise median.
+    """
+    out: State = {}
+    if rule.rule == "none":
+        weights = relative(weights)
+        total = sum(weights)
+        for state, factor in zip(states, [w / total for w in weights]):
+            for name, value in state.items():
+                if name in out:
+                    out[name] += value * factor
+                else:
+                    out[name] = value * factor
+        return {name: np.asarray(v) for name, v in out.items()}
+    n = len(states)
+    for name, first in states[0].items():
+        stacked = np.stack([state[name] for state in states])
+        if rule.rule == "median":
+            merged = np.median(stacked, axis=0)
+        else:
+            cut = int(rule.trim_fraction * n)
+            merged = np.sort(stacked, axis=0)[cut:n - cut].mean(axis=0)
+        out[name] = merged.astype(first.dtype)
+    return out
+
+
+class ErrorFeedback:
+    """A client's memory of what compression left out (``e = p - C(p)``), by tensor."""
+
+    def __init__(self, memory: Mapping[str, np.ndarray] | None = None):
+        self.memory = {k: np.asarray(v, dtype=np.float32) for k, v in (memory or {}).items()}
+
+    def add(self, update: Mapping[str, np.ndarray]) -> Update:
+        """``p = delta + e``."""
+        return {k: (np.asarray(v, np.float32) + self.memory.get(k, np.float32(0))).astype(np.float32)
+                for k, v in update.items()}
+
+    def keep(self, corrected: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
+        """``e = p - C(p)``."""
+        self.memory = {k: (corrected[k] - sent[k]).astype(np.float32) for k in corrected}
+
+
+def aggregate_updates(kind: str, state: Mapping[str, np.ndarray], updates: list[Update], weights: list[float],
+                      sign_lr: float) -> Update:
+    """The next dense state from the clients' decoded updates.
+
+    ``sign``: every weight moves by ``sign_lr`` towards the clients' majority sign (one vote
+    per client, as in SignSGD with majority vote; a tie moves nothing). The others add the
+    example-weighted mean of the updates, as FedAvg would with the full updates.
+    """
+    new_state = {}
+    total = float(sum(weights))
+    for name, value in state.items():
+        base = np.asarray(value)
+        if kind == "sign":
+            votes = np.asarray(sum(np.sign(u[name]).astype(np.float64) for u in updates))
+            step = sign_lr * np.sign(votes)
+        else:
+            step = np.asarray(sum(w * u[name].astype(np.float64) for w, u in zip(weights, updates))) / total
+        new_state[name] = (base.astype(np.float64) + step).astype(base.dtype)
+    return new_state
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A compressed dense baseline: how a client codes its update, how the server applies them."""
+
+    compressor: str  # one of fedmask.names.COMPRESSORS
+    error_feedback: bool = False
+    levels: int = 4  # qsgd-levels
+    fraction: float = 0.01  # topk-fraction
+    sign_lr: float = 0.002  # signsgd-server-lr
+
+    def __post_init__(self) -> None:
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor: expected one of {', '.join(COMPRESSORS)}, got {self.compressor!r}")
+
+    @classmethod
+    def from_config(cls, config: Settings, compressor: str, error_feedback: bool) -> Compressed:
+        return cls(compressor, error_feedback, config["qsgd-levels"], config["topk-fraction"],
+                   config["signsgd-server-lr"])
+
+    def upload(self, local: State, broadcast: State, memory: State | None, layout: Layout, fingerprint: bytes,
+               rng: np.random.Generator) -> tuple[np.ndarray, State | None]:
+        """The coded update ``local - broadcast`` (plus the error ``memory`` with error
+        feedback), and the memory to keep (None without error feedback)."""
+        delta = {k: local[k].astype(np.float32) - np.asarray(broadcast[k], dtype=np.float32) for k in local}
+        feedback = ErrorFeedback(memory if self.error_feedback else None)
+        corrected = feedback.add(delta)
+        blob, sent = compress(corrected, layout, fingerprint, self.compressor, rng, self.levels, self.fraction)
+        if not self.error_feedback:
+            return blob, None
+        feedback.keep(corrected, sent)
+        return blob, feedback.memory
+
+    def decode(self, blob: np.ndarray, layout: Layout, fingerprint: bytes) -> Update:
+        return decompress(blob, layout, fingerprint, self.compressor, self.levels)
+
+    def aggregate(self, state: State, updates: list[Update], weights: list[float]) -> State:
+        return aggregate_updates(self.compressor, state, updates, weights, self.sign_lr)

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from clients.received import broadcast_of, model_for
 from fedmask import downlink, task
 from fedmask.core.weights import derive_seed
-from fedmask.faults import SLOW_RECORD, attack_masks, attackers, corrupt_upload
+from fedmask.faults import SLOW_RECORD, attack_masks, attackers, corrupt_upload, poisoned
 from fedmask.methods.base import MaskMode
 from fedmask.protocol.instruction import TrainInstruction
 from fedmask.protocol.placement import NODE_RECORD, TRAINED_RECORD, held_partition, node_info
@@ -98,8 +98,24 @@ def local_round(instruction: TrainInstruction, arrays: dict[str, np.ndarray],
 _EF_RECORD, _EF_OWNER = "error-feedback", "error-feedback-owner"  # a node's memory, and whose it is
 
 
-def _dense_upload(done: LocalRound, corrupt: bool) -> ArrayRecord:
-    weights = task.dense_state(done.model)
+def _poisoning(instruction: TrainInstruction) -> bool:
+    config = instruction.config
+    return config.attack == "poison" and instruction.partition_id in attackers(config)
+
+
+def _local_weights(done: LocalRound, instruction: TrainInstruction) -> dict[str, np.ndarray]:
+    """The dense weights a client sends or codes: its own, or (a poisoning attacker) the
+    broadcast plus a poisoned update."""
+    local = task.dense_state(done.model)
+    if not _poisoning(instruction):
+        return local
+    delta = {k: local[k].astype(np.float32) - np.asarray(done.broadcast[k], dtype=np.float32) for k in local}
+    return {k: (np.asarray(done.broadcast[k], dtype=np.float32) + v).astype(local[k].dtype)
+            if local[k].dtype.kind == "f" else local[k] for k, v in poisoned(delta).items()}
+
+
+def _dense_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool) -> ArrayRecord:
+    weights = _local_weights(done, instruction)
     if corrupt:  # a truncated tensor
         first = next(iter(weights))
         weights[first] = weights[first].ravel()[: weights[first].size // 2]
@@ -112,16 +128,16 @@ def compressed_upload(done: LocalRound, instruction: TrainInstruction, context: 
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     coding = config.method_entry.compression(config)
     assert coding is not None
-    local = task.dense_state(done.model)
+    local = _local_weights(done, instruction)
     owner = context.state.config_records.get(_EF_OWNER)
     memory = None
-    if coding.error_feedback and owner is not None and owner.get("partition-id") == pid:
+    if coding.error_feedback and owner is not None and owner.get("partition-id") == pid and not _poisoning(instruction):
         memory = {k: a.numpy() for k, a in context.state.array_records[_EF_RECORD].items()}
     layout = Layout.from_arrays(local)
     rng = np.random.default_rng(derive_seed(config.seed, "compress", server_round, pid))
     blob, memory = coding.upload(local, done.broadcast, memory, layout,
                                  layout.fingerprint(config.seed, config.model, "dense"), rng)
-    if memory is not None:
+    if memory is not None and not _poisoning(instruction):  # an attacker keeps no memory of its crafted updates
         context.state[_EF_RECORD] = ArrayRecord({k: Array(v) for k, v in memory.items()})
         context.state[_EF_OWNER] = ConfigRecord({"partition-id": pid})
     if corrupt:
@@ -152,7 +168,7 @@ def reply_of(msg: Message, instruction: TrainInstruction, done: LocalRound, faul
     when the caller coded it already) and the metrics."""
     config, pid = instruction.config, instruction.partition_id
     if upload is None and done.mode is None:
-        upload = _dense_upload(done, fault == "corrupt")
+        upload = _dense_upload(done, instruction, fault == "corrupt")
     elif upload is None:
         upload = _mask_upload(done, instruction, fault == "corrupt")
     reply = RecordDict({"arrays": upload, "metrics": MetricRecord({"num-examples": done.num_examples,

@@ -10,13 +10,11 @@ and broadcast in one batched computation and replies to each on its own.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from uuid import uuid4
 
-from flwr.app import Error, Message, MessageType
-from flwr.common.constant import ErrorCode
+from flwr.app import Message, MessageType
 
 from clients.batched_client import train_many
-from engines.inprocess import InProcessGrid, _over_the_wire
+from engines.inprocess import InProcessGrid
 
 
 class BatchedGrid(InProcessGrid):
@@ -25,15 +23,7 @@ class BatchedGrid(InProcessGrid):
         train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         others = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
         ids = list(super().push_messages(others)) if others else []
-        delivered = []
-        for message in train:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
-            delivered.append(_over_the_wire(message))
+        delivered = [self.deliver(message) for message in train]
         for message, got, reply in zip(train, delivered, train_many(delivered)):
-            if isinstance(reply, Exception):
-                reason = f"{type(reply).__name__}: {reply}"
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=got)
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self._replies[message.metadata.message_id] = _over_the_wire(reply)
-            ids.append(message.metadata.message_id)
+            ids.append(self.answer(message, got, reply))
         return ids

@@ -67,17 +67,29 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
-            delivered = _over_the_wire(message)
+            delivered = self.deliver(message)
             try:
-                reply = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
+                reply: Message | Exception = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
             except Exception as err:  # an engine turns any client failure into a reply
-                reason = f"{type(err).__name__}: {err}"
-                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=delivered)
-            reply.metadata.__dict__["_message_id"] = str(uuid4())
-            self._replies[message.metadata.message_id] = _over_the_wire(reply)
-            ids.append(message.metadata.message_id)
+                reply = err
+            ids.append(self.answer(message, delivered, reply))
         return ids
+
+    @staticmethod
+    def deliver(message: Message) -> Message:
+        """The message as a client receives it: given its id, through Flower's serde and back."""
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+        return _over_the_wire(message)
+
+    def answer(self, message: Message, delivered: Message, reply: Message | Exception) -> str:
+        """Keep a client's reply (an exception becomes an error reply, as in Flower's engines)
+        for the server to pull, through Flower's serde and back; the message's id."""
+        if isinstance(reply, Exception):
+            reason = f"{type(reply).__name__}: {reply}"
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=delivered)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        self._replies[message.metadata.message_id] = _over_the_wire(reply)
+        return message.metadata.message_id
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]

@@ -15,8 +15,8 @@ apps; nothing else in ``fedmask/`` imports them.
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedmask.config import ConfigError, RunConfig, load, read_toml, resolve
+from fedmask.record.files import RunFileError, read_json, read_rounds
 
 ENGINES = ("ray", "inprocess", "batched")
 
@@ -55,12 +56,21 @@ class Result:
         return np.cumsum([row["uplink_payload_bytes"] for row in self.rounds]).tolist()
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (a notebook
+    or a test harness may replace it after the first run)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
+        super().emit(record)
+
+
 def _quiet_logs() -> None:
     """Flower logs every step at INFO; the live table says it better. Warnings stay."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logger = logging.getLogger("fedmask")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
 
@@ -149,9 +159,10 @@ def load_run(run_dir: str | Path) -> Result:
         raise FileNotFoundError(f"{run_dir} is not a fedmask run directory (no config.toml)")
     config = load(run_dir / "config.toml")
     rounds_path, summary_path = run_dir / "rounds.jsonl", run_dir / "summary.json"
-    rounds = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()] \
-        if rounds_path.exists() else []
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    rounds = read_rounds(rounds_path) if rounds_path.exists() else []
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    if not isinstance(summary, dict):
+        raise RunFileError(f"{summary_path}: expected a JSON object (the run's summary), got {type(summary).__name__}")
     return Result(run_dir, config, rounds, summary, _final_state(run_dir))
 
 

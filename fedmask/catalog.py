@@ -47,6 +47,7 @@ _ATTACKS = {
     "all-ones": "Byzantine clients keep every weight",
     "random": "Byzantine clients upload a fair coin per weight",
     "colluding": "every Byzantine client uploads the same crafted mask: the complement of the global one",
+    "poison": "dense baselines: Byzantine clients send weights or updates with one coordinate per tensor at 3e38",
 }
 _INITS = {
     "signed-kaiming-constant": "±sqrt(2/fan_in), edge-popup's frozen weights",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_STOPPED = 1  # a run that stopped mid-way (a disk it cannot write, a failing plug-in): it can resume
 RAY_SHUTDOWN_S = 8.0  # how long a Ctrl-C waits for Ray to stop before leaving anyway
 
 
@@ -66,6 +67,26 @@ def _check_out(run_dir: Path, overwrite: bool) -> None:
                           f"{', ...' if len(held) > 3 else ''}); pass --overwrite or another --out")
 
 
+def _check_writable(run_dir: Path, flag: str) -> None:
+    """The run directory can be created and written (a read-only or full disk fails here, not after round 1)."""
+    from fedmask.config import ConfigError
+
+    probe = run_dir / ".fedmask-write-check"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise ConfigError(f"{flag} {run_dir}: cannot write there ({err.strerror or err})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedmask.config import ConfigError, load
     from fedmask.core.data import DataError
@@ -88,11 +109,13 @@ def _run(args: argparse.Namespace) -> int:
             if not run_dir.is_dir():
                 raise ConfigError(f"--resume {run_dir}: expected a run directory, got none")
             config = load(run_dir / "config.toml")
-            check_resumable(run_dir, config)
+            _check_writable(run_dir, "--resume")
+            check_resumable(run_dir, config, check_before_start(config))
         else:
             config = load(args.config, args.set)
             _check_out(run_dir, args.overwrite)
-        check_before_start(config)
+            check_before_start(config)
+            _check_writable(run_dir, "--out")
         from fedmask.api import check_engine
 
         check_engine(config, args.engine)
@@ -106,13 +129,26 @@ def _run(args: argparse.Namespace) -> int:
         import flwr.simulation  # noqa: F401 - first: importing it installs signal handlers that would replace ours
 
         _stop_on_interrupt(run_dir)
+    from fedmask.record.results import RunStopped
+
     try:
         execute(config, run_dir, args.engine, resume=bool(args.resume), ray_address=args.ray_address)
     except KeyboardInterrupt:
         print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RunStopped as err:
+        print(f"fedmask: stopped at {err}; every finished round is kept; after fixing it, resume with: "
+              f"fedmask run --resume {run_dir}", file=sys.stderr)
+        return EXIT_STOPPED
     if not (run_dir / "summary.json").exists():
         print(f"fedmask: error: the run did not finish; see the log above and {run_dir}", file=sys.stderr)
+        return 1
+    from fedmask.record.files import read_json
+
+    summary = read_json(run_dir / "summary.json")
+    if summary.get("rounds") and summary.get("rounds_skipped") == summary["rounds"]:
+        print(f"fedmask: error: every round was skipped, the global state never moved (why: 'skipped' in "
+              f"{run_dir / 'rounds.jsonl'})", file=sys.stderr)
         return 1
     return 0
 
@@ -179,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from fedmask.config import ConfigError
+    from fedmask.record.files import RunFileError
     from fedmask.sweep import run_sweep
 
     try:
@@ -190,7 +227,7 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.config).stem}-{stamp}"
     try:
         failed = run_sweep(args.config, seeds, args.grid, args.set, out, args.engine, args.target)
-    except ConfigError as err:
+    except (ConfigError, RunFileError) as err:
         print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     return 1 if failed else 0
@@ -198,10 +235,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from fedmask import report
+    from fedmask.config import ConfigError
+    from fedmask.record.files import RunFileError
 
     try:
         runs = report.find_runs(args.paths)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, RunFileError, ConfigError) as err:
         print(f"fedmask: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if not runs:

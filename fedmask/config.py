@@ -207,12 +207,14 @@ class RunConfig:
     fault_slow_delay: float = _key(1.0, "seconds a slow client's reply is late "
                                    "(past round-timeout it is lost)", check=_between(0, 86_400),
                                    rule="in [0, 86400]")
-    attack: str = _key("none", "what Byzantine clients upload instead of their mask", choices=ATTACKS)
+    attack: str = _key("none", "what Byzantine clients upload instead of their own: a mask lie (invert, "
+                       "all-ones, random, colluding) or, for the dense baselines, 'poison' (weights or updates "
+                       "with one coordinate per tensor at 3e38, still a valid upload)", choices=ATTACKS)
     attack_fraction: float = _key(0.0, "share of partitions that are Byzantine (a seeded subset)",
                                   check=_between(0, 1), rule="in [0, 1]")
-    robust_aggregation: str = _key("none", "how votes (FedAvg: weights) are combined: 'none' (mean), 'trimmed' "
-                                   "(coordinate-wise trimmed mean), 'median' (majority; FedAvg: the "
-                                   "coordinate-wise median)", choices=ROBUST_RULES)
+    robust_aggregation: str = _key("none", "how votes (the dense baselines: weights or updates) are combined: "
+                                   "'none' (mean), 'trimmed' (coordinate-wise trimmed mean), 'median' (majority; "
+                                   "dense: the coordinate-wise median)", choices=ROBUST_RULES)
     trim_fraction: float = _key(0.1, "'trimmed': share of votes cut at each end per weight",
                                 check=lambda v: 0 <= v < 0.5, rule="in [0, 0.5)")
     secure_aggregation: bool = _key(False, "FedPM under Flower's SecAgg+: the server learns only the "

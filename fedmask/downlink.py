@@ -215,10 +215,19 @@ class LosslessDownlink:
 
     @classmethod
     def create(cls, layout: Layout, fingerprint: bytes, contexts: VoteContexts, can_replay: bool, absorbing: bool,
-               state: State, version: int = 0) -> LosslessDownlink:
-        """The history of a run whose current state ``state`` was made by round ``version``."""
+               state: State, version: int = 0, seed_state: State | None = None) -> LosslessDownlink:
+        """The history of a run whose current state ``state`` was made by round ``version``.
+
+        A resumed run (``version`` > 0) has lost its steps and what its nodes held; but every
+        node can regenerate the seed's state (``seed_state``, version 0), so a few-valued state
+        is sent coded against it (and, from the next round, FedPM's counts as a jump from it)
+        instead of the float32 state."""
         out = cls(layout, fingerprint, contexts, can_replay, absorbing, version)
         out.versions[version] = state_digest(state, layout)
+        if version and seed_state is not None:
+            out.versions[0] = state_digest(seed_state, layout)
+            out.kept_states[0] = {name: value.copy() for name, value in seed_state.items()}
+            out.few_valued = few_valued(state)
         return out
 
     @property
@@ -273,14 +282,14 @@ class LosslessDownlink:
             options.append(("standalone", "standalone"))
             if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
                 options.append(("jump", ("jump", known)))
-            elif known is None and self.start == 0 and 0 < target[0] - 1 and 0 in self.kept_states:
+            elif known is None and 0 < target[0] - 1 and 0 in self.kept_states:
                 # a node that holds nothing regenerates the seed's state: the counts coded against it
                 options.append(("jump", ("jump", 0)))
         if self.few_valued:
             options.append(("state", ("state", None)))
             # coded against what the node holds, or else the seed's state, which every node regenerates
-            for base in (known, 0 if self.start == 0 else None):
-                if base is not None and self.start <= base < target[0] and self._few_kept(base):
+            for base in (known, 0):  # version 0 is the seed's state, which every node regenerates
+                if base is not None and (base >= self.start or base == 0) and base < target[0] and self._few_kept(base):
                     options.append(("state", ("state", base)))
                     break
         blobs = [(self._blob(key, state, target), kind) for kind, key in options]

@@ -90,6 +90,25 @@ def robustness_warning(config: RunConfig) -> str | None:
     return None
 
 
+POISON = 3e38  # near float32's largest: a valid upload whose mean still overflows nothing
+
+
+def poisoned(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a Byzantine client of a dense baseline sends instead of its update (``attack =
+    "poison"``): zero everywhere but the largest-magnitude coordinate of each tensor, set to
+    +-3e38 with that coordinate's sign. Finite and well-formed (a QSGD norm, a top-k value),
+    so only the server's rule or its check of the new state can stop it."""
+    out = {}
+    for name, value in update.items():
+        crafted = np.zeros_like(value, dtype=np.float32)
+        if value.size:
+            flat = np.asarray(value, dtype=np.float32).ravel()
+            where = int(np.argmax(np.abs(flat)))
+            crafted.ravel()[where] = POISON if flat[where] >= 0 else -POISON
+        out[name] = crafted
+    return out
+
+
 def attack_masks(masks: dict[str, np.ndarray], config: RunConfig, server_round: int,
                  partition_id: int, crafted: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What a Byzantine client uploads instead of its honest mask (``crafted``: the

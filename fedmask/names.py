@@ -36,7 +36,9 @@ COMPRESSORS = ("sign", "scaled-sign", "qsgd", "topk")  # the compressed dense ba
 
 # faults and attacks the simulator injects
 FAULTS = ("drop", "crash", "corrupt", "slow")
-ATTACKS = ("none", "invert", "all-ones", "random", "colluding")
+ATTACKS = ("none", "invert", "all-ones", "random", "colluding", "poison")
+MASK_ATTACKS = ("none", "invert", "all-ones", "random", "colluding")  # what a mask upload can lie with
+DENSE_ATTACKS = ("none", "poison")  # the dense baselines' weights or updates
 CORRUPTIONS = ("truncate", "bit-flip", "foreign-fingerprint")
 
 # where each run's numbers are mirrored

@@ -19,8 +19,9 @@ from fedmask.core.data import partition_sizes
 from fedmask.core.masking import check_batchnorm, get_scores
 
 
-def check_before_start(config: RunConfig) -> None:
-    """Load data, partition it, build the model and the aggregator's first state, check resources."""
+def check_before_start(config: RunConfig) -> dict[str, np.ndarray]:
+    """Load data, partition it, build the model and the aggregator's first state, check
+    resources; returns the first global state (what a checkpoint's state must look like)."""
     if (config.num_gpus > 0 or config.device == "cuda") and not torch.cuda.is_available():
         raise ConfigError("config key 'num-gpus'/'device': expected num-gpus = 0 and device != 'cuda' on a "
                           "machine without CUDA (Ray would wait forever for a GPU)")
@@ -49,7 +50,7 @@ def check_before_start(config: RunConfig) -> None:
         raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if method.dense:
-        return
+        return task.dense_state(model)
     name = method.name
     try:
         aggregator = method.make_aggregator(config)
@@ -65,3 +66,4 @@ def check_before_start(config: RunConfig) -> None:
                               f"{getattr(got, 'dtype', '')} {getattr(got, 'shape', '')}")
         if not np.isfinite(got).all():
             raise ConfigError(f"config key 'method': {name!r}.initial_state returned NaN or inf in '{tensor}'")
+    return initial

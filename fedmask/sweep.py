@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmask.config import SCHEMA, ConfigError, load, parse_override
+from fedmask.record.files import read_json
 
 PLAN = "sweep.json"
 
@@ -38,9 +39,9 @@ class PlannedRun:
     def state(self) -> str:
         """``done`` (summary written, every round in), ``partial`` (started), or ``new``."""
         if (self.run_dir / "summary.json").exists():
-            summary = json.loads((self.run_dir / "summary.json").read_text())
+            summary = read_json(self.run_dir / "summary.json")
             config = load(self.run_dir / "config.toml")
-            if summary.get("rounds") == config.num_rounds:
+            if isinstance(summary, dict) and summary.get("rounds") == config.num_rounds:
                 return "done"
         return "partial" if (self.run_dir / "config.toml").exists() else "new"
 
@@ -109,7 +110,7 @@ def run_sweep(config_path: str | Path, seeds: Sequence[int], grid_items: Sequenc
     runs = plan(config_path, seeds, parse_grid(grid_items), sets, out)
     record = _plan_record(config_path, runs)
     plan_path = out / PLAN
-    if plan_path.exists() and json.loads(plan_path.read_text()) != record:
+    if plan_path.exists() and read_json(plan_path) != record:
         raise ConfigError(f"--out: {out} holds another sweep (its {PLAN} differs); choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -138,7 +139,7 @@ def run_sweep(config_path: str | Path, seeds: Sequence[int], grid_items: Sequenc
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
         took = time.perf_counter() - start
         if code == 0 and run.state() == "done":
-            summary = json.loads((run.run_dir / "summary.json").read_text())
+            summary = read_json(run.run_dir / "summary.json")
             console.print(f"{name}: done in {took:.1f} s, final accuracy {summary['final_accuracy']:.4f}")
         else:
             failed += 1

@@ -8,6 +8,7 @@ strategy is given, so the ledger weighs them too (as round 0, before any trainin
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from fedmask.config import RunConfig
 from fedmask.protocol.placement import NODE_RECORD, QUERY_RECORD, place
 
 JOIN_TIMEOUT_S = 60.0  # how long the first round waits for every client node to connect
+WARM_UP_TIMEOUT_S = 300.0  # how long a simulation's workers may take to start, before round 1
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float = JOIN_TIMEOUT_S) -> list[int]:
@@ -58,3 +60,14 @@ def node_placement(grid: Grid, config: RunConfig, deployment: bool) -> dict[int,
         return partition_nodes(grid, config.num_clients, min(config.round_timeout, 120.0))
     nodes = wait_for_nodes(grid, config.num_clients)
     return {pid: nodes[pid % len(nodes)] for pid in range(config.num_clients)}
+
+
+def warm_up(grid: Grid, config: RunConfig) -> None:
+    """Before round 1 of a simulation on Ray: one query message to each of the first nodes a
+    worker serves, answered once the workers have started (Ray's start and every worker's
+    imports take 20-40 s on a loaded 2-core machine). Round 1's ``round-timeout`` then counts
+    training, as every other round's does, not the engine's start."""
+    nodes = wait_for_nodes(grid, config.num_clients)
+    workers = max(1, (os.cpu_count() or 1) // max(config.num_cpus, 1))
+    query_nodes(grid, nodes[: min(len(nodes), workers)], max(config.round_timeout, WARM_UP_TIMEOUT_S))
+

@@ -38,10 +38,10 @@ from fedmask.methods.votes import VoteRule, Voting
 from fedmask.preflight import check_before_start
 from fedmask.record.checkpoint import Checkpoint, check_resumable, config_digest
 from fedmask.record.ledger import Ledger, MeasuringGrid
-from fedmask.record.results import RoundOutcome, RunRecorder
+from fedmask.record.results import RoundOutcome, RunRecorder, RunStopped
 from fedmask.record.totals import fedavg_round_bytes
 from fedmask.recycling import RecycleLog, sync_frozen
-from server.nodes import node_placement
+from server.nodes import node_placement, warm_up
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
 from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, Start, state_record
 
@@ -124,13 +124,14 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False, deployment: bo
         aggregator = method.make_aggregator(config)
         spec = task.ModelSpec.of(config, model, mode)
         num_params = spec.num_connections  # Slot Machines' state has K scores per connection
-        start = resumed.start if resumed else Start(aggregator.initial_state(get_scores(model)))
+        seed_state = aggregator.initial_state(get_scores(model))
+        start = resumed.start if resumed else Start(seed_state)
         lossless = None
-        if config.downlink_codec == "lossless":  # a resumed run's nodes hold nothing its history knows
+        if config.downlink_codec == "lossless":  # a resumed run's nodes hold nothing but the seed's state
             lossless = LosslessDownlink.create(spec.layout, spec.fingerprint, mode.vote_contexts,
                                                method.builtin and aggregator.replayable,
                                                isinstance(aggregator, Voting) and aggregator.absorbing, start.state,
-                                               start.rounds_done)
+                                               start.rounds_done, seed_state)
         mask_strategy = MaskStrategy(config, ledger, start, aggregator, mode, spec, lossless,
                                      resumed.recycle_log if resumed else None, **options)
         strategy = mask_strategy
@@ -171,27 +172,37 @@ def evaluate_global(config: RunConfig, model: nn.Module, splits: Splits, server_
 
 
 def end_round(run: ServerRun, server_round: int) -> MetricRecord:
-    """Evaluate the global state after ``server_round`` (0: the initial state), record, checkpoint."""
+    """Evaluate the global state after ``server_round`` (0: the initial state), record, checkpoint.
+
+    A file that cannot be written (a full disk, a folder made read-only) stops the run with
+    :class:`RunStopped`: the rounds already checkpointed are kept, and the next ``--resume``
+    repeats this one."""
     run.load_global()
     loss, accuracy = evaluate_global(run.config, run.model, run.splits, server_round)
     if server_round == 0:
         run.recorder.initial = {"accuracy": accuracy, "loss": loss}
-    else:
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+    try:
         run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round))
         Checkpoint(server_round, run.strategy.state, run.aggregator_memory(),
                    {**run.strategy.records(), "initial": run.recorder.initial},
                    config_digest(run.config)).save(run.recorder.run_dir)
+    except OSError as err:
+        raise RunStopped(f"round {server_round}: cannot write {err.filename or run.recorder.run_dir} "
+                         f"({err.strerror or err})") from None
     return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
 def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False,
-               context: Context | None = None, deployment: bool = False) -> dict[str, Any]:
+               context: Context | None = None, deployment: bool = False, warm: bool = False) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; returns the summary.
 
     With ``resume``, the run directory's checkpoint restores the state after its last
     finished round and the remaining rounds run as they would have without the stop.
     With ``deployment`` (``flwr run``), nodes that hold their own partition (node config)
-    train on it; in simulation each node trains the partition its message names.
+    train on it; in simulation each node trains the partition its message names. With
+    ``warm`` (Ray's engine), the workers are started before round 1's clock runs
+    (:func:`server.nodes.warm_up`).
     """
     if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context, deployment)
@@ -211,14 +222,21 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
             return None  # evaluated before the stop
         return end_round(run, server_round)
 
+    measuring = MeasuringGrid(grid, run.ledger)
+    if warm and not deployment:  # a deployment's nodes answer a query before round 1 anyway
+        warm_up(measuring, config)
     run.strategy.start(
-        grid=MeasuringGrid(grid, run.ledger),
+        grid=measuring,
         initial_arrays=state_record(run.strategy.state),
         num_rounds=config.num_rounds - run.rounds_done,
         timeout=config.round_timeout,
         evaluate_fn=evaluate,
     )
-    return run.recorder.finish()
+    try:
+        return run.recorder.finish()
+    except OSError as err:
+        raise RunStopped(f"the end of the run: cannot write {err.filename or run_dir} "
+                         f"({err.strerror or err})") from None
 
 
 def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Context | None,
@@ -255,13 +273,14 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
     return recorder.finish()
 
 
-def make_server_app(config: RunConfig, run_dir: Path, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to one checked config and output folder."""
+def make_server_app(config: RunConfig, run_dir: Path, resume: bool = False, warm: bool = True) -> ServerApp:
+    """A ServerApp bound to one checked config and output folder (``warm``: start the
+    simulation's workers before round 1)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config, run_dir, resume, context)
+        run_server(grid, config, run_dir, resume, context, warm=warm)
 
     return server_app
 

@@ -34,7 +34,7 @@ from fedmask.core.sampling import sample_partitions
 from fedmask.downlink import CONFIRM, LosslessDownlink
 from fedmask.downlink import RECORD as LOSSLESS_RECORD
 from fedmask.methods.base import MaskAggregator, MaskMode, Masks, RoundResult, State
-from fedmask.methods.dense import Compressed, dense_aggregate
+from fedmask.methods.dense import Compressed, dense_aggregate, state_problem
 from fedmask.methods.votes import VoteRule, Voting
 from fedmask.protocol.instruction import TrainInstruction
 from fedmask.protocol.placement import TRAINED_RECORD
@@ -42,7 +42,7 @@ from fedmask.protocol.replies import BadArray, checked_numpy
 from fedmask.record.diagnostics import DriftTally, round_diagnostics
 from fedmask.record.failures import Failure
 from fedmask.record.ledger import Ledger
-from fedmask.record.results import RoundOutcome
+from fedmask.record.results import RoundOutcome, RunStopped
 from fedmask.recycling import RECORD, RecycleLog, is_recycle_round, recycle_plan
 from fedmask.task import ModelSpec
 from fedmask.wire.frame import Layout, WireError
@@ -215,7 +215,14 @@ class SeededFedAvg(FedAvg):
         if self.too_few(server_round, len(folded)):
             self.discard()
             return None, None
-        self.state = self.finish(server_round)
+        new_state = self.finish(server_round)
+        refused = self.refused(new_state)
+        if refused:
+            reason = f"{refused}: round skipped, global state unchanged"
+            log.warning("round %d: %s", server_round, reason)
+            self.outcome(server_round).skipped = reason
+            return None, None
+        self.state = new_state
         return state_record(self.state), self.finish_round(server_round, folded)
 
     def received(self, replies: list[Message]) -> None:
@@ -235,6 +242,10 @@ class SeededFedAvg(FedAvg):
 
     def discard(self) -> None:
         """Forget what was folded (a new round, or one skipped for too few uploads)."""
+
+    def refused(self, new_state: State) -> str | None:
+        """Why the round's new state must not replace the current one (None: it may)."""
+        return None
 
     # ------------------------------------------------------------ the shared checks and records
 
@@ -333,6 +344,11 @@ class DenseFedAvg(SeededFedAvg):
     def finish(self, server_round: int) -> State:
         return dense_aggregate([s for s, _ in self.folded], [w for _, w in self.folded], self.rule)
 
+    def refused(self, new_state: State) -> str | None:
+        """Clients' weights are checked one by one, but a poisoned one can be finite and
+        well-formed: the state they make must be finite and not blown up."""
+        return state_problem(new_state, self.state)
+
 
 class CompressedFedAvg(DenseFedAvg):
     """The compressed dense baselines (SignSGD, EF-SignSGD, QSGD, top-k): clients upload a
@@ -350,7 +366,7 @@ class CompressedFedAvg(DenseFedAvg):
         return self.coding.decode(single_blob(reply, "update"), self.layout, self.fingerprint)
 
     def finish(self, server_round: int) -> State:
-        return self.coding.aggregate(self.state, [u for u, _ in self.folded], [w for _, w in self.folded])
+        return self.coding.aggregate(self.state, [u for u, _ in self.folded], [w for _, w in self.folded], self.rule)
 
 
 class MaskStrategy(SeededFedAvg):
@@ -467,11 +483,16 @@ class MaskStrategy(SeededFedAvg):
         self._drift = DriftTally(self._reference)
 
     def finish(self, server_round: int) -> State:
-        result = self.aggregator.finish(server_round, self.state)
-        if not isinstance(result, RoundResult):  # a plug-in's finish may return the state itself
-            result = RoundResult(result)
-        new_state = result.state
-        self._check_state(new_state)
+        try:
+            result = self.aggregator.finish(server_round, self.state)
+            if not isinstance(result, RoundResult):  # a plug-in's finish may return the state itself
+                result = RoundResult(result)
+            new_state = result.state
+            self._check_state(new_state)
+        except Exception as err:  # a rule (a plug-in) that fails stops the run, every finished round kept
+            name = type(self.aggregator).__name__
+            why = str(err) if str(err).startswith(name) else f"{name}.aggregate raised {type(err).__name__}: {err}"
+            raise RunStopped(f"round {server_round}: {why}") from err
         figures = self.mode.state_diagnostics(new_state) | self.aggregator.state_diagnostics(new_state)
         self.outcome(server_round).diagnostics = round_diagnostics(
             self.global_mask(self.state), self.global_mask(new_state), self._drift, figures)

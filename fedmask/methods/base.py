@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from fedmask.core.masking import SeededTensor, set_scores
+from fedmask.names import MASK_ATTACKS
 from fedmask.wire.frame import Layout
 from fedmask.wire.masks import Prior, decode_masks, encode_masks
 
@@ -181,9 +182,10 @@ class MaskMode(ABC):
     @classmethod
     def restrictions(cls) -> dict[str, Restriction]:
         """What this mode cannot do, whichever rule (built-in or plug-in) aggregates it."""
-        if cls.recyclable:
-            return {}
-        return {"recycle-every": Restriction((0,), "weight recycling ranks top-k scores: edge-popup, biprop")}
+        rules = {"attack": Restriction(MASK_ATTACKS, "a mask upload is bits: 'poison' scales dense updates")}
+        if not cls.recyclable:
+            rules["recycle-every"] = Restriction((0,), "weight recycling ranks top-k scores: edge-popup, biprop")
+        return rules
 
     @staticmethod
     def seed_state(scores: State) -> State:

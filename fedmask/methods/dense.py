@@ -31,6 +31,8 @@ from fedmask.names import COMPRESSORS
 from fedmask.wire.frame import Layout
 from fedmask.wire.updates import Update, compress, decompress
 
+MEAN = VoteRule()  # the plain (weighted) mean: no robust rule
+
 
 def dense_aggregate(states: list[State], weights: list[float], rule: VoteRule) -> State:
     """The dense baseline's next weights, as ``robust-aggregation`` says.
@@ -80,24 +82,51 @@ class ErrorFeedback:
 
 
 def aggregate_updates(kind: str, state: Mapping[str, np.ndarray], updates: list[Update], weights: list[float],
-                      sign_lr: float) -> Update:
+                      sign_lr: float, rule: VoteRule = MEAN) -> Update:
     """The next dense state from the clients' decoded updates.
 
     ``sign``: every weight moves by ``sign_lr`` towards the clients' majority sign (one vote
     per client, as in SignSGD with majority vote; a tie moves nothing). The others add the
-    example-weighted mean of the updates, as FedAvg would with the full updates.
+    example-weighted mean of the updates, as FedAvg would with the full updates. With a
+    robust ``rule`` the updates are combined coordinate-wise as FedAvg's weights are
+    (:func:`dense_aggregate`: the median, or the trimmed mean), the signs too.
     """
     new_state = {}
     total = float(sum(weights))
     for name, value in state.items():
         base = np.asarray(value)
-        if kind == "sign":
+        if rule.rule != "none":
+            combined = dense_aggregate([{name: np.sign(u[name]) if kind == "sign" else u[name]} for u in updates],
+                                       weights, rule)[name].astype(np.float64)
+            step = sign_lr * np.sign(combined) if kind == "sign" else combined
+        elif kind == "sign":
             votes = np.asarray(sum(np.sign(u[name]).astype(np.float64) for u in updates))
             step = sign_lr * np.sign(votes)
         else:
             step = np.asarray(sum(w * u[name].astype(np.float64) for w, u in zip(weights, updates))) / total
         new_state[name] = (base.astype(np.float64) + step).astype(base.dtype)
     return new_state
+
+
+STATE_GROWTH = 1e3  # a new dense state whose largest |weight| grows more than this is refused
+
+
+def state_problem(new: State, old: State) -> str | None:
+    """Why a new dense state must not be broadcast (NaN or inf; a largest magnitude that grew
+    more than :data:`STATE_GROWTH` times, and past 1), or None. A poisoned update can be
+    finite and well-formed, so the state it makes is checked, not just the uploads."""
+    for name, value in new.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"the new state's '{name}' holds NaN or inf"
+    new_max, old_max = _largest(new), _largest(old)
+    if new_max > max(1.0, STATE_GROWTH * old_max):
+        return (f"the new state's largest |weight| is {new_max:.3g}, more than {STATE_GROWTH:g}x the last "
+                f"state's {old_max:.3g}")
+    return None
+
+
+def _largest(state: State) -> float:
+    return max((float(np.abs(v).max()) for v in state.values() if v.dtype.kind == "f" and v.size), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -135,5 +164,5 @@ class Compressed:
     def decode(self, blob: np.ndarray, layout: Layout, fingerprint: bytes) -> Update:
         return decompress(blob, layout, fingerprint, self.compressor, self.levels)
 
-    def aggregate(self, state: State, updates: list[Update], weights: list[float]) -> State:
-        return aggregate_updates(self.compressor, state, updates, weights, self.sign_lr)
+    def aggregate(self, state: State, updates: list[Update], weights: list[float], rule: VoteRule = MEAN) -> State:
+        return aggregate_updates(self.compressor, state, updates, weights, self.sign_lr, rule)

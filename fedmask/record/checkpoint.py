@@ -19,11 +19,14 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from fedmask.record.files import RunFileError, read_rounds
+from fedmask.record.results import RoundOutcome
 
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
@@ -58,11 +61,15 @@ class Checkpoint:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         tmp = Path(run_dir) / (FILENAME + ".tmp")
-        with tmp.open("wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, Path(run_dir) / FILENAME)
+        try:
+            with tmp.open("wb") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, Path(run_dir) / FILENAME)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the last checkpoint stays whole; no half-written file is left beside it
+            raise
 
     @staticmethod
     def round_of(run_dir: Path) -> int:
@@ -71,7 +78,7 @@ class Checkpoint:
         if not path.exists():
             return 0
         with np.load(path) as data:
-            return int(json.loads(bytes(data["meta"]).decode())["round"])
+            return _meta(path, data)["round"]
 
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint:
@@ -79,38 +86,85 @@ class Checkpoint:
         if not path.exists():
             raise FileNotFoundError(f"no {FILENAME} in {run_dir}: nothing to resume (was it run with this version?)")
         with np.load(path) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
+            meta = _meta(path, data)
             state = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("state/")}
             aggregator = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("aggregator/")}
-        return cls(meta["round"], state, aggregator, meta["records"], meta.get("config_digest", ""))
+        for name, value in state.items():
+            if value.dtype.kind not in "biuf" or (value.dtype.kind == "f" and not np.isfinite(value).all()):
+                raise CheckpointError(f"{path}: state '{name}': expected finite numbers, got {value.dtype} "
+                                      f"{'with NaN or inf' if value.dtype.kind == 'f' else 'values'}")
+        return cls(meta["round"], state, aggregator, meta["records"], meta["config_digest"])
 
 
-def check_resumable(run_dir: Path, config: RunConfig) -> int:
+def _meta(path: Path, data: Any) -> dict[str, Any]:
+    """The checkpoint's meta record, checked: an integer round, a records object, a config digest."""
+    try:
+        meta = json.loads(bytes(data["meta"]).decode())
+    except (KeyError, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: its 'meta' record is missing or not JSON ({type(err).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: 'meta': expected a JSON object, got {type(meta).__name__}")
+    done = meta.get("round")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise CheckpointError(f"{path}: 'meta' round: expected an integer >= 0, got {done!r}")
+    records = meta.get("records", {})
+    if not isinstance(records, dict) or not isinstance(records.get("outcomes", {}), dict):
+        raise CheckpointError(f"{path}: 'meta' records: expected a JSON object with an 'outcomes' object")
+    known = {f.name for f in fields(RoundOutcome)}
+    for key, outcome in records.get("outcomes", {}).items():
+        if not str(key).isdigit() or not isinstance(outcome, dict) or set(outcome) - known:
+            extra = sorted(set(outcome) - known) if isinstance(outcome, dict) else outcome
+            raise CheckpointError(f"{path}: outcome of round {key!r}: expected the fields {sorted(known)}, got "
+                                  f"{extra!r}")
+    initial = records.get("initial", {})
+    if not isinstance(initial, dict) or not all(isinstance(v, (int, float)) for v in initial.values()):
+        raise CheckpointError(f"{path}: 'meta' records 'initial': expected the initial accuracy and loss")
+    if not isinstance(meta.get("config_digest", ""), str):
+        raise CheckpointError(f"{path}: 'meta' config_digest: expected a string")
+    meta.setdefault("config_digest", "")
+    meta["records"] = records
+    return meta
+
+
+def check_resumable(run_dir: Path, config: RunConfig, expected: dict[str, np.ndarray] | None = None) -> int:
     """The round a run directory can resume after (0: start again from round 1), or
     :class:`CheckpointError`: a checkpoint that does not load, belongs to another config
-    (or the config.toml was edited since), or a rounds.jsonl with fewer or other rounds."""
+    (or the config.toml was edited since), holds a state that is not ``expected``'s names,
+    shapes and dtypes (or not finite), or a rounds.jsonl with fewer, other or bad rounds."""
     run_dir = Path(run_dir)
     if not (run_dir / FILENAME).exists():
         return 0  # stopped before its first checkpoint: nothing to keep, it starts from round 1
     try:
         checkpoint = Checkpoint.load(run_dir)
-        done = int(checkpoint.round)
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"{run_dir / FILENAME} is truncated or corrupt ({type(err).__name__}); "
                               "it cannot be resumed") from None
+    done = checkpoint.round
     if checkpoint.config_digest != config_digest(config):
         raise CheckpointError(f"{run_dir / FILENAME} belongs to another config (config.toml was edited after "
                               "the start, or the checkpoint is another run's); it cannot be resumed")
-    if done < 0 or done > config.num_rounds:
+    if done > config.num_rounds:
         raise CheckpointError(f"{run_dir / FILENAME} says round {done}, outside 0..{config.num_rounds}")
+    if expected is not None:
+        _check_state(run_dir / FILENAME, checkpoint.state, expected)
     rounds_path = run_dir / "rounds.jsonl"
     try:
-        lines = [line for line in rounds_path.read_text().splitlines() if line.strip()]
-        rounds = [json.loads(line)["round"] for line in lines[:done]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{rounds_path} is missing or corrupt ({type(err).__name__}); the checkpoint "
-                              f"is after round {done}") from None
+        rounds = [row["round"] for row in read_rounds(rounds_path, done)]
+    except RunFileError as err:
+        raise CheckpointError(f"{err}; the checkpoint is after round {done}") from None
     if rounds != list(range(1, done + 1)):
         raise CheckpointError(f"{rounds_path} disagrees with the checkpoint: it is after round {done}, but "
                               f"rounds.jsonl holds rounds {rounds[:5]}{'...' if len(rounds) > 5 else ''}")
     return done
+
+
+def _check_state(path: Path, state: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """The checkpoint's state has the run's tensors, shapes and dtypes."""
+    if sorted(state) != sorted(expected):
+        raise CheckpointError(f"{path}: state: expected tensors {sorted(expected)}, got {sorted(state)}")
+    for name, value in expected.items():
+        if state[name].shape != value.shape or state[name].dtype.kind != value.dtype.kind:
+            raise CheckpointError(f"{path}: state '{name}': expected {value.dtype} {value.shape}, got "
+                                  f"{state[name].dtype} {state[name].shape}")

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fedmask.record.diagnostics import DIAGNOSTIC_KEYS
 from fedmask.record.failures import FAILURE_KINDS, Failure
+from fedmask.record.files import read_rounds
 from fedmask.record.ledger import Ledger
 from fedmask.record.totals import round_total_fields
 from fedmask.record.tracking import make_tracker
@@ -26,7 +27,14 @@ from fedmask.record.tracking import make_tracker
 if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
-__all__ = ["FAILURE_KINDS", "RUN_FILES", "RoundOutcome", "RunRecorder", "atomic_write", "clear_run_files"]
+__all__ = ["FAILURE_KINDS", "RUN_FILES", "RoundOutcome", "RunRecorder", "RunStopped", "atomic_write",
+           "clear_run_files"]
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on (a file it cannot write, a plug-in rule that fails): it stops
+    after its last finished round, which is kept with its checkpoint; the message says why.
+    The command line adds how to resume."""
 
 # 80 columns. "up"/"down B": payload bytes of the round (all clients); "bpp": per client and
 # parameter; "xFedAvg": how many times fewer bytes, up + down, a client moved than in a FedAvg round.
@@ -61,9 +69,14 @@ def clear_run_files(run_dir: Path) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never half of it (nor a temporary file beside it)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -112,8 +125,7 @@ class RunRecorder:
             return
         # A kill between a round's line and its checkpoint leaves one line too many; that
         # round runs again and writes the same line.
-        lines = [line for line in self.rounds_path.read_text().splitlines() if line.strip()]
-        self.rows = [json.loads(line) for line in lines[:resume_after]]
+        self.rows = read_rounds(self.rounds_path, resume_after)
         atomic_write(self.rounds_path, "".join(json.dumps(row) + "\n" for row in self.rows))
         if self.rows:
             self.start -= self.rows[-1]["elapsed_s"]
@@ -219,6 +231,7 @@ class RunRecorder:
             "final_accuracy": last.get("accuracy"),
             "best_accuracy": max((r["accuracy"] for r in self.rows), default=None),
             "total_failures": sum(r["failures"] for r in self.rows),
+            "rounds_skipped": sum(1 for r in self.rows if r.get("skipped")),
             "failures_by_kind": {kind: sum(1 for r in self.rows for f in r["failure_details"] if f["kind"] == kind)
                                  for kind in FAILURE_KINDS},
             "uplink_payload_bytes": sum(r["uplink_payload_bytes"] for r in self.rows),
@@ -261,6 +274,11 @@ class RunRecorder:
         bytes_ax.grid(alpha=0.3)
         fig.tight_layout()
         tmp = self.run_dir / "curves.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / "curves.png")
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, self.run_dir / "curves.png")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            plt.close(fig)

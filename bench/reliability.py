@@ -1,7 +1,7 @@
 """Reliability table: accuracy under drops, corrupt uploads and Byzantine clients.
 
 ``python -m bench.reliability [--config configs/quickstart.toml] [--rounds 20] [--seeds 0,1,2]
-[--engine inprocess|ray] [--only TEXT]`` runs FedPM (by default on scikit-learn's digits,
+[--engine inprocess|ray] [--only TEXT] [--table masks|poison]`` runs FedPM (by default on scikit-learn's digits,
 configs/quickstart.toml: 10 IID clients, all sampled, the setting issue 15 measured; pass
 ``--config configs/mnist-fedpm.toml`` for MNIST-10k) with each fault, and with 10/20/30%
 attackers (``invert``, and ``colluding``: all attackers send the complement of the global
@@ -11,6 +11,11 @@ seeds). ``--only`` keeps the scenarios whose name holds TEXT. For every run it c
 uploads the server rejected (failure records of kind ``rejected``) and the results lost:
 rounds missing from rounds.jsonl, or a rejected or missing upload that the failure records
 do not explain (must be zero).
+
+``--table poison`` runs the dense baselines instead (FedAvg and the compressed ones, SGD at
+lr 0.05) with 10% and 30% of the clients sending a poisoned update (``attack = "poison"``:
+one coordinate per tensor at 3e38, a valid upload), under the plain mean, the trimmed mean
+(0.3) and the median, and writes bench/results/reliability-poison.md and .json.
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ SCENARIOS: list[tuple[str, list[str]]] = [
 ]
 
 
+DENSE = ("fedavg", "qsgd", "ef-signsgd", "topk-ef", "signsgd")
+POISON_RULES = [rule for rule in RULES if rule[0] in ("plain", "trimmed 0.3", "median")]
+POISON_SCENARIOS: list[tuple[str, list[str]]] = [
+    *[(f"{method}, no attackers", [f'method="{method}"', 'optimizer="sgd"', "lr=0.05"]) for method in DENSE],
+    *[(f"{method}, {p}% poisoning, {rule}", [f'method="{method}"', 'optimizer="sgd"', "lr=0.05", 'attack="poison"',
+                                           f"attack-fraction={p / 100}", *sets])
+      for method in DENSE for p in (10, 30) for rule, sets in POISON_RULES],
+]
+TABLES = {"masks": (SCENARIOS, "reliability"), "poison": (POISON_SCENARIOS, "reliability-poison")}
+
+
 def rejected_uploads(rows: list[dict[str, Any]]) -> int:
     """Failure records of kind "rejected" (one of fedmask.record.failures.FAILURE_KINDS): uploads or
     replies the server refused.
@@ -70,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the faults and attacks act the same on both engines; in-process starts faster")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every scenario runs with each")
     parser.add_argument("--only", default="", help="run only the scenarios whose name holds this text")
+    parser.add_argument("--table", choices=sorted(TABLES), default="masks",
+                        help="masks: FedPM's faults and attacks; poison: the dense baselines under poisoned updates")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    scenarios = [(name, sets) for name, sets in SCENARIOS if args.only in name]
+    table, stem = TABLES[args.table]
+    scenarios = [(name, sets) for name, sets in table if args.only in name]
     out_dir, work = prepare_dirs(args.out, "fedmask-reliability-")
     start, results = time.perf_counter(), []
     for i, (name, sets) in enumerate(scenarios):
@@ -99,19 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    accuracy {results[-1]['final_accuracy']}, failures {results[-1]['failures']}, "
               f"lost {results[-1]['lost_results']}", flush=True)
         # after each scenario, so a partial table counts
-        write(out_dir, results, argv, start, args.rounds, len(scenarios), DATA_NAMES[args.config])
-    print((out_dir / "reliability.md").read_text())
+        write(out_dir, results, argv, start, args.rounds, len(scenarios), DATA_NAMES[args.config], stem)
+    print((out_dir / f"{stem}.md").read_text())
     return 1 if any(r["error"] or r["lost_results"] for r in results) else 0
 
 
 def write(out: Path, results: list[dict[str, Any]], argv: list[str] | None, start: float, rounds: int,
-          planned: int, data: str) -> None:
+          planned: int, data: str, stem: str = "reliability") -> None:
     machine = machine_info("python -m bench.reliability", sys.argv[1:] if argv is None else argv,
                            time.perf_counter() - start)
     done = f"{len(results)} of {planned} scenarios"
-    (out / "reliability.json").write_text(json.dumps({"results": results, "machine": machine, "done": done},
-                                                     indent=2) + "\n")
-    (out / "reliability.md").write_text(markdown(results, machine, rounds, data) + f"\n({done} run.)\n")
+    (out / f"{stem}.json").write_text(json.dumps({"results": results, "machine": machine, "done": done},
+                                                 indent=2) + "\n")
+    text = markdown(results, machine, rounds, data) if stem == "reliability" else \
+        poison_markdown(results, machine, rounds, data)
+    (out / f"{stem}.md").write_text(text + f"\n({done} run.)\n")
 
 
 TABLE = ("scenario", "final accuracy % (mean ± sd over seeds)", "rejected uploads", "failures recorded",
@@ -139,6 +160,24 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int
         "mask, the complement of the global mask (theta < 0.5). *trimmed t* cuts the share t of the "
         "votes at each end per weight; *median* is the per-weight majority. Counts are summed over "
         "the seeds.",
+        *md_machine(machine),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def poison_markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int, data: str) -> str:
+    lines = [
+        f"# Poisoned updates: the dense baselines on {data}, 10 IID clients, {rounds} rounds",
+        "",
+        md_table(TABLE, map(cells, results)),
+        "",
+        "Attackers are a seeded fixed subset of the clients; each sends, instead of its update (FedAvg: "
+        "its weights), zero everywhere but the largest coordinate of each tensor, set to 3e38 with that "
+        "coordinate's sign: finite and well-formed, so no reply check refuses it. *skipped rounds*: rounds "
+        "whose new global state the server refused (not finite, or its largest |weight| grew more than "
+        "1000x): the state stays as it was. *trimmed 0.3* cuts 30% of the values at each end per "
+        "coordinate; *median* is the coordinate-wise median. Counts are summed over the seeds.",
         *md_machine(machine),
         "",
     ]

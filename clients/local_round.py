@@ -136,7 +136,7 @@ def compressed_upload(done: LocalRound, instruction: TrainInstruction, context: 
     layout = Layout.from_arrays(local)
     rng = np.random.default_rng(derive_seed(config.seed, "compress", server_round, pid))
     blob, memory = coding.upload(local, done.broadcast, memory, layout,
-                                 layout.fingerprint(config.seed, config.model, "dense"), rng)
+                                 layout.fingerprint(config.seed, config.model, "dense"), rng, (server_round, pid))
     if memory is not None and not _poisoning(instruction):  # an attacker keeps no memory of its crafted updates
         context.state[_EF_RECORD] = ArrayRecord({k: Array(v) for k, v in memory.items()})
         context.state[_EF_OWNER] = ConfigRecord({"partition-id": pid})
@@ -151,12 +151,17 @@ def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool)
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     mode, spec = done.mode, done.spec
     assert mode is not None and spec is not None
-    upload = mode.upload(done.model)
+    probabilities = config.uplink_codec == "relative-entropy"
     if mode.has_mask and pid in attackers(config):
         crafted = mode.colluding_upload(done.broadcast) if config.attack == "colluding" else None
-        upload = attack_masks(upload, config, server_round, pid, crafted)
-    rng = np.random.default_rng(derive_seed(config.seed, "laperm-rank-step", server_round, pid))  # LaPerm's rounding
-    blob = mode.encode_upload(upload, spec.upload, spec.fingerprint, config.uplink_codec, done.prior, rng)
+        lie = attack_masks(mode.upload(done.model), config, server_round, pid, crafted)
+        upload = {k: v.astype(np.float64) for k, v in lie.items()} if probabilities else lie  # a certain "sample"
+    else:
+        upload = mode.upload(done.model, probabilities)
+    # the upload's own randomness: LaPerm's stochastic rounding, the relative-entropy coder's choice
+    rng = np.random.default_rng(derive_seed(config.seed, "laperm-rank-step", server_round, pid))
+    blob = mode.encode_upload(upload, spec.upload, spec.fingerprint, config.uplink_codec, done.prior, rng,
+                              (server_round, pid))
     if corrupt:
         blob, _ = corrupt_upload(blob, config, server_round, pid)
     return ArrayRecord({"mask": Array(blob)})

@@ -118,7 +118,7 @@ def broadcast_of(config: RunConfig, mode: MaskMode, spec: task.ModelSpec, arrays
 
 def _new_broadcast(config: RunConfig, mode: MaskMode, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
     state = decode_state(arrays, spec.layout)
-    prior = mode.prior(state) if config.uplink_codec == "entropy" else None
+    prior = mode.prior(state) if config.uplink_codec != "packbits" else None
     return Broadcast(state, mode.scores_of_state(state), prior)
 
 

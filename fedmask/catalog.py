@@ -33,6 +33,7 @@ _PARTITIONERS = {
 _UPLINK = {
     "packbits": "one bit per parameter plus a 28-byte header",
     "entropy": "range-coded against the broadcast state (or the mask's own frequency), packed when shorter",
+    "relative-entropy": "FedPM: a sample's index among candidates both ends draw from theta, about KL(q||theta) bits",
 }
 _DOWNLINK = {
     "float32": "the global state as it is, 32 bits per value",

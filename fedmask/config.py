@@ -186,9 +186,20 @@ class RunConfig:
     recycle_fraction: float = _key(0.1, "Iterative Weight Recycling: share of each tensor's weights, "
                                    "lowest global scores first, that take the values of the highest",
                                    check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
-    uplink_codec: str = _key("entropy", "how clients code their masks: 'packbits' (1 bit per "
-                             "parameter) or 'entropy' (range-coded against the broadcast state, "
-                             "packed bits when that is shorter)", choices=UPLINK_CODECS)
+    uplink_codec: str = _key("entropy", "how clients code their uploads: 'packbits' (1 bit per parameter), "
+                             "'entropy' (range-coded against the broadcast state, packed bits when that is shorter) "
+                             "or, for FedPM, 'relative-entropy' (the index of a sample among candidates both ends "
+                             "draw from the broadcast theta: about KL(q || theta) bits, not the sample's entropy)",
+                             choices=UPLINK_CODECS)
+    rec_block_bits: int = _key(8, "relative-entropy: bits of KL per block of weights (C); a block's candidates "
+                               "number 2**(C + t), the encoder's CPU grows with them",
+                               check=lambda v: 1 <= v <= 16, rule="in 1..16")
+    rec_extra_bits: int = _key(0, "relative-entropy: extra index bits per block (t, oversampling): a less biased "
+                               "sample for (C + t) / C times the bits and 2**t times the CPU",
+                               check=lambda v: 0 <= v <= 8, rule="in 0..8")
+    rec_debias: bool = _key(True, "relative-entropy: code theta + (q - theta) / gamma(C, t) so that each weight's "
+                            "mean lands on q (gamma measured per (C, t)); false: cheaper, each mean moves only "
+                            "gamma of the way")
     downlink_codec: str = _key("lossless", "how the server codes the broadcast state: 'lossless' sends each node "
                                "the coded votes since the state it holds (exact); float32, float16, quantized "
                                "send the state", choices=DOWNLINK_CODECS)
@@ -343,6 +354,13 @@ def _check_across_keys(config: RunConfig) -> None:
     if config.biprop_scale_fan and config.density >= 1:
         raise ConfigError("config key 'biprop-scale-fan': expected false with density 1 (the reference's "
                           f"scale divides by sqrt(1 - density)), got true with density {config.density:g}")
+    if config.uplink_codec == "relative-entropy" and config.rec_debias:
+        from fedmask.wire.relative import GAMMA
+
+        if (config.rec_block_bits, config.rec_extra_bits) not in GAMMA:
+            raise ConfigError(f"config keys 'rec-block-bits', 'rec-extra-bits': expected a pair whose bias was "
+                              f"measured, {sorted(GAMMA)}, with rec-debias = true; got "
+                              f"{(config.rec_block_bits, config.rec_extra_bits)}")
     if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config.clients_per_round}), got {config.min_clients}")

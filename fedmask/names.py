@@ -30,7 +30,7 @@ ROBUST_RULES = ("none", "trimmed", "median")
 OPTIMIZERS = ("adam", "sgd")
 
 # the bytes each way
-UPLINK_CODECS = ("packbits", "entropy")
+UPLINK_CODECS = ("packbits", "entropy", "relative-entropy")
 DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")
 COMPRESSORS = ("sign", "scaled-sign", "qsgd", "topk")  # the compressed dense baselines' uploads
 

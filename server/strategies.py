@@ -363,7 +363,8 @@ class CompressedFedAvg(DenseFedAvg):
         self.fingerprint = self.layout.fingerprint(run_config.seed, run_config.model, "dense")
 
     def decode(self, server_round: int, reply: Message) -> dict[str, np.ndarray]:
-        return self.coding.decode(single_blob(reply, "update"), self.layout, self.fingerprint)
+        return self.coding.decode(single_blob(reply, "update"), self.layout, self.fingerprint,
+                                  (server_round, self.ledger.partition_of(reply)))
 
     def finish(self, server_round: int) -> State:
         return self.coding.aggregate(self.state, [u for u, _ in self.folded], [w for _, w in self.folded], self.rule)
@@ -464,7 +465,8 @@ class MaskStrategy(SeededFedAvg):
         client's drift are measured on the way."""
         lengths: dict[str, float] = {}
         upload = self.mode.decode_upload(single_blob(reply, "mask"), self.spec.upload, self.spec.fingerprint,
-                                         self.prior, self.run_config.uplink_codec, lengths)
+                                         self.prior, self.run_config.uplink_codec, lengths,
+                                         (server_round, self.ledger.partition_of(reply)))
         votes = self.mode.votes(upload, self.spec.layout)
         totals = self.outcome(server_round).code_lengths
         if totals is None:

@@ -74,7 +74,7 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / f"{name}.log", "wb")
         proc = subprocess.Popen(args, cwd=cwd or ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()

@@ -1,4 +1,4 @@
-"""Tests for fedmask.aggregators (FedPM, edge-popup), the method registry's plug-ins, and seeded client sampling."""
+"""Tests for the aggregation rules (FedPM, edge-popup), the method registry's plug-ins, and seeded client sampling."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, MaskAggregator, topk_mask, weighted_vote
 from fedmask.config import RunConfig, resolve
+from fedmask.core.masking import topk_mask_np
+from fedmask.core.sampling import sample_partitions
 from fedmask.methods import PluginError, get_method
-from fedmask.sampling import sample_partitions
-from fedmask.task import scores_of_state
+from fedmask.methods.base import MaskAggregator
+from fedmask.methods.edge_popup import EdgePopupAggregator, EdgePopupParams, TopK
+from fedmask.methods.fedpm import FedPMAggregator, FedPMParams
+from fedmask.methods.votes import weighted_vote
 
 SHAPES = {"a.weight": (6, 5), "a.bias": (6,), "b.weight": (2, 3, 3, 3)}
 
@@ -49,7 +52,7 @@ def expected_theta(rounds: list[list[dict]], eps: float) -> dict[str, np.ndarray
 
 def test_fedpm_theta_is_clipped_mean_with_reset_every_round():
     """fedpm-prior-reset = 1: theta == clip(mean of this round's masks, eps, 1-eps), exactly."""
-    agg = FedPMAggregator(config(fedpm_eps=0.01, fedpm_prior_reset=1))
+    agg = FedPMAggregator.from_config(config(fedpm_eps=0.01, fedpm_prior_reset=1))
     state = theta_state()
     for rnd, seed in [(1, 0), (2, 1), (3, 2)]:
         masks = random_masks(5, seed)
@@ -62,14 +65,14 @@ def test_fedpm_theta_is_clipped_mean_with_reset_every_round():
 def test_fedpm_counts_accumulate_without_reset():
     """fedpm-prior-reset = 0: round-2 theta is the posterior mode over both rounds' counts."""
     r1, r2 = random_masks(3, 10), random_masks(2, 11)
-    agg = FedPMAggregator(config(fedpm_prior_reset=0, fedpm_eps=0.05))
+    agg = FedPMAggregator.from_config(config(fedpm_prior_reset=0, fedpm_eps=0.05))
     state = agg.aggregate(1, theta_state(), r1, [1.0] * 3)
     state = agg.aggregate(2, state, r2, [1.0] * 2)
     expected = expected_theta([r1, r2], 0.05)
     for name in SHAPES:
         np.testing.assert_allclose(state[name], expected[name], rtol=1e-6)
     # and it differs from what a reset would give
-    reset = FedPMAggregator(config(fedpm_prior_reset=1, fedpm_eps=0.05))
+    reset = FedPMAggregator.from_config(config(fedpm_prior_reset=1, fedpm_eps=0.05))
     reset.aggregate(1, theta_state(), r1, [1.0] * 3)
     only_r2 = reset.aggregate(2, theta_state(), r2, [1.0] * 2)
     assert any(not np.array_equal(state[n], only_r2[n]) for n in SHAPES)
@@ -78,7 +81,7 @@ def test_fedpm_counts_accumulate_without_reset():
 def test_fedpm_prior_resets_every_n_rounds():
     """fedpm-prior-reset = 2: rounds 1-2 share counts, round 3 starts from a fresh prior."""
     r1, r2, r3 = random_masks(2, 20), random_masks(2, 21), random_masks(3, 22)
-    agg = FedPMAggregator(config(fedpm_prior_reset=2))
+    agg = FedPMAggregator.from_config(config(fedpm_prior_reset=2))
     state = agg.aggregate(1, theta_state(), r1, [1.0] * 2)
     state = agg.aggregate(2, state, r2, [1.0] * 2)
     expected2 = expected_theta([r1, r2], 0.01)
@@ -90,7 +93,7 @@ def test_fedpm_prior_resets_every_n_rounds():
 
 def test_fedpm_eps_clamp():
     """Unanimous keep gives theta = 1-eps, unanimous drop gives eps, never 0 or 1."""
-    agg = FedPMAggregator(config(fedpm_eps=0.1))
+    agg = FedPMAggregator.from_config(config(fedpm_eps=0.1))
     keep_all = [{k: np.ones(s, bool) for k, s in SHAPES.items()}] * 3
     drop_all = [{k: np.zeros(s, bool) for k, s in SHAPES.items()}] * 3
     high = agg.aggregate(1, theta_state(), keep_all, [1.0] * 3)
@@ -103,8 +106,8 @@ def test_fedpm_eps_clamp():
 def test_fedpm_output_dtype_shapes_and_ignores_weights():
     """FedPM returns float32 arrays of the state's shapes; counts are unweighted."""
     masks = random_masks(2, 5)
-    a = FedPMAggregator(config()).aggregate(1, theta_state(), masks, [1.0, 1.0])
-    b = FedPMAggregator(config()).aggregate(1, theta_state(), masks, [1.0, 100.0])
+    a = FedPMAggregator.from_config(config()).aggregate(1, theta_state(), masks, [1.0, 1.0])
+    b = FedPMAggregator.from_config(config()).aggregate(1, theta_state(), masks, [1.0, 100.0])
     for name, shape in SHAPES.items():
         assert a[name].dtype == np.float32 and a[name].shape == shape
         assert np.array_equal(a[name], b[name])
@@ -113,7 +116,7 @@ def test_fedpm_output_dtype_shapes_and_ignores_weights():
 def test_fedpm_initial_state_is_sigmoid_of_scores():
     """The first bernoulli broadcast is theta = sigmoid(scores), float32."""
     scores = {"w": np.array([-2.0, 0.0, 3.0], np.float32)}
-    state = FedPMAggregator(config()).initial_state(scores)
+    state = FedPMAggregator.from_config(config()).initial_state(scores)
     assert state["w"].dtype == np.float32
     np.testing.assert_allclose(state["w"], 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0]))), rtol=1e-6)
 
@@ -145,7 +148,7 @@ def test_edge_popup_unanimous_agreement_keeps_topk_and_magnitudes():
     cfg = config(method="edge-popup", density=0.4)
     state = score_state(1)
     current = {k: np.isin(np.arange(v.size), kept_of(state, 0.4)[k]).reshape(v.shape) for k, v in state.items()}
-    new = EdgePopupAggregator(cfg).aggregate(1, state, [current] * 3, [5.0, 1.0, 2.0])
+    new = EdgePopupAggregator.from_config(cfg).aggregate(1, state, [current] * 3, [5.0, 1.0, 2.0])
     for name, value in state.items():
         assert new[name] == pytest.approx(standardised(np.abs(value.astype(np.float64))), rel=1e-6)
         assert new[name].std() == pytest.approx(1.0, rel=1e-5)
@@ -169,7 +172,7 @@ def test_edge_popup_unanimous_votes_move_scores_by_server_lr_times_std():
         flipped[out_idx], flipped[in_idx] = True, False
         votes[name] = flipped.reshape(value.shape)
         moved_up[name], moved_down[name] = out_idx, in_idx
-    new = EdgePopupAggregator(cfg).aggregate(1, state, [votes] * 4, [1.0, 2.0, 3.0, 4.0])
+    new = EdgePopupAggregator.from_config(cfg).aggregate(1, state, [votes] * 4, [1.0, 2.0, 3.0, 4.0])
     for name, value in state.items():
         magnitude = standardised(np.abs(value.astype(np.float64)).ravel())
         up, down = moved_up[name], moved_down[name]
@@ -188,7 +191,7 @@ def test_edge_popup_vote_average_step_is_the_weighted_mix_of_magnitude_and_votes
     cfg = config(method="edge-popup", density=0.5, edge_popup_server_lr=lr, edge_popup_server_rule="vote-average",
                  edge_popup_vote_weight=weight)
     state, masks, weights = score_state(4), random_masks(3, 4), [1.0, 2.0, 3.0]
-    new = EdgePopupAggregator(cfg).aggregate(1, state, masks, weights)
+    new = EdgePopupAggregator.from_config(cfg).aggregate(1, state, masks, weights)
     votes = weighted_vote(masks, weights)
     for name, value in state.items():
         magnitude = standardised(np.abs(value.astype(np.float64))).astype(np.float64)
@@ -208,12 +211,12 @@ def test_edge_popup_vote_average_settles_where_the_pseudo_gradient_oscillates():
     flips = {}
     for rule in ("pseudo-gradient", "vote-average"):
         cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule=rule)
-        aggregator = EdgePopupAggregator(cfg)
+        aggregator = EdgePopupAggregator.from_config(cfg)
         state = aggregator.initial_state({"w": rng.normal(size=size).astype(np.float32)})
         history = []
         for server_round in range(1, 41):
             state = aggregator.aggregate(server_round, state, masks, [1.0] * clients)
-            history.append(topk_mask(state["w"], 0.5).astype(bool))
+            history.append(topk_mask_np(state["w"], 0.5).astype(bool))
         flips[rule] = [int((a != b).sum()) for a, b in zip(history[-10:], history[-11:-1])]
         if rule == "vote-average":
             assert state["w"][kind == 2].min() > state["w"][kind == 1].max()
@@ -228,7 +231,7 @@ def test_edge_popup_vote_levels_rounds_the_running_average_to_integer_levels():
     levels, weight = 8, 0.3
     cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule="vote-levels", edge_popup_levels=levels,
                  edge_popup_vote_weight=weight)
-    aggregator = EdgePopupAggregator(cfg)
+    aggregator = EdgePopupAggregator.from_config(cfg)
     state = aggregator.initial_state(score_state(4))
     for value in state.values():
         level = value.astype(np.float64)
@@ -241,10 +244,10 @@ def test_edge_popup_vote_levels_rounds_the_running_average_to_integer_levels():
         level = np.rint(value.astype(np.float64))
         expected = np.clip(np.rint((1 - weight) * level + weight * (levels - 1) * votes[name]), 0, levels - 1)
         assert np.array_equal(new[name], expected.astype(np.float32))
-    scores = scores_of_state(new, "topk", standardise=True)
+    scores = TopK(0.5, standardise=True).scores_of_state(new)
     for name, value in new.items():
         assert scores[name].std() == pytest.approx(1.0, rel=1e-5)
-        assert np.array_equal(topk_mask(scores[name], 0.5), topk_mask(value, 0.5))
+        assert np.array_equal(topk_mask_np(scores[name], 0.5), topk_mask_np(value, 0.5))
 
 
 def test_edge_popup_vote_levels_moves_a_level_only_when_the_votes_pull_half_a_level():
@@ -255,7 +258,7 @@ def test_edge_popup_vote_levels_moves_a_level_only_when_the_votes_pull_half_a_le
     levels = 16
     cfg = config(method="edge-popup", density=0.5, edge_popup_server_rule="vote-levels", edge_popup_levels=levels,
                  edge_popup_vote_weight=0.3)
-    aggregator = EdgePopupAggregator(cfg)
+    aggregator = EdgePopupAggregator.from_config(cfg)
     shares = np.array([10 / 15, 10 / 15 + 0.1, 10 / 15 - 0.1, 10 / 15 + 0.12, 10 / 15 - 0.12])
     state = {"w": np.full(shares.size, 10.0, dtype=np.float32)}
     moved = aggregator.replay(state, {"w": shares}, 5.0)["w"]
@@ -271,16 +274,16 @@ def test_edge_popup_vote_levels_moves_a_level_only_when_the_votes_pull_half_a_le
 def test_edge_popup_output_is_nonnegative_float32_of_same_shapes(seed, lr, density):
     """Whatever the votes, the new scores are finite, non-negative float32 of the state's shapes."""
     cfg = config(method="edge-popup", density=density, edge_popup_server_lr=lr)
-    new = EdgePopupAggregator(cfg).aggregate(1, score_state(seed), random_masks(3, seed), [1.0, 2.0, 3.0])
+    new = EdgePopupAggregator.from_config(cfg).aggregate(1, score_state(seed), random_masks(3, seed), [1.0, 2.0, 3.0])
     for name, shape in SHAPES.items():
         assert new[name].dtype == np.float32 and new[name].shape == shape
         assert np.all(new[name] >= 0) and np.all(np.isfinite(new[name]))
 
 
 def test_topk_mask_keeps_largest():
-    """Server-side topk_mask keeps round(density*n) largest magnitudes."""
+    """Server-side topk_mask_np keeps round(density*n) largest magnitudes."""
     magnitude = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
-    mask = topk_mask(magnitude, 0.5)
+    mask = topk_mask_np(magnitude, 0.5)
     assert mask.dtype == np.float64 and mask.shape == (2, 3)
     assert np.array_equal(mask, np.array([[0, 1, 1], [1, 0, 0]], float))
 
@@ -320,13 +323,14 @@ class AbstractAggregator(MaskAggregator):
     """Forgets to implement aggregate()."""
 
 
-@pytest.mark.parametrize("method, cls, mode", [("fedpm", FedPMAggregator, "bernoulli"),
-                                               ("edge-popup", EdgePopupAggregator, "topk")])
-def test_load_builtin_aggregators(method, cls, mode):
-    """Built-in names give their aggregator, holding the config."""
-    cfg = config(method=method)
+@pytest.mark.parametrize("method, cls, mode, params", [("fedpm", FedPMAggregator, "bernoulli", FedPMParams),
+                                                       ("edge-popup", EdgePopupAggregator, "topk", EdgePopupParams)])
+def test_load_builtin_aggregators(method, cls, mode, params):
+    """Built-in names give their aggregator, holding the config's parameters of the rule."""
+    cfg = config(method=method, fedpm_eps=0.05, edge_popup_server_lr=0.7, robust_aggregation="median")
     agg = get_method(method).make_aggregator(cfg)
-    assert type(agg) is cls and agg.mask_mode == mode and agg.config is cfg
+    assert type(agg) is cls and agg.mask_mode == mode and agg.params == params.from_config(cfg)
+    assert agg.params != params() and agg.vote_rule.rule == "median"
 
 
 def test_load_plugin_from_this_module():
@@ -342,7 +346,7 @@ def test_load_plugin_from_file_on_sys_path(tmp_path, monkeypatch):
     """A plug-in module found on sys.path loads, with its own mask_mode."""
     (tmp_path / "fedmask_test_plugin_mod.py").write_text(textwrap.dedent("""
         import numpy as np
-        from fedmask.aggregators import MaskAggregator
+        from fedmask import MaskAggregator
 
         class Plug(MaskAggregator):
             mask_mode = "topk"
@@ -361,9 +365,9 @@ def test_load_plugin_from_file_on_sys_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method, fragment", [
     ("fedmask_no_such_module_xyz:Agg", "fedmask_no_such_module_xyz"),
-    ("fedmask.aggregators:NoSuchClass", "NoSuchClass"),
+    ("fedmask.methods.base:NoSuchClass", "NoSuchClass"),
     (f"{__name__}:NotAnAggregator", "MaskAggregator"),
-    ("fedmask.aggregators:weighted_vote", "MaskAggregator"),
+    ("fedmask.methods.votes:weighted_vote", "MaskAggregator"),
     (f"{__name__}:WrongModeAggregator", "mask_mode"),
     ("fedprox", "fedprox"),
 ])

@@ -12,24 +12,26 @@ import torch
 from torch import nn
 
 from clients.client_app import app as client_app
-from fedmask.aggregators import BipropAggregator
-from fedmask.codec import HEADER_BYTES
+from engines.inprocess import InProcessGrid
 from fedmask.config import resolve
-from fedmask.masking import current_masks, frozen_weights, score_masks, to_masked
+from fedmask.core.masking import frozen_weights, score_masks, to_masked
 from fedmask.methods import get_method
-from server.inprocess_grid import InProcessGrid
+from fedmask.methods.biprop import Biprop, BipropAggregator
+from fedmask.wire.masks import HEADER_BYTES
 from server.server_app import run_server
+
+MODE = Biprop(density=0.5)
 
 
 def _layer(seed: int = 0) -> nn.Module:
-    return to_masked(nn.Sequential(nn.Linear(6, 4)), "biprop", seed=seed, init="kaiming-normal", density=0.5)
+    return to_masked(nn.Sequential(nn.Linear(6, 4)), MODE, seed=seed, init="kaiming-normal")
 
 
 def test_forward_uses_sign_times_mean_kept_magnitude():
     """W_eff = sign(w) * mean(|w| over kept) * mask, per tensor."""
     model = _layer()
     frozen = frozen_weights(model)["0.weight"]
-    mask = torch.as_tensor(current_masks(model)["0.weight"], dtype=torch.float32)
+    mask = torch.as_tensor(MODE.upload(model)["0.weight"], dtype=torch.float32)
     alpha = (frozen.abs() * mask).sum() / mask.sum()
     expected = torch.sign(frozen) * alpha * mask
     assert torch.allclose(model[0].weight, expected)
@@ -44,7 +46,7 @@ def test_gradient_reaches_scores_through_the_mask():
     model(x).pow(2).sum().backward()
     scores = score_masks(model)["0.weight"].scores
     frozen = frozen_weights(model)["0.weight"]
-    mask = torch.as_tensor(current_masks(model)["0.weight"], dtype=torch.float32)
+    mask = torch.as_tensor(MODE.upload(model)["0.weight"], dtype=torch.float32)
     alpha = (frozen.abs() * mask).sum() / mask.sum()
     weight = model[0].weight.detach().requires_grad_(True)
     torch.nn.functional.linear(x, weight, model[0].bias.detach()).pow(2).sum().backward()

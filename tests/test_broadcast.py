@@ -1,6 +1,6 @@
-"""Tests for the lossless downlink (fedmask.broadcast): every client ends with the server's
-state bit for bit, the server tracks what each node holds from its confirmations only, and
-every broadcast is weighed by the ledger.
+"""Tests for the lossless downlink (fedmask.downlink; its bytes: fedmask.wire.lossless): every
+client ends with the server's state bit for bit, the server tracks what each node holds from
+its confirmations only, and every broadcast is weighed by the ledger.
 """
 
 from __future__ import annotations
@@ -12,36 +12,29 @@ import numpy as np
 import pytest
 
 from clients.client_app import app as real_client_app
-from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, SlotMachineAggregator
-from fedmask.broadcast import (
-    HEADER,
-    BroadcastError,
-    Held,
-    LosslessDownlink,
-    decode_votes,
-    encode_state,
-    encode_votes,
-    few_valued,
-    receive,
-    replay_blob,
-    replayable,
-    state_digest,
-)
-from fedmask.checkpoint import Checkpoint
-from fedmask.codec import MaskLayout
+from engines.inprocess import InProcessGrid
+from fedmask import task
 from fedmask.config import resolve
-from server.inprocess_grid import InProcessGrid
+from fedmask.downlink import Held, LosslessDownlink, receive
+from fedmask.methods.base import RoundResult
+from fedmask.methods.edge_popup import EdgePopupAggregator, TopK
+from fedmask.methods.fedpm import Bernoulli, FedPMAggregator
+from fedmask.methods.slot_machines import SlotMachineAggregator
+from fedmask.methods.votes import Voting
+from fedmask.record.checkpoint import Checkpoint
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.lossless import FRAME, decode_votes, encode_state, encode_votes, few_valued, replay_blob, state_digest
 from server.server_app import run_server
 
 SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 3, "dataset": "digits", "model": "mlp"}
-LAYOUT = MaskLayout((("a.weight", (40, 30)), ("b.bias", (7,))))
+LAYOUT = Layout((("a.weight", (40, 30)), ("b.bias", (7,))))
 FP = b"12345678"
 
 
-SLOT_LAYOUT = MaskLayout(tuple((name, (4, *shape)) for name, shape in LAYOUT.shapes))  # K = 4 scores each
+SLOT_LAYOUT = Layout(tuple((name, (4, *shape)) for name, shape in LAYOUT.shapes))  # K = 4 scores each
 
 
-def _layout(mode: str) -> MaskLayout:
+def _layout(mode: str) -> Layout:
     return SLOT_LAYOUT if mode == "slots" else LAYOUT
 
 
@@ -66,33 +59,48 @@ AGGREGATORS = {
 }
 
 
+def _downlink(aggregator: Voting, layout: Layout, mode: str, config, state) -> LosslessDownlink:
+    """The server's lossless downlink for a built-in rule, as server_app.build makes it."""
+    return LosslessDownlink.create(layout, FP, task.mode_of(config, mode).vote_contexts, aggregator.replayable,
+                                   aggregator.absorbing, state)
+
+
+def _round(aggregator: Voting, version: int, state, masks, weights) -> RoundResult:
+    """One round as the server runs it: each upload folded in, then the round finished."""
+    for mask, weight in zip(masks, weights):
+        aggregator.fold(version, state, mask, weight)
+    return aggregator.finish(version, state)
+
+
+def _record(downlink: LosslessDownlink, aggregator: Voting, version: int, state, result: RoundResult) -> None:
+    downlink.record(version, state, result.state, result.votes, result.clients, aggregator.replay)
+
+
 def _server_rounds(mode: str, rounds: int, seed: int = 0, **extra):
     """A server's history of ``rounds`` aggregations of random masks with unequal weights."""
     cls, keys = AGGREGATORS[mode]
     config = resolve({**SMALL, **keys, **extra, "downlink-codec": "lossless"})
-    aggregator = cls(config)
+    aggregator = cls.from_config(config)
     rng = np.random.default_rng(seed)
     state = _rng_state(mode, rng)
     if mode == "topk":  # the server's scores are standardised magnitudes
         state = aggregator.initial_state(state)
-    downlink = LosslessDownlink.create(aggregator, _layout(mode), FP, mode, config.density, state)
+    downlink = _downlink(aggregator, _layout(mode), mode, config, state)
     states = [state]
     for version in range(1, rounds + 1):
         masks = _masks(mode, state, rng, 5)
         weights = [float(w) for w in rng.integers(50, 200, size=5)]
-        votes, clients = aggregator.round_votes(version, state, masks, weights)
-        new_state = aggregator.apply(version, state, votes, clients)
-        assert all(np.array_equal(new_state[k], v)
-                   for k, v in aggregator.aggregate(version, state, masks, weights).items())
-        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
-        state = new_state
+        result = _round(aggregator, version, state, masks, weights)
+        _record(downlink, aggregator, version, state, result)
+        state = result.state
         states.append(state)
     return config, aggregator, downlink, states
 
 
 def _client(config, aggregator, mode, states, blob, held=None) -> Held:
-    return receive(blob, _layout(mode), FP, held, lambda: states[0], lambda: type(aggregator)(config), mode,
-                   config.density)
+    """A node's receive, with its own instance of the rule (as clients.received builds it)."""
+    return receive(blob, _layout(mode), FP, held, lambda: states[0], type(aggregator).from_config(config).replay,
+                   task.mode_of(config, mode).vote_contexts)
 
 
 @pytest.mark.parametrize(("mode", "extra"), [
@@ -127,7 +135,7 @@ def test_node_holding_the_current_state_gets_a_header_only():
     downlink.sent([5])
     downlink.confirm(5, 2, state_digest(states[2], LAYOUT).hex())
     blob, kind = downlink.message_for(5, states[2])
-    assert kind == "replay" and blob.size == HEADER.size
+    assert kind == "replay" and blob.size == FRAME.size
     held = Held(2, state_digest(states[2], LAYOUT), states[2])
     assert _client(config, aggregator, "topk", states, blob, held).version == 2
 
@@ -143,8 +151,8 @@ def test_unconfirmed_or_wrongly_confirmed_nodes_are_forgotten():
     assert downlink.held == {1: 3}
     for node in (2, 3):
         blob, _ = downlink.message_for(node, states[3])
-        header = HEADER.unpack_from(blob.tobytes())
-        assert header[5] == 0  # base version: the seed's state, or (full) none
+        header, _ = FRAME.read(blob.tobytes())
+        assert header["base version"] == 0  # the seed's state, or (full) none
         got = _client(config, aggregator, "topk", states, blob, held=None)
         assert got.digest == state_digest(states[3], LAYOUT)
 
@@ -155,21 +163,21 @@ def test_node_that_lost_its_state_is_refused_with_a_clear_error():
     downlink.confirm(1, 2, state_digest(states[2], LAYOUT).hex())
     blob, kind = downlink.message_for(1, states[3])
     assert kind == "replay"
-    with pytest.raises(BroadcastError, match="base state.*round 2.*nothing"):
+    with pytest.raises(WireError, match="base state.*round 2.*nothing"):
         _client(config, aggregator, "topk", states, blob, held=None)
 
 
-@pytest.mark.parametrize("flip", [3, HEADER.size + 5, -1])
+@pytest.mark.parametrize("flip", [3, FRAME.size + 5, -1])
 def test_corrupted_broadcast_is_refused_by_crc(flip):
     config, aggregator, downlink, states = _server_rounds("bernoulli", 2)
     blob, _ = downlink.message_for(1, states[-1])
     bad = blob.copy()
     bad[flip] ^= 0x10
-    with pytest.raises(BroadcastError):
+    with pytest.raises(WireError):
         _client(config, aggregator, "bernoulli", states, bad)
 
 
-@pytest.mark.parametrize("flip", [3, HEADER.size - 14, HEADER.size - 6, HEADER.size + 5, -1])
+@pytest.mark.parametrize("flip", [3, FRAME.size - 14, FRAME.size - 6, FRAME.size + 5, -1])
 def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(flip, monkeypatch):
     """Once a process holds the decoded state a broadcast leads to, a corrupted copy of that
     broadcast (magic, target digest, target version, body) is still refused by the header
@@ -180,31 +188,32 @@ def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(
 
     from flwr.app import Context, RecordDict
 
-    import clients.client_app as client_module
+    import clients.received as client_module
 
     config, aggregator, downlink, states = _server_rounds("bernoulli", 2)
     blob, _ = downlink.message_for(1, states[-1])
     spec = SimpleNamespace(layout=LAYOUT, fingerprint=FP)
+    mode = task.mode_of(config, "bernoulli")
     held = Held(downlink.current, downlink.versions[downlink.current], states[-1])
     received = client_module._Received(held, {})
     monkeypatch.setattr(client_module, "_RECEIVED", {(config, "bernoulli", (held.version, held.digest)): received})
-    monkeypatch.setattr(client_module.broadcast, "receive", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(client_module.downlink, "receive", lambda *a, **k: pytest.fail("decoded again"))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    assert client_module._decoded_broadcast(blob, config, "bernoulli", spec, context) is received
+    assert client_module._decoded_broadcast(blob, config, mode, spec, context) is received
     bad = blob.copy()
     bad[flip] ^= 0x10
-    with pytest.raises(BroadcastError, match="crc32|header"):
-        client_module._decoded_broadcast(bad, config, "bernoulli", spec, context)
+    with pytest.raises(WireError, match="crc32|header"):
+        client_module._decoded_broadcast(bad, config, mode, spec, context)
     other_run = SimpleNamespace(layout=LAYOUT, fingerprint=b"87654321")
-    with pytest.raises(BroadcastError, match="fingerprint"):
-        client_module._decoded_broadcast(blob, config, "bernoulli", other_run, context)
+    with pytest.raises(WireError, match="fingerprint"):
+        client_module._decoded_broadcast(blob, config, mode, other_run, context)
 
 
 def test_broadcast_for_another_model_is_refused():
     config, aggregator, downlink, states = _server_rounds("bernoulli", 1)
     blob, _ = downlink.message_for(1, states[-1])
-    with pytest.raises(BroadcastError, match="fingerprint"):
-        receive(blob, LAYOUT, b"87654321", None, lambda: states[0], lambda: aggregator, "bernoulli", 0.5)
+    with pytest.raises(WireError, match="fingerprint"):
+        receive(blob, LAYOUT, b"87654321", None, lambda: states[0], aggregator.replay, Bernoulli().vote_contexts)
 
 
 @pytest.mark.parametrize("contexts", [None, "ctx"])
@@ -220,24 +229,41 @@ def test_votes_round_trip_exactly(contexts):
 
 
 def test_plugin_aggregators_get_full_states_only():
+    """A plug-in is neither built in (a node cannot import it) nor replayable; a subclass of a
+    built-in rule that rewrote aggregate (its replay would lie) makes no replayable votes, so
+    the downlink stops offering replays and sends it full states, where the rule it
+    subclasses keeps replays."""
     from examples.majority_momentum import MajorityMomentum
 
     config = resolve({**SMALL, "method": "examples.majority_momentum:MajorityMomentum",
                       "downlink-codec": "lossless"})
-    assert not replayable(MajorityMomentum(config))
+    assert not config.method_entry.builtin and not MajorityMomentum(config).replayable
 
     class Rewritten(EdgePopupAggregator):  # a subclass that rewrote aggregate: its replay would lie
-        def aggregate(self, server_round, state, masks, weights):  # noqa: ANN001, ANN201
+        def aggregate(self, server_round, state, masks, weights):
             return state
 
-    assert not replayable(Rewritten(config)) and replayable(EdgePopupAggregator(config))
+    edge = resolve({**SMALL, "method": "edge-popup", "downlink-codec": "lossless"})
+    rng = np.random.default_rng(2)
+    for cls, replays in ((Rewritten, False), (EdgePopupAggregator, True)):
+        aggregator = cls.from_config(edge)
+        state = aggregator.initial_state(_rng_state("topk", rng))
+        downlink = _downlink(aggregator, LAYOUT, "topk", edge, state)
+        result = _round(aggregator, 1, state, _masks("topk", state, rng, 3), [1.0, 2.0, 3.0])
+        assert (result.votes is not None) is replays
+        _record(downlink, aggregator, 1, state, result)
+        assert downlink.can_replay is replays
+        downlink.sent([1])
+        assert downlink.confirm(1, 0, state_digest(state, LAYOUT).hex())
+        _, kind = downlink.message_for(1, result.state)
+        assert kind == ("replay" if replays else "full"), cls
 
 
 def test_fedpm_with_accumulated_prior_cannot_be_replayed():
     """theta then depends on past rounds' counts: a client cannot replay one round's (its
     state still goes as a state step: see test_lossless_run_equals_the_float32_run)."""
-    assert not replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 2})))
-    assert replayable(FedPMAggregator(resolve({**SMALL, "fedpm-prior-reset": 1})))
+    assert not FedPMAggregator.from_config(resolve({**SMALL, "fedpm-prior-reset": 2})).replayable
+    assert FedPMAggregator.from_config(resolve({**SMALL, "fedpm-prior-reset": 1})).replayable
     resolve({**SMALL, "method": "fedavg", "downlink-codec": "lossless"})  # dense float32 is lossless
 
 
@@ -269,7 +295,7 @@ def test_lossless_run_equals_the_float32_run(tmp_path, overrides):
     rows, grid = _run(tmp_path, "lossless", **{**overrides, "downlink-codec": "lossless"})
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in f32]
     assert [r["loss"] for r in rows] == [r["loss"] for r in f32]
-    assert rows[0]["downlink_payload_bytes"] == HEADER.size * rows[0]["clients"]  # the seed's state: a header
+    assert rows[0]["downlink_payload_bytes"] == FRAME.size * rows[0]["clients"]  # the seed's state: a header
     assert all(r["downlink_payload_bytes"] < f32[i]["downlink_payload_bytes"] / 4 for i, r in enumerate(rows))
     assert all(r["failures"] == 0 for r in rows)
     held = [c.state["downlink-held-meta"]["digest"] for c in grid.contexts.values() if "downlink-held-meta" in c.state]
@@ -297,7 +323,7 @@ def test_node_that_lost_its_state_fails_once_then_gets_a_self_contained_broadcas
     is sent a broadcast from the seed (or full), and trains again."""
     wiped = {}
 
-    def app(message, context):  # noqa: ANN001, ANN202
+    def app(message, context):
         round_ = int(message.content["config"]["server-round"])
         if round_ == 3 and context.node_id == 1001 and not wiped:
             for key in list(context.state.keys()):
@@ -330,9 +356,11 @@ def test_totals_and_fedavg_equivalent_match_a_real_fedavg_round(tmp_path):
     assert summary["fedavg_ratio"] > 20
 
 
-def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_path):
-    """After a resume the history of steps is gone: every node gets the float32 state
-    once, then deltas again; the accuracies are those of the uninterrupted run."""
+def test_resumed_lossless_run_trains_the_same_and_codes_against_the_seeds_state_first(tmp_path):
+    """After a resume the history of steps is gone: every node gets a self-contained
+    broadcast once (FedPM's few-valued theta, coded against the seed's state that every
+    node regenerates, never a replay from a state it held before the stop), then deltas
+    again; the accuracies are those of the uninterrupted run."""
     whole, _ = _run(tmp_path, "whole", **{"num-rounds": 4, "downlink-codec": "lossless"})
     config = resolve({**SMALL, "num-rounds": 4, "downlink-codec": "lossless"})
     run_dir = tmp_path / "resumed"
@@ -342,7 +370,7 @@ def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_pa
     saved = {}
     original_save = Checkpoint.save
 
-    def keep_round_two(checkpoint, where):  # noqa: ANN001, ANN202
+    def keep_round_two(checkpoint, where):
         original_save(checkpoint, where)
         if checkpoint.round == 2:
             saved["bytes"] = (Path(where) / "checkpoint.npz").read_bytes()
@@ -359,11 +387,12 @@ def test_resumed_lossless_run_trains_the_same_and_sends_full_states_first(tmp_pa
     run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir, resume=True)
     rows = _rounds(tmp_path / "resumed")
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]
-    assert rows[2]["downlink_kinds"] == {"full": 4} and "full" not in rows[3]["downlink_kinds"]
+    assert rows[2]["downlink_kinds"] == {"state": 4} and rows[3]["downlink_kinds"] == {"replay": 4}
+    assert rows[2]["downlink_payload_bytes"] < 4 * 4 * rows[0]["num_params"] / 2  # below the float32 state
 
 
 def test_a_process_decodes_each_broadcast_state_once_yet_refuses_a_node_without_its_base(tmp_path, monkeypatch):
-    """The clients of one process share a decoded lossless broadcast: ``broadcast.receive``
+    """The clients of one process share a decoded lossless broadcast: ``downlink.receive``
     runs once per state the server sends, not once per client nor once per distinct blob
     (round 4 sends a delta and a self-contained blob of the same state: one decode). A node
     whose state is gone still gets the clear "base state" refusal when the state its delta
@@ -371,22 +400,22 @@ def test_a_process_decodes_each_broadcast_state_once_yet_refuses_a_node_without_
     has decoded it)."""
     import hashlib
 
-    import clients.client_app as client_module
+    import clients.received as client_module
 
     calls = []
-    real_receive = client_module.broadcast.receive
+    real_receive = client_module.downlink.receive
 
-    def counting(blob, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting(blob, *args, **kwargs):
         raw = np.asarray(blob, dtype=np.uint8)
-        target = client_module.broadcast.envelope(raw, args[1]).target[0]
+        target = client_module.envelope(raw, args[1]).target[0]
         calls.append((target, hashlib.blake2b(raw.tobytes()).hexdigest()))
         return real_receive(blob, *args, **kwargs)
 
-    monkeypatch.setattr(client_module.broadcast, "receive", counting)
+    monkeypatch.setattr(client_module.downlink, "receive", counting)
     monkeypatch.setattr(client_module, "_RECEIVED", {})
     seen: dict[int, list[int]] = {}
 
-    def app(message, context):  # noqa: ANN001, ANN202
+    def app(message, context):
         round_ = int(message.content["config"]["server-round"])
         seen.setdefault(round_, []).append(context.node_id)
         if round_ == 3 and len(seen[round_]) == 2:  # another node of this round decoded the blob already
@@ -414,17 +443,16 @@ def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it
     the shortest here (clients follow theta, so old and new counts are correlated), and the
     node decodes it to the server's state bit for bit."""
     config = resolve({**SMALL, "downlink-codec": "lossless"})
-    aggregator = FedPMAggregator(config)
+    aggregator = FedPMAggregator.from_config(config)
     rng = np.random.default_rng(4)
     state = _rng_state("bernoulli", rng)
-    downlink = LosslessDownlink.create(aggregator, LAYOUT, FP, "bernoulli", config.density, state)
+    downlink = _downlink(aggregator, LAYOUT, "bernoulli", config, state)
     states = [state]
     for version in range(1, 6):
         masks = [{name: rng.random(value.shape) < value for name, value in state.items()} for _ in range(8)]
-        votes, clients = aggregator.round_votes(version, state, masks, [1.0] * 8)
-        new_state = aggregator.apply(version, state, votes, clients)
-        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
-        state = new_state
+        result = _round(aggregator, version, state, masks, [1.0] * 8)
+        _record(downlink, aggregator, version, state, result)
+        state = result.state
         states.append(state)
     downlink.held[7] = 2
     blob, kind = downlink.message_for(7, states[-1])
@@ -432,11 +460,11 @@ def test_fedpm_node_with_an_older_state_gets_this_rounds_counts_coded_against_it
              for name, key in (("replay", 2), ("standalone", "standalone"), ("full", "full"))}
     assert kind == "jump" and blob.size < min(sizes.values()), (blob.size, sizes)
     held = Held(2, downlink.versions[2], states[2])
-    got = receive(blob, LAYOUT, FP, held, lambda: states[0], lambda: aggregator, "bernoulli", config.density)
+    got = receive(blob, LAYOUT, FP, held, lambda: states[0], aggregator.replay, Bernoulli().vote_contexts)
     assert got.version == 5 and all(np.array_equal(got.state[k], states[-1][k]) for k in states[-1])
-    with pytest.raises(BroadcastError, match="base state"):  # it is a replay from round 2: it needs that state
-        receive(blob, LAYOUT, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], lambda: aggregator,
-                "bernoulli", config.density)
+    with pytest.raises(WireError, match="base state"):  # it is a replay from round 2: it needs that state
+        receive(blob, LAYOUT, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], aggregator.replay,
+                Bernoulli().vote_contexts)
 
 
 def test_fedpm_node_holding_nothing_gets_the_counts_coded_against_the_seeds_state():
@@ -447,18 +475,18 @@ def test_fedpm_node_holding_nothing_gets_the_counts_coded_against_the_seeds_stat
     A node holding nothing decodes it to the server's state bit for bit. In round 2 such a
     node gets no jump: the replay from the seed is that same single step."""
     config = resolve({**SMALL, "downlink-codec": "lossless"})
-    aggregator = FedPMAggregator(config)
+    aggregator = FedPMAggregator.from_config(config)
     rng = np.random.default_rng(6)
-    layout = MaskLayout((("a.weight", (200, 100)), ("b.bias", (7,))))
+    layout = Layout((("a.weight", (200, 100)), ("b.bias", (7,))))
     seed_state = {n: np.where(rng.random(s) < 0.5, 0.05, 0.95).astype(np.float32) for n, s in layout.shapes}
-    downlink = LosslessDownlink.create(aggregator, layout, FP, "bernoulli", config.density, seed_state)
+    downlink = _downlink(aggregator, layout, "bernoulli", config, seed_state)
     states = [seed_state]
     for version in range(1, 5):
         # clients that learnt little: their masks follow the seed's theta, not the drifting global one
         masks = [{name: rng.random(value.shape) < value for name, value in seed_state.items()} for _ in range(8)]
-        votes, clients = aggregator.round_votes(version, states[-1], masks, [1.0] * 8)
-        new_state = aggregator.apply(version, states[-1], votes, clients)
-        downlink.record(version, states[-1], new_state, votes, clients, aggregator.replay)
+        result = _round(aggregator, version, states[-1], masks, [1.0] * 8)
+        _record(downlink, aggregator, version, states[-1], result)
+        new_state = result.state
         states.append(new_state)
         if version == 1:
             assert downlink.message_for(9, new_state)[1] != "jump"  # round 2: the replay from 0 is the same step
@@ -467,7 +495,7 @@ def test_fedpm_node_holding_nothing_gets_the_counts_coded_against_the_seeds_stat
     sizes = {name: downlink._blob(key, states[-1], target).size
              for name, key in (("replay", 0), ("standalone", "standalone"), ("full", "full"))}
     assert kind == "jump" and blob.size < min(sizes.values()), (blob.size, sizes)
-    got = receive(blob, layout, FP, None, lambda: seed_state, lambda: aggregator, "bernoulli", config.density)
+    got = receive(blob, layout, FP, None, lambda: seed_state, aggregator.replay, Bernoulli().vote_contexts)
     assert got.version == 4 and all(np.array_equal(got.state[k], states[-1][k]) for k in states[-1])
 
 
@@ -479,20 +507,19 @@ def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_on
     state. It decodes to the server's state bit for bit, and only from the state it names."""
     config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": "vote-levels",
                       "edge-popup-levels": 16, "downlink-codec": "lossless"})
-    aggregator = EdgePopupAggregator(config)
+    aggregator = EdgePopupAggregator.from_config(config)
     rng = np.random.default_rng(5)
-    layout = MaskLayout((("a.weight", (200, 100)), ("b.bias", (7,))))  # large enough for per-context tables to pay
+    layout = Layout((("a.weight", (200, 100)), ("b.bias", (7,))))  # large enough for per-context tables to pay
     state = aggregator.initial_state({n: rng.normal(size=shape).astype(np.float32) for n, shape in layout.shapes})
-    downlink = LosslessDownlink.create(aggregator, layout, FP, "topk", config.density, state)
+    downlink = _downlink(aggregator, layout, "topk", config, state)
     states = [state]
     preference = {name: rng.random(value.shape) for name, value in state.items()}  # clients mostly agree
     for version in range(1, 9):
         masks = [{name: rng.random(value.shape) < 0.2 + 0.6 * preference[name] for name, value in state.items()}
                  for _ in range(8)]
-        votes, clients = aggregator.round_votes(version, state, masks, [1.0] * 8)
-        new_state = aggregator.apply(version, state, votes, clients)
-        downlink.record(version, state, new_state, votes, clients, aggregator.replay)
-        state = new_state
+        result = _round(aggregator, version, state, masks, [1.0] * 8)
+        _record(downlink, aggregator, version, state, result)
+        state = result.state
         states.append(state)
     assert downlink.few_valued
     downlink.held[7] = 2
@@ -502,13 +529,14 @@ def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_on
              for name, key in (("replay", 2), ("alone", ("state", None)), ("full", "full"))}
     assert kind == "state" and blob.size < min(sizes.values()), (blob.size, sizes)
     held = Held(2, downlink.versions[2], states[2])
-    got = receive(blob, layout, FP, held, lambda: states[0], lambda: aggregator, "topk", config.density)
+    contexts = TopK(config.density).vote_contexts
+    got = receive(blob, layout, FP, held, lambda: states[0], aggregator.replay, contexts)
     assert got.version == 8 and all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
-    with pytest.raises(BroadcastError, match="base state"):
-        receive(blob, layout, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], lambda: aggregator,
-                "topk", config.density)
+    with pytest.raises(WireError, match="base state"):
+        receive(blob, layout, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], aggregator.replay,
+                contexts)
     alone = downlink._blob(("state", None), states[-1], target)  # any node can use it
-    got = receive(alone, layout, FP, None, lambda: states[0], lambda: aggregator, "topk", config.density)
+    got = receive(alone, layout, FP, None, lambda: states[0], aggregator.replay, contexts)
     assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
 
 
@@ -533,15 +561,15 @@ def test_a_state_with_both_signed_zeros_is_not_sent_as_values():
 
 
 def test_a_state_step_with_values_float32_cannot_hold_is_refused():
-    """A crafted state step whose table holds 1e300: a clear BroadcastError, not a cast warning."""
+    """A crafted state step whose table holds 1e300: a clear WireError, not a cast warning."""
     config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": "vote-levels",
                       "downlink-codec": "lossless"})
-    aggregator = EdgePopupAggregator(config)
+    aggregator = EdgePopupAggregator.from_config(config)
     state = {name: np.full(shape, 1e300) for name, shape in LAYOUT.shapes}
     step = encode_state(1, bytes(8), state, LAYOUT, None)
     blob = replay_blob([step], FP, (0, bytes(8)), (1, bytes(8)))
-    with pytest.raises(BroadcastError, match="float32"):
-        receive(blob, LAYOUT, FP, None, lambda: state, lambda: aggregator, "topk", config.density)
+    with pytest.raises(WireError, match="float32"):
+        receive(blob, LAYOUT, FP, None, lambda: state, aggregator.replay, TopK(config.density).vote_contexts)
 
 
 def test_after_a_round_without_replies_the_kept_state_is_filed_under_its_own_version():
@@ -551,9 +579,9 @@ def test_after_a_round_without_replies_the_kept_state_is_filed_under_its_own_ver
     config, aggregator, downlink, states = _server_rounds("topk", 1, **{"edge-popup-server-rule": "vote-levels"})
     rng = np.random.default_rng(9)
     masks = _masks("topk", states[1], rng, 5)
-    votes, clients = aggregator.round_votes(3, states[1], masks, [1.0] * 5)
-    new_state = aggregator.apply(3, states[1], votes, clients)
-    downlink.record(3, states[1], new_state, votes, clients, aggregator.replay)
+    result = _round(aggregator, 3, states[1], masks, [1.0] * 5)
+    _record(downlink, aggregator, 3, states[1], result)
+    new_state = result.state
     assert 2 not in downlink.kept_states and downlink.kept_states[1] is not None
     assert all(np.array_equal(downlink.kept_states[1][k], states[1][k]) for k in states[1])
     downlink.held[6] = 1
@@ -566,15 +594,15 @@ def test_vote_levels_clients_train_from_the_levels_standardised():
     """The state is integer levels 0..L-1; a client starts training from them divided by
     their spread per tensor (the scale the other rules' scores have), with the same top-k.
     Under vote-average the client starts from the state as it is."""
-    from clients.client_app import _model_for, _new_broadcast
-    from fedmask.masking import get_scores, topk_mask_np
+    from clients.received import _new_broadcast, model_for
+    from fedmask.core.masking import get_scores, topk_mask_np
 
     for rule in ("vote-levels", "vote-average"):
         config = resolve({**SMALL, "method": "edge-popup", "edge-popup-server-rule": rule})
-        model, spec = _model_for(config, "topk")
+        model, spec = model_for(config, "topk")
         assert spec is not None
-        state = EdgePopupAggregator(config).initial_state(get_scores(model))
-        scores = _new_broadcast(config, "topk", spec, state).scores
+        state = EdgePopupAggregator.from_config(config).initial_state(get_scores(model))
+        scores = _new_broadcast(config, task.mode_of(config, "topk"), spec, state).scores
         for name, value in state.items():
             if rule == "vote-levels":
                 assert value.max() > 2 and np.array_equal(value, np.rint(value))  # levels, not unit spread

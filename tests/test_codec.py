@@ -1,4 +1,4 @@
-"""Tests for fedmask.codec: the mask wire format and every way an upload is refused."""
+"""Tests for fedmask.wire.masks: the mask wire format and every way an upload is refused."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.masks import decode_masks, encode_masks
 
 # From the format spec: magic 4s | format u8 | codec u8 | reserved u16 | bit count u64 |
 # fingerprint 8s | crc32 u32, little-endian.
 SPEC_HEADER = "<4sBBHQ8sI"
 HEADER = 4 + 1 + 1 + 2 + 8 + 8 + 4  # = 28
 
-LAYOUT = MaskLayout.from_arrays({"a.weight": np.zeros((5, 3)), "a.bias": np.zeros(5), "b.weight": np.zeros((2, 2, 3))})
+LAYOUT = Layout.from_arrays({"a.weight": np.zeros((5, 3)), "a.bias": np.zeros(5), "b.weight": np.zeros((2, 2, 3))})
 FP = LAYOUT.fingerprint(0, "mlp", "signed-kaiming-constant")
 NUM_BITS = 15 + 5 + 12  # 32 bits -> 4 payload bytes
 
 
-def random_masks(layout: MaskLayout, seed: int = 0) -> dict[str, np.ndarray]:
+def random_masks(layout: Layout, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.random(shape) < 0.5 for name, shape in layout.shapes}
 
@@ -32,8 +33,8 @@ def valid_blob(seed: int = 0) -> np.ndarray:
     return encode_masks(random_masks(LAYOUT, seed), LAYOUT, FP)
 
 
-def rejected(blob, layout=LAYOUT, fingerprint=FP) -> MaskCodecError:
-    with pytest.raises(MaskCodecError) as info:
+def rejected(blob, layout=LAYOUT, fingerprint=FP) -> WireError:
+    with pytest.raises(WireError) as info:
         decode_masks(blob, layout, fingerprint)
     err = info.value
     assert err.field in str(err) and "expected" in str(err)
@@ -45,7 +46,7 @@ def rejected(blob, layout=LAYOUT, fingerprint=FP) -> MaskCodecError:
 
 layouts = st.lists(
     st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4
-).map(lambda shapes: MaskLayout(tuple((f"t{i:02d}", s) for i, s in enumerate(shapes))))
+).map(lambda shapes: Layout(tuple((f"t{i:02d}", s) for i, s in enumerate(shapes))))
 
 
 @settings(max_examples=60, deadline=None)
@@ -72,7 +73,7 @@ def test_round_trip_and_wire_format(layout, seed, p):
 
 
 def test_layout_sorts_names_and_counts_params():
-    """MaskLayout.from_arrays orders tensors by name and counts all their elements."""
+    """Layout.from_arrays orders tensors by name and counts all their elements."""
     assert [n for n, _ in LAYOUT.shapes] == ["a.bias", "a.weight", "b.weight"]
     assert LAYOUT.num_params == NUM_BITS
 
@@ -80,7 +81,7 @@ def test_layout_sorts_names_and_counts_params():
 def test_fingerprint_differs_for_seed_model_init_and_layout():
     """The fingerprint changes with seed, model, init and tensor shapes (same bit count too)."""
     base = LAYOUT.fingerprint(0, "mlp", "x")
-    same_bits = MaskLayout((("a.bias", (5,)), ("a.weight", (3, 5)), ("b.weight", (2, 2, 3))))
+    same_bits = Layout((("a.bias", (5,)), ("a.weight", (3, 5)), ("b.weight", (2, 2, 3))))
     others = [LAYOUT.fingerprint(1, "mlp", "x"), LAYOUT.fingerprint(0, "conv2", "x"),
               LAYOUT.fingerprint(0, "mlp", "y"), same_bits.fingerprint(0, "mlp", "x")]
     assert len(base) == 8
@@ -134,7 +135,7 @@ def test_bad_header_fields_rejected(offset, value, field):
 
 def test_mask_of_another_layout_rejected_as_bit_count():
     """A mask encoded for a layout with another number of params is refused as 'bit count'."""
-    other = MaskLayout((("a.bias", (6,)), ("a.weight", (5, 3)), ("b.weight", (2, 2, 3))))
+    other = Layout((("a.bias", (6,)), ("a.weight", (5, 3)), ("b.weight", (2, 2, 3))))
     blob = encode_masks(random_masks(other), other, other.fingerprint(0, "mlp", "signed-kaiming-constant"))
     err = rejected(blob)
     assert err.field == "bit count" and str(NUM_BITS) in str(err)
@@ -146,7 +147,7 @@ def test_mask_of_another_model_rejected_as_fingerprint(source):
     if source == "seed":
         blob = encode_masks(random_masks(LAYOUT), LAYOUT, LAYOUT.fingerprint(1, "mlp", "signed-kaiming-constant"))
     else:
-        other = MaskLayout((("a.bias", (5,)), ("a.weight", (3, 5)), ("b.weight", (12,))))
+        other = Layout((("a.bias", (5,)), ("a.weight", (3, 5)), ("b.weight", (12,))))
         blob = encode_masks(random_masks(other), other, other.fingerprint(0, "mlp", "signed-kaiming-constant"))
     assert rejected(blob).field == "fingerprint"
 
@@ -180,7 +181,7 @@ def test_every_single_bit_flip_in_crc_field_rejected_as_crc():
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_any_changed_byte_is_refused(data):
-    """Changing any byte of a valid blob, header included, raises MaskCodecError."""
+    """Changing any byte of a valid blob, header included, raises WireError."""
     blob = valid_blob(data.draw(st.integers(0, 50)))
     index = data.draw(st.integers(0, blob.size - 1))
     value = data.draw(st.integers(0, 255).filter(lambda v: v != blob[index]))
@@ -197,10 +198,10 @@ def test_any_changed_byte_is_refused(data):
                                             + NUM_BITS.to_bytes(8, "little") + FP + b),
 ))
 def test_random_bytes_never_decode(raw):
-    """Random byte strings (even behind a plausible header) raise MaskCodecError, nothing else."""
+    """Random byte strings (even behind a plausible header) raise WireError, nothing else."""
     try:
         decode_masks(np.frombuffer(raw, dtype=np.uint8).copy(), LAYOUT, FP)
-    except MaskCodecError:
+    except WireError:
         return
     pytest.fail("random bytes decoded as a mask")
 

@@ -11,13 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
-from fedmask.codec import MaskLayout
-from fedmask.compression import HEADER_BYTES, CompressionError, ErrorFeedback, aggregate_updates, compress, decompress
+from engines.inprocess import InProcessGrid
 from fedmask.config import resolve
-from server.inprocess_grid import InProcessGrid
+from fedmask.methods.dense import ErrorFeedback, aggregate_updates
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.updates import HEADER_BYTES, compress, decompress
 from server.server_app import run_server
 
-LAYOUT = MaskLayout((("a", (7, 5)), ("b", (3,))))
+LAYOUT = Layout((("a", (7, 5)), ("b", (3,))))
 FP = b"\x01\x02\x03\x04\x05\x06\x07\x08"
 
 
@@ -84,32 +85,32 @@ def test_majority_sign_and_mean_aggregation():
 @pytest.mark.parametrize("kind", ["sign", "scaled-sign", "qsgd", "topk"])
 def test_wrong_model_truncation_and_corruption_are_refused_by_field(kind):
     blob, _ = compress(update(), LAYOUT, FP, kind, np.random.default_rng(0), fraction=0.2)
-    with pytest.raises(CompressionError, match="fingerprint"):
+    with pytest.raises(WireError, match="fingerprint"):
         decompress(blob, LAYOUT, b"\x00" * 8, kind)
-    with pytest.raises(CompressionError, match="length|crc32"):
+    with pytest.raises(WireError, match="length|crc32"):
         decompress(blob[:-1], LAYOUT, FP, kind)
     flipped = blob.copy()
     flipped[-1] ^= 1
-    with pytest.raises(CompressionError, match="crc32"):
+    with pytest.raises(WireError, match="crc32"):
         decompress(flipped, LAYOUT, FP, kind)
     other = "qsgd" if kind != "qsgd" else "sign"
-    with pytest.raises(CompressionError, match="kind"):
+    with pytest.raises(WireError, match="kind"):
         decompress(blob, LAYOUT, FP, other)
 
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=200), kind=st.sampled_from(["sign", "scaled-sign", "qsgd", "topk"]))
 def test_any_bytes_are_refused_cleanly(data, kind):
-    """Arbitrary bytes, with a valid header and CRC or without, decode or raise CompressionError only."""
+    """Arbitrary bytes, with a valid header and CRC or without, decode or raise WireError only."""
     import zlib
 
-    from fedmask.compression import _HEADER, _KIND
+    from fedmask.wire.updates import _KIND, FRAME
 
-    sealed = _HEADER.pack(b"FMDU", 1, _KIND[kind], 0, FP, LAYOUT.num_params, zlib.crc32(data)) + data
+    sealed = FRAME.struct.pack(b"FMDU", 1, _KIND[kind], 0, FP, LAYOUT.num_params, zlib.crc32(data)) + data
     for raw in (data, sealed):
         try:
             out = decompress(np.frombuffer(raw, dtype=np.uint8), LAYOUT, FP, kind)
-        except CompressionError:
+        except WireError:
             continue
         assert all(np.isfinite(v).all() for v in out.values())
 

@@ -254,7 +254,7 @@ def test_registry_restrictions_are_enforced_by_name(values, key):
 
 def test_instruction_keys_are_not_config_keys_and_round_trip():
     """The train instruction's own fields never clash with config keys, and it round-trips."""
-    from fedmask.instruction import INSTRUCTION_KEYS, TrainInstruction
+    from fedmask.protocol.instruction import INSTRUCTION_KEYS, TrainInstruction
 
     assert not set(INSTRUCTION_KEYS) & set(SCHEMA)
     instruction = TrainInstruction(resolve({"method": "biprop", "init": "kaiming-normal"}), 3, 7, "biprop")
@@ -267,7 +267,7 @@ def test_instruction_keys_are_not_config_keys_and_round_trip():
                                           ("mask-mode", "magnitude")])
 def test_bad_instruction_field_is_named(field, value):
     """An instruction with an out-of-range partition, a non-integer round or an unknown mode names the field."""
-    from fedmask.instruction import TrainInstruction
+    from fedmask.protocol.instruction import TrainInstruction
 
     flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
     flat[field] = value
@@ -288,7 +288,7 @@ def test_bad_run_config_in_an_instruction_is_named(text, named):
     """The config travels as one JSON string: a missing, non-string, non-JSON, too deeply nested,
     duplicate-keyed or incomplete one raises ConfigError naming 'run-config' (or the missing
     keys), never a JSON, recursion or key error."""
-    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+    from fedmask.protocol.instruction import CONFIG_KEY, TrainInstruction
 
     flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
     if text is None:
@@ -304,7 +304,7 @@ def test_a_lone_surrogate_in_an_instruction_string_is_named():
     UnicodeEncodeError later."""
     import json
 
-    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+    from fedmask.protocol.instruction import CONFIG_KEY, TrainInstruction
 
     flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
     flat[CONFIG_KEY] = flat[CONFIG_KEY].replace(json.dumps(resolve({}).data_dir), '"\\ud800"')
@@ -316,7 +316,7 @@ def test_a_bad_config_value_in_an_instruction_names_its_key():
     """A config key with a value its check refuses is named, as in a config file."""
     import json
 
-    from fedmask.instruction import CONFIG_KEY, TrainInstruction
+    from fedmask.protocol.instruction import CONFIG_KEY, TrainInstruction
 
     flat = TrainInstruction(resolve({}), 1, 0, "bernoulli").to_flat()
     values = json.loads(flat[CONFIG_KEY])
@@ -328,7 +328,7 @@ def test_a_bad_config_value_in_an_instruction_names_its_key():
 
 def test_instruction_config_round_trips_floats_exactly():
     """A float that decimal text could round (0.1 + 0.2) comes back bit for bit."""
-    from fedmask.instruction import TrainInstruction
+    from fedmask.protocol.instruction import TrainInstruction
 
     config = resolve({"lr": 0.1 + 0.2})
     assert TrainInstruction.from_flat(TrainInstruction(config, 1, 0, "bernoulli").to_flat()).config.lr == 0.1 + 0.2

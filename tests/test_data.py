@@ -1,4 +1,4 @@
-"""Tests for fedmask.data: loaders, IDX parsing, partitioners, client slices."""
+"""Tests for fedmask.core.data: loaders, IDX parsing, partitioners, client slices."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask import data
-from fedmask.data import DATASETS, PARTITIONERS, DataError, Splits, client_split, load_dataset, partition
+from fedmask.core import data
+from fedmask.core.data import DATASETS, PARTITIONERS, DataError, Splits, client_split, load_dataset, partition
 
 MNIST_T10K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 IMAGES_MAGIC, LABELS_MAGIC = 0x803, 0x801
@@ -448,19 +448,11 @@ def test_splits_of_is_the_one_cached_loader(monkeypatch, tmp_path):
     assert not hasattr(task, "dataset_for")
 
 
-def test_unused_helpers_are_gone():
-    """task.num_masked_params and downlink.roundtrip had no caller outside tests: removed."""
-    from fedmask import downlink, task
-
-    assert not hasattr(task, "num_masked_params")
-    assert not hasattr(downlink, "roundtrip")
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_8bit_images_are_standardised_to_the_same_bits_as_the_float64_formula(channels):
     """The table lookup for uint8 images gives exactly float32((x/255 - mean) / std) computed
     in float64 per pixel, train and test, a constant channel (std 0 -> 1) included."""
-    from fedmask.data import _to_splits, _unit_scale
+    from fedmask.core.data import _to_splits, _unit_scale
 
     rng = np.random.default_rng(channels)
     x_train = rng.integers(0, 256, (40, channels, 6, 5), dtype=np.uint8)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from clients.client_app import app as client_app
+from engines.inprocess import InProcessGrid
 from fedmask.config import resolve
 from fedmask.flwr_config import app_config
-from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
 from tests.deployment import (
     BIN,

@@ -13,34 +13,38 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.client_app import app as real_client_app
-from fedmask.codec import MaskLayout, choices_to_planes, encode_masks, upload_layout
+from engines.inprocess import InProcessGrid
+from fedmask import task
 from fedmask.config import resolve
-from fedmask.diagnostics import DIAGNOSTIC_KEYS
-from fedmask.ledger import Ledger
-from fedmask.results import RoundOutcome
+from fedmask.methods.edge_popup import TopK
+from fedmask.methods.slot_machines import choices_to_planes
+from fedmask.record.diagnostics import DIAGNOSTIC_KEYS
+from fedmask.record.ledger import Ledger
+from fedmask.record.results import RoundOutcome
 from fedmask.task import ModelSpec
+from fedmask.wire.frame import Layout
+from fedmask.wire.masks import encode_masks
 from server import strategies
-from server.inprocess_grid import InProcessGrid
 from server.server_app import run_server
-from server.strategies import MaskStrategy
+from server.strategies import MaskStrategy, Start
 
 FP = b"diagnose"
-LAYOUT = MaskLayout((("a", (2, 3)), ("b", (2,))))  # 8 entries
+LAYOUT = Layout((("a", (2, 3)), ("b", (2,))))  # 8 entries
 TINY = {"num-clients": 3, "clients-per-round": 3, "num-rounds": 1, "dataset": "digits", "model": "mlp",
         "downlink-codec": "float32", "uplink-codec": "packbits"}
 SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 2, "dataset": "digits", "model": "mlp"}
 
 
 def _strategy(overrides: dict, state: dict[str, np.ndarray],
-              layout: MaskLayout = LAYOUT) -> tuple[MaskStrategy, list[Message]]:
+              layout: Layout = LAYOUT) -> tuple[MaskStrategy, list[Message]]:
     """A MaskStrategy over hand-made tensors and its round-1 instructions (the prior of that
     broadcast set, as before a real round)."""
     config = resolve({**TINY, **overrides})
     aggregator = config.method_entry.make_aggregator(config)
-    mode = aggregator.mask_mode
-    connections = sum(math.prod(shape[1:] if mode == "slots" else shape) for _, shape in layout.shapes)
-    spec = ModelSpec(layout, FP, upload_layout(layout, mode), connections)
-    strat = MaskStrategy(config, Ledger(), aggregator, spec, state)
+    mode = task.mode_of(config, aggregator.mask_mode)
+    connections = sum(math.prod(shape[1:] if mode.name == "slots" else shape) for _, shape in layout.shapes)
+    spec = ModelSpec(layout, FP, mode.upload_layout(layout), connections)
+    strat = MaskStrategy(config, Ledger(), Start(state), aggregator, mode, spec)
     sent = list(strat.configure_train(1, ArrayRecord(), ConfigRecord(),
                                       InProcessGrid(real_client_app, config.num_clients)))
     return strat, sent
@@ -58,7 +62,7 @@ def _aggregate(built: tuple[MaskStrategy, list[Message]], uploads: list, junk: i
             masks = uploads[pid]
             if strat.aggregator.mask_mode == "slots":
                 masks = choices_to_planes(masks, next(iter(strat.state.values())).shape[0])
-            blob = encode_masks(masks, strat.spec.upload, FP, "packbits")
+            blob = encode_masks(masks, strat.spec.upload, FP, "packbits", bind=(1, pid))
         else:
             blob = np.zeros(5, dtype=np.uint8)
         content = RecordDict({"arrays": ArrayRecord({"mask": Array(blob)}),
@@ -127,7 +131,7 @@ def test_slot_machines_drift_counts_connections_not_bit_planes():
     bit-planes differ) but it is one connection, so drift is 1 / (3 * 8) (max 1/8). With a tiny
     slot-server-lr no global choice moves: flip rate 0."""
     rng = np.random.default_rng(3)
-    layout = MaskLayout((("a", (4, 2, 3)), ("b", (4, 2))))
+    layout = Layout((("a", (4, 2, 3)), ("b", (4, 2))))
     state = {name: rng.normal(size=shape).astype(np.float32) for name, shape in layout.shapes}
     built = _strategy({"method": "slot-machines", "init": "kaiming-uniform", "slots": 4, "slot-server-lr": 1e-3},
                       state, layout)
@@ -185,8 +189,7 @@ def test_edge_popup_run_has_mask_diagnostics_and_they_change_nothing_else(tmp_pa
         assert row["theta_saturated"] is None and row["theta_entropy_bits"] is None
     assert rows[0]["global_flip_rate"] > 0.0  # round 1 moves the seed's selection
     monkeypatch.setattr(strategies, "round_diagnostics", lambda *args, **kwargs: None)
-    monkeypatch.setattr(strategies, "global_mask", lambda *args, **kwargs: None)
-    monkeypatch.setattr(strategies, "mask_of_prior", lambda *args, **kwargs: None)
+    monkeypatch.setattr(TopK, "global_mask", lambda *args, **kwargs: None)  # the flip rate's and drift's masks
     off = _run(tmp_path, "off", method="edge-popup")
     assert all(row[key] is None for row in off for key in DIAGNOSTIC_KEYS)
     figures = ("accuracy", "loss", "uplink_payload_bytes", "uplink_message_bytes", "downlink_payload_bytes",

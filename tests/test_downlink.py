@@ -1,4 +1,4 @@
-"""Tests for fedmask.downlink: the broadcast state codecs (float32, float16, quantized).
+"""Tests for fedmask.wire.state: the broadcast state codecs (float32, float16, quantized).
 
 Accuracy per codec, the sizes the quantized codec reaches, determinism, and how a damaged
 or foreign broadcast is refused.
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask.codec import MaskLayout
-from fedmask.downlink import StateCodecError, decode_state, encode_state
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.state import decode_state, encode_state
 
-# From the format spec (module docstring of fedmask.downlink), little-endian.
+# From the format spec (module docstring of fedmask.wire.state), little-endian.
 # magic "FMSQ" | format u8 | bits u8 | reserved u16 | layout fingerprint 8s | crc32 u32
 SPEC_HEADER = struct.Struct("<4sBBH8sI")
 HEADER = SPEC_HEADER.size  # 20
@@ -28,16 +28,16 @@ BITS = (2, 4, 8, 12, 16)
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def layout_of(*shapes: tuple[int, ...]) -> MaskLayout:
-    return MaskLayout(tuple((f"layer{i}.weight", tuple(s)) for i, s in enumerate(shapes)))
+def layout_of(*shapes: tuple[int, ...]) -> Layout:
+    return Layout(tuple((f"layer{i}.weight", tuple(s)) for i, s in enumerate(shapes)))
 
 
-def random_state(layout: MaskLayout, seed: int = 0, scale: float = 1.0, offset: float = 0.0) -> dict[str, np.ndarray]:
+def random_state(layout: Layout, seed: int = 0, scale: float = 1.0, offset: float = 0.0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: (offset + scale * rng.normal(size=shape)).astype(np.float32) for name, shape in layout.shapes}
 
 
-def theta_state(n: int, seed: int = 0) -> tuple[MaskLayout, dict[str, np.ndarray]]:
+def theta_state(n: int, seed: int = 0) -> tuple[Layout, dict[str, np.ndarray]]:
     """FedPM's broadcast: theta = sigmoid(scores), scores ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
     layout = layout_of((n,))
@@ -69,8 +69,8 @@ def reseal(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw[: HEADER - 4] + struct.pack("<I", crc) + raw[HEADER:], np.uint8).copy()
 
 
-def refused(arrays, layout) -> StateCodecError:
-    with pytest.raises(StateCodecError) as info:
+def refused(arrays, layout) -> WireError:
+    with pytest.raises(WireError) as info:
         decode_state(arrays, layout)
     assert "broadcast rejected" in str(info.value)
     return info.value
@@ -242,7 +242,7 @@ def test_unknown_codec_refused_by_encoder():
 # ---------------------------------------------------------------- 6. safety
 
 
-def small_blob(bits: int = 4, seed: int = 0) -> tuple[np.ndarray, MaskLayout, dict]:
+def small_blob(bits: int = 4, seed: int = 0) -> tuple[np.ndarray, Layout, dict]:
     """A raw section and a range-coded one."""
     layout = layout_of((10,), (2000,))
     state = random_state(layout, seed)
@@ -293,7 +293,7 @@ def test_bit_flip_in_bits_field_refused(bits, flip):
     blob[5] ^= np.uint8(1 << flip)
     try:
         decoded = decode_state({"state": blob}, layout)
-    except StateCodecError:
+    except WireError:
         return
     error = max(float(np.abs(decoded[k] - state[k]).max()) for k in state)
     pytest.fail(f"flipped bits field decoded silently, max error {error:.3g}")
@@ -344,7 +344,7 @@ SEALED_DAMAGE = ["truncated section header", "second section missing", "truncate
                  "zero histogram", "model 7", "raw level above top", "lo above hi", "nan lo"]
 
 
-def damaged(kind: str) -> tuple[np.ndarray, MaskLayout]:
+def damaged(kind: str) -> tuple[np.ndarray, Layout]:
     """A broadcast whose payload is wrong but whose CRC was recomputed over it (a faulty or
     hostile sender): only the section checks can catch it."""
     blob, layout, _ = small_blob(4)

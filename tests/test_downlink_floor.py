@@ -31,7 +31,7 @@ def test_floor_of_a_partial_participation_run_is_below_what_was_sent(tmp_path, m
     assert row["mean_staleness"] is not None and row["mean_staleness"] > 1
     assert 0 < row["floor_bpp"] < row["sent_bpp"]
     assert row["fresh_floor_bpp"] < row["order0_bpp"]
-    from fedmask.broadcast import LosslessDownlink
+    from fedmask.downlink import LosslessDownlink
 
     assert LosslessDownlink.record.__name__ == "record"
     assert LosslessDownlink.message_for.__name__ == "message_for"

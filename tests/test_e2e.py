@@ -15,10 +15,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from clients.client_app import app as real_client_app
+from engines.inprocess import InProcessGrid
 from fedmask import cli
-from fedmask.codec import HEADER_BYTES
 from fedmask.config import resolve
-from server.inprocess_grid import InProcessGrid
+from fedmask.wire.masks import HEADER_BYTES
 from server.server_app import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,11 +220,12 @@ def _comparable(rows: list[dict]) -> list[dict]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a lent GPU machine)")
 def test_gpu_party_regenerates_same_weights_and_trains(tmp_path):
     """A CUDA party draws the same frozen weights as a CPU party and trains there."""
-    from fedmask.masking import frozen_weights, to_masked
-    from fedmask.models import build_model
+    from fedmask.core.masking import frozen_weights, to_masked
+    from fedmask.core.models import build_model
+    from fedmask.methods.fedpm import Bernoulli
 
-    cpu = to_masked(build_model("mlp", (1, 8, 8), 10), "bernoulli", seed=5)
-    gpu = to_masked(build_model("mlp", (1, 8, 8), 10), "bernoulli", seed=5).cuda()
+    cpu = to_masked(build_model("mlp", (1, 8, 8), 10), Bernoulli(), seed=5)
+    gpu = to_masked(build_model("mlp", (1, 8, 8), 10), Bernoulli(), seed=5).cuda()
     for name, value in frozen_weights(cpu).items():
         assert torch.equal(value, frozen_weights(gpu)[name].cpu()), name
     rows = _rounds(_run_inprocess(tmp_path, "gpu", method="fedpm", device="cuda"))

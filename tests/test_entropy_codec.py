@@ -1,4 +1,4 @@
-"""Tests for the entropy-coded uplink (codec 2) of fedmask.codec.
+"""Tests for the entropy-coded uplink (codec 2) of fedmask.wire.masks.
 
 The packbits codec and the generic header checks live in test_codec.py; here: round trips
 under every model, the sizes the encoder promises, which model it picks, the 9-byte section
@@ -16,19 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmask.codec import (
-    READABLE_FORMATS,
-    MaskCodecError,
-    MaskLayout,
-    code_lengths,
-    decode_masks,
-    encode_masks,
-    mask_prior,
-    section_candidates,
-)
-from fedmask.masking import topk_mask_np
+from fedmask.core.masking import topk_mask_np
+from fedmask.methods.edge_popup import TopK
+from fedmask.methods.fedpm import Bernoulli
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.masks import READABLE_FORMATS, code_lengths, decode_masks, encode_masks, section_candidates
 
-# From the format spec (module docstring of fedmask.codec), little-endian.
+# From the format spec (module docstring of fedmask.wire.masks), little-endian.
 SPEC_HEADER = struct.Struct("<4sBBHQ8sI")  # magic | format | codec | reserved | bit count | fingerprint | crc32
 HEADER = SPEC_HEADER.size  # 28
 SPEC_SECTION = struct.Struct("<BII")  # model | param | coded bytes
@@ -39,9 +33,9 @@ SLACK = 8  # bytes the packed fallback may be exceeded by, over all tensors (rou
 FP = b"\x01\x23\x45\x67\x89\xab\xcd\xef"
 
 
-def layout_of(*sizes: int, shapes: list[tuple[int, ...]] | None = None) -> MaskLayout:
+def layout_of(*sizes: int, shapes: list[tuple[int, ...]] | None = None) -> Layout:
     shapes = shapes or [(n,) for n in sizes]
-    return MaskLayout(tuple((f"t{i:02d}", tuple(s)) for i, s in enumerate(shapes)))
+    return Layout(tuple((f"t{i:02d}", tuple(s)) for i, s in enumerate(shapes)))
 
 
 def parse_sections(blob: np.ndarray) -> list[tuple[int, int, int, bytes]]:
@@ -57,7 +51,7 @@ def parse_sections(blob: np.ndarray) -> list[tuple[int, int, int, bytes]]:
     return out
 
 
-def spec_crc(payload: bytes, prior=None, layout: MaskLayout | None = None) -> int:
+def spec_crc(payload: bytes, prior=None, layout: Layout | None = None) -> int:
     """The spec's CRC32: over the payload, seeded with a CRC32 of the prior's float64 values
     (layout order) when a section header reads 'side'."""
     offset, side = 0, False
@@ -75,7 +69,7 @@ def spec_crc(payload: bytes, prior=None, layout: MaskLayout | None = None) -> in
 
 
 def reseal(blob: np.ndarray | bytes, payload: bytes | None = None, prior=None,
-           layout: MaskLayout | None = None) -> np.ndarray:
+           layout: Layout | None = None) -> np.ndarray:
     """The blob's header (CRC recomputed, against ``prior``) over ``payload`` (default: its own)."""
     raw = bytes(blob) if isinstance(blob, bytes) else blob.tobytes()
     payload = raw[HEADER:] if payload is None else payload
@@ -84,19 +78,19 @@ def reseal(blob: np.ndarray | bytes, payload: bytes | None = None, prior=None,
     return np.frombuffer(SPEC_HEADER.pack(*fields) + payload, dtype=np.uint8).copy()
 
 
-def packbits_size(layout: MaskLayout) -> int:
+def packbits_size(layout: Layout) -> int:
     return HEADER + (layout.num_params + 7) // 8
 
 
-def rejected(blob, layout, prior=None, fingerprint=FP) -> MaskCodecError:
-    with pytest.raises(MaskCodecError) as info:
+def rejected(blob, layout, prior=None, fingerprint=FP) -> WireError:
+    with pytest.raises(WireError) as info:
         decode_masks(blob, layout, fingerprint, prior)
     err = info.value
     assert err.field in str(err) and "expected" in str(err)
     return err
 
 
-def assert_same_masks(decoded: dict, masks: dict, layout: MaskLayout) -> None:
+def assert_same_masks(decoded: dict, masks: dict, layout: Layout) -> None:
     assert list(decoded) == [name for name, _ in layout.shapes]
     for name, shape in layout.shapes:
         assert decoded[name].dtype == bool and decoded[name].shape == shape
@@ -141,7 +135,7 @@ sizes = st.lists(st.integers(1, 5000), min_size=1, max_size=4)
 PRIOR_KINDS = ("theta-sampled", "theta-unrelated", "topk", "none")
 
 
-def draw_case(rng: np.random.Generator, layout: MaskLayout, kind: str):
+def draw_case(rng: np.random.Generator, layout: Layout, kind: str):
     masks, prior = {}, {}
     for name, shape in layout.shapes:
         if kind.startswith("theta"):
@@ -152,12 +146,12 @@ def draw_case(rng: np.random.Generator, layout: MaskLayout, kind: str):
                 theta = rng.choice([0.01, 0.99], shape)
             else:
                 theta = np.clip(rng.beta(0.2, 0.2, shape), 0.01, 0.99)
-            prior[name] = mask_prior({name: theta}, "bernoulli", 0.5)[name]
+            prior[name] = Bernoulli().prior({name: theta})[name]
             density = rng.choice([0.0, 0.01, 0.5, 0.97, 1.0])
             masks[name] = rng.random(shape) < (theta if kind == "theta-sampled" else density)
         elif kind == "topk":
             density = float(rng.uniform(0.01, 0.99))
-            prior[name] = mask_prior({name: rng.normal(size=shape)}, "topk", density)[name]
+            prior[name] = TopK(density).prior({name: rng.normal(size=shape)})[name]
             flips = rng.random(shape) < rng.choice([0.0, 0.001, 0.01, 0.1, 0.5])
             masks[name] = prior[name].astype(bool) ^ flips
         else:
@@ -244,7 +238,7 @@ def test_topk_mask_with_one_percent_flips_costs_under_015_bpp():
     rng = np.random.default_rng(2)
     layout = layout_of(70_000, 30_000)
     scores = {name: rng.normal(size=shape) for name, shape in layout.shapes}
-    prior = mask_prior(scores, "topk", 0.3)
+    prior = TopK(0.3).prior(scores)
     masks = {name: prior[name].astype(bool) ^ (rng.random(shape) < 0.01) for name, shape in layout.shapes}
     blob = encode_masks(masks, layout, FP, "entropy", prior)
     assert [s[0] for s in parse_sections(blob)] == [SIDE, SIDE]
@@ -338,7 +332,7 @@ def test_side_section_header_holds_flip_rate(flips):
     rng = np.random.default_rng(6)
     n = 3000
     layout = layout_of(n)
-    prior = mask_prior({"t00": rng.normal(size=n)}, "topk", 0.2)
+    prior = TopK(0.2).prior({"t00": rng.normal(size=n)})
     mask = prior["t00"].astype(bool)
     mask[rng.choice(n, flips, replace=False)] ^= True
     blob = encode_masks({"t00": mask}, layout, FP, "entropy", prior)
@@ -355,12 +349,12 @@ def test_side_section_header_holds_flip_rate(flips):
     assert_same_masks(decode_masks(blob, layout, FP, prior), {"t00": mask}, layout)
 
 
-def test_mask_prior_topk_is_topk_of_magnitude():
-    """mask_prior(scores, 'topk', d) == topk_mask_np(|scores|, d) per tensor; 0/1 float64."""
+def test_topk_prior_is_topk_of_magnitude():
+    """TopK(d).prior(scores) == topk_mask_np(|scores|, d) per tensor; 0/1 float64."""
     rng = np.random.default_rng(7)
     scores = {"a": rng.normal(size=(30, 20)), "b": rng.normal(size=999).astype(np.float32), "c": np.array([-2.0])}
     for density in (0.01, 0.3, 0.5, 1.0):
-        prior = mask_prior(scores, "topk", density)
+        prior = TopK(density).prior(scores)
         assert set(prior) == set(scores)
         for name, s in scores.items():
             expected = topk_mask_np(np.abs(s), density)
@@ -372,9 +366,9 @@ def test_mask_prior_topk_is_topk_of_magnitude():
             assert dropped.size == 0 or kept.min() >= dropped.max()
 
 
-def test_mask_prior_bernoulli_is_theta_as_float64_copy():
+def test_bernoulli_prior_is_theta_as_float64_copy():
     theta = {"a": np.random.default_rng(8).random((4, 5)).astype(np.float32)}
-    prior = mask_prior(theta, "bernoulli", 0.5)
+    prior = Bernoulli().prior(theta)
     assert prior["a"].dtype == np.float64 and np.array_equal(prior["a"], theta["a"].astype(np.float64))
     assert not np.shares_memory(prior["a"], theta["a"])
 
@@ -383,7 +377,7 @@ def test_mask_prior_bernoulli_is_theta_as_float64_copy():
 
 
 def test_every_truncation_is_refused():
-    """Cutting a codec-2 blob anywhere (header or any section) raises MaskCodecError."""
+    """Cutting a codec-2 blob anywhere (header or any section) raises WireError."""
     blob, layout, _, prior = mixed_blob()
     for cut in range(blob.size):
         err = rejected(blob[:cut].copy(), layout, prior)
@@ -393,7 +387,7 @@ def test_every_truncation_is_refused():
 @settings(max_examples=150, deadline=None)
 @given(bit=st.integers(0, 8 * mixed_blob()[0].size - 1), seed=st.integers(0, 3))
 def test_every_single_bit_flip_is_refused(bit, seed):
-    """One flipped bit anywhere (header, section header, coded stream) -> MaskCodecError."""
+    """One flipped bit anywhere (header, section header, coded stream) -> WireError."""
     blob, layout, _, prior = mixed_blob(seed)
     if bit >= 8 * blob.size:
         bit %= 8 * blob.size
@@ -421,8 +415,8 @@ def test_decoding_with_another_prior_is_refused(kind):
         other = {name: rng.uniform(0.01, 0.99, shape) for name, shape in layout.shapes}
         masks = {name: rng.random(shape) < prior[name] for name, shape in layout.shapes}
     else:
-        prior = mask_prior({n: rng.normal(size=s) for n, s in layout.shapes}, "topk", 0.3)
-        other = mask_prior({n: rng.normal(size=s) for n, s in layout.shapes}, "topk", 0.3)
+        prior = TopK(0.3).prior({n: rng.normal(size=s) for n, s in layout.shapes})
+        other = TopK(0.3).prior({n: rng.normal(size=s) for n, s in layout.shapes})
         # the client kept the broadcast top-k exactly. (With flipped bits the range decoder
         # sometimes trips over the mismatch and raises 'stream', but only by chance: ~1 in 5.)
         masks = {name: prior[name].astype(bool) for name, _ in layout.shapes}
@@ -430,7 +424,7 @@ def test_decoding_with_another_prior_is_refused(kind):
     assert [s[0] for s in parse_sections(blob)] == [SIDE, SIDE]
     try:
         decoded = decode_masks(blob, layout, FP, other)
-    except MaskCodecError:
+    except WireError:
         return  # the fixed behaviour
     # what happens today: a mask of the right shape that is not the one that was sent
     assert not all(np.array_equal(decoded[n], masks[n]) for n, _ in layout.shapes)
@@ -479,12 +473,12 @@ def plausible_payloads(draw):
 @settings(max_examples=300, deadline=None)
 @given(payload=st.one_of(st.binary(max_size=120), plausible_payloads()), with_prior=st.booleans())
 def test_random_payload_behind_valid_header_and_crc_only_raises_mask_codec_error(payload, with_prior):
-    """Right codec, bit count, fingerprint and CRC over random bytes: MaskCodecError or a mask
+    """Right codec, bit count, fingerprint and CRC over random bytes: WireError or a mask
     of exactly the layout's shape, never another exception."""
     blob = reseal(SMALL_HEADER, payload, SMALL_PRIOR if with_prior else None, SMALL)
     try:
         decoded = decode_masks(blob, SMALL, FP, SMALL_PRIOR if with_prior else None)
-    except MaskCodecError:
+    except WireError:
         return
     assert list(decoded) == [name for name, _ in SMALL.shapes]
     for name, shape in SMALL.shapes:
@@ -544,7 +538,7 @@ def test_coded_section_not_whole_words_refused():
     blob, layout, _, prior = mixed_blob()
     _, _, length, data = parse_sections(blob)[1]
     err = rejected(tamper(blob, 1, length=length - 1, data=data[:-1]), layout, prior)
-    assert "t01" in err.field and "multiple of 4" in str(err)
+    assert "t01" in err.field and "whole 32-bit words" in str(err) and f"{length - 1} bytes" in str(err)
 
 
 def test_missing_section_and_trailing_bytes_refused():
@@ -600,14 +594,14 @@ def test_side_section_is_coded_group_by_group_when_the_prior_has_few_values(dist
     section's bytes must equal that reference coding, and decode back to the mask."""
     import constriction
 
-    from fedmask import codec
+    from fedmask.wire import masks as codec
 
     assert (codec.SIDE_GROUPS_MAX, codec.RUN_BYTES_MIN) == (4096, 32)
     rng = np.random.default_rng(distinct)
     levels = np.linspace(0.02, 0.98, distinct)
     theta = rng.permutation(np.repeat(levels, max(3, 6003 // distinct)))  # every value used; 2001 a group for 3
     mask = rng.random(theta.size) < theta
-    layout = MaskLayout((("w", (theta.size,)),))
+    layout = Layout((("w", (theta.size,)),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", {"w": theta})
     [(model, param, _, data)] = parse_sections(blob)
     assert (model, param) == (SIDE, 0)  # a soft prior: no flip rate
@@ -640,7 +634,7 @@ def test_frequency_section_is_coded_eight_bits_a_symbol(size):
     rng = np.random.default_rng(size)
     mask = np.zeros(size, dtype=bool)
     mask[rng.choice(size, max(1, size // 20), replace=False)] = True
-    layout = MaskLayout((("w", (size,)),))
+    layout = Layout((("w", (size,)),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", None)
     [(model, param, _, data)] = parse_sections(blob)
     assert (model, param) == (FREQUENCY, int(mask.sum()))
@@ -659,7 +653,7 @@ def test_format_2_uploads_from_earlier_checkpoints_still_decode():
     import constriction
 
     rng = np.random.default_rng(2)
-    layout = MaskLayout((("a", (2003,)), ("b", (1001,))))
+    layout = Layout((("a", (2003,)), ("b", (1001,))))
     theta = rng.permutation(np.repeat([0.1, 0.5, 0.9], 668))[:2003]
     masks = {"a": rng.random(2003) < theta, "b": rng.random(1001) < 0.05}
     prior = {"a": theta, "b": np.full(1001, 0.5)}

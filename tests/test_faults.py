@@ -18,17 +18,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.client_app import app as client_app
-from fedmask import codec, task
-from fedmask.aggregators import FedPMAggregator, robust_vote
-from fedmask.codec import MaskCodecError, MaskLayout, decode_masks, encode_masks
+from engines.inprocess import InProcessGrid
+from fedmask import faults, task
 from fedmask.config import load, resolve
-from fedmask.failures import FAILURE_KINDS
-from fedmask.faults import CORRUPTIONS, attackers, client_fault, corrupt_upload
-from fedmask.ledger import Ledger
-from fedmask.masking import get_scores
-from server.inprocess_grid import InProcessGrid
+from fedmask.core.masking import get_scores
+from fedmask.downlink import LosslessDownlink
+from fedmask.faults import attackers, client_fault, corrupt_upload
+from fedmask.methods.fedpm import FedPMAggregator
+from fedmask.methods.votes import robust_vote
+from fedmask.names import CORRUPTIONS
+from fedmask.record.failures import FAILURE_KINDS
+from fedmask.record.ledger import Ledger
+from fedmask.wire import masks as mask_codec
+from fedmask.wire.frame import Frame, Layout, WireError
+from fedmask.wire.masks import decode_masks, encode_masks
 from server.server_app import run_server
-from server.strategies import MaskStrategy
+from server.strategies import MaskStrategy, Start
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 3}
@@ -115,6 +120,7 @@ def _one_of_each_corruption(config: dict) -> dict[str, tuple[int, int]]:
     """A (round, partition) for which :func:`corrupt_upload` picks each kind."""
     found: dict[str, tuple[int, int]] = {}
     dummy = np.zeros(64, dtype=np.uint8)
+    dummy[:4] = np.frombuffer(mask_codec.FRAME.magic, dtype=np.uint8)  # corrupted as a mask upload
     for server_round in range(1, 50):
         for pid in range(10):
             found.setdefault(corrupt_upload(dummy, config, server_round, pid)[1], (server_round, pid))
@@ -130,34 +136,38 @@ def test_each_corruption_hits_its_field_and_decode_refuses_it_for_that_field():
     """bit-flip changes one payload byte (refused as crc32), foreign-fingerprint changes only
     the header's fingerprint bytes (refused as fingerprint), truncate shortens (length)."""
     config = resolve({})
-    layout = MaskLayout((("a", (40, 30)), ("b", (77,))))
+    layout = Layout((("a", (40, 30)), ("b", (77,))))
     fingerprint = layout.fingerprint(0, "mlp", "x")
     rng = np.random.default_rng(0)
     blob = encode_masks({n: rng.random(s) < 0.5 for n, s in layout.shapes}, layout, fingerprint, "packbits")
-    fp_bytes = set(range(codec.FINGERPRINT_BYTES.start, codec.FINGERPRINT_BYTES.stop))
+    fingerprint_field = mask_codec.FRAME.slice("fingerprint")
+    fp_bytes = set(range(fingerprint_field.start, fingerprint_field.stop))
     assert len(fp_bytes) == 8
     for kind, (server_round, pid) in _one_of_each_corruption(config).items():
         broken, got_kind = corrupt_upload(blob, config, server_round, pid)
         assert got_kind == kind
-        with pytest.raises(MaskCodecError) as err:
+        with pytest.raises(WireError) as err:
             decode_masks(broken, layout, fingerprint)
         if kind == "truncate":
             assert broken.size < blob.size and err.value.field == "length"
         elif kind == "bit-flip":
             (position,) = _changed(broken, blob)
-            assert position >= codec.HEADER_BYTES and err.value.field == "crc32"
+            assert position >= mask_codec.HEADER_BYTES and err.value.field == "crc32"
         else:
             assert _changed(broken, blob) <= fp_bytes and len(_changed(broken, blob)) >= 7
             assert err.value.field == "fingerprint"
 
 
 def test_corrupt_upload_follows_the_codec_header_layout(monkeypatch):
-    """With the codec's header constants moved, the corruptions move with them: offsets come
-    from fedmask.codec, not from numbers of its own."""
+    """With an upload format whose header is laid out otherwise (48 bytes, the fingerprint
+    at 36..44), the corruptions move with it: offsets come from the upload's own frame
+    (found by its magic), not from numbers of their own."""
     config = resolve({})
-    monkeypatch.setattr(codec, "HEADER_BYTES", 48)
-    monkeypatch.setattr(codec, "FINGERPRINT_BYTES", slice(36, 44))
+    moved = Frame("mask", b"FMXX", (("padding", "32s"), ("fingerprint", "8s"), ("crc32", "I")))
+    assert moved.size == 48 and moved.slice("fingerprint") == slice(36, 44)
+    monkeypatch.setattr(faults, "UPLOAD_FRAMES", (*faults.UPLOAD_FRAMES, moved))
     blob = np.zeros(200, dtype=np.uint8)
+    blob[:4] = np.frombuffer(moved.magic, dtype=np.uint8)
     seen = set()
     for server_round in range(1, 30):  # many draws, so a hard-coded offset would show
         for pid in range(10):
@@ -214,10 +224,13 @@ def strategy():
     """A FedPM MaskStrategy for the digits MLP, with the prior of its first broadcast."""
     config = resolve(SMALL)
     grid = InProcessGrid(client_app, 4)
-    model = task.make_model(config, task.splits_of(config), "bernoulli")
-    aggregator = FedPMAggregator(config)
-    strat = MaskStrategy(config, Ledger(), aggregator, task.ModelSpec.of(config, model, "bernoulli"),
-                         aggregator.initial_state(get_scores(model)))
+    mode = task.mode_of(config, "bernoulli")
+    model = task.make_model(config, task.splits_of(config), mode)
+    aggregator = FedPMAggregator.from_config(config)
+    spec, state = task.ModelSpec.of(config, model, mode), aggregator.initial_state(get_scores(model))
+    lossless = LosslessDownlink.create(spec.layout, spec.fingerprint, mode.vote_contexts, aggregator.replayable,
+                                       aggregator.absorbing, state)  # the default downlink-codec, as build makes it
+    strat = MaskStrategy(config, Ledger(), Start(state), aggregator, mode, spec, lossless)
     list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     return strat
 
@@ -249,8 +262,8 @@ def test_no_reply_content_crashes_the_server(strategy, num_examples, loss, blob,
     usable = strategy.usable_replies(1, [reply])
     if usable:
         with pytest.raises(Exception) as err:  # a junk mask never decodes
-            strategy.decode(reply)
-        assert type(err.value).__name__ in ("MaskCodecError", "RejectedReply")
+            strategy.decode(1, reply)
+        assert type(err.value).__name__ in ("WireError", "RejectedReply")
     else:
         assert len(strategy.outcome(1).failures) > before
         failure = strategy.outcome(1).failures[-1]

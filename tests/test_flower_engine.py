@@ -1,4 +1,4 @@
-"""fedmask's message injector for Flower's simulation engine (fedmask/flower_engine.py)."""
+"""fedmask's message injector for Flower's simulation engine (engines/ray.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 from queue import Queue
 from types import SimpleNamespace
 
-from fedmask import flower_engine
+from engines import ray as flower_engine
 
 
 class _State:
@@ -63,7 +63,7 @@ def test_a_linkstate_without_an_in_memory_store_is_asked_node_by_node():
         def __init__(self):
             self.asked = []
 
-        def get_message_ins(self, node_id, limit):  # noqa: ANN001, ANN201
+        def get_message_ins(self, node_id, limit):
             self.asked.append(node_id)
             return []
 

@@ -9,7 +9,7 @@ import pytest
 
 from fedmask import flwr_config
 from fedmask.config import SCHEMA, read_toml
-from fedmask.placement import PlacementError, held_partition, node_info, place
+from fedmask.protocol.placement import PlacementError, held_partition, node_info, place
 
 ROOT = Path(__file__).resolve().parents[1]
 

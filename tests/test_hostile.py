@@ -12,21 +12,27 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.client_app import app as real_client_app
 from clients.client_app import train as real_train
+from engines.inprocess import InProcessGrid
 from fedmask import task
-from fedmask.aggregators import EdgePopupAggregator, FedPMAggregator, weighted_vote
 from fedmask.config import resolve
-from fedmask.instruction import TrainInstruction
-from fedmask.ledger import Ledger, message_bytes, payload_bytes
-from fedmask.masking import get_scores
-from fedmask.replies import BadArray, arrived_bytes, checked_numpy
-from server.inprocess_grid import InProcessGrid
+from fedmask.core.masking import get_scores
+from fedmask.downlink import LosslessDownlink
+from fedmask.methods.edge_popup import EdgePopupAggregator
+from fedmask.methods.fedpm import FedPMAggregator
+from fedmask.methods.votes import VoteRule, weighted_vote
+from fedmask.protocol.instruction import TrainInstruction
+from fedmask.protocol.placement import TRAINED_RECORD
+from fedmask.protocol.replies import BadArray, arrived_bytes, checked_numpy
+from fedmask.record.ledger import Ledger, message_bytes, payload_bytes
+from fedmask.wire.masks import FRAME
 from server.server_app import run_server
-from server.strategies import DenseFedAvg, MaskStrategy
+from server.strategies import DenseFedAvg, MaskStrategy, Start
 
 SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 3}
 
@@ -89,11 +95,13 @@ def test_checked_numpy_refuses_hostile_arrays_with_bad_array_only(name):
 
 def _mask_strategy(method: str = "fedpm") -> MaskStrategy:
     config = resolve({**SMALL, "method": method})
-    mode = config.method_entry.mask_mode
+    mode = task.mode_of(config, config.method_entry.mask_mode)
     model = task.make_model(config, task.splits_of(config), mode)
     aggregator = config.method_entry.make_aggregator(config)
-    strat = MaskStrategy(config, Ledger(), aggregator, task.ModelSpec.of(config, model, mode),
-                         aggregator.initial_state(get_scores(model)))
+    spec, state = task.ModelSpec.of(config, model, mode), aggregator.initial_state(get_scores(model))
+    lossless = LosslessDownlink.create(spec.layout, spec.fingerprint, mode.vote_contexts, aggregator.replayable,
+                                       aggregator.absorbing, state)  # the default downlink-codec, as build makes it
+    strat = MaskStrategy(config, Ledger(), Start(state), aggregator, mode, spec, lossless)
     list(strat.configure_train(1, ArrayRecord(), ConfigRecord(), InProcessGrid(real_client_app, 4)))
     return strat
 
@@ -101,13 +109,68 @@ def _mask_strategy(method: str = "fedpm") -> MaskStrategy:
 def _dense_strategy() -> DenseFedAvg:
     config = resolve({**SMALL, "method": "fedavg"})
     model = task.make_model(config, task.splits_of(config), None)
-    return DenseFedAvg(config, Ledger(), task.dense_state(model))
+    return DenseFedAvg(config, Ledger(), Start(task.dense_state(model)), VoteRule.from_config(config))
 
 
-def _reply(content: RecordDict) -> Message:
+def _reply(content: RecordDict, message_id: str = "m") -> Message:
     instruction = Message(RecordDict(), dst_node_id=1001, message_type=MessageType.TRAIN)
-    instruction.metadata.__dict__["_message_id"] = "m"
+    instruction.metadata.__dict__["_message_id"] = message_id
     return Message(content, reply_to=instruction)
+
+
+@pytest.fixture
+def outside_a_grid(monkeypatch):
+    """Messages built outside any grid (Flower stamps them with the running task's identity)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _dense_replies(strategy: DenseFedAvg, claims: list[tuple[int, dict]], trained: dict[int, int] | None = None,
+                   ) -> list[Message]:
+    """Round-1 replies of partitions 0, 1, ... carrying the strategy's own weights and the
+    metrics ``claims[pid]``; ``trained[pid]``: the partition its TRAINED record names."""
+    replies = []
+    for pid, metrics in enumerate(claims):
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v.copy()) for k, v in strategy.state.items()}),
+                              "metrics": MetricRecord(metrics)})
+        if trained is not None and pid in trained:
+            content[TRAINED_RECORD] = ConfigRecord({"partition-id": trained[pid]})
+        replies.append(_reply(content, f"r{pid}"))
+        strategy.ledger.sent_to[f"r{pid}"] = (1, 1001 + pid, pid)
+    return replies
+
+
+def test_train_metrics_are_the_example_weighted_mean(outside_a_grid):
+    """Clients reporting train-loss 1.0 on 10 examples and 5.0 on 30 make a round train-loss
+    of (10 * 1 + 30 * 5) / 40 = 4.0 (the unweighted mean would be 3.0); accuracy 0.2 and
+    0.6 make 0.5 (not 0.4). Both in what aggregate_train returns and in the round's outcome."""
+    strategy = _dense_strategy()
+    replies = _dense_replies(strategy, [{"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.2},
+                                        {"num-examples": 30, "train-loss": 5.0, "train-accuracy": 0.6}])
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.outcome(1).aggregated == 2
+    assert metrics["train-loss"] == pytest.approx(4.0) and metrics["train-accuracy"] == pytest.approx(0.5)
+    assert strategy.outcome(1).train == {"train-loss": pytest.approx(4.0), "train-accuracy": pytest.approx(0.5)}
+
+
+def test_a_reply_trained_on_another_partition_than_sent_is_rejected(outside_a_grid):
+    """Partition 1's reply says (TRAINED record) it trained partition 2: it is rejected with
+    both partitions named and not aggregated; a reply naming its own partition, and one
+    without the record (simulation), are used."""
+    strategy = _dense_strategy()
+    ones = {k: np.ones_like(v) for k, v in strategy.state.items()}
+    replies = _dense_replies(strategy, [{"num-examples": 10}] * 3, trained={0: 0, 1: 2})
+    replies[1].content["arrays"] = ArrayRecord({k: Array(v) for k, v in ones.items()})  # would move the mean
+    usable = strategy.usable_replies(1, replies)
+    assert [strategy.ledger.partition_of(reply) for reply, _ in usable] == [0, 2]
+    (failure,) = strategy.outcome(1).failures
+    assert failure["kind"] == "rejected" and failure["partition_id"] == 1
+    assert "partition-id" in failure["reason"] and "sent partition 1" in failure["reason"] and "2" in failure["reason"]
+    before = {k: v.copy() for k, v in strategy.state.items()}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.outcome(1).aggregated == 2
+    assert all(np.array_equal(strategy.state[k], before[k]) for k in before)  # partition 1's weights left out
 
 
 names = st.sampled_from(["arrays", "mask", "weights", "fc1.weight", "x" * 300, ""])
@@ -261,24 +324,26 @@ def test_fedpm_and_edge_popup_aggregators_take_huge_weights():
     state = {"w": np.full(4, 0.5, dtype=np.float32)}
     masks = [{"w": np.array([1, 0, 1, 0], bool)}, {"w": np.array([1, 1, 0, 0], bool)}]
     config = resolve({})
-    assert np.isfinite(FedPMAggregator(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
-    assert np.isfinite(EdgePopupAggregator(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
+    assert np.isfinite(FedPMAggregator.from_config(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
+    assert np.isfinite(EdgePopupAggregator.from_config(config).aggregate(1, state, masks, [1e308, 1e308])["w"]).all()
 
 
 # ---------------------------------------------------------------- robust defaults (item 5)
 
 
 def test_colluding_attackers_all_send_the_complement_of_the_global_mask():
-    from fedmask.codec import MaskLayout, planes_to_choices
-    from fedmask.faults import colluding_masks
+    from fedmask.methods.edge_popup import TopK
+    from fedmask.methods.fedpm import Bernoulli
+    from fedmask.methods.slot_machines import Slots, planes_to_choices
+    from fedmask.wire.frame import Layout
 
     theta = {"w": np.array([0.1, 0.6, 0.5, 0.9], np.float32)}
-    assert colluding_masks(theta, "bernoulli", 0.5)["w"].tolist() == [True, False, False, False]
+    assert Bernoulli().colluding_upload(theta)["w"].tolist() == [True, False, False, False]
     scores = {"w": np.array([3.0, -0.1, 2.0, 0.5], np.float32)}
-    assert colluding_masks(scores, "topk", 0.5)["w"].tolist() == [False, True, False, True]
+    assert TopK(0.5).colluding_upload(scores)["w"].tolist() == [False, True, False, True]
     slots = {"w": np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)}
-    planes = colluding_masks(slots, "slots", 0.5)
-    choices = planes_to_choices(planes, MaskLayout((("w", (5, 7)),)))["w"]
+    planes = Slots(slots=5).colluding_upload(slots)
+    choices = planes_to_choices(planes, Layout((("w", (5, 7)),)))["w"]
     assert np.array_equal(choices, 4 - slots["w"].argmax(axis=0)) and choices.max() < 5
 
 
@@ -295,7 +360,10 @@ def test_colluding_attack_runs_and_every_attacker_sends_one_mask(tmp_path, metho
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = real_train(msg, context)
-        uploads[TrainInstruction.from_flat(msg.content["config"]).partition_id] = reply.content["arrays"]["mask"].data
+        blob = reply.content["arrays"]["mask"].numpy()
+        crc = FRAME.slice("crc32")  # bound to the client: the rest of the upload is the crafted mask
+        uploads[TrainInstruction.from_flat(msg.content["config"]).partition_id] = \
+            blob[: crc.start].tobytes() + blob[crc.stop :].tobytes()
         return reply
 
     run_server(InProcessGrid(app, 4), config, tmp_path / "run")
@@ -305,6 +373,8 @@ def test_colluding_attack_runs_and_every_attacker_sends_one_mask(tmp_path, metho
 
     liars = sorted(attackers(config))
     assert len(liars) == 2 and uploads[liars[0]] == uploads[liars[1]]
+    honest = [pid for pid in uploads if pid not in liars]
+    assert uploads[honest[0]] != uploads[liars[0]]
 
 
 def test_warning_when_the_robust_rule_cannot_hold_the_attackers(tmp_path, caplog):
@@ -324,13 +394,14 @@ def test_warning_when_the_robust_rule_cannot_hold_the_attackers(tmp_path, caplog
 
 
 def test_dense_robust_rules_ignore_an_outlier():
-    from fedmask.aggregators import dense_aggregate
+    from fedmask.methods.dense import dense_aggregate
 
     honest = [{"w": np.full(3, v, np.float32)} for v in (1.0, 1.1, 0.9)]
     states = [*honest, {"w": np.full(3, 1e30, np.float32)}]
-    plain = dense_aggregate(states, [1.0] * 4, resolve({}))["w"]
-    median = dense_aggregate(states, [1.0] * 4, resolve({"robust-aggregation": "median"}))["w"]
-    trimmed = dense_aggregate(states, [1.0] * 4, resolve({"robust-aggregation": "trimmed", "trim-fraction": 0.25}))
+    plain = dense_aggregate(states, [1.0] * 4, VoteRule.from_config(resolve({})))["w"]
+    median = dense_aggregate(states, [1.0] * 4, VoteRule.from_config(resolve({"robust-aggregation": "median"})))["w"]
+    trimmed = dense_aggregate(states, [1.0] * 4,
+                              VoteRule.from_config(resolve({"robust-aggregation": "trimmed", "trim-fraction": 0.25})))
     assert plain.min() > 1e29
     assert np.allclose(median, 1.05) and median.dtype == np.float32
     assert np.allclose(trimmed["w"], 1.05)

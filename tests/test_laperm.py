@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from clients.client_app import app as real_client_app
-from fedmask import laperm, task
-from fedmask.checkpoint import Checkpoint
-from fedmask.codec import FINGERPRINT_BYTES, MaskCodecError, MaskLayout
+from engines.inprocess import InProcessGrid
+from fedmask import task
 from fedmask.config import ConfigError, resolve
-from fedmask.masking import frozen_weights, get_scores, to_masked
-from fedmask.models import build_model
-from server.inprocess_grid import InProcessGrid
+from fedmask.core.masking import frozen_weights, get_scores, to_masked
+from fedmask.core.models import build_model
+from fedmask.methods import laperm
+from fedmask.methods.laperm import LaPerm
+from fedmask.record.checkpoint import Checkpoint
+from fedmask.wire import ranks as rank_codec
+from fedmask.wire.frame import Layout, WireError
 from server.server_app import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +56,10 @@ def test_local_training_keeps_every_rows_multiset_and_changes_the_arrangement():
     rewire) every row's sorted values equal the seed's exactly, and weights moved."""
     config = resolve({**SMALL, "laperm-sync": 7})
     splits = task.splits_of(config)
-    model = task.make_model(config, splits, "laperm")
+    mode = task.mode_of(config, "laperm")
+    model = task.make_model(config, splits, mode)
     seed_rows, before = _seed_rows(model), laperm.arrangement(model)
-    task.train(model, splits.x_train[:300], splits.y_train[:300], config, torch.device("cpu"), seed=1)
+    task.train(model, splits.x_train[:300], splits.y_train[:300], config, torch.device("cpu"), seed=1, mode=mode)
     after = laperm.arrangement(model)
     for name, values in _sorted_rows(get_scores(model)).items():
         assert np.array_equal(values, seed_rows[name]), name
@@ -80,7 +84,7 @@ def test_borda_merge_is_deterministic_and_independent_of_arrival_order():
     for order in itertools.permutations(uploads):
         merged = laperm.borda_merge(state, list(order))
         assert all(np.array_equal(merged[k], first[k]) for k in first)
-    assert all(laperm.is_permutation(v.astype(np.int64)) for v in first.values())
+    assert all(rank_codec.is_permutation(v.astype(np.int64)) for v in first.values())
 
 
 def _layout_and_ranks(seed: int = 0):
@@ -88,22 +92,22 @@ def _layout_and_ranks(seed: int = 0):
     prior = {"a.weight": laperm.ranks_of(rng.random((6, 50))), "a.bias": laperm.ranks_of(rng.random(6))}
     client = {}
     for name, ranks in prior.items():  # a few small displacements: swap neighbours in each row
-        rows = ranks.reshape(laperm.row_shape(ranks.shape)).copy()
+        rows = ranks.reshape(rank_codec.row_shape(ranks.shape)).copy()
         for row in rows:
             i, j = np.flatnonzero(row == 0)[0], np.flatnonzero(row == 1)[0]
             row[i], row[j] = row[j], row[i]
         client[name] = rows.reshape(ranks.shape)
-    layout = MaskLayout.from_arrays(prior)
+    layout = Layout.from_arrays(prior)
     return layout, layout.fingerprint(0, "test", "kaiming-uniform"), prior, client
 
 
 @pytest.mark.parametrize("codec", ["entropy", "packbits"])
 def test_rank_upload_round_trips(codec):
     layout, fingerprint, prior, client = _layout_and_ranks()
-    blob = laperm.encode_ranks(client, layout, fingerprint, codec, prior)
-    decoded = laperm.decode_ranks(blob, layout, fingerprint, prior)
+    blob = rank_codec.encode_ranks(client, layout, fingerprint, codec, prior)
+    decoded = rank_codec.decode_ranks(blob, layout, fingerprint, prior)
     assert all(np.array_equal(decoded[k], client[k]) for k in client)
-    packed = laperm.max_upload_bytes(layout)
+    packed = rank_codec.max_upload_bytes(layout)
     if codec == "entropy":  # two swaps per row cost far less than 6 bits per rank
         assert blob.size < packed / 2
     else:
@@ -113,50 +117,50 @@ def test_rank_upload_round_trips(codec):
 @pytest.mark.parametrize("cut", [0, 27, 40, -1])
 def test_truncated_rank_upload_is_refused(cut):
     layout, fingerprint, prior, client = _layout_and_ranks()
-    blob = laperm.encode_ranks(client, layout, fingerprint, "entropy", prior)
-    with pytest.raises(MaskCodecError, match="length|crc32|section"):
-        laperm.decode_ranks(blob[:cut], layout, fingerprint, prior)
+    blob = rank_codec.encode_ranks(client, layout, fingerprint, "entropy", prior)
+    with pytest.raises(WireError, match="length|crc32|section"):
+        rank_codec.decode_ranks(blob[:cut], layout, fingerprint, prior)
 
 
 def test_tampered_rank_uploads_are_refused_naming_the_field():
     layout, fingerprint, prior, client = _layout_and_ranks()
-    blob = laperm.encode_ranks(client, layout, fingerprint, "entropy", prior)
+    blob = rank_codec.encode_ranks(client, layout, fingerprint, "entropy", prior)
     flipped = blob.copy()
     flipped[-3] ^= 0x10
-    with pytest.raises(MaskCodecError, match="crc32"):
-        laperm.decode_ranks(flipped, layout, fingerprint, prior)
+    with pytest.raises(WireError, match="crc32"):
+        rank_codec.decode_ranks(flipped, layout, fingerprint, prior)
     foreign = blob.copy()
-    foreign[FINGERPRINT_BYTES] = 0
-    with pytest.raises(MaskCodecError, match="fingerprint"):
-        laperm.decode_ranks(foreign, layout, fingerprint, prior)
+    foreign[rank_codec.FRAME.slice("fingerprint")] = 0
+    with pytest.raises(WireError, match="fingerprint"):
+        rank_codec.decode_ranks(foreign, layout, fingerprint, prior)
     other_prior = {k: v[..., ::-1].copy() for k, v in prior.items()}  # another broadcast
-    with pytest.raises(MaskCodecError, match="crc32"):
-        laperm.decode_ranks(blob, layout, fingerprint, other_prior)
-    with pytest.raises(MaskCodecError, match="side information"):
-        laperm.decode_ranks(blob, layout, fingerprint, None)
+    with pytest.raises(WireError, match="crc32"):
+        rank_codec.decode_ranks(blob, layout, fingerprint, other_prior)
+    with pytest.raises(WireError, match="side information"):
+        rank_codec.decode_ranks(blob, layout, fingerprint, None)
 
 
 def test_rank_step_sends_unbiased_rounded_displacements_and_must_match():
     """With laperm-rank-step 4 a displacement of 6 arrives as 4 or 8 (mean 6 over many
     draws); a decoder expecting another step refuses the section."""
-    rounded = laperm.quantize_displacement(np.full(20_000, 6), 4, np.random.default_rng(0))
+    rounded = rank_codec.quantize_displacement(np.full(20_000, 6), 4, np.random.default_rng(0))
     assert set(np.unique(4 * rounded)) == {4, 8}
     assert abs(4 * rounded.mean() - 6) < 0.05
     layout, fingerprint, prior, client = _layout_and_ranks()
-    blob = laperm.encode_ranks(client, layout, fingerprint, "entropy", prior, step=4, rng=np.random.default_rng(1))
-    decoded = laperm.decode_ranks(blob, layout, fingerprint, prior, step=4)["a.weight"]  # coded, not packed
+    blob = rank_codec.encode_ranks(client, layout, fingerprint, "entropy", prior, step=4, rng=np.random.default_rng(1))
+    decoded = rank_codec.decode_ranks(blob, layout, fingerprint, prior, step=4)["a.weight"]  # coded, not packed
     d = decoded - prior["a.weight"]
     assert (d % 4 == 0).all() and (np.abs(d - (client["a.weight"] - prior["a.weight"])) < 4).all()
-    with pytest.raises(MaskCodecError, match="rank step"):
-        laperm.decode_ranks(blob, layout, fingerprint, prior, step=1)
+    with pytest.raises(WireError, match="rank step"):
+        rank_codec.decode_ranks(blob, layout, fingerprint, prior, step=1)
 
 
 def test_ranks_that_are_not_a_permutation_are_refused_even_with_a_valid_crc():
     layout, fingerprint, prior, _ = _layout_and_ranks()
     twice = {k: np.zeros_like(v) for k, v in prior.items()}  # every weight claims rank 0
-    blob = laperm.encode_ranks(twice, layout, fingerprint, "packbits")
-    with pytest.raises(MaskCodecError, match="ranks.*permutation"):
-        laperm.decode_ranks(blob, layout, fingerprint, prior)
+    blob = rank_codec.encode_ranks(twice, layout, fingerprint, "packbits")
+    with pytest.raises(WireError, match="ranks.*permutation"):
+        rank_codec.decode_ranks(blob, layout, fingerprint, prior)
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -171,11 +175,11 @@ def test_inprocess_run_keeps_multisets_on_the_server_and_measures_rank_uploads(t
     run_server(InProcessGrid(real_client_app, 3), config, tmp_path / "run")
     rows = _rounds(tmp_path / "run")
     assert [r["clients"] for r in rows] == [3, 3, 3] and all(r["failures"] == 0 for r in rows)
-    model = to_masked(build_model("mlp", (1, 8, 8), 10), "laperm", seed=0, init="kaiming-uniform")
-    layout = MaskLayout.from_arrays(get_scores(model))
+    model = to_masked(build_model("mlp", (1, 8, 8), 10), LaPerm(), seed=0, init="kaiming-uniform")
+    layout = Layout.from_arrays(get_scores(model))
     for r in rows:
         per_client = r["uplink_payload_bytes"] / 3
-        assert laperm.HEADER_BYTES < per_client < laperm.max_upload_bytes(layout)
+        assert rank_codec.HEADER_BYTES < per_client < rank_codec.max_upload_bytes(layout)
         assert r["uplink_ideal_bpp"] <= r["uplink_bpp"]
         assert r["downlink_payload_bytes"] == 3 * 4 * layout.num_params
     assert rows[-1]["accuracy"] > 0.6  # chance is 0.1

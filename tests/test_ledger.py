@@ -1,4 +1,4 @@
-"""Tests for fedmask.ledger: message weights, and a real round through MeasuringGrid."""
+"""Tests for fedmask.record.ledger: message weights, and a real round through MeasuringGrid."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
+from engines.inprocess import InProcessGrid
 from fedmask import task
-from fedmask.aggregators import FedPMAggregator
 from fedmask.config import resolve
-from fedmask.failures import Failure
+from fedmask.core.masking import get_scores
+from fedmask.core.models import build_model
+from fedmask.core.sampling import sample_partitions
 from fedmask.faults import SLOW_RECORD
-from fedmask.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
-from fedmask.masking import get_scores
-from fedmask.models import build_model
-from fedmask.sampling import sample_partitions
-from server.inprocess_grid import InProcessGrid
-from server.strategies import MaskStrategy, state_record
+from fedmask.methods.fedpm import FedPMAggregator
+from fedmask.record.failures import Failure
+from fedmask.record.ledger import Ledger, MeasuringGrid, message_bytes, payload_bytes
+from server.strategies import MaskStrategy, Start, state_record
 
 HEADER_BYTES = 4 + 1 + 1 + 2 + 8 + 8 + 4  # codec header, from its format spec
 
@@ -129,13 +129,13 @@ def fedpm_round():
     config = resolve({"num-clients": 3, "clients-per-round": 2, "num-rounds": 1, "uplink-codec": "packbits",
                       "downlink-codec": "float32"})  # a broadcast of known size
     splits = task.splits_of(config)
-    aggregator = FedPMAggregator(config)
-    model = task.make_model(config, splits, aggregator.mask_mode)
+    aggregator = FedPMAggregator.from_config(config)
+    mode = task.mode_of(config, aggregator.mask_mode)
+    model = task.make_model(config, splits, mode)
     initial = aggregator.initial_state(get_scores(model))
     ledger = Ledger()
     grid = MeasuringGrid(InProcessGrid(client_app, config.num_clients), ledger, pull_interval=0.0)
-    strategy = MaskStrategy(config, ledger, aggregator, task.ModelSpec.of(config, model, aggregator.mask_mode),
-                            initial)
+    strategy = MaskStrategy(config, ledger, Start(initial), aggregator, mode, task.ModelSpec.of(config, model, mode))
     messages = list(strategy.configure_train(1, state_record(initial), ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=120))
     num_params = sum(p.numel() for p in build_model(config.model, splits.input_shape, splits.num_classes)
@@ -287,7 +287,7 @@ class _FlowerLikeGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.taken: dict[str, Message] = {}
 
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+    def pull_messages(self, message_ids):
         ids = list(message_ids)
         out = []
         for msg_id in ids:

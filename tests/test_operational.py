@@ -272,3 +272,56 @@ def test_a_resumed_run_sends_the_state_not_float32_and_ends_where_the_whole_run_
     assert b[2]["downlink_payload_bytes"] < full / 2
     assert [r["downlink_payload_bytes"] for r in a[3:]] == [r["downlink_payload_bytes"] for r in b[3:]]
     np.testing.assert_array_equal(Checkpoint.load(whole).state["1.weight"], Checkpoint.load(stopped).state["1.weight"])
+
+
+# ---------------------------------------------------------------- item 6: replayed uploads
+
+
+def _replaying_app(sent: dict, partition: int = 1):
+    """The real ClientApp, but the client of ``partition`` sends its first reply's arrays again
+    in every later round (a replay: a valid upload, of another round)."""
+    from flwr.app import Message
+
+    from clients.client_app import app
+    from fedmask.protocol.instruction import TrainInstruction
+
+    def replaying(msg: Message, context) -> Message:
+        reply = app(msg, context)
+        instruction = TrainInstruction.from_flat(msg.content["config"])
+        if instruction.partition_id == partition and reply.has_content():
+            if "arrays" in sent:
+                reply.content["arrays"] = sent["arrays"]
+            else:
+                sent["arrays"] = reply.content["arrays"]
+        return reply
+
+    return replaying
+
+
+@pytest.mark.parametrize("settings", [{"uplink-codec": "packbits"}, {"uplink-codec": "entropy"},
+                                      {"uplink-codec": "relative-entropy"}, {"method": "qsgd"},
+                                      {"method": "laperm", "init": "kaiming-uniform"}])
+def test_an_upload_replayed_in_a_later_round_is_refused_whatever_the_codec(tmp_path, settings):
+    from engines.inprocess import InProcessGrid
+    from server.server_app import run_server
+
+    config = resolve({"dataset": "digits", "num-clients": 3, "clients-per-round": 3, "num-rounds": 3, **settings})
+    run_server(InProcessGrid(_replaying_app({}), 3), config, tmp_path / "run")
+    rows = _rounds(tmp_path / "run")
+    assert rows[0]["failures"] == 0 and rows[0]["clients"] == 3
+    for row in rows[1:]:
+        assert [(f["kind"], f["partition_id"]) for f in row["failure_details"]] == [("rejected", 1)]
+        assert "crc32" in row["failure_details"][0]["reason"] and row["clients"] == 2
+
+
+def test_another_clients_upload_is_refused():
+    """An upload bound to client 1 is refused as client 2's, in the same round."""
+    from fedmask.wire.frame import Layout, WireError
+    from fedmask.wire.masks import decode_masks, encode_masks
+
+    layout = Layout((("w", (40,)),))
+    masks = {"w": np.arange(40) % 3 == 0}
+    blob = encode_masks(masks, layout, b"12345678", "packbits", bind=(5, 1))
+    assert np.array_equal(decode_masks(blob, layout, b"12345678", bind=(5, 1))["w"], masks["w"])
+    with pytest.raises(WireError, match="another round or client"):
+        decode_masks(blob, layout, b"12345678", bind=(5, 2))

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from clients.client_app import app as client_app
-from clients.client_app import local_round
+from clients.local_round import local_round
+from engines.inprocess import InProcessGrid
 from fedmask import task
-from fedmask.codec import MaskCodecError, MaskLayout, decode_masks
 from fedmask.config import ConfigError, RunConfig, resolve
-from fedmask.downlink import encode_state
-from fedmask.instruction import TrainInstruction
-from fedmask.masking import frozen_weights, get_scores, to_masked
+from fedmask.core.masking import frozen_weights, get_scores, to_masked
+from fedmask.methods.edge_popup import TopK
+from fedmask.protocol.instruction import TrainInstruction
 from fedmask.recycling import (
     RecycleLog,
     apply_plan,
@@ -26,7 +26,9 @@ from fedmask.recycling import (
     recycle_plan,
     sync_frozen,
 )
-from server.inprocess_grid import InProcessGrid
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.masks import decode_masks
+from fedmask.wire.state import encode_state
 from server.server_app import run_server
 
 
@@ -37,11 +39,11 @@ def _config(method: str = "edge-popup", **extra) -> RunConfig:
 
 
 def _model(config: RunConfig) -> torch.nn.Module:
-    return task.make_model(config, task.splits_of(config), config.method_entry.mask_mode)
+    return task.make_model(config, task.splits_of(config), task.mode_of(config, config.method_entry.mask_mode))
 
 
 def _spec(config: RunConfig, model: torch.nn.Module) -> task.ModelSpec:
-    return task.ModelSpec.of(config, model, config.method_entry.mask_mode)
+    return task.ModelSpec.of(config, model, task.mode_of(config, config.method_entry.mask_mode))
 
 
 def test_plan_takes_lowest_and_highest_scores():
@@ -49,11 +51,11 @@ def test_plan_takes_lowest_and_highest_scores():
     plan = recycle_plan({"w": scores}, 0.2)  # 2 of 10 by |score|
     assert np.flatnonzero(plan["w/low"].ravel()).tolist() == [6, 9]  # |0.05|, |0.0|
     assert np.flatnonzero(plan["w/high"].ravel()).tolist() == [1, 7]  # |-3|, |-4|
-    check_plan(plan, MaskLayout((("w", (2, 5)),)))
+    check_plan(plan, Layout((("w", (2, 5)),)))
 
 
 def test_apply_copies_high_values_onto_low_weights_in_index_order():
-    model = to_masked(nn.Sequential(nn.Linear(5, 2, bias=False)), "topk", seed=1, init="kaiming-normal")
+    model = to_masked(nn.Sequential(nn.Linear(5, 2, bias=False)), TopK(), seed=1, init="kaiming-normal")
     before = frozen_weights(model)["0.weight"].clone().ravel()
     scores = np.array([[0.5, -3.0, 0.1, 2.0, -0.2], [1.0, 0.05, -4.0, 0.3, 0.0]], dtype=np.float32)
     apply_plan(model, recycle_plan({"0.weight": scores}, 0.2))
@@ -122,9 +124,9 @@ def test_tampered_log_is_refused_by_name():
     arrays = log.to_arrays()
     arrays["event-0"] = arrays["event-0"].copy()
     arrays["event-0"][-1] ^= 1
-    with pytest.raises(MaskCodecError, match="crc32"):
+    with pytest.raises(WireError, match="crc32"):
         sync_frozen(model, RecycleLog.from_arrays(arrays), spec.layout, spec.fingerprint, config.seed, config.init)
-    with pytest.raises(MaskCodecError, match="recycle log"):
+    with pytest.raises(WireError, match="recycle log"):
         RecycleLog.from_arrays({"rounds": np.array([1, 2])})
 
 

@@ -10,10 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedmask.aggregators import FedPMAggregator, prior_resets
 from fedmask.config import ConfigError, resolve
-from fedmask.masking import BernoulliMask, ScoreMask, check_batchnorm, score_masks, to_masked
-from fedmask.weights import derive_seed
+from fedmask.core.masking import check_batchnorm, score_masks, to_masked
+from fedmask.core.weights import derive_seed
+from fedmask.methods.base import MaskMode
+from fedmask.methods.biprop import Biprop, BipropScores
+from fedmask.methods.edge_popup import TopK
+from fedmask.methods.fedpm import BernoulliMask, BernoulliScores, FedPMAggregator, prior_resets
+from fedmask.methods.slot_machines import Slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,15 +35,15 @@ def test_fedpm_gradient_setting_reaches_the_model():
     config = resolve({"method": "fedpm", "fedpm-gradient": "reference"})
     from fedmask import task
 
-    model = task.make_model(config, task.splits_of(config), "bernoulli")
-    assert {m.fedpm_gradient for m in score_masks(model).values()} == {"reference"}
+    model = task.make_model(config, task.splits_of(config), task.mode_of(config, "bernoulli"))
+    assert {m.reference_gradient for m in score_masks(model).values()} == {True}
 
 
 def test_fedpm_eval_threshold_is_a_different_model_than_a_sample():
     """theta = [0.3, 0.7] in evaluation: 'threshold' is always the mask [0, 1]; 'sample'
     draws masks whose mean is theta (the reference evaluates one such draw)."""
     scores = torch.logit(torch.tensor([0.3, 0.7]))
-    threshold, sample = (ScoreMask(torch.Size([2]), "bernoulli", 0.5, how) for how in ("threshold", "sample"))
+    threshold, sample = (BernoulliScores(torch.zeros(2), how, False) for how in ("threshold", "sample"))
     for module in (threshold, sample):
         module.scores.data.copy_(scores)
         module.eval()
@@ -55,22 +59,22 @@ def test_fedpm_configs_do_not_claim_thresholding_is_the_same_model():
         assert "the same model without sampling noise" not in text and 'eval-mask = "sample"' in text, name
 
 
-def _tiny(mode: str, **kw) -> nn.Module:
-    return to_masked(nn.Sequential(nn.Linear(3, 2, bias=False)), mode, seed=7, **kw)
+def _tiny(mode: MaskMode, init: str) -> nn.Module:
+    return to_masked(nn.Sequential(nn.Linear(3, 2, bias=False)), mode, seed=7, init=init)
 
 
 def test_slot_machines_reference_candidates_and_scores():
     """Linear 3 -> 2: Glorot bound sqrt(6 / (3 + 2)); candidates U(-b, b) drawn from the seed,
     reference scores U(0, b)."""
     bound = math.sqrt(6 / 5)
-    model = _tiny("slots", init="glorot-uniform", slots=4, slot_score_init="reference")
+    model = _tiny(Slots(slots=4, score_init="reference"), init="glorot-uniform")
     module = score_masks(model)["0.weight"]
     generator = torch.Generator().manual_seed(derive_seed(7, "0.weight"))
     expected = torch.rand((4, 2, 3), generator=generator) * (2 * bound) - bound
     assert torch.equal(module.candidates, expected)
     scores = module.scores.detach()
     assert float(scores.min()) >= 0.0 and float(scores.max()) < bound
-    default = score_masks(_tiny("slots", init="kaiming-uniform", slots=4))["0.weight"]
+    default = score_masks(_tiny(Slots(slots=4), init="kaiming-uniform"))["0.weight"]
     assert float(default.candidates.abs().max()) <= math.sqrt(6 / 3)  # fedmask's: He uniform, fan_in only
     assert float(default.scores.min()) < 0.0
 
@@ -82,8 +86,7 @@ def test_biprop_score_gradient(how, expected):
     (fedmask) or, as chrundle/biprop computes it, (g * sign(w)) * |w| = g * w: its
     GetQuantnet_binary.backward returns the incoming gradient times |w|, and the incoming
     gradient carries sign(w) because SubnetConv multiplies the output by sign(w)."""
-    module = ScoreMask(torch.Size([4]), "biprop", 0.5, "threshold", biprop_gradient=how)
-    module.scores.data.copy_(torch.tensor([0.1, 0.9, 0.8, 0.2]))
+    module = BipropScores(torch.tensor([0.1, 0.9, 0.8, 0.2]), 0.5, how == "reference")
     used = module(torch.tensor([0.5, -2.0, 1.0, -0.1]))
     assert used.tolist() == pytest.approx([0.0, -1.5, 1.5, 0.0])
     used.sum().backward()
@@ -95,10 +98,10 @@ def test_biprop_scale_fan_divides_the_frozen_weights_as_the_reference_code_does(
     fraction of weights kept: at density 0.75 the std doubles (1 / sqrt(0.25)); density 1
     is refused (a division by zero there)."""
     from fedmask.config import ConfigError, resolve
-    from fedmask.masking import frozen_weights
+    from fedmask.core.masking import frozen_weights
 
-    plain = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.75))["0.weight"]
-    scaled = frozen_weights(_tiny("biprop", init="kaiming-normal", density=0.75, biprop_scale_fan=True))["0.weight"]
+    plain = frozen_weights(_tiny(Biprop(density=0.75), init="kaiming-normal"))["0.weight"]
+    scaled = frozen_weights(_tiny(Biprop(density=0.75, scale_fan=True), init="kaiming-normal"))["0.weight"]
     assert torch.allclose(scaled, plain * 2.0)
     with pytest.raises(ConfigError, match="biprop-scale-fan"):
         resolve({"method": "biprop", "biprop-scale-fan": True, "density": 1.0})
@@ -110,7 +113,7 @@ def test_batchnorm_running_keeps_statistics_and_federated_runs_refuse_it():
     the conv nets have no BatchNorm, so they accept it."""
     def model(how: str) -> nn.Module:
         net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
-        return to_masked(net, "topk", seed=0, init="kaiming-normal", batchnorm=how)
+        return to_masked(net, TopK(), seed=0, init="kaiming-normal", batchnorm=how)
 
     running, stateless = model("running"), model("stateless")
     x = torch.full((4, 1, 2, 2), 3.0)
@@ -141,7 +144,7 @@ def test_fedpm_prior_reset_rounds_by_rule():
 def test_fedpm_prior_reset_rule_changes_theta(rule, theta):
     """One weight, one client: round 1 keeps it, round 2 drops it. fedmask (period 3) still
     counts round 1: theta = 1/2; FL4Health resets before round 2: theta = 0, clamped to eps."""
-    aggregator = FedPMAggregator(resolve({"fedpm-prior-reset": 3, "fedpm-prior-reset-rule": rule}))
+    aggregator = FedPMAggregator.from_config(resolve({"fedpm-prior-reset": 3, "fedpm-prior-reset-rule": rule}))
     state = {"w": np.array([0.5], dtype=np.float32)}
     state = aggregator.aggregate(1, state, [{"w": np.array([True])}], [1.0])
     state = aggregator.aggregate(2, state, [{"w": np.array([False])}], [1.0])

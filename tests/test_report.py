@@ -24,8 +24,10 @@ def fake_run(path: Path, accuracy: list[float], uplink: list[int], **config) -> 
     path.mkdir(parents=True)
     resolved = resolve({"num-rounds": len(accuracy), **config})
     (path / "config.toml").write_text(tomli_w.dumps(resolved.to_dict()))
-    rows = [{"round": i + 1, "accuracy": a, "uplink_payload_bytes": u, "downlink_payload_bytes": 10 * u,
-             "uplink_bpp": u / 1000, "elapsed_s": float(i + 1)} for i, (a, u) in enumerate(zip(accuracy, uplink))]
+    rows = [{"round": i + 1, "accuracy": a, "loss": 1.0 - a, "clients": 3, "failures": 0, "num_params": 1000,
+             "uplink_payload_bytes": u, "uplink_message_bytes": u + 50, "downlink_payload_bytes": 10 * u,
+             "downlink_message_bytes": 10 * u + 50, "uplink_bpp": u / 1000, "downlink_bpp": u / 100,
+             "elapsed_s": float(i + 1)} for i, (a, u) in enumerate(zip(accuracy, uplink))]
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"rounds": len(rows), "wall_s": float(len(rows))}))
     return path

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fedmask import cli
-from fedmask.checkpoint import Checkpoint, config_digest
 from fedmask.config import load
+from fedmask.record.checkpoint import Checkpoint, config_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = 'dataset = "digits"\nnum-clients = 2\nclients-per-round = 2\nnum-rounds = 2\n'
@@ -152,11 +152,11 @@ def test_images_too_small_for_the_conv_model_exit_2(tmp_path, capsys, method):
 
 PLUGINS = {
     "syntax": "def broken(:\n",
-    "name": "from fedmask.aggregators import MaskAggregator\nundefined_name\n",
-    "init": ("from fedmask.aggregators import MaskAggregator\nclass P(MaskAggregator):\n"
+    "name": "from fedmask import MaskAggregator\nundefined_name\n",
+    "init": ("from fedmask import MaskAggregator\nclass P(MaskAggregator):\n"
              "    def __init__(self, config):\n        raise RuntimeError('no')\n"
              "    def aggregate(self, r, s, m, w):\n        return s\n"),
-    **{f"state-{kind}": ("import numpy as np\nfrom fedmask.aggregators import MaskAggregator\n"
+    **{f"state-{kind}": ("import numpy as np\nfrom fedmask import MaskAggregator\n"
                          "class P(MaskAggregator):\n    def initial_state(self, scores):\n"
                          f"        return {{k: {expr} for k, v in scores.items()}}\n"
                          "    def aggregate(self, r, s, m, w):\n        return s\n")
@@ -178,21 +178,22 @@ def test_a_broken_plugin_exits_2_naming_it(tmp_path, capsys, monkeypatch, kind):
 
 def test_aggregate_returning_bool_state_stops_naming_the_class():
     from fedmask import task
-    from fedmask.aggregators import FedPMAggregator
     from fedmask.config import resolve
-    from fedmask.ledger import Ledger
-    from fedmask.masking import get_scores
-    from server.strategies import MaskStrategy
+    from fedmask.core.masking import get_scores
+    from fedmask.methods.fedpm import FedPMAggregator
+    from fedmask.record.ledger import Ledger
+    from server.strategies import MaskStrategy, Start
 
     class BoolState(FedPMAggregator):
         def aggregate(self, server_round, state, masks, weights):
             return {k: v > 0.5 for k, v in state.items()}
 
     config = resolve({"num-clients": 2, "clients-per-round": 2})
-    model = task.make_model(config, task.splits_of(config), "bernoulli")
-    agg = BoolState(config)
-    strategy = MaskStrategy(config, Ledger(), agg, task.ModelSpec.of(config, model, "bernoulli"),
-                            agg.initial_state(get_scores(model)))
+    mode = task.mode_of(config, "bernoulli")
+    model = task.make_model(config, task.splits_of(config), mode)
+    agg = BoolState.from_config(config)
+    strategy = MaskStrategy(config, Ledger(), Start(agg.initial_state(get_scores(model))), agg, mode,
+                            task.ModelSpec.of(config, model, mode))
     with pytest.raises(ValueError, match="BoolState.aggregate returned bool"):
         strategy._check_state(agg.aggregate(1, strategy.state, [], []))
 

@@ -1,6 +1,6 @@
 """Tests for issue 11 (scale): the fast Bernoulli sample, closed-form code lengths and the
-lengths measured while decoding, streaming aggregation (fold/finish) against batch
-aggregation, the per-client switch, the broadcast cache, and the batched engine against
+lengths measured while decoding, streaming aggregation (fold/finish) against the votes of
+the list, the per-client switch, the broadcast cache, and the batched engine against
 one client at a time."""
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedmask import codec, task
-from fedmask.aggregators import (
-    BipropAggregator,
-    EdgePopupAggregator,
-    FedPMAggregator,
-    MaskAggregator,
-    SlotMachineAggregator,
-)
+from fedmask import task
 from fedmask.api import check_engine, config_from
-from fedmask.codec import MaskLayout, code_lengths, decode_masks, encode_masks, mask_prior
 from fedmask.config import ConfigError, resolve
-from fedmask.instruction import TrainInstruction
-from fedmask.masking import bernoulli_sample, get_scores
+from fedmask.core.masking import get_scores
+from fedmask.methods.base import MaskAggregator
+from fedmask.methods.biprop import BipropAggregator
+from fedmask.methods.edge_popup import EdgePopupAggregator, TopK
+from fedmask.methods.fedpm import Bernoulli, FedPMAggregator, bernoulli_sample, fedpm_theta
+from fedmask.methods.slot_machines import SlotMachineAggregator
+from fedmask.methods.votes import VoteRule, robust_vote
+from fedmask.protocol.instruction import TrainInstruction
+from fedmask.protocol.placement import TRAINED_RECORD
+from fedmask.wire import masks as codec
+from fedmask.wire.frame import Layout
+from fedmask.wire.masks import code_lengths, decode_masks, encode_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"a.weight": (40, 30), "a.bias": (40,), "b.weight": (3, 7, 5)}
@@ -80,9 +82,9 @@ def test_lengths_measured_while_decoding_equal_code_lengths(mode):
     """decode_masks(..., lengths) reports the ideal and formula bits that the separate
     second pass (code_lengths) computes, for the mask it decodes."""
     rng = np.random.default_rng(2)
-    layout = MaskLayout.from_arrays({k: np.zeros(s) for k, s in SHAPES.items()})
+    layout = Layout.from_arrays({k: np.zeros(s) for k, s in SHAPES.items()})
     state = {k: rng.random(s).astype(np.float32) for k, s in SHAPES.items()}
-    prior = mask_prior(state, mode, 0.4)
+    prior = (Bernoulli() if mode == "bernoulli" else TopK(0.4)).prior(state)
     masks = {k: rng.random(s) < (state[k] if mode == "bernoulli" else 0.4) for k, s in SHAPES.items()}
     blob = encode_masks(masks, layout, b"12345678", "entropy", prior)
     lengths: dict[str, float] = {}
@@ -107,33 +109,67 @@ def _fold_finish(aggregator: MaskAggregator, state, masks, weights, server_round
 
 
 @pytest.mark.parametrize("rule", ["none", "trimmed", "median"])
-@pytest.mark.parametrize("cls", [FedPMAggregator, EdgePopupAggregator, BipropAggregator])
-def test_streaming_equals_batch_aggregation_bit_for_bit(cls, rule):
-    """fold each mask in order then finish gives exactly aggregate's arrays, two rounds running
-    (FedPM's prior carries over), for every robust rule."""
-    config = resolve({"robust-aggregation": rule, "trim-fraction": 0.2, "fedpm-prior-reset": 0})
+@pytest.mark.parametrize("cls", [EdgePopupAggregator, BipropAggregator])
+def test_streamed_votes_equal_the_list_votes_bit_for_bit(cls, rule):
+    """Folding each mask in order then finishing gives exactly robust_vote's votes of the
+    whole list (the function plug-ins use), and the state is the rule's replay of them, two
+    rounds running, for every robust rule."""
+    config = resolve({"robust-aggregation": rule, "trim-fraction": 0.2})
     rng = np.random.default_rng(3)
     weights = [float(w) for w in rng.integers(1, 100, 9)]
-    batch, stream = cls(config), cls(config)
+    stream = cls.from_config(config)
     state = {k: rng.random(s).astype(np.float32) for k, s in SHAPES.items()}
     for server_round in (1, 2):
         masks = _masks(9, server_round)
-        expected = batch.aggregate(server_round, state, masks, weights)
+        votes = robust_vote(masks, weights, VoteRule.from_config(config))
         got = _fold_finish(stream, state, masks, weights, server_round)
-        assert all(np.array_equal(expected[k], got[k]) and expected[k].dtype == got[k].dtype for k in expected)
-        state = expected
+        assert got.clients == 9 and all(np.array_equal(votes[k], got.votes[k]) for k in votes)
+        expected = stream.replay(state, votes, 9)
+        assert all(np.array_equal(expected[k], got.state[k]) and got.state[k].dtype == np.float32 for k in expected)
+        state = got.state
 
 
-def test_streaming_slot_machines_equals_batch():
-    """Slot Machines' per-candidate counts stream too: equal to aggregate bit for bit."""
+@pytest.mark.parametrize("rule", ["none", "trimmed", "median"])
+def test_streamed_fedpm_counts_equal_the_list_and_the_prior_carries_over(rule):
+    """FedPM folds unweighted counts of ones: finish's votes are robust_vote's shares of the
+    list (every client weighing 1) times the clients, and with the prior never reset
+    (fedpm-prior-reset 0) round 2's theta is the posterior mode of both rounds' counts."""
+    config = resolve({"robust-aggregation": rule, "trim-fraction": 0.2, "fedpm-prior-reset": 0})
+    rng = np.random.default_rng(3)
+    weights = [float(w) for w in rng.integers(1, 100, 9)]
+    stream = FedPMAggregator.from_config(config)
+    state = {k: rng.random(s).astype(np.float32) for k, s in SHAPES.items()}
+    ones = {k: np.zeros(s) for k, s in SHAPES.items()}
+    for server_round in (1, 2):
+        masks = _masks(9, server_round)
+        shares = robust_vote(masks, [1.0] * 9, VoteRule.from_config(config))
+        got = _fold_finish(stream, state, masks, weights, server_round)
+        assert got.clients == 9 and all(np.array_equal(shares[k] * 9, got.votes[k]) for k in shares)
+        for k in ones:
+            ones[k] = ones[k] + shares[k] * 9
+            expected = fedpm_theta(ones[k], 9 * server_round - ones[k], config.fedpm_eps)
+            assert np.array_equal(expected, got.state[k]) and got.state[k].dtype == np.float32
+        state = got.state
+
+
+def test_streaming_slot_machines_counts_every_candidate():
+    """Slot Machines stream per-candidate votes: finish's votes are the clients' weighted
+    histogram of choices (the share choosing each candidate, summed in client order), bit
+    for bit, and the state is the rule's replay of them."""
     config = resolve({"method": "slot-machines", "slots": 5, "init": "kaiming-uniform"})
     rng = np.random.default_rng(4)
     state = {k: rng.standard_normal((5, *s)).astype(np.float32) for k, s in SHAPES.items()}
     choices = [{k: rng.integers(0, 5, s).astype(np.uint8) for k, s in SHAPES.items()} for _ in range(6)]
     weights = [3.0, 1.0, 2.0, 5.0, 1.0, 1.0]
-    expected = SlotMachineAggregator(config).aggregate(1, state, choices, weights)
-    got = _fold_finish(SlotMachineAggregator(config), state, choices, weights)
-    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    aggregator = SlotMachineAggregator.from_config(config)
+    got = _fold_finish(aggregator, state, choices, weights)
+    for k, shape in SHAPES.items():
+        histogram = np.zeros((5, *shape))
+        for choice, weight in zip(choices, weights):
+            histogram += (np.arange(5).reshape(-1, *[1] * len(shape)) == choice[k][None]) * weight
+        assert np.array_equal(histogram / sum(weights), got.votes[k])
+    expected = aggregator.replay(state, got.votes, len(choices))
+    assert all(np.array_equal(expected[k], got.state[k]) for k in expected)
 
 
 def test_plugin_with_only_aggregate_gets_the_masks_through_the_default_fold():
@@ -156,7 +192,7 @@ def test_plugin_with_only_aggregate_gets_the_masks_through_the_default_fold():
 def test_finish_without_fold_is_a_clear_error():
     """A built-in rule asked to finish a round with nothing folded says so."""
     with pytest.raises(ValueError, match="nothing was folded"):
-        FedPMAggregator(resolve({})).finish(1, {})
+        FedPMAggregator.from_config(resolve({})).finish(1, {})
 
 
 # ------------------------------------------------------------------ run-level switches and caches
@@ -173,15 +209,16 @@ def test_per_client_false_keeps_rounds_small(tmp_path):
 def test_broadcast_is_decoded_once_per_distinct_arrays():
     """Equal broadcast bytes in new array objects hit the cache (the same Broadcast object);
     other bytes decode anew."""
-    from clients.client_app import _model_for, broadcast_of
+    from clients.received import broadcast_of, model_for
 
     config = resolve({})
-    _, spec = _model_for(config, "bernoulli")
+    mode = task.mode_of(config, "bernoulli")
+    _, spec = model_for(config, "bernoulli")
     rng = np.random.default_rng(6)
     state = {name: rng.random(shape).astype(np.float32) for name, shape in spec.layout.shapes}
-    first = broadcast_of(config, "bernoulli", spec, state)
-    again = broadcast_of(config, "bernoulli", spec, {k: v.copy() for k, v in state.items()})
-    other = broadcast_of(config, "bernoulli", spec, {k: v * 0.5 for k, v in state.items()})
+    first = broadcast_of(config, mode, spec, state)
+    again = broadcast_of(config, mode, spec, {k: v.copy() for k, v in state.items()})
+    other = broadcast_of(config, mode, spec, {k: v * 0.5 for k, v in state.items()})
     assert again is first and other is not first
     assert np.allclose(first.scores[spec.layout.shapes[0][0]],
                        np.log(state[spec.layout.shapes[0][0]] / (1 - state[spec.layout.shapes[0][0]])), atol=1e-4)
@@ -190,7 +227,7 @@ def test_broadcast_is_decoded_once_per_distinct_arrays():
 def test_arrays_key_is_equal_only_for_the_same_names_dtypes_shapes_and_bytes():
     """ArraysKey hashes a sample of the bytes but compares all of them: a change in one byte the
     sample skips, a -0.0 for a 0.0, another dtype, shape or name each make a different key."""
-    from clients.client_app import _SAMPLE_STRIDE, ArraysKey
+    from clients.received import _SAMPLE_STRIDE, ArraysKey
 
     rng = np.random.default_rng(3)
     arrays = {"b": rng.random((300, 50)).astype(np.float32), "a": np.zeros(7, np.float32)}
@@ -226,8 +263,9 @@ def _round_uploads(grid_cls, config, pids):
     from server.strategies import state_record
 
     method = config.method_entry
-    model = task.make_model(config, task.splits_of(config), method.mask_mode)
-    spec = task.ModelSpec.of(config, model, method.mask_mode)
+    mode = task.mode_of(config, method.mask_mode)
+    model = task.make_model(config, task.splits_of(config), mode)
+    spec = task.ModelSpec.of(config, model, mode)
     state = method.make_aggregator(config).initial_state(get_scores(model))
     grid = grid_cls(app, config.num_clients)
     record = state_record(state)
@@ -236,8 +274,9 @@ def _round_uploads(grid_cls, config, pids):
         message_type=MessageType.TRAIN, group_id="1") for pid in pids]
     replies = list(grid.pull_messages(list(grid.push_messages(messages))))
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
-    prior = mask_prior(state, method.mask_mode, config.density)
-    return [(decode_masks(r.content.array_records["arrays"]["mask"].numpy(), spec.upload, spec.fingerprint, prior),
+    prior = mode.prior(state)
+    return [(decode_masks(r.content.array_records["arrays"]["mask"].numpy(), spec.upload, spec.fingerprint, prior,
+                          bind=(1, int(r.content.config_records[TRAINED_RECORD]["partition-id"]))),
              dict(r.content.metric_records["metrics"])) for r in replies]
 
 
@@ -251,8 +290,8 @@ def test_batched_clients_match_one_at_a_time(method, optimizer):
     one-at-a-time engine's on at least 99.9% of entries (same seeds), and so do the metrics;
     the clients' partitions have different sizes (Dirichlet), so batches are ragged. Adam, and
     SGD with and without momentum (the fused kernels' three paths)."""
-    from server.batched_grid import BatchedGrid
-    from server.inprocess_grid import InProcessGrid
+    from engines.batched import BatchedGrid
+    from engines.inprocess import InProcessGrid
 
     config = config_from({"method": method, **optimizer, "num-clients": 12, "partitioner": "dirichlet",
                           "local-epochs": 2, "batch-size": 16, "model": "mlp", "downlink-codec": "float32"})
@@ -332,7 +371,7 @@ def test_fused_kernels_take_floating_point_tensors_only():
     """optimizers.fusable: floating-point CPU tensors of one dtype yes; an empty list, an integer
     tensor or a float32/float64 mix (which torch.optim would split into two kernel calls) no; and
     both optimizers refuse what fusable refuses."""
-    from fedmask.optimizers import FusedAdam, FusedSGD, fusable
+    from fedmask.core.optimizers import FusedAdam, FusedSGD, fusable
 
     assert fusable([torch.zeros(3), torch.zeros(2, 2)])
     assert fusable([torch.zeros(3, dtype=torch.float64)])
@@ -348,7 +387,7 @@ def test_fused_optimizers_give_torch_optims_bits(kind):
     """Three steps of FusedAdam equal torch.optim.Adam(fused=True), and of FusedSGD
     torch.optim.SGD(fused=True) with momentum, bit for bit (weight decay on; one tensor without
     a gradient in the second step stays where it is, as in torch)."""
-    from fedmask.optimizers import FusedAdam, FusedSGD
+    from fedmask.core.optimizers import FusedAdam, FusedSGD
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(7, 5, generator=gen), torch.randn(5, generator=gen)]
@@ -386,8 +425,9 @@ from fedmask.config import resolve
 for optimizer in ("adam", "sgd"):
     config = resolve({"method": "fedpm", "optimizer": optimizer})
     splits = task.splits_of(config)
-    model = task.make_model(config, splits, "bernoulli")
-    task.train(model, splits.x_train[:40], splits.y_train[:40], config, torch.device("cpu"), seed=1)
+    mode = task.mode_of(config, "bernoulli")
+    model = task.make_model(config, splits, mode)
+    task.train(model, splits.x_train[:40], splits.y_train[:40], config, torch.device("cpu"), seed=1, mode=mode)
 print("torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

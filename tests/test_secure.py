@@ -11,8 +11,9 @@ import pytest
 
 from clients.client_app import app as plain_app
 from clients.secure_client_app import app as secure_app
+from engines.inprocess import InProcessGrid
 from fedmask.config import ConfigError, resolve
-from server.inprocess_grid import InProcessGrid
+from fedmask.methods.fedpm import FedPMAggregator
 from server.secure import SecureFedPM
 from server.server_app import run_server
 
@@ -81,7 +82,8 @@ class _JoiningClientManager:
 
 def _secure_strategy() -> SecureFedPM:
     config = resolve({**SMALL, "secure-aggregation": True})
-    return SecureFedPM(config, {"w": np.zeros(3, dtype=np.float32)}, lambda *args: (0.0, 0.0))
+    return SecureFedPM(config, {"w": np.zeros(3, dtype=np.float32)}, FedPMAggregator.from_config(config),
+                       lambda *args: (0.0, 0.0))
 
 
 def test_secure_configure_fit_waits_for_every_node_and_sends_each_partition_to_its_own():

@@ -12,41 +12,31 @@ import torch
 from torch import nn
 
 from clients.client_app import app as client_app
-from fedmask.aggregators import SlotMachineAggregator
-from fedmask.codec import (
-    HEADER_BYTES,
-    SECTION_BYTES,
-    MaskCodecError,
-    MaskLayout,
+from engines.inprocess import InProcessGrid
+from fedmask.config import ConfigError, load, resolve
+from fedmask.core.masking import frozen_weights, get_scores, score_masks, set_scores, to_masked
+from fedmask.methods import get_method
+from fedmask.methods.slot_machines import (
+    SlotMachineAggregator,
+    Slots,
     choices_to_planes,
-    decode_masks,
-    encode_masks,
-    mask_prior,
     planes_to_choices,
     slot_bits,
-    upload_layout,
-)
-from fedmask.config import ConfigError, load, resolve
-from fedmask.masking import (
-    current_choices,
-    frozen_weights,
-    get_scores,
-    score_masks,
-    set_scores,
     slot_index,
-    to_masked,
-    upload_arrays,
 )
-from fedmask.methods import get_method
-from server.inprocess_grid import InProcessGrid
+from fedmask.wire.frame import Layout, WireError
+from fedmask.wire.masks import HEADER_BYTES, SECTION_BYTES, decode_masks, encode_masks
 from server.server_app import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _mode(slots: int = 8, selection: str = "greedy") -> Slots:
+    return Slots(slots=slots, selection=selection, eval_mask="threshold")
+
+
 def _layer(seed: int = 0, slots: int = 8, selection: str = "greedy") -> nn.Module:
-    return to_masked(nn.Sequential(nn.Linear(6, 4)), "slots", seed=seed, init="kaiming-uniform",
-                     slots=slots, slot_selection=selection, eval_mask="threshold")
+    return to_masked(nn.Sequential(nn.Linear(6, 4)), _mode(slots, selection), seed=seed, init="kaiming-uniform")
 
 
 def test_forward_uses_the_best_scored_candidate():
@@ -56,7 +46,7 @@ def test_forward_uses_the_best_scored_candidate():
     index = slot.scores.detach().argmax(dim=0)
     expected = slot.candidates.gather(0, index.unsqueeze(0)).squeeze(0)
     assert torch.equal(model[0].weight, expected)
-    assert np.array_equal(current_choices(model)["0.weight"], index.numpy())
+    assert np.array_equal(_mode().choices(model)["0.weight"], index.numpy())
 
 
 def test_candidates_are_distinct_seeded_values():
@@ -97,11 +87,13 @@ def test_probabilistic_choice_follows_the_softmax():
 
 
 def test_probabilistic_sampling_is_seeded():
+    mode = _mode(selection="probabilistic")
     model = _layer(selection="probabilistic")
     torch.manual_seed(11)
-    first = upload_arrays(model)["0.weight"]
+    first = mode.upload(model)
     torch.manual_seed(11)
-    assert np.array_equal(first, upload_arrays(model)["0.weight"])
+    again = mode.upload(model)
+    assert set(first) == set(again) and all(np.array_equal(first[k], again[k]) for k in first)
 
 
 @pytest.mark.parametrize("slots", [2, 3, 8, 13, 64])
@@ -110,11 +102,11 @@ def test_choices_round_trip_through_both_codecs(slots):
     model = _layer(slots=slots)
     rng = np.random.default_rng(slots)
     set_scores(model, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_scores(model).items()})
-    layout = MaskLayout.from_arrays(get_scores(model))
-    uplayout = upload_layout(layout, "slots")
+    layout = Layout.from_arrays(get_scores(model))
+    uplayout = _mode(slots).upload_layout(layout)
     assert uplayout.num_params == slot_bits(slots) * (24 + 4)
-    choices = current_choices(model)
-    prior = mask_prior(get_scores(model), "slots", 0.5)
+    choices = _mode(slots).choices(model)
+    prior = _mode(slots).prior(get_scores(model))
     for codec in ("packbits", "entropy"):
         blob = encode_masks(choices_to_planes(choices, slots), uplayout, b"fp-slots", codec=codec, prior=prior)
         back = planes_to_choices(decode_masks(blob, uplayout, b"fp-slots", prior), layout)
@@ -126,18 +118,18 @@ def test_choices_round_trip_through_both_codecs(slots):
 def test_entropy_code_of_unchanged_choices_is_far_below_log2_k():
     """Choices equal to the broadcast's argmax cost almost nothing against the side prior."""
     state = {"w": np.random.default_rng(0).normal(size=(8, 300, 200)).astype(np.float32)}
-    layout = MaskLayout.from_arrays(state)
-    uplayout = upload_layout(layout, "slots")
+    layout = Layout.from_arrays(state)
+    uplayout = _mode().upload_layout(layout)
     choices = {"w": np.argmax(state["w"], axis=0).astype(np.uint8)}
-    prior = mask_prior(state, "slots", 0.5)
+    prior = _mode().prior(state)
     blob = encode_masks(choices_to_planes(choices, 8), uplayout, b"12345678", "entropy", prior)
     assert 8 * blob.size / 60_000 < 0.05
 
 
 def test_index_beyond_k_is_rejected():
-    layout = MaskLayout((("w", (5, 4)),))  # K = 5: three planes can spell 5, 6, 7
+    layout = Layout((("w", (5, 4)),))  # K = 5: three planes can spell 5, 6, 7
     planes = choices_to_planes({"w": np.array([0, 1, 4, 7])}, 5)
-    with pytest.raises(MaskCodecError, match="slot index"):
+    with pytest.raises(WireError, match="slot index"):
         planes_to_choices(planes, layout)
 
 

@@ -1,4 +1,4 @@
-"""Tests for fedmask.weights and fedmask.masking: seeded frozen weights, masks, gradients."""
+"""Tests for fedmask.core.weights and fedmask.core.masking: seeded frozen weights, masks, gradients."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedmask.masking import current_masks, frozen_weights, get_scores, score_masks, set_scores, to_masked
-from fedmask.models import build_model
-from fedmask.weights import derive_seed, fan_in, frozen_tensor
+from fedmask.core.masking import frozen_weights, get_scores, score_masks, set_scores, to_masked
+from fedmask.core.models import build_model
+from fedmask.core.weights import derive_seed, fan_in, frozen_tensor
+from fedmask.methods import mode_of as mode_class
+from fedmask.methods.base import MaskMode
+from fedmask.methods.edge_popup import TopK
+from fedmask.methods.fedpm import Bernoulli
+from fedmask.names import MASK_MODES
 
 
 def small_net() -> nn.Module:
@@ -28,8 +33,14 @@ def small_net() -> nn.Module:
     )
 
 
-def masked(mode="topk", seed=0, init="signed-kaiming-constant", model=None, **kw) -> nn.Module:
-    return to_masked(model if model is not None else small_net(), mode, seed=seed, init=init, **kw)
+def masked(mode: MaskMode | None = None, seed=0, init="signed-kaiming-constant", model=None) -> nn.Module:
+    """``small_net()`` (or ``model``) masked by ``mode`` (default: top-k at density 0.5)."""
+    return to_masked(model if model is not None else small_net(), mode or TopK(), seed=seed, init=init)
+
+
+def module_masks(model: nn.Module) -> dict[str, np.ndarray]:
+    """The mask each tensor's forward uses now (sampled or thresholded as the module's mode says)."""
+    return {name: module.mask().detach().cpu().numpy().astype(bool) for name, module in score_masks(model).items()}
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -135,7 +146,8 @@ def test_frozen_weights_regenerate_identically_in_another_process():
         import hashlib
         import torch
         from torch import nn
-        from fedmask.masking import frozen_weights, to_masked
+        from fedmask.core.masking import frozen_weights, to_masked
+        from fedmask.methods.edge_popup import TopK
         torch.manual_seed(12345)
         for init in ("signed-kaiming-constant", "kaiming-normal"):
             model = nn.Sequential(
@@ -143,7 +155,7 @@ def test_frozen_weights_regenerate_identically_in_another_process():
                 nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.ReLU(),
                 nn.Flatten(), nn.Linear(2 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
             )
-            to_masked(model, "topk", seed=3, init=init)
+            to_masked(model, TopK(), seed=3, init=init)
             digest = hashlib.sha256()
             for name, tensor in sorted(frozen_weights(model).items()):
                 digest.update(name.encode())
@@ -182,18 +194,18 @@ def test_only_scores_are_trainable_after_to_masked():
 def test_non_maskable_trainable_layer_is_refused(extra, culprit):
     """A trainable layer that masks cannot carry raises ValueError naming the tensor."""
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
-        to_masked(nn.Sequential(nn.Linear(3, 4), extra), "topk", seed=0)
+        to_masked(nn.Sequential(nn.Linear(3, 4), extra), TopK(), seed=0)
 
 
 def test_embedding_is_refused():
     """An Embedding (not Linear/Conv2d) is named in the ValueError."""
     with pytest.raises(ValueError, match=r"0\.weight"):
-        to_masked(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), "bernoulli", seed=0)
+        to_masked(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), Bernoulli(), seed=0)
 
 
 def test_batchnorm2d_becomes_stateless():
     """BatchNorm2d is swapped for a non-affine one without running statistics."""
-    model = to_masked(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), "topk", seed=0)
+    model = to_masked(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), TopK(), seed=0)
     bn = model[1]
     assert isinstance(bn, nn.BatchNorm2d)
     assert not bn.affine and not bn.track_running_stats
@@ -206,8 +218,9 @@ def test_batchnorm2d_becomes_stateless():
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.77, 1.0])
 def test_topk_keeps_round_density_n_largest_scores(density):
     """Top-k keeps exactly round(density*n) entries per tensor, the largest |score| ones."""
-    model = masked("topk", density=density, model=nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 12)))
-    masks, scores = current_masks(model), get_scores(model)
+    mode = TopK(density)
+    model = masked(mode, model=nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 12)))
+    masks, scores = mode.upload(model), get_scores(model)
     for name, mask in masks.items():
         magnitude = np.abs(scores[name])
         assert mask.dtype == bool and mask.shape == magnitude.shape
@@ -218,18 +231,19 @@ def test_topk_keeps_round_density_n_largest_scores(density):
 
 def test_topk_effective_weight_is_frozen_times_mask():
     """The layer's weight seen by forward is frozen * topk mask."""
-    model = masked("topk", density=0.3)
-    masks, frozen = current_masks(model), frozen_weights(model)
+    mode = TopK(0.3)
+    model = masked(mode)
+    masks, frozen = mode.upload(model), frozen_weights(model)
     for name in masks:
         mod_name, _, tensor_name = name.rpartition(".")
         effective = getattr(model.get_submodule(mod_name), tensor_name).detach()
         assert torch.equal(effective, frozen[name] * torch.as_tensor(masks[name]).float())
 
 
-def _linear_grads(mode: str):
+def _linear_grads(mode: MaskMode):
     """scores.grad of a tiny masked Linear and the dL/dW_eff computed on the effective weights."""
     torch.manual_seed(0)
-    layer = to_masked(nn.Linear(5, 3), mode, seed=4, density=0.5)
+    layer = to_masked(nn.Linear(5, 3), mode, seed=4)
     x, r = torch.randn(6, 5), torch.randn(6, 3)
     # loss linear in the output: dL/dW_eff = r^T x does not depend on the sampled mask
     (layer(x) * r).sum().backward()
@@ -241,7 +255,7 @@ def _linear_grads(mode: str):
 
 def test_topk_straight_through_gradient_reaches_scores():
     """topk: scores.grad == dL/dW_eff * W_frozen * sign(score) (straight-through over |score|)."""
-    layer, gw, gb = _linear_grads("topk")
+    layer, gw, gb = _linear_grads(TopK(0.5))
     pw = layer.parametrizations["weight"]
     pb = layer.parametrizations["bias"]
     expected_w = gw * pw.original * torch.sign(pw[0].scores.detach())
@@ -250,13 +264,13 @@ def test_topk_straight_through_gradient_reaches_scores():
     torch.testing.assert_close(pw[0].scores.grad, expected_w)
     torch.testing.assert_close(pb[0].scores.grad, expected_b)
     # dropped weights get gradient too (straight-through), not only the kept ones
-    dropped = ~torch.as_tensor(current_masks(layer)["weight"])
+    dropped = ~torch.as_tensor(TopK(0.5).upload(layer)["weight"])
     assert (pw[0].scores.grad[dropped] != 0).all()
 
 
 def test_bernoulli_straight_through_gradient_reaches_scores():
     """bernoulli: scores.grad == dL/dW_eff * W_frozen * sigmoid'(score)."""
-    layer, gw, _ = _linear_grads("bernoulli")
+    layer, gw, _ = _linear_grads(Bernoulli())
     pw = layer.parametrizations["weight"]
     s = torch.sigmoid(pw[0].scores.detach())
     torch.testing.assert_close(pw[0].scores.grad, gw * pw.original * s * (1 - s))
@@ -272,19 +286,19 @@ def _set_all_scores(model: nn.Module, value_fn) -> None:
 
 def test_bernoulli_samples_in_train_mode():
     """Train mode draws a fresh mask each forward: theta = 0.5 gives different outputs."""
-    model = masked("bernoulli", model=nn.Sequential(nn.Linear(64, 64)))
+    model = masked(Bernoulli(), model=nn.Sequential(nn.Linear(64, 64)))
     _set_all_scores(model, np.zeros_like)
     model.train()
     x = torch.randn(4, 64)
     assert not torch.equal(model(x), model(x))
-    m1, m2 = current_masks(model), current_masks(model)
+    m1, m2 = module_masks(model), module_masks(model)
     assert not np.array_equal(m1["0.weight"], m2["0.weight"])
     assert 0.4 < m1["0.weight"].mean() < 0.6
 
 
 def test_bernoulli_eval_threshold_is_deterministic_and_thresholds_theta():
     """Eval mode with eval_mask='threshold' uses sigmoid(scores) > 0.5, deterministically."""
-    model = masked("bernoulli", eval_mask="threshold", model=nn.Sequential(nn.Linear(32, 16)))
+    model = masked(Bernoulli(eval_mask="threshold"), model=nn.Sequential(nn.Linear(32, 16)))
     rng = np.random.default_rng(0)
     _set_all_scores(model, lambda v: rng.normal(size=v.shape))
     model.eval()
@@ -292,36 +306,39 @@ def test_bernoulli_eval_threshold_is_deterministic_and_thresholds_theta():
     assert torch.equal(model(x), model(x))
     scores, frozen = get_scores(model), frozen_weights(model)
     expected = 1 / (1 + np.exp(-scores["0.weight"])) > 0.5
-    assert np.array_equal(current_masks(model)["0.weight"], expected)
+    assert np.array_equal(module_masks(model)["0.weight"], expected)
     assert torch.equal(model[0].weight.detach(), frozen["0.weight"] * torch.as_tensor(expected).float())
-    assert np.array_equal(current_masks(model, sample=False)["0.weight"], expected)
+    theta = {name: 1 / (1 + np.exp(-value)) for name, value in scores.items()}
+    assert np.array_equal(Bernoulli().global_mask(theta)["0.weight"], expected)  # the state's mask is the same
 
 
 def test_bernoulli_eval_sample_samples_in_eval_mode():
     """eval_mask='sample' keeps sampling in eval mode."""
-    model = masked("bernoulli", eval_mask="sample", model=nn.Sequential(nn.Linear(64, 64)))
+    model = masked(Bernoulli(eval_mask="sample"), model=nn.Sequential(nn.Linear(64, 64)))
     _set_all_scores(model, np.zeros_like)
     model.eval()
     x = torch.randn(4, 64)
     assert not torch.equal(model(x), model(x))
 
 
-def test_current_masks_sample_flag_overrides_mode():
-    """current_masks(sample=True) samples even in eval-threshold mode; sample=False thresholds."""
-    model = masked("bernoulli", eval_mask="threshold", model=nn.Sequential(nn.Linear(64, 64)))
+def test_bernoulli_upload_samples_even_in_eval_threshold_mode():
+    """A FedPM upload is a fresh sample even in eval-threshold mode, where the forward thresholds."""
+    mode = Bernoulli(eval_mask="threshold")
+    model = masked(mode, model=nn.Sequential(nn.Linear(64, 64)))
     _set_all_scores(model, np.zeros_like)
     model.eval()
-    assert not current_masks(model, sample=False)["0.weight"].any()  # sigmoid(0) = 0.5 is not > 0.5
-    sampled = [current_masks(model, sample=True)["0.weight"] for _ in range(2)]
+    assert not module_masks(model)["0.weight"].any()  # sigmoid(0) = 0.5 is not > 0.5
+    sampled = [mode.upload(model)["0.weight"] for _ in range(2)]
     assert sampled[0].any() and not np.array_equal(*sampled)
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "dense"}, {"mode": "topk", "density": 0.0},
-                                    {"mode": "topk", "density": 1.5}, {"mode": "bernoulli", "eval_mask": "x"}])
-def test_bad_mask_settings_are_refused(kwargs):
+@pytest.mark.parametrize("make", [lambda: mode_class("dense")(), lambda: TopK(density=0.0), lambda: TopK(density=1.5),
+                                  lambda: Bernoulli(eval_mask="x")], ids=["dense", "density-0", "density-1.5",
+                                                                          "eval-mask-x"])
+def test_bad_mask_settings_are_refused(make):
     """Unknown mode, density outside (0, 1] and unknown eval_mask raise ValueError."""
     with pytest.raises(ValueError):
-        to_masked(nn.Sequential(nn.Linear(3, 2)), seed=0, **kwargs)
+        to_masked(nn.Sequential(nn.Linear(3, 2)), make(), seed=0)
 
 
 # ---------------------------------------------------------------- get/set scores
@@ -329,7 +346,7 @@ def test_bad_mask_settings_are_refused(kwargs):
 
 def test_set_get_scores_round_trip():
     """set_scores then get_scores returns the same arrays; get_scores returns copies."""
-    model = masked("topk")
+    model = masked(TopK())
     rng = np.random.default_rng(1)
     new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in get_scores(model).items()}
     set_scores(model, new)
@@ -344,7 +361,7 @@ def test_set_get_scores_round_trip():
 @pytest.mark.parametrize("change", ["missing", "extra", "renamed"])
 def test_set_scores_with_wrong_names_raises(change):
     """set_scores refuses a dict whose tensor names differ from the model's."""
-    model = masked("topk")
+    model = masked(TopK())
     scores = get_scores(model)
     name = sorted(scores)[0]
     if change == "missing":
@@ -359,7 +376,7 @@ def test_set_scores_with_wrong_names_raises(change):
 
 def test_set_scores_with_wrong_shape_raises():
     """set_scores refuses an array whose shape differs from the tensor's."""
-    model = to_masked(nn.Sequential(nn.Linear(4, 3)), "topk", seed=1)
+    model = to_masked(nn.Sequential(nn.Linear(4, 3)), TopK(), seed=1)
     with pytest.raises(ValueError):
         set_scores(model, {"0.weight": np.zeros(1, np.float32), "0.bias": np.zeros(3, np.float32)})
 
@@ -385,7 +402,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int):
 def test_conv_model_train_step_changes_scores_only():
     """conv2 converts; one SGD step changes the scores of every tensor and no frozen weight."""
     torch.manual_seed(0)
-    model = to_masked(build_model("conv2", (1, 8, 8), 10), "topk", seed=0)
+    model = to_masked(build_model("conv2", (1, 8, 8), 10), TopK(), seed=0)
     changed, before = _train_step(model, torch.randn(4, 1, 8, 8), 10)
     assert sorted(changed) == sorted(before)
 
@@ -395,7 +412,7 @@ def test_bernoulli_conv_with_batchnorm_train_step_changes_scores_only():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
-    model = to_masked(net, "bernoulli", seed=0)
+    model = to_masked(net, Bernoulli(), seed=0)
     changed, before = _train_step(model, torch.randn(8, 1, 6, 6), 5)
     assert sorted(changed) == sorted(before) == ["0.weight", "4.bias", "4.weight"]
 
@@ -406,7 +423,7 @@ def test_resnet18_converts_and_trains_scores_only():
     dense = build_model("resnet18", (3, 32, 32), 10)
     expected = sum(1 for m in dense.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                    for t in (m.weight, m.bias) if t is not None)
-    model = to_masked(dense, "topk", seed=0, density=0.5)
+    model = to_masked(dense, TopK(0.5), seed=0)
     assert len(score_masks(model)) == expected
     assert not any(isinstance(m, nn.BatchNorm2d) and (m.affine or m.track_running_stats)
                    for m in model.modules())
@@ -415,10 +432,19 @@ def test_resnet18_converts_and_trains_scores_only():
     assert len(changed) > 0.9 * len(before)
 
 
-def test_masking_docstring_names_every_mask_mode_without_a_wrong_count():
-    """The module docstring describes each of MASK_MODES and no longer says "two ways"."""
-    from fedmask import masking
+@pytest.mark.parametrize("name", MASK_MODES)
+def test_every_mask_mode_is_registered_and_masks_a_model(name):
+    """Each mask mode the config offers is registered under its name, built from a config,
+    and turns a model into one whose only trainable tensors are its scores, one per
+    Linear/Conv2d tensor, with an upload for each tensor of its upload layout."""
+    from fedmask import task
+    from fedmask.config import resolve
+    from fedmask.wire.frame import Layout
 
-    doc = masking.__doc__
-    assert all(f"``{mode}``" in doc for mode in masking.MASK_MODES)
-    assert "two ways" not in doc.lower()
+    mode = task.mode_of(resolve({}), name)
+    assert isinstance(mode, mode_class(name)) and mode.name == name
+    model = masked(mode, init="kaiming-uniform")
+    assert len(score_masks(model)) == 7
+    assert all(n.endswith(".scores") for n, p in model.named_parameters() if p.requires_grad)
+    upload = mode.upload(model)
+    assert sorted(upload) == mode.upload_layout(Layout.from_arrays(get_scores(model))).names

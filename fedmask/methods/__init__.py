@@ -121,7 +121,8 @@ def _dense(name: str, summary: str, keys: tuple[str, ...] = (), compressor: str 
 BUILTIN: Mapping[str, Method] = MappingProxyType({
     "fedpm": _mask("fedpm", "FedPM: Bernoulli masks, Bayesian (Beta posterior) aggregation; broadcasts theta",
                    Bernoulli, FedPMAggregator, ("fedpm-eps", "fedpm-prior-reset", "fedpm-prior-reset-rule",
-                                                "fedpm-gradient", "eval-mask", "secure-aggregation"),
+                                                "fedpm-gradient", "eval-mask", "secure-aggregation", "rec-block-bits",
+                                                "rec-extra-bits", "rec-debias"),
                    secure_aggregation=True),
     "edge-popup": _mask("edge-popup", "edge-popup: top-k masks over scores; votes move the global scores",
                         TopK, EdgePopupAggregator, _TOPK_KEYS),

@@ -43,7 +43,7 @@ from torch import nn
 from fedmask.core.masking import SeededTensor, set_scores
 from fedmask.names import MASK_ATTACKS
 from fedmask.wire.frame import Layout
-from fedmask.wire.masks import Prior, decode_masks, encode_masks
+from fedmask.wire.masks import BINARY_CODECS, Prior, decode_masks, encode_masks
 
 State = dict[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -170,6 +170,7 @@ class MaskMode(ABC):
     its parameters in each method's module."""
 
     name: ClassVar[str]
+    probabilistic: ClassVar[bool] = False  # uploads a sample of per-weight probabilities (relative-entropy coding)
     recyclable: ClassVar[bool] = False  # Iterative Weight Recycling applies (a top-k of scores)
     has_mask: ClassVar[bool] = True  # uploads are binary tensors (LaPerm's are ranks)
     batched: ClassVar[bool] = False  # the batched engine trains it (:meth:`batched_weight`)
@@ -183,6 +184,9 @@ class MaskMode(ABC):
     def restrictions(cls) -> dict[str, Restriction]:
         """What this mode cannot do, whichever rule (built-in or plug-in) aggregates it."""
         rules = {"attack": Restriction(MASK_ATTACKS, "a mask upload is bits: 'poison' scales dense updates")}
+        if not cls.probabilistic:
+            rules["uplink-codec"] = Restriction(BINARY_CODECS, "relative-entropy codes a sample of per-weight "
+                                                "probabilities: FedPM's Bernoulli masks")
         if not cls.recyclable:
             rules["recycle-every"] = Restriction((0,), "weight recycling ranks top-k scores: edge-popup, biprop")
         return rules
@@ -231,24 +235,26 @@ class MaskMode(ABC):
     # ------------------------------------------------------------ uploads
 
     @abstractmethod
-    def upload(self, model: nn.Module) -> Masks:
+    def upload(self, model: nn.Module, probabilities: bool = False) -> Masks:
         """What a client sends, before coding: a mask, a choice or an arrangement per tensor
-        (for a binary upload, the tensors of :meth:`upload_layout`)."""
+        (for a binary upload, the tensors of :meth:`upload_layout`); with ``probabilities``
+        (a probabilistic mode, relative-entropy coding), the probabilities it samples from."""
 
     def upload_layout(self, layout: Layout) -> Layout:
         """The tensors an upload carries, given the state's layout (the same, by default)."""
         return layout
 
     def encode_upload(self, upload: Masks, layout: Layout, fingerprint: bytes, codec: str, prior: Prior | None,
-                      rng: np.random.Generator) -> np.ndarray:
-        """The coded upload (``layout``: :meth:`upload_layout`'s)."""
-        return encode_masks(upload, layout, fingerprint, codec=codec, prior=prior)
+                      rng: np.random.Generator, bind: tuple[int, int] | None = None) -> np.ndarray:
+        """The coded upload (``layout``: :meth:`upload_layout`'s; ``bind``: its round and client)."""
+        return encode_masks(upload, layout, fingerprint, codec=codec, prior=prior, bind=bind)
 
     def decode_upload(self, blob: np.ndarray, layout: Layout, fingerprint: bytes, prior: Prior | None,
-                      codec: str, lengths: dict[str, float]) -> Masks:
-        """What the aggregation rule gets from a coded upload (``WireError`` when it is bad),
-        and in ``lengths`` its ideal and formula bits."""
-        return decode_masks(blob, layout, fingerprint, prior, lengths)
+                      codec: str, lengths: dict[str, float], bind: tuple[int, int] | None = None) -> Masks:
+        """What the aggregation rule gets from a coded upload (``WireError`` when it is bad,
+        or sent for another round or client than ``bind``), and in ``lengths`` its ideal and
+        formula bits."""
+        return decode_masks(blob, layout, fingerprint, prior, lengths, bind=bind)
 
     def votes(self, upload: Masks, state_layout: Layout) -> Masks:
         """What the aggregation rule gets from a decoded binary upload (the upload itself, by default)."""

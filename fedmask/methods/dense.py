@@ -149,20 +149,22 @@ class Compressed:
                    config["signsgd-server-lr"])
 
     def upload(self, local: State, broadcast: State, memory: State | None, layout: Layout, fingerprint: bytes,
-               rng: np.random.Generator) -> tuple[np.ndarray, State | None]:
+               rng: np.random.Generator, bind: tuple[int, int] | None = None) -> tuple[np.ndarray, State | None]:
         """The coded update ``local - broadcast`` (plus the error ``memory`` with error
-        feedback), and the memory to keep (None without error feedback)."""
+        feedback), bound to ``bind`` (round, client), and the memory to keep (None without
+        error feedback)."""
         delta = {k: local[k].astype(np.float32) - np.asarray(broadcast[k], dtype=np.float32) for k in local}
         feedback = ErrorFeedback(memory if self.error_feedback else None)
         corrected = feedback.add(delta)
-        blob, sent = compress(corrected, layout, fingerprint, self.compressor, rng, self.levels, self.fraction)
+        blob, sent = compress(corrected, layout, fingerprint, self.compressor, rng, self.levels, self.fraction, bind)
         if not self.error_feedback:
             return blob, None
         feedback.keep(corrected, sent)
         return blob, feedback.memory
 
-    def decode(self, blob: np.ndarray, layout: Layout, fingerprint: bytes) -> Update:
-        return decompress(blob, layout, fingerprint, self.compressor, self.levels)
+    def decode(self, blob: np.ndarray, layout: Layout, fingerprint: bytes,
+               bind: tuple[int, int] | None = None) -> Update:
+        return decompress(blob, layout, fingerprint, self.compressor, self.levels, bind)
 
     def aggregate(self, state: State, updates: list[Update], weights: list[float], rule: VoteRule = MEAN) -> State:
         return aggregate_updates(self.compressor, state, updates, weights, self.sign_lr, rule)

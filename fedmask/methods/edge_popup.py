@@ -92,7 +92,7 @@ class TopK(MaskMode):
         return state
 
     @torch.no_grad()
-    def upload(self, model: nn.Module) -> Masks:
+    def upload(self, model: nn.Module, probabilities: bool = False) -> Masks:
         return {name: module.mask().cpu().numpy().astype(bool) for name, module in score_masks(model).items()}
 
     def prior(self, state: State) -> Prior:

@@ -22,7 +22,8 @@ from fedmask.core.masking import MaskedTensor, SeededTensor, StraightThrough, sc
 from fedmask.methods.base import MaskMode, Masks, Settings, State, mask_mode
 from fedmask.methods.votes import VoteRule, Voting
 from fedmask.names import EVAL_MASKS, FEDPM_GRADIENTS, FEDPM_PRIOR_RESET_RULES
-from fedmask.wire.masks import Prior
+from fedmask.wire.frame import Layout
+from fedmask.wire.masks import Prior, encode_relative
 
 THETA_BINS = 32  # the lossless downlink's contexts: theta in 32 bins
 
@@ -95,8 +96,13 @@ class Bernoulli(MaskMode):
     """FedPM's mask: the state is theta; a client uploads one sample of its own theta."""
 
     name = "bernoulli"
+    probabilistic = True
     eval_mask: str = "threshold"  # evaluation: threshold theta at 0.5, or "sample" a mask
     gradient: str = "straight-through"  # or "reference": probs * grad, as FedPM's references
+    # uplink-codec = "relative-entropy": C bits of KL a block, t more bits of candidates, debiased means
+    block_bits: int = 8
+    extra_bits: int = 0
+    debias: bool = True
 
     def __post_init__(self) -> None:
         if self.eval_mask not in EVAL_MASKS:
@@ -106,7 +112,8 @@ class Bernoulli(MaskMode):
 
     @classmethod
     def from_config(cls, config: Settings) -> Bernoulli:
-        return cls(config["eval-mask"], config["fedpm-gradient"])
+        return cls(config["eval-mask"], config["fedpm-gradient"], config["rec-block-bits"], config["rec-extra-bits"],
+                   config["rec-debias"])
 
     @staticmethod
     def seed_state(scores: State) -> State:
@@ -120,10 +127,26 @@ class Bernoulli(MaskMode):
         return {k: logit(v) for k, v in state.items()}
 
     @torch.no_grad()
-    def upload(self, model: nn.Module) -> Masks:
-        """A fresh sample of every tensor's mask (torch's global generator, tensors in name order)."""
+    def upload(self, model: nn.Module, probabilities: bool = False) -> Masks:
+        """A fresh sample of every tensor's mask (torch's global generator, tensors in name
+        order), or with ``probabilities`` the client's theta, ``sigmoid(scores)``, which the
+        relative-entropy codec samples from with the server's shared randomness."""
+        if probabilities:
+            return {name: torch.sigmoid(module.scores.double()).cpu().numpy()
+                    for name, module in score_masks(model).items()}
         return {name: bernoulli_sample(torch.sigmoid(module.scores)).cpu().numpy().astype(bool)
                 for name, module in score_masks(model).items()}
+
+    def encode_upload(self, upload: Masks, layout: Layout, fingerprint: bytes, codec: str, prior: Prior | None,
+                      rng: np.random.Generator, bind: tuple[int, int] | None = None) -> np.ndarray:
+        """A sample coded as any mask, or (``relative-entropy``) ``upload``'s probabilities
+        coded as the index of a sample among candidates drawn from the broadcast theta."""
+        if codec != "relative-entropy":
+            return super().encode_upload(upload, layout, fingerprint, codec, prior, rng, bind)
+        if prior is None or bind is None:
+            raise ValueError("uplink-codec 'relative-entropy' needs the broadcast theta and the round and client")
+        return encode_relative(upload, layout, fingerprint, prior, bind, self.block_bits, self.extra_bits, self.debias,
+                               int(rng.integers(0, 2**63)))
 
     def prior(self, state: State) -> Prior:
         return {k: v.astype(np.float64) for k, v in state.items()}

@@ -234,16 +234,17 @@ class LaPerm(MaskMode):
     def after_training(self, model: nn.Module) -> None:
         rewire(model)  # what a client holds and uploads is a pure arrangement of the seed's values
 
-    def upload(self, model: nn.Module) -> Masks:
+    def upload(self, model: nn.Module, probabilities: bool = False) -> Masks:
         return arrangement(model)
 
     def encode_upload(self, upload: Masks, layout: Layout, fingerprint: bytes, codec: str, prior: Prior | None,
-                      rng: np.random.Generator) -> np.ndarray:
-        return encode_ranks(upload, layout, fingerprint, codec=codec, prior=prior, step=self.rank_step, rng=rng)
+                      rng: np.random.Generator, bind: tuple[int, int] | None = None) -> np.ndarray:
+        return encode_ranks(upload, layout, fingerprint, codec=codec, prior=prior, step=self.rank_step, rng=rng,
+                            bind=bind)
 
     def decode_upload(self, blob: np.ndarray, layout: Layout, fingerprint: bytes, prior: Prior | None,
-                      codec: str, lengths: dict[str, float]) -> Masks:
-        ranks = decode_ranks(blob, layout, fingerprint, prior, self.rank_step)
+                      codec: str, lengths: dict[str, float], bind: tuple[int, int] | None = None) -> Masks:
+        ranks = decode_ranks(blob, layout, fingerprint, prior, self.rank_step, bind)
         lengths.update(code_lengths(ranks, layout, codec, prior, self.rank_step))
         return ranks
 

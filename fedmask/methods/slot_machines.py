@@ -157,7 +157,7 @@ class Slots(MaskMode):
             out[name] = slot_index(module.scores, sampling).cpu().numpy().astype(np.uint8)
         return out
 
-    def upload(self, model: nn.Module) -> Masks:
+    def upload(self, model: nn.Module, probabilities: bool = False) -> Masks:
         return choices_to_planes(self.choices(model, sample=True), self.slots)
 
     def upload_layout(self, layout: Layout) -> Layout:

@@ -157,9 +157,10 @@ class Voting(MaskAggregator):
         self.sums = None
 
     def aggregate(self, server_round: int, state: State, masks: list[Masks], weights: list[float]) -> State:
-        """The same votes from a list (what a plain loop calls)."""
+        """The same votes from a list (what a plain loop calls); weights whose sum would
+        overflow are scaled first (the server refuses such weights before they are folded)."""
         self.discard()
-        for mask, weight in zip(masks, weights):
+        for mask, weight in zip(masks, relative(weights)):
             self.fold(server_round, state, mask, weight)
         return self.finish(server_round, state).state
 

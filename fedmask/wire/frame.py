@@ -125,6 +125,12 @@ class Frame:
             raise self.error("crc32", f"{crc:08x}", f"{got:08x} ({why})")
 
 
+def bound(seed: int, bind: tuple[int, int] | None) -> int:
+    """A CRC seed bound to one (round, client): an upload checked against another round or
+    client (a replayed upload, another client's) is refused, whatever its codec."""
+    return seed if bind is None else zlib.crc32(struct.pack("<qq", *bind), seed)
+
+
 def blob_bytes(blob: object, frame: Frame) -> bytes:
     """The bytes of a strict upload: a 1-D uint8 numpy array at least a header long."""
     if not isinstance(blob, np.ndarray):

@@ -49,12 +49,14 @@ from typing import Any
 
 import numpy as np
 
+from fedmask.wire import relative
 from fedmask.wire.frame import (
     Frame,
     Layout,
     Reader,
     bernoulli,
     blob_bytes,
+    bound,
     categorical,
     coded_bytes,
     decoding,
@@ -66,7 +68,9 @@ FORMAT_VERSION = 3  # 2: side sections coded per group of equal prior values; 3:
 READABLE_FORMATS = (2, 3)
 CODEC_PACKBITS = 1
 CODEC_ENTROPY = 2
-CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY}
+CODEC_RELATIVE = 3  # the sample's index among shared candidates (fedmask.wire.relative)
+CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY, "relative-entropy": CODEC_RELATIVE}
+BINARY_CODECS = ("packbits", "entropy")  # the codecs of a given mask (relative-entropy codes probabilities)
 MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY = 0, 1, 2
 _SECTION = struct.Struct("<BII")
 SIDE_GROUPS_MAX = 4096  # more distinct prior values: the side model codes bit by bit
@@ -82,20 +86,20 @@ FRAME = Frame("mask", b"FMSK", UPLOAD_FIELDS)
 HEADER_BYTES = FRAME.size
 
 
-def read_upload_header(frame: Frame, blob: object, layout: Layout, fingerprint: bytes,
-                       versions: tuple[int, ...]) -> tuple[dict[str, Any], bytes]:
+def read_upload_header(frame: Frame, blob: object, layout: Layout, fingerprint: bytes, versions: tuple[int, ...],
+                       codecs: tuple[str, ...] = BINARY_CODECS) -> tuple[dict[str, Any], bytes]:
     """The header's fields and the whole upload's bytes, after checking everything in the
     header: a 1-D uint8 array at least a header long, the magic, a format version of
-    ``versions``, the codec (packbits or entropy), a zero reserved field, the layout's count
-    and the fingerprint. Shared by every upload in this header (masks here, LaPerm's ranks)."""
+    ``versions``, one of ``codecs``, a zero reserved field, the layout's count and the
+    fingerprint. Shared by every upload in this header (masks here, LaPerm's ranks)."""
     raw = blob_bytes(blob, frame)
     fields, _ = frame.read(raw)
     if fields["magic"] != frame.magic:
         raise frame.error("magic", frame.magic, fields["magic"])
     if fields["format version"] not in versions:
         raise frame.error("format version", " or ".join(map(str, versions)), fields["format version"])
-    if fields["codec"] not in CODECS.values():
-        raise frame.error("codec", "1 (packbits) or 2 (entropy)", fields["codec"])
+    if fields["codec"] not in [CODECS[name] for name in codecs]:
+        raise frame.error("codec", " or ".join(f"{CODECS[name]} ({name})" for name in codecs), fields["codec"])
     if fields["reserved"] != 0:
         raise frame.error("reserved", 0, fields["reserved"])
     if fields["bit count"] != layout.num_params:
@@ -106,15 +110,18 @@ def read_upload_header(frame: Frame, blob: object, layout: Layout, fingerprint: 
     return fields, raw
 
 
-def check_side_crc(frame: Frame, raw: bytes, side: str | None, digest: int | None, broadcast: str) -> None:
+def check_side_crc(frame: Frame, raw: bytes, side: str | None, digest: int | None, broadcast: str,
+                   bind: tuple[int, int] | None = None) -> None:
     """The payload's CRC32, seeded with the side information's ``digest`` when a section
-    (``side``, the first one) was coded against the broadcast: so a payload decoded against
-    another broadcast than it was coded for is refused. ``broadcast`` names what it is."""
+    (``side``, the first one) was coded against the broadcast, and bound to the upload's
+    (round, client): so a payload decoded against another broadcast than it was coded for,
+    or taken for another round's or client's, is refused. ``broadcast`` names what it is."""
     if side is not None and digest is None:
         raise frame.error(f"section '{side}' side information", broadcast, "none")
     seed = digest if side is not None and digest is not None else 0
-    frame.check_crc(raw, seed, "corrupted payload, or coded against another broadcast" if seed
-                    else "corrupted payload")
+    why = "corrupted payload" + (", or coded against another broadcast" if seed else "") + \
+        (", or sent for another round or client" if bind is not None else "")
+    frame.check_crc(raw, bound(seed, bind), why)
 
 
 Prior = dict[str, np.ndarray]
@@ -126,13 +133,14 @@ def encode_masks(
     fingerprint: bytes,
     codec: str = "packbits",
     prior: Prior | None = None,
+    bind: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The masks as a uint8 upload; ``prior`` (P(bit = 1) per weight, from the broadcast)
-    enables the side model."""
+    enables the side model; ``bind`` (round, client) ties the upload to them."""
     if sorted(masks) != layout.names:
         raise ValueError(f"masks: expected tensors {layout.names}, got {sorted(masks)}")
-    if codec not in CODECS:
-        raise ValueError(f"uplink-codec: expected one of {', '.join(CODECS)}, got {codec!r}")
+    if codec not in BINARY_CODECS:
+        raise ValueError(f"uplink-codec: expected one of {', '.join(BINARY_CODECS)} for a mask, got {codec!r}")
     bits = [np.asarray(masks[name], dtype=bool).ravel() for name in layout.names]
     if codec == "packbits":
         payload = np.packbits(np.concatenate(bits)).tobytes()
@@ -142,12 +150,61 @@ def encode_masks(
     uses_prior = codec == "entropy" and _first_side_section(payload, layout) is not None
     values = {"format version": FORMAT_VERSION, "codec": CODECS[codec], "reserved": 0,
               "bit count": layout.num_params, "fingerprint": fingerprint}
-    return FRAME.pack(values, payload, _prior_digest(prior, layout) if uses_prior else 0)
+    return FRAME.pack(values, payload, bound(_prior_digest(prior, layout) if uses_prior else 0, bind))
+
+
+def encode_relative(q: dict[str, np.ndarray], layout: Layout, fingerprint: bytes, prior: Prior,
+                    bind: tuple[int, int], block_bits: int = 8, extra_bits: int = 0, debias: bool = True,
+                    private_seed: int = 0) -> np.ndarray:
+    """Probabilities ``q`` as a relative-entropy upload (codec 3, :mod:`fedmask.wire.relative`):
+    the index of a sample among candidates drawn from ``prior`` (theta) that both ends
+    regenerate from the run's fingerprint and ``bind`` (round, client)."""
+    if sorted(q) != layout.names:
+        raise ValueError(f"probabilities: expected tensors {layout.names}, got {sorted(q)}")
+    flat_q = np.concatenate([np.asarray(q[name], np.float64).ravel() for name in layout.names])
+    if not (np.isfinite(flat_q).all() and (flat_q >= 0).all() and (flat_q <= 1).all()):
+        raise ValueError("probabilities: expected finite values in [0, 1]")
+    payload, _, seed = relative.encode(flat_q, _flat_prior(prior, layout), _words(fingerprint, bind), block_bits,
+                                       extra_bits, debias, private_seed)
+    values = {"format version": FORMAT_VERSION, "codec": CODEC_RELATIVE, "reserved": 0,
+              "bit count": layout.num_params, "fingerprint": fingerprint}
+    return FRAME.pack(values, payload, seed)
+
+
+def _words(fingerprint: bytes, bind: tuple[int, int]) -> np.ndarray:
+    return relative.key_words((fingerprint, int(bind[0]), int(bind[1])))
+
+
+def _flat_prior(prior: Prior, layout: Layout) -> np.ndarray:
+    """theta in layout order, flat (float64); the frame's error when it does not fit the layout."""
+    for name, shape in layout.shapes:
+        if name not in prior or np.size(prior[name]) != math.prod(shape):
+            raise FRAME.error(f"side information '{name}'", f"{math.prod(shape)} values (the broadcast theta)",
+                              "none" if name not in prior else np.size(prior[name]))
+    return np.concatenate([np.asarray(prior[name], np.float64).ravel() for name in layout.names]) \
+        if layout.shapes else np.zeros(0)
+
+
+def _decode_relative(raw: bytes, layout: Layout, prior: Prior | None,
+                     bind: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    if prior is None or bind is None:
+        raise FRAME.error("relative-entropy upload", "the broadcast theta, the round and the client to decode it",
+                          "none")
+    theta = _flat_prior(prior, layout)
+    coder, indices = relative.read(raw[HEADER_BYTES:], theta, _words(raw[FRAME.slice("fingerprint")], bind), FRAME)
+    FRAME.check_crc(raw, coder.crc_seed(), "corrupted payload, or coded against another broadcast, round or client")
+    sample, out, start = relative.sample_of(coder, indices), {}, 0
+    for name, shape in layout.shapes:
+        size = math.prod(shape)
+        out[name] = sample[start : start + size].reshape(shape)
+        start += size
+    return out
 
 
 def decode_masks(
     blob: object, layout: Layout, fingerprint: bytes, prior: Prior | None = None,
     lengths: dict[str, float] | None = None, formats: tuple[int, ...] = (FORMAT_VERSION,),
+    bind: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The masks in ``blob``, or :class:`WireError` naming the first thing wrong.
 
@@ -161,7 +218,14 @@ def decode_masks(
     recycling log of an older checkpoint, checked by its digests) is read with
     :data:`READABLE_FORMATS`.
     """
-    fields, raw = read_upload_header(FRAME, blob, layout, fingerprint, formats)
+    fields, raw = read_upload_header(FRAME, blob, layout, fingerprint, formats, tuple(CODECS))
+    if fields["codec"] == CODEC_RELATIVE:
+        out = _decode_relative(raw, layout, prior, bind)
+        if lengths is not None:  # what was coded: the index stream (the KL it stands for is the client's)
+            ones = sum(int(np.count_nonzero(m)) for m in out.values())
+            lengths.update({"ideal_bits": 8.0 * (len(raw) - HEADER_BYTES),
+                            "formula_bits": _formula_bits(ones, layout.num_params)})
+        return out
     num_bits = layout.num_params
     packed_len = HEADER_BYTES + (num_bits + 7) // 8
     longest = packed_len + SECTION_BYTES * len(layout.shapes) + 64
@@ -172,7 +236,7 @@ def decode_masks(
     payload = raw[HEADER_BYTES:]
     side = _first_side_section(payload, layout) if fields["codec"] == CODEC_ENTROPY else None
     check_side_crc(FRAME, raw, side, None if prior is None or side is None else _prior_digest(prior, layout),
-                   "the last broadcast state")
+                   "the last broadcast state", bind)
     sections: list[tuple[str, int, int]] = []
     if fields["codec"] == CODEC_PACKBITS:
         bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=num_bits).astype(bool)

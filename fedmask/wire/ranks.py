@@ -21,7 +21,7 @@ from typing import Any
 import constriction
 import numpy as np
 
-from fedmask.wire.frame import Frame, Layout, Reader, coded_bytes, decoding, encoder
+from fedmask.wire.frame import Frame, Layout, Reader, bound, coded_bytes, decoding, encoder
 from fedmask.wire.masks import CODECS, UPLOAD_FIELDS, check_side_crc, read_upload_header
 
 FORMAT_VERSION = 1
@@ -127,7 +127,7 @@ def _prior_digest(prior: dict[str, np.ndarray], layout: Layout) -> int:
 
 def encode_ranks(ranks: dict[str, np.ndarray], layout: Layout, fingerprint: bytes, codec: str = "entropy",
                  prior: dict[str, np.ndarray] | None = None, step: int = 1,
-                 rng: np.random.Generator | None = None) -> np.ndarray:
+                 rng: np.random.Generator | None = None, bind: tuple[int, int] | None = None) -> np.ndarray:
     """A client's arrangement as a uint8 upload; ``prior`` (the broadcast ranks) enables the
     displacement model, without it every tensor is bit-packed (exact ranks). With ``step``
     > 1 (``laperm-rank-step``) displacement-coded tensors carry ``d / step`` stochastically
@@ -143,7 +143,8 @@ def encode_ranks(ranks: dict[str, np.ndarray], layout: Layout, fingerprint: byte
     uses_prior = _first_laplace_section(payload, layout) is not None
     values = {"format version": FORMAT_VERSION, "codec": CODECS[codec], "reserved": 0,
               "bit count": layout.num_params, "fingerprint": fingerprint}
-    return FRAME.pack(values, payload, _prior_digest(prior, layout) if uses_prior and prior is not None else 0)
+    return FRAME.pack(values, payload, bound(_prior_digest(prior, layout) if uses_prior and prior is not None else 0,
+                                             bind))
 
 
 def max_upload_bytes(layout: Layout) -> int:
@@ -163,8 +164,8 @@ def _first_laplace_section(payload: bytes, layout: Layout) -> str | None:
     return None
 
 
-def decode_ranks(blob: object, layout: Layout, fingerprint: bytes,
-                 prior: dict[str, np.ndarray] | None = None, step: int = 1) -> dict[str, np.ndarray]:
+def decode_ranks(blob: object, layout: Layout, fingerprint: bytes, prior: dict[str, np.ndarray] | None = None,
+                 step: int = 1, bind: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """The ranks in ``blob``, or :class:`~fedmask.wire.frame.WireError` naming the first field that is wrong.
 
     Refused: anything but a 1-D uint8 array, a wrong magic/format/codec/reserved field, bit
@@ -182,7 +183,7 @@ def decode_ranks(blob: object, layout: Layout, fingerprint: bytes,
     payload = raw[HEADER_BYTES:]
     side = _first_laplace_section(payload, layout)
     check_side_crc(FRAME, raw, side, None if prior is None or side is None else _prior_digest(prior, layout),
-                   "the broadcast ranks")
+                   "the broadcast ranks", bind)
     out, reader = {}, Reader(payload, FRAME)
     for name, shape in layout.shapes:
         model, got_step, scale, nbytes = reader.unpack(_SECTION, f"section '{name}'")

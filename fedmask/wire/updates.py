@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedmask.names import COMPRESSORS
-from fedmask.wire.frame import Frame, Layout, Reader, any_bytes, categorical, code_histogram, decoding
+from fedmask.wire.frame import Frame, Layout, Reader, any_bytes, bound, categorical, code_histogram, decoding
 
 _KIND = {name: i + 1 for i, name in enumerate(COMPRESSORS)}
 FORMAT_VERSION = 1
@@ -47,7 +47,8 @@ Update = dict[str, np.ndarray]
 
 
 def compress(update: Mapping[str, np.ndarray], layout: Layout, fingerprint: bytes, kind: str,
-             rng: np.random.Generator, levels: int = 4, fraction: float = 0.01) -> tuple[np.ndarray, Update]:
+             rng: np.random.Generator, levels: int = 4, fraction: float = 0.01,
+             bind: tuple[int, int] | None = None) -> tuple[np.ndarray, Update]:
     """The coded upload (uint8) and what the server will decode from it (float32 by tensor)."""
     if kind not in _KIND:
         raise ValueError(f"compressor: expected one of {', '.join(COMPRESSORS)}, got {kind!r}")
@@ -66,10 +67,11 @@ def compress(update: Mapping[str, np.ndarray], layout: Layout, fingerprint: byte
         decoded[name] = out.reshape(shape)
     header = {"format": FORMAT_VERSION, "kind": _KIND[kind], "reserved": 0, "fingerprint": fingerprint,
               "params": layout.num_params}
-    return FRAME.pack(header, b"".join(sections)), decoded
+    return FRAME.pack(header, b"".join(sections), bound(0, bind)), decoded
 
 
-def decompress(blob: np.ndarray, layout: Layout, fingerprint: bytes, kind: str, levels: int = 4) -> Update:
+def decompress(blob: np.ndarray, layout: Layout, fingerprint: bytes, kind: str, levels: int = 4,
+               bind: tuple[int, int] | None = None) -> Update:
     """The update a coded upload carries; raises :class:`~fedmask.wire.frame.WireError` naming what is wrong."""
     raw = any_bytes(blob)
     fields, payload = FRAME.read(raw)
@@ -82,7 +84,7 @@ def decompress(blob: np.ndarray, layout: Layout, fingerprint: bytes, kind: str, 
         raise FRAME.error("fingerprint", fingerprint.hex(), fields["fingerprint"].hex())
     if fields["params"] != layout.num_params:
         raise FRAME.error("params", layout.num_params, fields["params"])
-    FRAME.check_crc(raw, why="corrupted upload")
+    FRAME.check_crc(raw, bound(0, bind), "corrupted upload" + (", or sent for another round or client" if bind else ""))
     reader = _Fields(payload, FRAME)
     out = {}
     for name, shape in layout.shapes:

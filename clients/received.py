@@ -140,6 +140,25 @@ def _replay(config: RunConfig) -> downlink.Replay | None:
     return getattr(BUILTIN[config.method].make_aggregator(config), "replay", None)
 
 
+def _rebuild(config: RunConfig, mode: MaskMode, spec: task.ModelSpec) -> downlink.Rebuild | None:
+    """A round's state from its relayed uploads, aggregated as the server did (None: a plug-in)."""
+    if config.method not in BUILTIN or BUILTIN[config.method].aggregator is None:
+        return None
+    method = BUILTIN[config.method]
+
+    def rebuild(state: dict[str, np.ndarray], server_round: int,
+                uploads: list[tuple[int, float, bytes]]) -> dict[str, np.ndarray]:
+        aggregator = method.make_aggregator(config)  # a replayable rule holds no memory between rounds
+        prior = mode.prior(state)
+        for pid, weight, data in uploads:
+            upload = mode.decode_upload(np.frombuffer(data, np.uint8), spec.upload, spec.fingerprint, prior,
+                                        config.uplink_codec, {}, (server_round, pid))
+            aggregator.fold(server_round, state, mode.votes(upload, spec.layout), weight)
+        return aggregator.finish(server_round, state).state
+
+    return rebuild
+
+
 def _held_version(context: Context) -> tuple[int, bytes] | None:
     """(version, digest) of the state this node holds, read without loading the state."""
     if downlink.HELD_STATE not in context.state or downlink.HELD_META not in context.state:
@@ -191,7 +210,8 @@ def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: MaskMode, spec
     if found is not None and (sent.base is None or sent.base[0] == 0 or sent.base == _held_version(context)):
         return found
     got = downlink.receive(raw, spec.layout, spec.fingerprint, _held(context),
-                           lambda: _initial_state(config, mode.name), _replay(config), mode.vote_contexts)
+                           lambda: _initial_state(config, mode.name), _replay(config), mode.vote_contexts,
+                           _rebuild(config, mode, spec))
     for array in got.state.values():
         array.setflags(write=False)
     while len(_RECEIVED) >= _RECEIVED_KEPT:

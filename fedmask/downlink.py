@@ -62,16 +62,19 @@ from fedmask.wire.lossless import (
     STEP,
     STEP_STATE,
     STEP_STATE_ALONE,
+    STEP_UPLOADS,
     STEP_VOTES,
     Contexts,
     State,
     Step,
     decode_sections,
+    encode_relay,
     encode_state,
     encode_step,
     envelope,
     few_valued,
     full_blob,
+    read_relay,
     replay_blob,
     state_digest,
     value_contexts,
@@ -83,6 +86,8 @@ HELD_STATE, HELD_META = "downlink-held", "downlink-held-meta"  # in a node's con
 KEPT_STATES_BYTES = 256 * 2**20  # recent states the server keeps for jumps (at least one)
 
 Replay = Callable[[State, State, float], State]  # (state, the round's votes, clients) -> next state
+# (state, round, the round's uploads: (partition, weight, bytes)) -> the state the server made of them
+Rebuild = Callable[[State, int, list[tuple[int, float, bytes]]], State]
 VoteContexts = Callable[[State], Contexts]  # the contexts a state gives the next step's votes
 
 
@@ -99,13 +104,14 @@ class Held:
 
 
 def receive(blob: np.ndarray, layout: Layout, fingerprint: bytes, held: Held | None,
-            initial: Callable[[], State], replay: Replay | None, contexts: VoteContexts) -> Held:
+            initial: Callable[[], State], replay: Replay | None, contexts: VoteContexts,
+            rebuild: Rebuild | None = None) -> Held:
     """The server's state from a lossless broadcast, checked against its digest.
 
     ``held`` is what this node kept from its last broadcast (None: nothing); ``initial``
     regenerates the seed's state (version 0); ``replay`` is the method's update (None: a
-    plug-in, whose update a node cannot replay) and ``contexts`` what a state tells of the
-    next votes (the method's).
+    plug-in, whose update a node cannot replay), ``contexts`` what a state tells of the
+    next votes (the method's) and ``rebuild`` the round's state from its relayed uploads.
     """
     sent = envelope(blob, fingerprint)
     target = sent.target
@@ -118,12 +124,17 @@ def receive(blob: np.ndarray, layout: Layout, fingerprint: bytes, held: Held | N
             raise FRAME.error(f"step {index}", "a step header", "end of broadcast")
         version, digest, standalone, clients = STEP.unpack_from(sent.body, offset)
         state = None if current is None else current.state
-        if (standalone > STEP_STATE_ALONE or (standalone in (STEP_VOTES, STEP_STATE) and state is None)
+        if (standalone > STEP_UPLOADS or (standalone in (STEP_VOTES, STEP_STATE, STEP_UPLOADS) and state is None)
                 or not math.isfinite(clients)):
-            raise FRAME.error(f"step {index}", "standalone 0..3 (0 and 2 after a state), finite clients",
+            raise FRAME.error(f"step {index}", "standalone 0..4 (0, 2 and 4 after a state), finite clients",
                               (standalone, clients))
         if standalone in (STEP_STATE, STEP_STATE_ALONE):  # the state itself, no replay
             state, offset = _state_step(sent.body, offset + STEP.size, layout, state, standalone, index)
+        elif standalone == STEP_UPLOADS:  # the round's uploads: aggregated here as on the server
+            uploads, offset = read_relay(sent.body, offset + STEP.size)
+            if rebuild is None or state is None:
+                raise FRAME.error("relay", "a method whose uploads a node can aggregate", "a plug-in")
+            state = rebuild(state, version, uploads)
         else:
             votes, offset = decode_sections(sent.body, offset + STEP.size, layout,
                                             None if state is None else contexts(state))
@@ -210,6 +221,7 @@ class LosslessDownlink:
     # absorbing: the last step's votes
     kept_states: dict[int, State] = field(default_factory=dict)
     last_votes: tuple[State, float] | None = None
+    relays: dict[int, Step] = field(default_factory=dict)  # by version: the round's uploads, relayed
     _cache: dict[object, np.ndarray] = field(default_factory=dict)
     _kept_few: dict[int, bool] = field(default_factory=dict)  # per kept version: few-valued?
 
@@ -235,10 +247,14 @@ class LosslessDownlink:
         return max(self.versions)
 
     def record(self, version: int, previous: State, new_state: State, votes: State | None = None,
-               clients: float = 0.0, replay: Replay | None = None) -> None:
+               clients: float = 0.0, replay: Replay | None = None,
+               uploads: list[tuple[int, float, bytes]] | None = None) -> None:
         """A new state from ``votes``; checks that a client's replay reaches it bit for bit.
 
         Without votes (an aggregator clients cannot replay) only the new version is kept.
+        ``uploads``: the round's aggregated uploads (partition, weight, bytes), kept so that a
+        node holding the state before can be sent them instead (relative-entropy uploads are
+        a small fraction of the coded votes).
         """
         digest = state_digest(new_state, self.layout)
         last = self.current  # the version of ``previous`` (not version - 1 after a round without replies)
@@ -253,6 +269,8 @@ class LosslessDownlink:
         if self.can_replay:
             assert votes is not None
             self.chained.append(encode_step(version, digest, votes, clients, self.layout, self.contexts(previous)))
+            if uploads is not None and last in self.versions and (last == self.start or last in self.relays):
+                self.relays[version] = encode_relay(version, digest, uploads, clients)
             if self.absorbing:
                 self.standalone = encode_step(version, digest, votes, clients, self.layout, None)
                 self.last_votes = (votes, clients)
@@ -278,6 +296,8 @@ class LosslessDownlink:
             if held is not None and held in self.versions and held >= self.start and (
                     self.can_replay or held == target[0]):
                 options.append(("replay", held))
+                if held < target[0] and all(v in self.relays for v in self.versions if v > held):
+                    options.append(("relay", ("relay", held)))  # the uploads of every round since
         if self.can_replay and self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
             options.append(("standalone", "standalone"))
             if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
@@ -316,6 +336,10 @@ class LosslessDownlink:
                                     None if held is None else self.kept_states[held])
                 base = (0, bytes(8)) if held is None else (held, self.versions[held])
                 self._cache[key] = replay_blob([step], self.fingerprint, base, target)
+            elif isinstance(key, tuple) and key[0] == "relay":  # ("relay", version the node holds)
+                held = key[1]
+                steps = [self.relays[v] for v in sorted(self.versions) if v > held]
+                self._cache[key] = replay_blob(steps, self.fingerprint, (held, self.versions[held]), target)
             elif isinstance(key, tuple):  # ("jump", version the node holds)
                 assert self.last_votes is not None
                 held = key[1]

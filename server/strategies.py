@@ -388,6 +388,9 @@ class MaskStrategy(SeededFedAvg):
         self.prior: Prior | None = None  # what this round's uploads are coded against
         self._reference: Masks | None = None  # the global mask of the broadcast this round's clients trained from
         self._drift = DriftTally(None)
+        # relative-entropy uploads are small: the lossless downlink may relay them instead of the votes
+        self._relaying = lossless is not None and run_config.uplink_codec == "relative-entropy"
+        self._uploads: list[tuple[int, float, bytes]] = []  # this round's folded uploads, to relay
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
         self._global: tuple[State, Masks | None] | None = None  # (state, its global mask), the last one asked
 
@@ -460,13 +463,13 @@ class MaskStrategy(SeededFedAvg):
                 self.lossless.confirm(node, record.get("version"), record.get("digest"))
         self.lossless.end_round()
 
-    def decode(self, server_round: int, reply: Message) -> Masks:
-        """The upload's votes for the aggregation rule, checked; the code lengths and the
-        client's drift are measured on the way."""
+    def decode(self, server_round: int, reply: Message) -> tuple[Masks, int, np.ndarray]:
+        """The upload's votes for the aggregation rule, checked, with its partition and bytes;
+        the code lengths and the client's drift are measured on the way."""
         lengths: dict[str, float] = {}
-        upload = self.mode.decode_upload(single_blob(reply, "mask"), self.spec.upload, self.spec.fingerprint,
-                                         self.prior, self.run_config.uplink_codec, lengths,
-                                         (server_round, self.ledger.partition_of(reply)))
+        pid, blob = self.ledger.partition_of(reply), single_blob(reply, "mask")
+        upload = self.mode.decode_upload(blob, self.spec.upload, self.spec.fingerprint, self.prior,
+                                         self.run_config.uplink_codec, lengths, (server_round, pid))
         votes = self.mode.votes(upload, self.spec.layout)
         totals = self.outcome(server_round).code_lengths
         if totals is None:
@@ -474,13 +477,17 @@ class MaskStrategy(SeededFedAvg):
         for key, value in lengths.items():
             totals[key] += value
         self._drift.add(votes)
-        return votes
+        return votes, pid, blob
 
     def fold(self, server_round: int, decoded: Any, weight: float) -> None:
-        self.aggregator.fold(server_round, self.state, decoded, weight)
+        votes, pid, blob = decoded
+        self.aggregator.fold(server_round, self.state, votes, weight)
+        if self._relaying:
+            self._uploads.append((pid, weight, blob.tobytes()))
 
     def discard(self) -> None:
         self.aggregator.discard()
+        self._uploads = []
         # client drift: each upload against the global mask of the broadcast it trained from
         self._drift = DriftTally(self._reference)
 
@@ -500,7 +507,8 @@ class MaskStrategy(SeededFedAvg):
             self.global_mask(self.state), self.global_mask(new_state), self._drift, figures)
         if self.lossless is not None:
             replay = self.aggregator.replay if isinstance(self.aggregator, Voting) else None
-            self.lossless.record(server_round, self.state, new_state, result.votes, result.clients, replay)
+            self.lossless.record(server_round, self.state, new_state, result.votes, result.clients, replay,
+                                 self._uploads if self._relaying else None)
         if is_recycle_round(self.run_config, server_round):
             # from the state as clients decode it, so that any of them could derive it too
             self.state = new_state

@@ -12,7 +12,7 @@ Wire format (one uint8 Array ``lossless`` in the ``arrays`` record; little-endia
 ``version u32 | digest 8s | standalone u8 | clients f64`` and one section per tensor
 (``standalone``: 0 votes coded against the state before the step, 1 votes without context,
 2 the state's own values coded against the state before it, 3 the state's values without
-context)::
+context, 4 the round's uploads relayed as they arrived)::
 
     model u8 | distinct u32 | table bytes u32 | data bytes u32 | zlib(table) | data
 
@@ -27,6 +27,12 @@ the previous state's values); symbols are coded context by context. The encoder
 picks, per tensor, the model with the fewest bytes. A step's digest is that of the state
 after it, so a replay that diverges is caught at the step where it does. The CRC covers
 the header before it and the whole body.
+
+A relay step (4) holds, instead of sections, the uploads the server aggregated that round,
+in partition order: ``uploads u32`` then per upload ``partition u32 | weight f64 | bytes
+u32 | the upload``: a node that holds the state before the step decodes each (a
+relative-entropy upload is a few hundred bytes, its sample rebuilt from the shared seed)
+and aggregates them as the server did.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmask.wire.frame import Frame, Layout, categorical, coded_bytes, decoding, encoder
+from fedmask.wire.frame import Frame, Layout, Reader, categorical, coded_bytes, decoding, encoder
 
 State = dict[str, np.ndarray]
 FORMAT_VERSION = 1
@@ -53,7 +59,8 @@ STEP = struct.Struct("<I8sBd")
 SECTION = struct.Struct("<BIII")
 MODEL_CONSTANT, MODEL_RAW, MODEL_ORDER0, MODEL_CONTEXT = 0, 1, 2, 3
 # a step's ``standalone`` byte: what its sections hold and what they are coded against
-STEP_VOTES, STEP_VOTES_ALONE, STEP_STATE, STEP_STATE_ALONE = 0, 1, 2, 3
+STEP_VOTES, STEP_VOTES_ALONE, STEP_STATE, STEP_STATE_ALONE, STEP_UPLOADS = 0, 1, 2, 3, 4
+UPLOAD = struct.Struct("<IdI")  # a relayed upload: partition, weight, bytes
 STATE_VALUES = 256  # a state whose tensors take at most this many values can be sent as itself
 _CODER_SLACK = 8  # bytes: the range coder ends on a whole word and may need one more
 Contexts = dict[str, tuple[np.ndarray, int]]  # per tensor: (a small integer per entry, how many)
@@ -262,6 +269,24 @@ def pack(kind: int, steps: int, fingerprint: bytes, base: tuple[int, bytes], tar
     return FRAME.pack({"format": FORMAT_VERSION, "kind": kind, "steps": steps, "fingerprint": fingerprint,
                        "base version": base[0], "base digest": base[1], "target version": target[0],
                        "target digest": target[1]}, body)
+
+
+def encode_relay(version: int, digest: bytes, uploads: list[tuple[int, float, bytes]], clients: float) -> Step:
+    """The round's aggregated uploads, relayed: (partition, weight, upload bytes), in partition order."""
+    head = STEP.pack(version, digest, STEP_UPLOADS, float(clients)) + struct.pack("<I", len(uploads))
+    body = b"".join(UPLOAD.pack(pid, weight, len(data)) + data for pid, weight, data in uploads)
+    return Step(version, digest, False, head + body)
+
+
+def read_relay(body: bytes, offset: int) -> tuple[list[tuple[int, float, bytes]], int]:
+    """A relay step's uploads from ``offset`` (after its step header), and the offset after them."""
+    reader = Reader(body, FRAME, offset)
+    (count,) = reader.unpack(struct.Struct("<I"), "relayed uploads", "a count of uploads")
+    uploads = []
+    for index in range(count):
+        pid, weight, size = reader.unpack(UPLOAD, f"relayed upload {index}", "an upload's header")
+        uploads.append((pid, weight, reader.take(size, f"relayed upload {index}")))
+    return uploads, reader.offset
 
 
 def full_blob(state: State, layout: Layout, fingerprint: bytes, version: int) -> np.ndarray:

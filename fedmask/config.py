@@ -95,7 +95,14 @@ class RunConfig:
     data_dir: str = _key("", "folder with local dataset files ('' = default cache)")
     test_fraction: float = _key(0.2, "held-out fraction when a dataset has one split only",
                                 check=lambda v: 0 < v < 1, rule="in (0, 1)")
+    validation_fraction: float = _key(0.0, "share of the train split the server holds out as a validation split "
+                                      "(seeded, trained on by no client): every round is evaluated on it and the "
+                                      "test split once, after the last round; 0 evaluates every round on the test "
+                                      "split", check=lambda v: 0 <= v < 1, rule="in [0, 1)")
     model: str = _key("mlp", "model shape", choices=MODELS)
+    width: float = _key(1.0, "hidden layers and conv channels this many times as wide as the model's paper (masks "
+                        "are paid per weight, so a wider random network may close a gap at few bytes)",
+                        check=_between(0, 64, open_lo=True), rule="in (0, 64]")
     init: str = _key("signed-kaiming-constant", "frozen weight init", choices=INITS)
     density: float = _key(0.5, "edge-popup, biprop: fraction of weights kept per tensor",
                           check=_between(0, 1, open_lo=True), rule="in (0, 1]")
@@ -361,6 +368,8 @@ def _check_across_keys(config: RunConfig) -> None:
             raise ConfigError(f"config keys 'rec-block-bits', 'rec-extra-bits': expected a pair whose bias was "
                               f"measured, {sorted(GAMMA)}, with rec-debias = true; got "
                               f"{(config.rec_block_bits, config.rec_extra_bits)}")
+    if config.width != 1 and config.model == "resnet18":
+        raise ConfigError(f"config key 'width': expected 1 with model = 'resnet18', got {config.width:g}")
     if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config.clients_per_round}), got {config.min_clients}")

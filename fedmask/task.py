@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedmask.config import RunConfig
-from fedmask.core.data import Splits, client_split, load_dataset
+from fedmask.core.data import Splits, client_split, hold_out_validation, load_dataset
 from fedmask.core.masking import get_scores, num_connections, to_masked
 from fedmask.core.models import build_model
 from fedmask.core.training import LocalTraining
@@ -39,12 +39,13 @@ _SPLITS_KEPT = 4
 
 def splits_of(config: RunConfig) -> Splits:
     """The run's data, loaded once per process for each (dataset, data-dir, test-fraction,
-    seed): the ServerApp and every ClientApp round share it. The last 4 keys are kept."""
-    key = (config.dataset, config.data_dir, config.test_fraction, config.seed)
+    seed, validation-fraction): the ServerApp and every ClientApp round share it. The last 4
+    keys are kept."""
+    key = (config.dataset, config.data_dir, config.test_fraction, config.seed, config.validation_fraction)
     if key not in _SPLITS:
         if len(_SPLITS) >= _SPLITS_KEPT:
             del _SPLITS[next(iter(_SPLITS))]
-        _SPLITS[key] = load_dataset(*key)
+        _SPLITS[key] = hold_out_validation(load_dataset(*key[:4]), config.validation_fraction, config.seed)
     return _SPLITS[key]
 
 
@@ -68,7 +69,7 @@ def make_model(config: RunConfig, splits: Splits, mode: MaskMode | None) -> nn.M
     from the same point on every run with that seed.
     """
     torch.manual_seed(config.seed)
-    model = build_model(config.model, splits.input_shape, splits.num_classes)
+    model = build_model(config.model, splits.input_shape, splits.num_classes, config.width)
     if mode is None:
         return model
     return to_masked(model, mode, seed=config.seed, init=config.init, batchnorm=config.batchnorm)

@@ -166,9 +166,22 @@ def fedavg_equivalent(config: RunConfig, splits: Splits) -> dict[str, int]:
 
 
 def evaluate_global(config: RunConfig, model: nn.Module, splits: Splits, server_round: int) -> tuple[float, float]:
-    """(loss, accuracy) of the global model on the test split; sampled masks seeded by the round."""
-    return task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size, task.pick_device(config),
+    """(loss, accuracy) of the global model on the validation split when the run holds one out,
+    else on the test split; sampled masks seeded by the round."""
+    x, y = splits.x_test, splits.y_test
+    if splits.x_val is not None and splits.y_val is not None:
+        x, y = splits.x_val, splits.y_val
+    return task.evaluate(model, x, y, config.eval_batch_size, task.pick_device(config),
                          seed=derive_seed(config.seed, "eval", server_round))
+
+
+def test_once(config: RunConfig, model: nn.Module, splits: Splits, server_round: int) -> dict[str, float] | None:
+    """With a validation split, the test split is read once: after the last round."""
+    if splits.x_val is None or server_round != config.num_rounds:
+        return None
+    loss, accuracy = task.evaluate(model, splits.x_test, splits.y_test, config.eval_batch_size,
+                                   task.pick_device(config), seed=derive_seed(config.seed, "test", server_round))
+    return {"test_accuracy": accuracy, "test_loss": loss}
 
 
 def end_round(run: ServerRun, server_round: int) -> MetricRecord:
@@ -183,7 +196,8 @@ def end_round(run: ServerRun, server_round: int) -> MetricRecord:
         run.recorder.initial = {"accuracy": accuracy, "loss": loss}
         return MetricRecord({"accuracy": accuracy, "loss": loss})
     try:
-        run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round))
+        run.recorder.end_round(server_round, accuracy, loss, run.ledger, run.strategy.outcome(server_round),
+                               test_once(run.config, run.model, run.splits, server_round))
         Checkpoint(server_round, run.strategy.state, run.aggregator_memory(),
                    {**run.strategy.records(), "initial": run.recorder.initial},
                    config_digest(run.config)).save(run.recorder.run_dir)
@@ -261,7 +275,8 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
         if server_round == 0:
             recorder.initial = {"accuracy": accuracy, "loss": loss}
         else:
-            recorder.end_round(server_round, accuracy, loss, ledger, outcome)
+            recorder.end_round(server_round, accuracy, loss, ledger, outcome,
+                               test_once(config, model, splits, server_round))
         return loss, accuracy
 
     measuring = MeasuringGrid(grid, ledger)

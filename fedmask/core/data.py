@@ -65,11 +65,30 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    x_val: torch.Tensor | None = None  # held out of the train split by :func:`hold_out_validation`
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample, (C, H, W), which models need to size layers."""
         return tuple(self.x_train.shape[1:])
+
+
+def hold_out_validation(splits: Splits, fraction: float, seed: int) -> Splits:
+    """The same data with a seeded ``fraction`` of the train split moved into a validation
+    split, which no client trains on: every choice (learning rate, epochs, variant) is made on
+    it, and the test split is read once, for the reported figure."""
+    if fraction <= 0:
+        return splits
+    num_train = len(splits.y_train)
+    num_val = int(round(fraction * num_train))
+    if not 1 <= num_val <= num_train - 1:
+        raise DataError(f"validation-fraction={fraction} leaves an empty train or validation split "
+                        f"of {num_train} train samples")
+    order = torch.from_numpy(np.random.default_rng([seed, 0x56414C]).permutation(num_train))
+    val, train = order[:num_val], order[num_val:].sort().values
+    return Splits(splits.x_train[train], splits.y_train[train], splits.x_test, splits.y_test,
+                  splits.num_classes, splits.x_train[val], splits.y_train[val])
 
 
 # ---------------------------------------------------------------- loading

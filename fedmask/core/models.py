@@ -29,7 +29,8 @@ def _flat_size(features: nn.Module, input_shape: tuple[int, ...]) -> int:
         return features(torch.zeros(1, *input_shape)).flatten(1).shape[1]
 
 
-def _conv_net(blocks: tuple[int, ...], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _conv_net(blocks: tuple[int, ...], input_shape: tuple[int, ...], num_classes: int,
+              head: tuple[int, ...] = (256, 256)) -> nn.Module:
     layers: list[nn.Module] = []
     channels = input_shape[0]
     for width in blocks:
@@ -38,7 +39,7 @@ def _conv_net(blocks: tuple[int, ...], input_shape: tuple[int, ...], num_classes
         channels = width
     features = nn.Sequential(*layers)
     flat = _flat_size(features, input_shape)
-    return nn.Sequential(features, nn.Flatten(), *_dense_head(flat, (256, 256), num_classes))
+    return nn.Sequential(features, nn.Flatten(), *_dense_head(flat, head, num_classes))
 
 
 def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -51,15 +52,22 @@ def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return model
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A dense model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs."""
+def _wider(widths: tuple[int, ...], factor: float) -> tuple[int, ...]:
+    return tuple(max(1, round(w * factor)) for w in widths)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
+    """A dense model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs, its
+    hidden layers (and conv channels) ``width`` times as wide as the paper's."""
     flat = int(torch.tensor(input_shape).prod())
     if name == "mlp":
-        return nn.Sequential(nn.Flatten(), *_dense_head(flat, (256, 256), num_classes))
+        return nn.Sequential(nn.Flatten(), *_dense_head(flat, _wider((256, 256), width), num_classes))
     if name == "lenet-300-100":
-        return nn.Sequential(nn.Flatten(), *_dense_head(flat, (300, 100), num_classes))
+        return nn.Sequential(nn.Flatten(), *_dense_head(flat, _wider((300, 100), width), num_classes))
     if name in _CONV_BLOCKS:
-        return _conv_net(_CONV_BLOCKS[name], input_shape, num_classes)
+        return _conv_net(_wider(_CONV_BLOCKS[name], width), input_shape, num_classes, _wider((256, 256), width))
     if name == "resnet18":
+        if width != 1.0:
+            raise ValueError("model: resnet18 takes width = 1 only")
         return _resnet18(input_shape, num_classes)
     raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")

@@ -146,8 +146,11 @@ class RunRecorder:
         loss: float,
         ledger: Ledger,
         outcome: RoundOutcome,
+        test: dict[str, float] | None = None,
     ) -> dict[str, Any]:
-        """Append the round's line and show it."""
+        """Append the round's line and show it. ``accuracy`` and ``loss`` are on the validation
+        split when the run holds one out; then the last round's line also has ``test``
+        (``test_accuracy``, ``test_loss``), the only read of the test split."""
         totals = ledger.round_totals(server_round)
         replied = max(ledger.clients_heard(server_round), 1)
         clients = 0 if outcome.skipped else outcome.aggregated
@@ -171,6 +174,7 @@ class RunRecorder:
             "train": outcome.train,
             "failure_details": outcome.failures,
             "per_client": ledger.per_client(server_round) if self.config.per_client else [],
+            **(test or {}),
         }
         if outcome.broadcasts is not None:
             row["downlink_kinds"] = outcome.broadcasts
@@ -230,6 +234,9 @@ class RunRecorder:
             "initial_accuracy": self.initial.get("accuracy"),
             "final_accuracy": last.get("accuracy"),
             "best_accuracy": max((r["accuracy"] for r in self.rows), default=None),
+            "evaluated_on": "validation" if self.config.validation_fraction > 0 else "test",
+            "test_accuracy": last.get("test_accuracy") if self.config.validation_fraction > 0
+            else last.get("accuracy"),
             "total_failures": sum(r["failures"] for r in self.rows),
             "rounds_skipped": sum(1 for r in self.rows if r.get("skipped")),
             "failures_by_kind": {kind: sum(1 for r in self.rows for f in r["failure_details"] if f["kind"] == kind)
@@ -246,8 +253,10 @@ class RunRecorder:
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.tracker.close()
         self._plot()
+        held_out = (f" (validation; test {summary['test_accuracy']:.4f})"
+                    if self.config.validation_fraction > 0 and summary["test_accuracy"] is not None else "")
         self.console.print(
-            f"final accuracy {summary['final_accuracy']:.4f} · uplink "
+            f"final accuracy {summary['final_accuracy']:.4f}{held_out} · uplink "
             f"{summary['uplink_payload_bytes']:,} B · downlink {summary['downlink_payload_bytes']:,} B · "
             f"{_per_client(summary)}{summary['wall_s']:.1f} s → {self.run_dir}"
             if self.rows else f"no round finished → {self.run_dir}"
@@ -265,7 +274,8 @@ class RunRecorder:
         rounds = [r["round"] for r in self.rows]
         fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
         acc_ax.plot(rounds, [r["accuracy"] for r in self.rows], marker="o", ms=3)
-        acc_ax.set(xlabel="round", ylabel="test accuracy", title=f"{self.config.method} · {self.config.model}")
+        split = "validation" if self.config.validation_fraction > 0 else "test"
+        acc_ax.set(xlabel="round", ylabel=f"{split} accuracy", title=f"{self.config.method} · {self.config.model}")
         acc_ax.grid(alpha=0.3)
         for key, label in (("uplink_payload_bytes", "uplink"), ("downlink_payload_bytes", "downlink")):
             bytes_ax.plot(rounds, [r[key] for r in self.rows], marker="o", ms=3, label=label)

@@ -1,0 +1,298 @@
+"""Comparisons a reviewer would accept (issue 28): every method tuned on a validation split
+with the same budget of trials, compared at equal local epochs, in bytes both ways.
+
+``python -m bench.fair [--tasks mnist,fmnist] [--partitions iid,dir0.3] [--epochs 5]
+[--methods fedavg,qsgd,topk-ef,fedpm,edge-popup] [--tune-seed 0] [--seeds 0,1,2] [--rounds 60]
+[--widths 2,4] [--out bench/results/fair]`` runs, for each (task, partition, local epochs):
+
+1. **tuning**: every candidate of every method's grid (:data:`GRIDS`: the same number of
+   trials for each method, learning rates and, for the mask methods, the server-side variant)
+   on the tuning seed, with ``validation-fraction = 0.1``: the server holds out 10% of the
+   train split, which no client trains on, scores every round on it and reads the test split
+   once, after the last round. The candidate with the highest validation accuracy averaged
+   over the last 5 rounds wins; the test split plays no part in the choice;
+2. **final**: the winner of each method with every seed (the tuning seed's run is reused,
+   it is the same run); reported: test accuracy (read once per run), mean ± sample sd;
+3. **capacity**: the mask methods' winners at ``width`` x2 and x4 (hidden layers that many
+   times wider; the learning rate and variant chosen at width 1, not tuned again).
+
+Bytes are the payload bytes of the messages sent, both ways (``total_payload_bytes_per_client``
+of each round), against FedAvg's round trip of the same width-1 model measured by
+serializing it; the frontier figure puts validation accuracy against cumulative total bits per
+parameter per client. Every run is a normal ``fedmask run`` in a subprocess (in-process
+engine); finished runs are kept, so a stopped bench continues where it was. Writes
+``fair.md``, ``fair.json`` and one ``fair_<task>_<partition>_<E>ep.png`` per cell into --out
+(run folders under ``--out/runs``, not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import ROOT, figure, machine_info, md_machine, md_table, run_fedmask, source_digest
+
+TASKS = {
+    "mnist": ("MNIST-10k (official MNIST test split, 8k train / 2k test), LeNet-300-100", "configs/mnist-{}.toml",
+              ['data-dir="../shared/data/mnist-t10k"']),
+    "fmnist": ("Fashion-MNIST (70k, 60k/10k re-split), LeNet-300-100", "configs/fmnist-{}.toml",
+               ['data-dir="../shared/data/fashion-mnist"']),
+}
+PARTITIONS = {
+    "iid": ['partitioner="iid"'],
+    "dir0.3": ['partitioner="dirichlet"', "dirichlet-alpha=0.3"],
+}
+COMMON = ["num-clients=100", "clients-per-round=10", "validation-fraction=0.1"]
+VALIDATION = "validation accuracy, mean of the last 5 rounds"
+
+
+def _dense(method: str, lrs: tuple[float, ...], *extra: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """A dense method trained as FedAvg trains (SGD, momentum 0.9), one candidate per learning rate."""
+    return "fedavg", [(f"lr {lr:g}", [f'method="{method}"', f"lr={lr}", *extra]) for lr in lrs]
+
+
+DENSE_LRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+MASK_LRS = (0.05, 0.1, 0.2)
+# method -> (the config it starts from, its candidates: name and --set items). Six trials each.
+GRIDS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
+    "fedavg": _dense("fedavg", DENSE_LRS),
+    "qsgd": _dense("qsgd", DENSE_LRS),
+    "topk-ef": _dense("topk-ef", DENSE_LRS),
+    # FedPM coded at its information floor; the Beta prior reset every round (the paper) or every 3
+    "fedpm": ("fedpm", [(f"lr {lr:g}, prior reset {reset}",
+                         ['uplink-codec="relative-entropy"', f"lr={lr}", f"fedpm-prior-reset={reset}"])
+                        for reset in (1, 3) for lr in MASK_LRS]),
+    # edge-popup with the level-voting server rule, votes weighted 0.3 or 0.1
+    "edge-popup": ("edge-popup", [(f"lr {lr:g}, vote weight {w:g}",
+                                   ['edge-popup-server-rule="vote-levels"', "edge-popup-levels=64",
+                                    f"edge-popup-vote-weight={w}", f"lr={lr}"])
+                                  for w in (0.3, 0.1) for lr in MASK_LRS]),
+}
+MASKS = ("fedpm", "edge-popup")
+
+
+def run_path(out: Path, *parts: str) -> Path:
+    return out.joinpath("runs", *parts)
+
+
+def finished(path: Path, rounds: int) -> bool:
+    summary = path / "summary.json"
+    try:
+        return json.loads(summary.read_text()).get("rounds") == rounds
+    except (OSError, ValueError):
+        return False
+
+
+def ensure(path: Path, config: str, sets: list[str], rounds: int, label: str) -> dict[str, Any] | None:
+    """The run at ``path``: kept when finished, else run now. None when it failed."""
+    if not finished(path, rounds):
+        print(f"  {label}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = run_fedmask(config, sets, path, rounds, "inprocess")
+        if run.error:
+            print(f"    FAILED: {run.error.splitlines()[0]}", flush=True)
+            return None
+    return read_run(path)
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((path / "summary.json").read_text())
+    total_bits = np.cumsum([8 * r.get("total_payload_bytes_per_client", 0.0) / r["num_params"] for r in rows])
+    return {
+        "validation": [r["accuracy"] for r in rows],
+        "score": float(np.mean([r["accuracy"] for r in rows[-5:]])),
+        "test": summary["test_accuracy"],
+        "evaluated_on": summary.get("evaluated_on"),
+        "num_params": summary["num_params"],
+        "total_bits_per_param": total_bits.tolist(),  # cumulative, per client, both ways
+        "up_bytes": statistics.fmean(r["uplink_payload_bytes"] / max(r["clients"], 1) for r in rows),
+        "total_bytes": summary.get("mean_total_payload_bytes_per_client_round"),
+        "fedavg_bytes": summary.get("fedavg_payload_bytes_per_client_round"),
+    }
+
+
+def cell_sets(task: str, partition: str, epochs: int, seed: int) -> list[str]:
+    return [*TASKS[task][2], *COMMON, *PARTITIONS[partition], f"local-epochs={epochs}", f"seed={seed}"]
+
+
+def tune(out: Path, task: str, partition: str, epochs: int, method: str, seed: int,
+         rounds: int) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """Every candidate of ``method`` on the tuning seed; the winner by validation accuracy."""
+    base, candidates = GRIDS[method]
+    config = TASKS[task][1].format(base)
+    trials = []
+    for name, sets in candidates:
+        path = run_path(out, task, partition, f"{epochs}ep", method, "tune", slug(name), f"seed-{seed}")
+        result = ensure(path, config, [*cell_sets(task, partition, epochs, seed), *sets], rounds,
+                        f"{task} {partition} {epochs}ep {method} [{name}] seed {seed}")
+        if result is not None:
+            trials.append({"candidate": name, "sets": sets, "score": result["score"], "path": str(path)})
+    if not trials:
+        raise RuntimeError(f"every candidate of {method} failed on {task} {partition}")
+    best = max(trials, key=lambda t: t["score"])
+    return best["candidate"], best["sets"], trials
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "-" for c in text).strip("-")
+
+
+def finals(out: Path, task: str, partition: str, epochs: int, method: str, sets: list[str], seeds: list[int],
+           tune_seed: int, rounds: int, width: float = 1.0) -> list[dict[str, Any]]:
+    """The chosen configuration with every seed (at ``width``)."""
+    base = GRIDS[method][0]
+    config = TASKS[task][1].format(base)
+    results = []
+    for seed in seeds:
+        if width == 1 and seed == tune_seed:
+            name = next(n for n, s in GRIDS[method][1] if s == sets)
+            path = run_path(out, task, partition, f"{epochs}ep", method, "tune", slug(name), f"seed-{seed}")
+        else:
+            path = run_path(out, task, partition, f"{epochs}ep", method, f"final-w{width:g}", f"seed-{seed}")
+        result = ensure(path, config, [*cell_sets(task, partition, epochs, seed), *sets, f"width={width}"], rounds,
+                        f"{task} {partition} {epochs}ep {method} width {width:g} seed {seed}")
+        if result is not None:
+            results.append(result)
+    return results
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def row_of(method: str, width: float, candidate: str, runs: list[dict[str, Any]],
+           fedavg_total: float | None) -> dict[str, Any]:
+    test = [100 * r["test"] for r in runs]
+    total = statistics.fmean(r["total_bytes"] for r in runs)
+    return {"method": method, "width": width, "candidate": candidate, "seeds": len(runs),
+            "test": mean_sd(test), "validation": mean_sd([100 * r["score"] for r in runs]),
+            "up_bytes": statistics.fmean(r["up_bytes"] for r in runs), "total_bytes": total,
+            "fedavg_bytes": runs[0]["fedavg_bytes"], "num_params": runs[0]["num_params"],
+            "below_fedavg": None if not fedavg_total else fedavg_total / total,
+            "curves": [{"validation": r["validation"], "bits": r["total_bits_per_param"]} for r in runs]}
+
+
+def cell(out: Path, task: str, partition: str, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Tune, run the finals and the wider masks of one (task, partition, local epochs)."""
+    rows, tuning = [], {}
+    for method in args.methods:
+        candidate, sets, trials = tune(out, task, partition, epochs, method, args.tune_seed, args.rounds)
+        tuning[method] = {"chosen": candidate, "trials": trials}
+        runs = finals(out, task, partition, epochs, method, sets, args.seeds, args.tune_seed, args.rounds)
+        widths = [1.0] + (args.widths if method in MASKS else [])
+        for width in widths:
+            if width != 1.0:
+                runs = finals(out, task, partition, epochs, method, sets, args.seeds, args.tune_seed, args.rounds,
+                              width)
+            if runs:
+                rows.append(row_of(method, width, candidate, runs, None))
+    fedavg = next((r for r in rows if r["method"] == "fedavg"), None)
+    for row in rows:  # FedAvg's measured round trip of the width-1 model, the same for every row
+        row["below_fedavg"] = fedavg["total_bytes"] / row["total_bytes"] if fedavg else None
+    return {"task": task, "partition": partition, "epochs": epochs, "rows": rows, "tuning": tuning}
+
+
+def target(result: dict[str, Any]) -> str:
+    """Issue 28's check: the best mask configuration (any width) within 1 point of tuned FedAvg
+    at 30x or more fewer total bytes."""
+    fedavg = next((r for r in result["rows"] if r["method"] == "fedavg"), None)
+    masks = [r for r in result["rows"] if r["method"] in MASKS and (r["below_fedavg"] or 0) >= 30]
+    if fedavg is None or not masks:
+        return "no FedAvg row or no mask row at 30x fewer bytes: not judged"
+    best = max(masks, key=lambda r: r["test"][0])
+    gap = fedavg["test"][0] - best["test"][0]
+    verdict = "PASS" if gap <= 1 else "MISS"
+    return (f"**{verdict}** best mask configuration at >= 30x fewer bytes: {best['method']} width {best['width']:g} "
+            f"({best['candidate']}) {best['test'][0]:.2f} ± {best['test'][1]:.2f} vs FedAvg "
+            f"{fedavg['test'][0]:.2f} ± {fedavg['test'][1]:.2f}: {gap:+.2f} points behind at "
+            f"{best['below_fedavg']:.1f}x fewer bytes up + down")
+
+
+def plot(out: Path, result: dict[str, Any]) -> str:
+    name = f"fair_{result['task']}_{result['partition']}_{result['epochs']}ep.png"
+    with figure(out / name, 1, 1, (7.5, 4.8)) as axes:
+        ax = axes[0][0]
+        for row in result["rows"]:
+            length = min(len(c["validation"]) for c in row["curves"])
+            bits = np.mean([c["bits"][:length] for c in row["curves"]], axis=0)
+            acc = 100 * np.mean([c["validation"][:length] for c in row["curves"]], axis=0)
+            label = row["method"] + (f" x{row['width']:g}" if row["width"] != 1 else "")
+            ax.plot(bits, acc, label=label, linestyle="-" if row["method"] in MASKS else "--")
+        ax.set(xscale="log", xlabel="cumulative bits per parameter per client, up + down",
+               ylabel="validation accuracy %",
+               title=f"{TASKS[result['task']][0].split(' (')[0]} · {result['partition']} · "
+                     f"{result['epochs']} local epochs (mean over seeds)")
+        ax.legend(fontsize=7)
+    return name
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: dict[str, Any]) -> str:
+    lines = ["# Equal effort: every method tuned on validation, bytes both ways", "",
+             f"100 clients, 10 a round, {args.rounds} rounds; test accuracy in % (read once per run, after the last "
+             f"round), mean ± sample sd over seeds {', '.join(map(str, args.seeds))}. Every choice (learning rate, "
+             f"variant) was made on the tuning seed {args.tune_seed} by {VALIDATION} (10% of the train split, "
+             "held out by the server); each method had the same number of trials (6). Bytes: payload per client "
+             "and round, up + down, as sent; 'x fewer' against tuned FedAvg's measured bytes (float32 both ways). "
+             "Wider mask networks reuse the width-1 choice.", ""]
+    for result in results:
+        lines += [f"## {TASKS[result['task']][0]} · {result['partition']} · {result['epochs']} local epochs", ""]
+        table = [[r["method"] + (f" x{r['width']:g}" if r["width"] != 1 else ""), r["candidate"], r["seeds"],
+                  f"{r['test'][0]:.2f} ± {r['test'][1]:.2f}", f"{r['validation'][0]:.2f}",
+                  f"{r['up_bytes']:,.0f}", f"{r['total_bytes']:,.0f}",
+                  "–" if r["below_fedavg"] is None else f"{r['below_fedavg']:.1f}x"] for r in result["rows"]]
+        lines += [md_table(["method", "chosen on validation", "seeds", "test acc %", "val acc % (last 5)",
+                            "up B/client/round", "up+down B/client/round", "x fewer than FedAvg"], table), ""]
+        lines += [f"- {target(result)}", ""]
+        trials = [[m, t["candidate"], f"{100 * t['score']:.2f}", "chosen" if t["candidate"] == v["chosen"] else ""]
+                  for m, v in result["tuning"].items() for t in v["trials"]]
+        lines += ["<details><summary>tuning trials (validation)</summary>", "",
+                  md_table(["method", "candidate", VALIDATION, ""], trials), "", "</details>", "",
+                  f"![frontier]({plot(Path(args.out), result)})", ""]
+    return "\n".join([*lines, *md_machine(machine)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="mnist,fmnist")
+    parser.add_argument("--partitions", default="iid,dir0.3")
+    parser.add_argument("--epochs", default="5", help="comma-separated local epochs; each is its own table")
+    parser.add_argument("--methods", default=",".join(GRIDS))
+    parser.add_argument("--tune-seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--widths", default="2,4", help="the mask methods' wider networks ('' for none)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fair"))
+    args = parser.parse_args(argv)
+    args.tasks, args.partitions = args.tasks.split(","), args.partitions.split(",")
+    args.methods = args.methods.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.widths = [float(w) for w in args.widths.split(",") if w]
+    epochs = [int(e) for e in args.epochs.split(",")]
+    unknown = [t for t in args.tasks if t not in TASKS] + [p for p in args.partitions if p not in PARTITIONS] + \
+        [m for m in args.methods if m not in GRIDS]
+    if unknown:
+        print(f"bench.fair: unknown task, partition or method: {unknown}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start, digest = time.perf_counter(), source_digest()
+    results = [cell(out, task, partition, e, args) for task in args.tasks for partition in args.partitions
+               for e in epochs]
+    machine = machine_info("python -m bench.fair", sys.argv[1:] if argv is None else argv,
+                           time.perf_counter() - start, {"source_digest_start": digest})
+    (out / "fair.md").write_text(markdown(results, args, machine))
+    (out / "fair.json").write_text(json.dumps({"results": results, "machine": machine}, indent=2))
+    print(f"→ {out / 'fair.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,7 +96,7 @@ def ensure(path: Path, config: str, sets: list[str], rounds: int, label: str) ->
         print(f"  {label}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         run = run_fedmask(config, sets, path, rounds, "inprocess")
-        if run.error:
+        if run.error and not finished(path, rounds):  # a run whose every round was skipped (diverged) exits 1
             print(f"    FAILED: {run.error.splitlines()[0]}", flush=True)
             return None
     return read_run(path)
@@ -108,6 +108,7 @@ def read_run(path: Path) -> dict[str, Any]:
     total_bits = np.cumsum([8 * r.get("total_payload_bytes_per_client", 0.0) / r["num_params"] for r in rows])
     return {
         "validation": [r["accuracy"] for r in rows],
+        "skipped": sum(1 for r in rows if r.get("skipped")),  # rounds whose new state was refused (diverged)
         "score": float(np.mean([r["accuracy"] for r in rows[-5:]])),
         "test": summary["test_accuracy"],
         "evaluated_on": summary.get("evaluated_on"),
@@ -134,7 +135,7 @@ def tune(out: Path, task: str, partition: str, epochs: int, method: str, seed: i
         result = ensure(path, config, [*cell_sets(task, partition, epochs, seed), *sets], rounds,
                         f"{task} {partition} {epochs}ep {method} [{name}] seed {seed}")
         if result is not None:
-            trials.append({"candidate": name, "sets": sets, "score": result["score"], "path": str(path)})
+            trials.append({"candidate": name, "sets": sets, "score": result["score"], "skipped": result["skipped"]})
     if not trials:
         raise RuntimeError(f"every candidate of {method} failed on {task} {partition}")
     best = max(trials, key=lambda t: t["score"])
@@ -234,6 +235,12 @@ def plot(out: Path, result: dict[str, Any]) -> str:
     return name
 
 
+def edge(method: str, candidate: str) -> bool:
+    """Whether a chosen candidate's learning rate is the smallest or largest its grid tried."""
+    lrs = DENSE_LRS if method not in MASKS else MASK_LRS
+    return candidate.split(",")[0] in (f"lr {lrs[0]:g}", f"lr {lrs[-1]:g}")
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: dict[str, Any]) -> str:
     lines = ["# Equal effort: every method tuned on validation, bytes both ways", "",
              f"100 clients, 10 a round, {args.rounds} rounds; test accuracy in % (read once per run, after the last "
@@ -251,10 +258,13 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
         lines += [md_table(["method", "chosen on validation", "seeds", "test acc %", "val acc % (last 5)",
                             "up B/client/round", "up+down B/client/round", "x fewer than FedAvg"], table), ""]
         lines += [f"- {target(result)}", ""]
-        trials = [[m, t["candidate"], f"{100 * t['score']:.2f}", "chosen" if t["candidate"] == v["chosen"] else ""]
+        trials = [[m, t["candidate"], f"{100 * t['score']:.2f}", t["skipped"] or "",
+                   ("chosen" + (", at the grid's edge" if edge(m, t["candidate"]) else ""))
+                   if t["candidate"] == v["chosen"] else ""]
                   for m, v in result["tuning"].items() for t in v["trials"]]
         lines += ["<details><summary>tuning trials (validation)</summary>", "",
-                  md_table(["method", "candidate", VALIDATION, ""], trials), "", "</details>", "",
+                  md_table(["method", "candidate", VALIDATION, "rounds skipped (diverged)", ""], trials), "",
+                  "</details>", "",
                   f"![frontier]({plot(Path(args.out), result)})", ""]
     return "\n".join([*lines, *md_machine(machine)]) + "\n"
 

@@ -1,0 +1,54 @@
+"""bench/fair.py chooses on the validation split only (issue 28: nothing reported is selected
+on the test split), gives every method the same number of trials, and counts bytes both ways."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import fair
+
+
+def _fake_run(path: Path, validation: list[float], test: float, total: float = 1000.0, rounds: int = 6) -> None:
+    path.mkdir(parents=True)
+    rows = [{"round": r + 1, "accuracy": validation[r], "clients": 10, "num_params": 100,
+             "uplink_payload_bytes": 100, "total_payload_bytes_per_client": total, "skipped": False}
+            for r in range(rounds)]
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps({
+        "rounds": rounds, "test_accuracy": test, "evaluated_on": "validation", "num_params": 100,
+        "mean_total_payload_bytes_per_client_round": total, "fedavg_payload_bytes_per_client_round": 800.0}))
+
+
+def test_every_method_gets_the_same_number_of_trials():
+    assert len({len(candidates) for _, candidates in fair.GRIDS.values()}) == 1
+
+
+def test_every_run_holds_out_a_validation_split():
+    assert "validation-fraction=0.1" in fair.cell_sets("mnist", "iid", 5, 0)
+
+
+def test_tuning_picks_the_best_validation_score_not_the_best_test_score(tmp_path, monkeypatch):
+    def no_new_runs(*args, **kwargs):
+        raise AssertionError("every trial was already on disk")
+
+    monkeypatch.setattr(fair, "run_fedmask", no_new_runs)
+    _, candidates = fair.GRIDS["fedavg"]
+    for i, (name, _) in enumerate(candidates):
+        best_on_validation = i == 2
+        validation = [0.9 if best_on_validation else 0.5] * 6
+        test = 0.1 if best_on_validation else 0.99  # the test split would pick any other
+        path = fair.run_path(tmp_path, "mnist", "iid", "5ep", "fedavg", "tune", fair.slug(name), "seed-0")
+        _fake_run(path, validation, test)
+    chosen, sets, trials = fair.tune(tmp_path, "mnist", "iid", 5, "fedavg", 0, 6)
+    assert chosen == candidates[2][0] and sets == candidates[2][1]
+    assert len(trials) == len(candidates)
+
+
+def test_the_score_is_the_mean_of_the_last_five_validation_rounds(tmp_path):
+    _fake_run(tmp_path / "r", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 0.7)
+    run = fair.read_run(tmp_path / "r")
+    assert run["score"] == pytest.approx(0.3) and run["test"] == 0.7
+    assert run["total_bits_per_param"][-1] == pytest.approx(6 * 8 * 1000 / 100)

@@ -1,9 +1,11 @@
 """The Python API: run an experiment from a notebook or a script, and read runs back.
 
->>> import fedmask
->>> result = fedmask.simulate("configs/quickstart.toml", num_rounds=3, engine="inprocess")
->>> result.summary["final_accuracy"], result.rounds[-1]["uplink_payload_bytes"]
->>> again = fedmask.load_run(result.run_dir)
+```python
+import fedmask
+result = fedmask.simulate("configs/quickstart.toml", num_rounds=3, engine="inprocess")
+result.summary["final_accuracy"], result.rounds[-1]["uplink_payload_bytes"]
+again = fedmask.load_run(result.run_dir)
+```
 
 :func:`simulate` does what ``fedmask run`` does (the command line calls the same
 :func:`execute`): check the config before anything starts, run the rounds on Flower's Ray

@@ -166,7 +166,8 @@ def _print_keys() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: every subcommand and flag (the docs' examples are checked against it)."""
     parser = argparse.ArgumentParser(prog="fedmask", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one experiment from a TOML config")
@@ -198,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--format", choices=("table", "md", "csv"), default="table")
     compare.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds/bytes-to-target")
     compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative uplink bytes")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "keys":
         return _print_keys()
     if args.command == "list":

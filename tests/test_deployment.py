@@ -1,5 +1,5 @@
 """Flower's deployment engine for real: a SuperLink and SuperNodes as processes on 127.0.0.1,
-the run started with ``flwr run``, as the README's "Beyond one machine" section does it.
+the run started with ``flwr run``, as docs/beyond-one-machine.md ("Deployment") does it.
 
 Each test stops every process it started (and every process those started) and asserts
 that none is left.

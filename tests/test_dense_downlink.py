@@ -134,10 +134,11 @@ def test_every_node_trains_from_the_servers_state_and_nodes_that_missed_rounds_c
     fingerprint = dense_fingerprint(layout, config.seed, config.model)
     bases = {(r, node): envelope(blob, fingerprint).base for r, sent in blobs.items() for node, blob in sent.items()}
     steps = {(r, node): envelope(blob, fingerprint).steps for r, sent in blobs.items() for node, blob in sent.items()}
-    # caught up: a node that held an older state got every step since it, or the seed's weights and every step
-    assert any(base is not None and base[0] < r - 1 and steps[r, n] == r - 1 - base[0]
-               for (r, n), base in bases.items())
-    assert any(base is not None and base[0] == 0 and r > 2 for (r, n), base in bases.items())
+    assert all(base is not None and steps[key] == key[0] - 1 - base[0] for key, base in bases.items())
+    # caught up: a node that missed rounds got every step since the state it held; one that
+    # never took part, every step since the seed's weights
+    assert any(0 < base[0] < r - 2 for (r, _), base in bases.items() if base is not None)
+    assert any(base[0] == 0 and r > 2 for (r, _), base in bases.items() if base is not None)
     assert all(kinds == {"replay": 2} for kinds in (r["downlink_kinds"] for r in rows))
 
 

@@ -153,13 +153,13 @@ def qsgd_quantize(update: Mapping[str, np.ndarray], layout: Layout, levels: int,
     + 1`` values each), without the bytes: for a sender that codes the values another way
     (the ``ef-qsgd`` downlink, :mod:`fedmask.downlink`). Draws from ``rng`` as :func:`compress` does.
 
-    ``shrink``: each tensor scaled by ``1 / (1 + w)``, ``w = E||Q(v) - v||^2 / ||v||^2`` the
-    rounding's relative variance for this very ``v`` (``sum f (1 - f) / s^2`` over the
-    fractional parts ``f`` of ``|v| / ||v|| * s``): the least-squares multiple of ``Q(v)``,
-    and a contraction (``E||C(v) - v||^2 = w / (1 + w) ||v||^2``), as error feedback needs
-    (an unbiased compressor scaled so: Stich & Karimireddy, JMLR 2020). Unscaled, QSGD's
-    variance passes ``||v||^2`` once a tensor has more than about ``s^2`` entries, and a
-    residual fed back grows round after round.
+    ``shrink``: each tensor scaled by ``a = 1 / (1 + w)``, ``w = E||Q(v) - v||^2 / ||v||^2``
+    the rounding's relative variance for this very ``v`` (``sum f (1 - f) / s^2`` over the
+    fractional parts ``f`` of ``|v| / ||v|| * s``). ``a`` minimises ``E||a Q(v) - v||^2``
+    (``Q`` unbiased: ``E||Q(v)||^2 = (1 + w) ||v||^2``), and the minimum, ``w / (1 + w)
+    ||v||^2``, is below ``||v||^2``: a contraction, as error feedback needs. Unscaled,
+    QSGD's variance passes ``||v||^2`` once a tensor has more than about ``s^2`` entries,
+    and a residual fed back grows round after round.
     """
     out = {}
     for name, shape in layout.shapes:

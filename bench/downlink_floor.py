@@ -93,12 +93,12 @@ def recording() -> Iterator[dict[str, Any]]:
     record, message_for = LosslessDownlink.record, LosslessDownlink.message_for
 
     def recording_record(self: LosslessDownlink, version: int, previous: Any, new_state: Any,
-                         votes: Any = None, clients: float = 0.0, replay: Any = None) -> None:
+                         votes: Any = None, clients: float = 0.0, replay: Any = None, uploads: Any = None) -> None:
         if votes is not None:
             log["counts"][version] = {name: np.rint(np.asarray(v)).astype(np.uint8) for name, v in votes.items()}
         if log["seed_bins"] is None:  # the first round's previous state is the seed's
             log["seed_bins"] = {name: c for name, (c, _) in Bernoulli().vote_contexts(previous).items()}
-        record(self, version, previous, new_state, votes, clients, replay)
+        record(self, version, previous, new_state, votes, clients, replay, uploads)
 
     def recording_message_for(self: LosslessDownlink, node: int, state: Any) -> tuple[np.ndarray, str]:
         blob, kind = message_for(self, node, state)

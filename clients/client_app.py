@@ -50,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected crash (fault-crash-rate) in round {server_round}, client {pid}")
     arrays = {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
     confirm = None
-    if downlink.RECORD in arrays and instruction.mask_mode is not None:
+    if downlink.RECORD in arrays:  # the masks' lossless downlink, or the dense baselines' ef-qsgd
         arrays, confirm = receive_lossless(arrays[downlink.RECORD], instruction, context)
     done = local_round(instruction, arrays, recycle_log(msg))
     upload = None

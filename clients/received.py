@@ -5,8 +5,8 @@ get the same broadcast, each in new array objects; decoding, checking and conver
 once per process instead of once per client is most of what makes a client cheap. This
 module holds those caches: the model per config (:func:`model_for`), the decoded broadcast
 per content (:func:`broadcast_of`, found again by :class:`ArraysKey`), and the lossless
-downlink's decoded states (:func:`receive_lossless`), which each node also keeps in
-Flower's per-node ``context.state``.
+downlink's decoded states (:func:`receive_lossless`; the masks' ``lossless`` and the dense
+baselines' ``ef-qsgd``), which each node also keeps in Flower's per-node ``context.state``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from fedmask.config import RunConfig
 from fedmask.core.masking import get_scores
 from fedmask.methods import BUILTIN
 from fedmask.methods.base import MaskMode
+from fedmask.methods.dense import apply_update, dense_fingerprint, update_contexts
 from fedmask.protocol.instruction import TrainInstruction
+from fedmask.wire.frame import Layout
 from fedmask.wire.lossless import envelope
 from fedmask.wire.masks import Prior
 from fedmask.wire.state import decode_state
@@ -126,10 +128,38 @@ def _new_broadcast(config: RunConfig, mode: MaskMode, spec: task.ModelSpec, arra
 
 
 @functools.lru_cache(maxsize=2)
-def _initial_state(config: RunConfig, mode_name: str) -> dict[str, np.ndarray]:
-    """The seed's first global state (version 0 of the lossless downlink), as the server builds it."""
+def _initial_state(config: RunConfig, mode_name: str | None) -> dict[str, np.ndarray]:
+    """The seed's first global state (version 0 of the lossless downlink), as the server
+    builds it: the dense baselines' seeded weights, or the mask rule's first state."""
     model = task.make_model(config, task.splits_of(config), task.mode_of(config, mode_name))
+    if mode_name is None:
+        return task.dense_state(model)
     return config.method_entry.make_aggregator(config).initial_state(get_scores(model))
+
+
+@dataclass(frozen=True)
+class _Party:
+    """What a node needs to turn a lossless broadcast into the server's state."""
+
+    mode: str | None  # the mask mode; None: dense weights (the ef-qsgd downlink)
+    layout: Layout
+    fingerprint: bytes
+    replay: downlink.Replay | None
+    contexts: downlink.VoteContexts
+    rebuild: downlink.Rebuild | None
+
+
+def _party(config: RunConfig, mode_name: str | None) -> _Party:
+    """A mask method's replay of its rule, or a dense baseline's: its state plus the update sent."""
+    if mode_name is None:
+        layout = Layout.from_arrays(_initial_state(config, None))
+        return _Party(None, layout, dense_fingerprint(layout, config.seed, config.model), apply_update,
+                      update_contexts, None)
+    mode = task.mode_of(config, mode_name)
+    _, spec = model_for(config, mode_name)
+    assert mode is not None and spec is not None
+    return _Party(mode.name, spec.layout, spec.fingerprint, _replay(config), mode.vote_contexts,
+                  _rebuild(config, mode, spec))
 
 
 @functools.lru_cache(maxsize=2)
@@ -190,8 +220,7 @@ _RECEIVED: dict[tuple, _Received] = {}  # by (config, mode, target version and d
 _RECEIVED_KEPT = 2
 
 
-def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: MaskMode, spec: task.ModelSpec,
-                       context: Context) -> _Received:
+def _decoded_broadcast(blob: np.ndarray, config: RunConfig, party: _Party, context: Context) -> _Received:
     """A lossless broadcast decoded once per process and state, not once per client.
 
     A round's clients get blobs that differ (a replay from the version each node holds, a
@@ -204,19 +233,18 @@ def _decoded_broadcast(blob: np.ndarray, config: RunConfig, mode: MaskMode, spec
     each node's context is pickled to and from a worker, so nothing is shared there).
     """
     raw = np.ascontiguousarray(blob, dtype=np.uint8)
-    sent = envelope(raw, spec.fingerprint)
-    key = (config, mode.name, sent.target)
+    sent = envelope(raw, party.fingerprint)
+    key = (config, party.mode, sent.target)
     found = _RECEIVED.get(key)
     if found is not None and (sent.base is None or sent.base[0] == 0 or sent.base == _held_version(context)):
         return found
-    got = downlink.receive(raw, spec.layout, spec.fingerprint, _held(context),
-                           lambda: _initial_state(config, mode.name), _replay(config), mode.vote_contexts,
-                           _rebuild(config, mode, spec))
+    got = downlink.receive(raw, party.layout, party.fingerprint, _held(context),
+                           lambda: _initial_state(config, party.mode), party.replay, party.contexts, party.rebuild)
     for array in got.state.values():
         array.setflags(write=False)
     while len(_RECEIVED) >= _RECEIVED_KEPT:
         del _RECEIVED[next(iter(_RECEIVED))]
-    received = _RECEIVED[(config, mode.name, (got.version, got.digest))] = _Received(
+    received = _RECEIVED[(config, party.mode, (got.version, got.digest))] = _Received(
         got, {k: Array(np.ascontiguousarray(v)) for k, v in got.state.items()})
     return received
 
@@ -226,11 +254,8 @@ def receive_lossless(blob: np.ndarray, instruction: TrainInstruction, context: C
     """The server's exact state from a lossless broadcast; kept in ``context.state`` for the
     next one; and the reply's confirmation of what this node now holds."""
     config = instruction.config
-    mode = task.mode_of(config, instruction.mask_mode)
-    _, spec = model_for(config, instruction.mask_mode)
-    assert mode is not None and spec is not None
     try:
-        received = _decoded_broadcast(blob, config, mode, spec, context)
+        received = _decoded_broadcast(blob, config, _party(config, instruction.mask_mode), context)
     finally:  # a failed receive leaves nothing stale
         for key in (downlink.HELD_STATE, downlink.HELD_META):
             if key in context.state:

@@ -41,6 +41,9 @@ _DOWNLINK = {
     "quantized": "2**downlink-bits uniform levels per tensor, entropy-coded with their histogram (lossy)",
     "lossless": "the exact state: each node gets the entropy-coded votes since the state it holds and "
                 "replays the server's update (FedPM: the counts), or the float32 state (plug-ins)",
+    "ef-qsgd": "dense baselines: the round's update QSGD-quantized (2**(downlink-bits-1) - 1 levels) and "
+               "entropy-coded, server error feedback (DoubleSqueeze); nodes that missed rounds get the updates "
+               "since the state they hold, or the float32 state",
 }
 _ATTACKS = {
     "none": "every client is honest",

@@ -209,8 +209,11 @@ class RunConfig:
                             "gamma of the way")
     downlink_codec: str = _key("lossless", "how the server codes the broadcast state: 'lossless' sends each node "
                                "the coded votes since the state it holds (exact); float32, float16, quantized "
-                               "send the state", choices=DOWNLINK_CODECS)
-    downlink_bits: int = _key(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'",
+                               "send the state; for the dense baselines, 'ef-qsgd' sends each node the "
+                               "QSGD-quantized round updates since the state it holds, with server error feedback "
+                               "(DoubleSqueeze)", choices=DOWNLINK_CODECS)
+    downlink_bits: int = _key(8, "levels (2**bits) per tensor for downlink-codec = 'quantized'; 'ef-qsgd': "
+                              "2**(bits-1) - 1 QSGD levels and a sign",
                               check=lambda v: 2 <= v <= 16, rule="in 2..16")
     min_clients: int = _key(1, "usable uploads a round needs; with fewer it is skipped and "
                             "the global state stays", check=_between(1, 10_000_000), rule="in 1..10^7")

@@ -43,6 +43,15 @@ forgets a node that did not answer (it may or may not have taken the broadcast).
 that cannot use a replay (its state is gone) fails the round with a clear error; the
 server then knows nothing of it and sends it a self-contained broadcast next time.
 
+The dense baselines' ``ef-qsgd`` downlink is this protocol too: a step is the round's
+update as the server squeezed it (QSGD levels with server error feedback,
+:class:`fedmask.methods.dense.SqueezedDownlink`), its few values per tensor coded as votes
+are (one context), and the replay adds it to the state the node holds
+(:func:`fedmask.methods.dense.apply_update`), as the server did to its own state: the
+quantization is lossy, the broadcast of its result is exact. The initial state is the
+seed's dense weights; after a resume, until a node confirms a state, it is sent the
+float32 state.
+
 The bytes of each broadcast are :mod:`fedmask.wire.lossless`'s.
 """
 

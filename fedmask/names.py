@@ -31,7 +31,9 @@ OPTIMIZERS = ("adam", "sgd")
 
 # the bytes each way
 UPLINK_CODECS = ("packbits", "entropy", "relative-entropy")
-DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")
+DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless", "ef-qsgd")
+MASK_DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")  # what a mask state can be sent as
+DENSE_DOWNLINK_CODECS = ("float32", "lossless", "ef-qsgd")  # dense weights: as they are, or the update squeezed
 COMPRESSORS = ("sign", "scaled-sign", "qsgd", "topk")  # the compressed dense baselines' uploads
 
 # faults and attacks the simulator injects

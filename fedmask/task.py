@@ -122,4 +122,6 @@ def dense_state(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_dense_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    # a read-only array (a decoded broadcast shared by a process's clients) is copied, not shared with torch
+    model.load_state_dict({k: torch.as_tensor(v if v.flags.writeable else np.array(v)) for k, v in state.items()},
+                          strict=True)

@@ -33,14 +33,16 @@ from fedmask.downlink import LosslessDownlink
 from fedmask.faults import robustness_warning
 from fedmask.methods import Method
 from fedmask.methods.base import MaskAggregator
+from fedmask.methods.dense import SqueezedDownlink, dense_fingerprint, downlink_levels, update_contexts
 from fedmask.methods.fedpm import FedPMAggregator
 from fedmask.methods.votes import VoteRule, Voting
 from fedmask.preflight import check_before_start
-from fedmask.record.checkpoint import Checkpoint, check_resumable, config_digest
+from fedmask.record.checkpoint import Checkpoint, check_resumable, config_digest, residual_of
 from fedmask.record.ledger import Ledger, MeasuringGrid
 from fedmask.record.results import RoundOutcome, RunRecorder, RunStopped
 from fedmask.record.totals import fedavg_round_bytes
 from fedmask.recycling import RecycleLog, sync_frozen
+from fedmask.wire.frame import Layout
 from server.nodes import node_placement, warm_up
 from server.secure import SecureFedPM, legacy_context, save_final_state, secagg_workflow
 from server.strategies import CompressedFedAvg, DenseFedAvg, MaskStrategy, SeededFedAvg, Start, state_record
@@ -70,7 +72,7 @@ class ServerRun:
     def aggregator_memory(self) -> dict[str, np.ndarray]:
         """What a checkpoint keeps besides the state: the aggregator's memory, the recycling log."""
         if self.aggregator is None:
-            return {}
+            return self.strategy.memory()  # the dense baselines: the ef-qsgd downlink's residual, or nothing
         memory = self.aggregator.state_dict()
         if self.config.recycle_every and isinstance(self.strategy, MaskStrategy):
             memory |= {_RECYCLE_PREFIX + k: v for k, v in self.strategy.recycle_log.to_arrays().items()}
@@ -154,10 +156,25 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False, deployment: bo
 def _dense_strategy(config: RunConfig, method: Method, ledger: Ledger, initial: dict[str, np.ndarray],
                     resumed: Resumed | None, options: dict[str, Any]) -> SeededFedAvg:
     start = resumed.start if resumed else Start(initial)
+    if config.downlink_codec == "ef-qsgd":
+        options = {**options, **_squeezed_downlink(config, initial, start, resumed.memory if resumed else {})}
     coding = method.compression(config)
     if coding is None:
         return DenseFedAvg(config, ledger, start, VoteRule.from_config(config), **options)
     return CompressedFedAvg(config, ledger, start, VoteRule.from_config(config), coding, **options)
+
+
+def _squeezed_downlink(config: RunConfig, initial: dict[str, np.ndarray], start: Start,
+                       memory: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The ef-qsgd downlink of a dense run: the server's squeezer (its residual from the
+    checkpoint when resuming) and the per-node history of the updates it sends, from the
+    seed's weights (version 0), which every node regenerates."""
+    layout = Layout.from_arrays(initial)
+    residual = residual_of(memory)  # checked by check_resumable
+    lossless = LosslessDownlink.create(layout, dense_fingerprint(layout, config.seed, config.model), update_contexts,
+                                       True, False, start.state, start.rounds_done, initial)
+    squeeze = SqueezedDownlink(downlink_levels(config.downlink_bits), config.seed, residual or None)
+    return {"lossless": lossless, "squeeze": squeeze}
 
 
 def fedavg_equivalent(config: RunConfig, splits: Splits) -> dict[str, int]:

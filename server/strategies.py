@@ -11,7 +11,12 @@ others. Each variant overrides those hooks and nothing else:
 - :class:`DenseFedAvg`: Flower's own FedAvg aggregation of float32 weights (the baseline);
 - :class:`CompressedFedAvg`: the compressed dense baselines' coded updates;
 - :class:`MaskStrategy`: coded masks folded into a :class:`~fedmask.methods.base.MaskAggregator`,
-  and the broadcast of the new state (:mod:`fedmask.downlink`).
+  and the broadcast of the new state.
+
+With a per-node downlink (:mod:`fedmask.downlink`: the masks' ``lossless``, the dense
+baselines' ``ef-qsgd``) the template also sends each node the shortest broadcast it can
+use and learns from the replies what each node holds; :meth:`SeededFedAvg.commit` is where
+a dense round's update is squeezed before it becomes the state.
 
 A resumed run's rounds are numbered from its checkpoint in one place, :meth:`SeededFedAvg.round_of`.
 """
@@ -34,11 +39,19 @@ from fedmask.core.sampling import sample_partitions
 from fedmask.downlink import CONFIRM, LosslessDownlink
 from fedmask.downlink import RECORD as LOSSLESS_RECORD
 from fedmask.methods.base import MaskAggregator, MaskMode, Masks, RoundResult, State
-from fedmask.methods.dense import Compressed, dense_aggregate, state_problem
+from fedmask.methods.dense import (
+    Compressed,
+    SqueezedDownlink,
+    apply_update,
+    dense_aggregate,
+    dense_fingerprint,
+    state_problem,
+)
 from fedmask.methods.votes import VoteRule, Voting
 from fedmask.protocol.instruction import TrainInstruction
 from fedmask.protocol.placement import TRAINED_RECORD
 from fedmask.protocol.replies import BadArray, checked_numpy
+from fedmask.record.checkpoint import RESIDUAL_PREFIX
 from fedmask.record.diagnostics import DriftTally, round_diagnostics
 from fedmask.record.failures import Failure
 from fedmask.record.ledger import Ledger
@@ -137,12 +150,15 @@ class SeededFedAvg(FedAvg):
     and a record of every round's outcome."""
 
     def __init__(self, run_config: RunConfig, ledger: Ledger, mask_mode: str | None, start: Start,
-                 partition_sizes: tuple[int, ...] | None = None, deployment: bool = False):
+                 partition_sizes: tuple[int, ...] | None = None, deployment: bool = False,
+                 lossless: LosslessDownlink | None = None):
         """``partition_sizes``: each partition's train samples, when the server knows them (a
         client's weight above its partition's size is refused); ``deployment`` (``flwr run``):
-        query the nodes for the partitions they hold, instead of placing partitions by index."""
+        query the nodes for the partitions they hold, instead of placing partitions by index;
+        ``lossless``: the per-node downlink's history (None: every node gets :meth:`broadcast`)."""
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
         self.run_config, self.ledger, self.mask_mode = run_config, ledger, mask_mode
+        self.lossless = lossless
         self.state = start.state
         self.rounds_done = start.rounds_done
         self.outcomes: dict[int, RoundOutcome] = dict(start.outcomes)
@@ -182,11 +198,25 @@ class SeededFedAvg(FedAvg):
                 TrainInstruction(cfg, server_round, pid, self.mask_mode, node_data=self.deployment).to_flat())
             messages.append(Message(RecordDict({"arrays": arrays, "config": instruction}), dst_node_id=nodes[pid],
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
+        if self.lossless is not None:
+            self._per_node_broadcasts(server_round, messages)
         return messages
 
     def broadcast(self) -> ArrayRecord:
-        """What every train message carries of the current state (the float32 state, by default)."""
-        return state_record(self.state)
+        """What every train message carries of the current state (the float32 state, by
+        default; nothing with a per-node downlink, which replaces it node by node)."""
+        return ArrayRecord() if self.lossless is not None else state_record(self.state)
+
+    def _per_node_broadcasts(self, server_round: int, messages: list[Message]) -> None:
+        """Each node's broadcast: the shortest one it can turn into the current state."""
+        assert self.lossless is not None
+        kinds: dict[str, int] = {}
+        for message in messages:
+            blob, kind = self.lossless.message_for(message.metadata.dst_node_id, self.state)
+            message.content["arrays"] = ArrayRecord({LOSSLESS_RECORD: Array(blob)})
+            kinds[kind] = kinds.get(kind, 0) + 1
+        self.lossless.sent([m.metadata.dst_node_id for m in messages])
+        self.outcome(server_round).broadcasts = kinds
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the server evaluates the global model itself
@@ -222,11 +252,20 @@ class SeededFedAvg(FedAvg):
             log.warning("round %d: %s", server_round, reason)
             self.outcome(server_round).skipped = reason
             return None, None
-        self.state = new_state
+        self.state = self.commit(server_round, new_state)
         return state_record(self.state), self.finish_round(server_round, folded)
 
     def received(self, replies: list[Message]) -> None:
-        """Every reply of the round, before any is decoded (nothing, by default)."""
+        """Every reply of the round, before any is decoded: with a per-node downlink, what
+        each node that answered now holds; nodes that did not are forgotten."""
+        if self.lossless is None:
+            return
+        for reply in replies:
+            node = self.ledger.sent_to.get(reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1))[1]
+            record = reply.content.config_records.get(CONFIRM) if reply.has_content() else None
+            if record is not None:
+                self.lossless.confirm(node, record.get("version"), record.get("digest"))
+        self.lossless.end_round()
 
     def decode(self, server_round: int, reply: Message) -> Any:
         """A usable reply's upload, checked (RejectedReply or WireError when it is bad)."""
@@ -246,6 +285,14 @@ class SeededFedAvg(FedAvg):
     def refused(self, new_state: State) -> str | None:
         """Why the round's new state must not replace the current one (None: it may)."""
         return None
+
+    def commit(self, server_round: int, new_state: State) -> State:
+        """The state the round leaves, from the one it made (accepted): itself, by default."""
+        return new_state
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps of the strategy besides the state (nothing, by default)."""
+        return {}
 
     # ------------------------------------------------------------ the shared checks and records
 
@@ -313,12 +360,20 @@ class SeededFedAvg(FedAvg):
 
 
 class DenseFedAvg(SeededFedAvg):
-    """The dense float32 baseline: Flower's FedAvg aggregation on checked replies."""
+    """The dense float32 baseline: Flower's FedAvg aggregation on checked replies.
 
-    def __init__(self, run_config: RunConfig, ledger: Ledger, start: Start, rule: VoteRule, **options: Any):
+    With ``squeeze`` (``downlink-codec = "ef-qsgd"``) the round's new weights are not
+    broadcast as they are: :meth:`commit` moves the state by the squeezed update, which
+    is what the lossless downlink (``lossless``, required then) sends each node."""
+
+    def __init__(self, run_config: RunConfig, ledger: Ledger, start: Start, rule: VoteRule,
+                 squeeze: SqueezedDownlink | None = None, **options: Any):
         super().__init__(run_config, ledger, None, start, **options)
-        self.rule = rule
+        if (squeeze is None) != (self.lossless is None):
+            raise ValueError("DenseFedAvg: a squeezed downlink needs the lossless downlink's history, and only it")
+        self.rule, self.squeeze = rule, squeeze
         self.reference = {k: (v.shape, v.dtype) for k, v in start.state.items()}
+        self.layout = Layout.from_arrays(start.state)
         self.folded: list[tuple[Any, float]] = []
 
     def decode(self, server_round: int, reply: Message) -> dict[str, np.ndarray]:
@@ -349,6 +404,22 @@ class DenseFedAvg(SeededFedAvg):
         well-formed: the state they make must be finite and not blown up."""
         return state_problem(new_state, self.state)
 
+    def commit(self, server_round: int, new_state: State) -> State:
+        """``ef-qsgd``: the state moves by the squeezed update, as every node's will (the
+        residual stays here); the downlink records the step it sends."""
+        if self.squeeze is None or self.lossless is None:
+            return new_state
+        sent = self.squeeze.step(server_round, self.state, new_state, self.layout)
+        state = apply_update(self.state, sent)
+        self.lossless.record(server_round, self.state, state, sent, 0.0, apply_update)
+        return state
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """The squeezed downlink's residual (a resumed run goes on as the uninterrupted one)."""
+        if self.squeeze is None:
+            return {}
+        return {RESIDUAL_PREFIX + name: value for name, value in self.squeeze.residual.items()}
+
 
 class CompressedFedAvg(DenseFedAvg):
     """The compressed dense baselines (SignSGD, EF-SignSGD, QSGD, top-k): clients upload a
@@ -359,8 +430,7 @@ class CompressedFedAvg(DenseFedAvg):
                  **options: Any):
         super().__init__(run_config, ledger, start, rule, **options)
         self.coding = coding
-        self.layout = Layout.from_arrays(start.state)
-        self.fingerprint = self.layout.fingerprint(run_config.seed, run_config.model, "dense")
+        self.fingerprint = dense_fingerprint(self.layout, run_config.seed, run_config.model)
 
     def decode(self, server_round: int, reply: Message) -> dict[str, np.ndarray]:
         return self.coding.decode(single_blob(reply, "update"), self.layout, self.fingerprint,
@@ -379,8 +449,8 @@ class MaskStrategy(SeededFedAvg):
                  recycle_log: RecycleLog | None = None, **options: Any):
         """``lossless``: the lossless downlink's history (None: the stateless ``downlink-codec``);
         ``recycle_log``: the weight-recycling events so far."""
-        super().__init__(run_config, ledger, aggregator.mask_mode, start, **options)
-        self.aggregator, self.mode, self.spec, self.lossless = aggregator, mode, spec, lossless
+        super().__init__(run_config, ledger, aggregator.mask_mode, start, lossless=lossless, **options)
+        self.aggregator, self.mode, self.spec = aggregator, mode, spec
         if run_config.recycle_every and not mode.recyclable:
             raise ValueError(f"recycle-every: weight recycling needs a top-k mask method (edge-popup, "
                              f"biprop); {run_config['method']!r} trains {mode.name!r} masks")
@@ -431,37 +501,13 @@ class MaskStrategy(SeededFedAvg):
         self.prior = self.mode.prior(deployed)
         self._reference = self.mode.global_mask(deployed)
         messages = super().train_messages(server_round, grid)
-        if self.lossless is not None:
-            self._lossless_messages(server_round, messages)
         if self.run_config.recycle_every:
             record = self.recycle_log.to_record()
             for message in messages:
                 message.content[RECORD] = record
         return messages
 
-    def _lossless_messages(self, server_round: int, messages: list[Message]) -> None:
-        """Each node's broadcast: the shortest one it can turn into the current state."""
-        assert self.lossless is not None
-        kinds: dict[str, int] = {}
-        for message in messages:
-            blob, kind = self.lossless.message_for(message.metadata.dst_node_id, self.state)
-            message.content["arrays"] = ArrayRecord({LOSSLESS_RECORD: Array(blob)})
-            kinds[kind] = kinds.get(kind, 0) + 1
-        self.lossless.sent([m.metadata.dst_node_id for m in messages])
-        self.outcome(server_round).broadcasts = kinds
-
     # ------------------------------------------------------------ the round
-
-    def received(self, replies: list[Message]) -> None:
-        """What each node that answered now holds (lossless downlink); nodes that did not are forgotten."""
-        if self.lossless is None:
-            return
-        for reply in replies:
-            node = self.ledger.sent_to.get(reply.metadata.reply_to_message_id, (0, reply.metadata.src_node_id, -1))[1]
-            record = reply.content.config_records.get(CONFIRM) if reply.has_content() else None
-            if record is not None:
-                self.lossless.confirm(node, record.get("version"), record.get("digest"))
-        self.lossless.end_round()
 
     def decode(self, server_round: int, reply: Message) -> tuple[Masks, int, np.ndarray]:
         """The upload's votes for the aggregation rule, checked, with its partition and bytes;

@@ -184,7 +184,7 @@ def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(
     checks, not answered from the process's cache, and so is the intact blob when the node
     belongs to another run (fingerprint); the intact blob is answered from the cache
     without decoding."""
-    from types import SimpleNamespace
+    import dataclasses
 
     from flwr.app import Context, RecordDict
 
@@ -192,21 +192,21 @@ def test_a_state_decoded_in_the_process_is_not_given_for_a_corrupted_blob_of_it(
 
     config, aggregator, downlink, states = _server_rounds("bernoulli", 2)
     blob, _ = downlink.message_for(1, states[-1])
-    spec = SimpleNamespace(layout=LAYOUT, fingerprint=FP)
     mode = task.mode_of(config, "bernoulli")
+    party = client_module._Party("bernoulli", LAYOUT, FP, None, mode.vote_contexts, None)
     held = Held(downlink.current, downlink.versions[downlink.current], states[-1])
     received = client_module._Received(held, {})
     monkeypatch.setattr(client_module, "_RECEIVED", {(config, "bernoulli", (held.version, held.digest)): received})
     monkeypatch.setattr(client_module.downlink, "receive", lambda *a, **k: pytest.fail("decoded again"))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    assert client_module._decoded_broadcast(blob, config, mode, spec, context) is received
+    assert client_module._decoded_broadcast(blob, config, party, context) is received
     bad = blob.copy()
     bad[flip] ^= 0x10
     with pytest.raises(WireError, match="crc32|header"):
-        client_module._decoded_broadcast(bad, config, mode, spec, context)
-    other_run = SimpleNamespace(layout=LAYOUT, fingerprint=b"87654321")
+        client_module._decoded_broadcast(bad, config, party, context)
+    other_run = dataclasses.replace(party, fingerprint=b"87654321")
     with pytest.raises(WireError, match="fingerprint"):
-        client_module._decoded_broadcast(blob, config, mode, other_run, context)
+        client_module._decoded_broadcast(blob, config, other_run, context)
 
 
 def test_broadcast_for_another_model_is_refused():

@@ -39,7 +39,7 @@ from fedmask.methods.edge_popup import EdgePopupAggregator, TopK
 from fedmask.methods.fedpm import Bernoulli, FedPMAggregator
 from fedmask.methods.laperm import LaPerm, LaPermAggregator
 from fedmask.methods.slot_machines import SlotMachineAggregator, Slots
-from fedmask.names import DENSE_ATTACKS, MASK_MODES
+from fedmask.names import DENSE_ATTACKS, DENSE_DOWNLINK_CODECS, MASK_MODES
 
 __all__ = ["BUILTIN", "MODES", "Method", "PluginError", "Restriction", "get_method", "is_plugin_name", "load_plugin",
            "mode_of"]
@@ -102,7 +102,8 @@ def mode_of(name: str) -> type[MaskMode]:
 _DENSE_RULES = {
     "recycle-every": Restriction((0,), "weight recycling ranks top-k scores: edge-popup, biprop"),
     "attack": Restriction(DENSE_ATTACKS, "the other attacks rewrite mask votes"),
-    "downlink-codec": Restriction(("float32", "lossless"), "the dense baseline sends its float32 weights as they are"),
+    "downlink-codec": Restriction(DENSE_DOWNLINK_CODECS, "the dense baselines send their float32 weights as they "
+                                  "are, or with 'ef-qsgd' their round update quantized"),
 }
 _TOPK_KEYS = ("density", "edge-popup-server-lr", "edge-popup-server-rule", "edge-popup-vote-weight",
               "edge-popup-levels", "recycle-every", "recycle-fraction")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fedmask.core.masking import SeededTensor, set_scores
-from fedmask.names import MASK_ATTACKS
+from fedmask.names import MASK_ATTACKS, MASK_DOWNLINK_CODECS
 from fedmask.wire.frame import Layout
 from fedmask.wire.masks import BINARY_CODECS, Prior, decode_masks, encode_masks
 
@@ -183,7 +183,9 @@ class MaskMode(ABC):
     @classmethod
     def restrictions(cls) -> dict[str, Restriction]:
         """What this mode cannot do, whichever rule (built-in or plug-in) aggregates it."""
-        rules = {"attack": Restriction(MASK_ATTACKS, "a mask upload is bits: 'poison' scales dense updates")}
+        rules = {"attack": Restriction(MASK_ATTACKS, "a mask upload is bits: 'poison' scales dense updates"),
+                 "downlink-codec": Restriction(MASK_DOWNLINK_CODECS, "'ef-qsgd' quantizes a dense model's update; "
+                                               "a mask state goes exactly as 'lossless'")}
         if not cls.probabilistic:
             rules["uplink-codec"] = Restriction(BINARY_CODECS, "relative-entropy codes a sample of per-weight "
                                                 "probabilities: FedPM's Bernoulli masks")

@@ -16,6 +16,14 @@ are :mod:`fedmask.wire.updates`):
   ``qsgd-levels`` levels by stochastic rounding (unbiased), range-coded.
 - ``topk-ef`` (Stich et al., NeurIPS 2018): the ``topk-fraction`` largest ``|p|`` of each
   tensor, with error feedback.
+
+Their downlink is the float32 state, or with ``downlink-codec = "ef-qsgd"`` the round's
+update squeezed as DoubleSqueeze's server does (Tang et al., "DoubleSqueeze: Parallel
+Stochastic Gradient Descent with Double-pass Error-Compensated Compression", ICML 2019):
+the server QSGD-quantizes ``new - previous + e`` (:class:`SqueezedDownlink`), keeps the
+residual ``e`` for the next round, and every party, the server included, moves its state
+by the quantized update alone (:func:`apply_update`), so all hold the same model. The
+update's values travel as the lossless downlink's steps (:mod:`fedmask.downlink`).
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmask.core.weights import derive_seed
 from fedmask.methods.base import Settings, State
 from fedmask.methods.votes import VoteRule, relative
 from fedmask.names import COMPRESSORS
 from fedmask.wire.frame import Layout
-from fedmask.wire.updates import Update, compress, decompress
+from fedmask.wire.lossless import Contexts
+from fedmask.wire.updates import Update, compress, decompress, qsgd_quantize
 
 MEAN = VoteRule()  # the plain (weighted) mean: no robust rule
 
@@ -168,3 +178,58 @@ class Compressed:
 
     def aggregate(self, state: State, updates: list[Update], weights: list[float], rule: VoteRule = MEAN) -> State:
         return aggregate_updates(self.compressor, state, updates, weights, self.sign_lr, rule)
+
+
+# ---------------------------------------------------------------- the ef-qsgd downlink
+
+
+def dense_fingerprint(layout: Layout, seed: int, model: str) -> bytes:
+    """The fingerprint of a dense model's bytes, uploads and broadcasts alike."""
+    return layout.fingerprint(seed, model, "dense")
+
+
+def downlink_levels(bits: int) -> int:
+    """QSGD's ``s`` for ``downlink-bits``: ``2**(bits - 1) - 1`` magnitudes and a sign, so a
+    tensor's update takes at most ``2**bits - 1`` values (before entropy coding)."""
+    return 2 ** (bits - 1) - 1
+
+
+def apply_update(state: State, update: State, clients: float = 0.0) -> State:
+    """A dense state moved by a broadcast update, in float32: the server's step and every
+    node's replay of it (``clients`` is unused; the lossless downlink's replay signature)."""
+    return {name: (np.asarray(value, np.float32) + np.asarray(update[name], np.float32)).astype(value.dtype)
+            for name, value in state.items()}
+
+
+def update_contexts(state: State) -> Contexts:
+    """One context for every entry: nothing in the previous state predicts a QSGD level."""
+    return {name: (np.zeros(np.asarray(value).size, dtype=np.int64), 1) for name, value in state.items()}
+
+
+class SqueezedDownlink:
+    """The server's half of DoubleSqueeze (Tang et al., ICML 2019) with QSGD's quantizer
+    (Alistarh et al., NeurIPS 2017): per round, ``p = (new - previous) + e``, the sent update
+    ``C(p)`` QSGD-quantized with ``levels`` per tensor (seeded by ``(seed, round)``) and
+    shrunk by its least-squares factor, which makes it a contraction
+    (:func:`~fedmask.wire.updates.qsgd_quantize`), and the residual ``e = p - C(p)`` kept for
+    the next round. Over rounds the updates sent add up to the true ones less the last
+    residual: nothing the quantizer drops is lost, and the residual stays bounded."""
+
+    def __init__(self, levels: int, seed: int, residual: State | None = None):
+        self.levels, self.seed = levels, seed
+        self.feedback = ErrorFeedback(residual)
+
+    @property
+    def residual(self) -> State:
+        return self.feedback.memory
+
+    def step(self, server_round: int, previous: State, new: State, layout: Layout) -> State:
+        """The update to broadcast for the move ``previous -> new``; the residual is kept."""
+        true = {name: np.asarray(new[name], np.float32) - np.asarray(previous[name], np.float32)
+                for name, _ in layout.shapes}
+        corrected = self.feedback.add(true)
+        rng = np.random.default_rng(derive_seed(self.seed, "downlink", server_round))
+        sent = qsgd_quantize(corrected, layout, self.levels, rng, shrink=True)
+        sent = {name: value + np.float32(0) for name, value in sent.items()}  # -0.0 -> 0.0: one zero on the wire
+        self.feedback.keep(corrected, sent)
+        return sent

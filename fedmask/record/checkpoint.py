@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from fedmask.config import RunConfig
 
 FILENAME = "checkpoint.npz"
+RESIDUAL_PREFIX = "downlink-residual/"  # the ef-qsgd downlink's error feedback, in the ``aggregator`` arrays
 
 
 class CheckpointError(ValueError):
@@ -149,6 +150,8 @@ def check_resumable(run_dir: Path, config: RunConfig, expected: dict[str, np.nda
         raise CheckpointError(f"{run_dir / FILENAME} says round {done}, outside 0..{config.num_rounds}")
     if expected is not None:
         _check_state(run_dir / FILENAME, checkpoint.state, expected)
+        if config.downlink_codec == "ef-qsgd" and done:
+            _check_residual(run_dir / FILENAME, checkpoint.aggregator, expected)
     rounds_path = run_dir / "rounds.jsonl"
     try:
         rounds = [row["round"] for row in read_rounds(rounds_path, done)]
@@ -158,6 +161,21 @@ def check_resumable(run_dir: Path, config: RunConfig, expected: dict[str, np.nda
         raise CheckpointError(f"{rounds_path} disagrees with the checkpoint: it is after round {done}, but "
                               f"rounds.jsonl holds rounds {rounds[:5]}{'...' if len(rounds) > 5 else ''}")
     return done
+
+
+def residual_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ef-qsgd downlink's residual among a checkpoint's ``aggregator`` arrays, by tensor."""
+    return {k[len(RESIDUAL_PREFIX):]: v for k, v in arrays.items() if k.startswith(RESIDUAL_PREFIX)}
+
+
+def _check_residual(path: Path, arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """The server's residual (what the ef-qsgd downlink owes the nodes): the state's tensors, finite floats."""
+    residual = residual_of(arrays)
+    if sorted(residual) != sorted(expected) or any(
+            residual[k].shape != v.shape or residual[k].dtype.kind != "f" or not np.isfinite(residual[k]).all()
+            for k, v in expected.items()):
+        raise CheckpointError(f"{path}: the ef-qsgd downlink's residual: expected finite floats of the state's "
+                              f"tensors {sorted(expected)[:5]}, got {sorted(residual)[:5]} (or other shapes or values)")
 
 
 def _check_state(path: Path, state: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:

@@ -135,15 +135,46 @@ def _read_sign(reader: _Fields, name: str, size: int, scaled: bool) -> np.ndarra
 # ---------------------------------------------------------------- QSGD
 
 
-def _qsgd(values: np.ndarray, levels: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+def _qsgd_levels(values: np.ndarray, levels: int, rng: np.random.Generator) -> tuple[np.float32, np.ndarray]:
+    """QSGD's stochastic rounding of one tensor: its norm, and per entry a level in 0..s,
+    ``floor(|v| / norm * s)`` plus one with the probability of the remainder (unbiased)."""
     norm = np.float32(np.linalg.norm(values.astype(np.float64)))
     if norm == 0 or not values.size:
-        level = np.zeros(values.size, dtype=np.int64)
-    else:
-        scaled = np.abs(values.astype(np.float64)) / float(norm) * levels
-        floor = np.floor(scaled)
-        level = (floor + (rng.random(values.size) < scaled - floor)).astype(np.int64)
-        level = np.minimum(level, levels)
+        return norm, np.zeros(values.size, dtype=np.int64)
+    scaled = np.abs(values.astype(np.float64)) / float(norm) * levels
+    floor = np.floor(scaled)
+    level = (floor + (rng.random(values.size) < scaled - floor)).astype(np.int64)
+    return norm, np.minimum(level, levels)
+
+
+def qsgd_quantize(update: Mapping[str, np.ndarray], layout: Layout, levels: int, rng: np.random.Generator,
+                  shrink: bool = False) -> Update:
+    """What a ``qsgd`` upload of ``update`` decodes to (float32 by tensor, at most ``2 * levels
+    + 1`` values each), without the bytes: for a sender that codes the values another way
+    (the ``ef-qsgd`` downlink, :mod:`fedmask.downlink`). Draws from ``rng`` as :func:`compress` does.
+
+    ``shrink``: each tensor scaled by ``a = 1 / (1 + w)``, ``w = E||Q(v) - v||^2 / ||v||^2``
+    the rounding's relative variance for this very ``v`` (``sum f (1 - f) / s^2`` over the
+    fractional parts ``f`` of ``|v| / ||v|| * s``). ``a`` minimises ``E||a Q(v) - v||^2``
+    (``Q`` unbiased: ``E||Q(v)||^2 = (1 + w) ||v||^2``), and the minimum, ``w / (1 + w)
+    ||v||^2``, is below ``||v||^2``: a contraction, as error feedback needs. Unscaled,
+    QSGD's variance passes ``||v||^2`` once a tensor has more than about ``s^2`` entries,
+    and a residual fed back grows round after round.
+    """
+    out = {}
+    for name, shape in layout.shapes:
+        values = np.asarray(update[name], dtype=np.float32).ravel()
+        norm, level = _qsgd_levels(values, levels, rng)
+        if shrink and norm > 0:
+            scaled = np.abs(values.astype(np.float64)) / float(norm) * levels
+            fraction = scaled - np.floor(scaled)
+            norm = np.float32(float(norm) / (1.0 + float((fraction * (1 - fraction)).sum()) / levels**2))
+        out[name] = _dequantize(float(norm), level, values[level > 0] >= 0, levels).reshape(shape)
+    return out
+
+
+def _qsgd(values: np.ndarray, levels: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    norm, level = _qsgd_levels(values, levels, rng)
     nonzero = level > 0
     counts = np.bincount(level, minlength=levels + 1).astype("<u4")
     coded = _range_code(level, counts)

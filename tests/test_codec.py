@@ -62,7 +62,7 @@ def test_round_trip_and_wire_format(layout, seed, p):
     assert blob.size == HEADER + math.ceil(bits / 8)
     magic, version, codec, reserved, count, got_fp, crc = struct.unpack(SPEC_HEADER, blob[:HEADER].tobytes())
     payload = np.packbits(np.concatenate([masks[name].ravel() for name, _ in layout.shapes]))
-    assert (magic, version, codec, reserved, count, got_fp) == (b"FMSK", 3, 1, 0, bits, fp)
+    assert (magic, version, codec, reserved, count, got_fp) == (b"FMSK", 4, 1, 0, bits, fp)
     assert np.array_equal(blob[HEADER:], payload)
     assert crc == zlib.crc32(payload.tobytes())
     decoded = decode_masks(blob, layout, fp)

@@ -171,7 +171,7 @@ def test_entropy_round_trip(sizes, two_d, kind, seed):
 
     assert blob.dtype == np.uint8 and blob.ndim == 1
     magic, version, codec, reserved, count, fp, crc = SPEC_HEADER.unpack(blob[:HEADER].tobytes())
-    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 3, 2, 0, layout.num_params, FP)
+    assert (magic, version, codec, reserved, count, fp) == (b"FMSK", 4, 2, 0, layout.num_params, FP)
     assert crc == spec_crc(blob[HEADER:].tobytes(), prior, layout)
 
     sections = parse_sections(blob)
@@ -397,12 +397,13 @@ def test_every_single_bit_flip_is_refused(bit, seed):
         assert err.field == "crc32"
 
 
-def test_an_upload_whose_format_bit_flipped_from_3_to_2_is_refused():
-    """The CRC does not cover the header: version 3 with its lowest bit flipped reads as
-    format 2, which is only accepted from the server's own recycling log (found by the
-    bit-flip property test above)."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_upload_whose_format_byte_reads_an_older_version_is_refused(version):
+    """The CRC does not cover the header: a version-4 upload whose format byte reads 2 or 3
+    (one flipped bit turned 3 into 2 before format 4, found by the bit-flip property test
+    above) is refused; older formats are only accepted from the server's own recycling log."""
     blob, layout, _, prior = mixed_blob(0)
-    blob[4] ^= np.uint8(1)  # the format byte: 3 -> 2
+    blob[4] = np.uint8(version)
     assert rejected(blob, layout, prior).field == "format version"
 
 
@@ -499,7 +500,7 @@ def tamper(blob: np.ndarray, index: int, **changes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-@pytest.mark.parametrize("model", [3, 7, 255])
+@pytest.mark.parametrize("model", [4, 7, 255])
 def test_unknown_model_id_refused(index, model):
     blob, layout, _, prior = mixed_blob()
     err = rejected(tamper(blob, index, model=model), layout, prior)
@@ -649,7 +650,7 @@ def test_format_2_uploads_from_earlier_checkpoints_still_decode():
     built here from format 2's spec (a side section group by group, one coder symbol per
     bit; a frequency section bit by bit) with a version-2 header, it decodes to its mask
     when format 2 is asked for (as the recycling log's reader does); as an upload (the
-    default), and versions 1 and 4 always, it is refused naming the format version."""
+    default), and versions 1 and 5 always, it is refused naming the format version."""
     import constriction
 
     rng = np.random.default_rng(2)
@@ -671,8 +672,8 @@ def test_format_2_uploads_from_earlier_checkpoints_still_decode():
     header = SPEC_HEADER.pack(b"FMSK", 2, 2, 0, layout.num_params, FP, 0)
     blob = reseal(header + payload, prior=prior, layout=layout)
     assert_same_masks(decode_masks(blob, layout, FP, prior, formats=READABLE_FORMATS), masks, layout)
-    assert rejected(blob, layout, prior).field == "format version"  # an upload must be format 3
-    for version in (1, 4):
+    assert rejected(blob, layout, prior).field == "format version"  # an upload must be format 4
+    for version in (1, 5):
         other = reseal(SPEC_HEADER.pack(b"FMSK", version, 2, 0, layout.num_params, FP, 0) + payload, prior=prior,
                        layout=layout)
         assert rejected(other, layout, prior).field == "format version"

@@ -11,8 +11,10 @@ Wire format (little-endian): a 28-byte header, then the payload::
   shortest ideal code length and codes with constriction's range coder:
   ``packed`` (plain bits, the fallback), ``side`` (each bit coded with the probability
   both ends already hold from the last broadcast: FedPM's theta, or edge-popup's global
-  top-k mask with a flip rate ``param / 2**32``) or ``frequency`` (one probability per
-  tensor, ``param`` ones out of n: the model behind FedPM's ``H(f) + log2(N)/N``).
+  top-k mask with a flip rate ``param / 2**32``), ``frequency`` (one probability per
+  tensor, ``param`` ones out of n: the model behind FedPM's ``H(f) + log2(N)/N``) or
+  ``grouped`` (one probability per context the broadcast gives a weight, its count of
+  ones sent: below).
   A ``side`` section is coded group by group when the broadcast tensor takes at most
   ``SIDE_GROUPS_MAX`` distinct values (FedPM's theta with the prior reset takes one per
   vote count; a top-k mask two): the bits of the weights that share a value, in weight
@@ -27,8 +29,19 @@ Wire format (little-endian): a 28-byte header, then the payload::
   call, bit by bit with its group's probability, in the grouped order. The same
   probabilities as bit by bit, so the same length to within the coder's quantisation
   (under 10^-4 bits a byte), but an eighth of the coder's steps: format 2 coded every bit.
-  An upload must be format 3; format 2 is still decoded from a checkpoint's recycling log
-  written by an earlier version (``decode_masks(..., formats=READABLE_FORMATS)``).
+  Format 4 adds ``grouped`` (model 3): the bits grouped by the side information's
+  *contexts*, a small integer per weight that both ends derive from the broadcast (a
+  :class:`ContextPrior`; edge-popup's ``vote-levels``: the weight's level and whether it
+  is in the global top-k), groups in increasing order of the context, weight order within;
+  ``param`` is the number of groups. The stream first codes each group's count of ones k,
+  uniform over 0..n (n the group's size; a group of at least 2**16 weights codes
+  ``k >> 16`` uniform over ``0..n >> 16``, then ``k & 0xFFFF`` uniform over 0..65535),
+  then the bits of every group with 0 < k < n, laid out as a side section's with the
+  group's probability k / n; a group with k = 0 or k = n is known from its count and not
+  coded. Its length is about the sum over groups of ``n H(k/n) + log2(n + 1)``. Contexts
+  with more than ``SIDE_GROUPS_MAX`` distinct values offer no grouped model.
+  An upload must be format 4; formats 2 and 3 are still decoded from a checkpoint's
+  recycling log written by an earlier version (``decode_masks(..., formats=READABLE_FORMATS)``).
 
 The fingerprint hashes the seed, model, init and tensor layout: a mask trained for another
 network has the right length often enough that length alone cannot catch it. The CRC32
@@ -36,7 +49,9 @@ covers the whole payload, so a flipped bit, in the coded stream or in a section 
 is refused before any decoding. When a section was coded against the broadcast state,
 the CRC also covers a digest of that state: decoding against any other state (a server
 and client that disagree on what was broadcast) is refused instead of yielding a wrong
-mask.
+mask. The CRC is seeded with a CRC32 of what the sections used: the prior's float64
+values in layout order when a section is ``side``, continued over the contexts as
+little-endian int32 in layout order when a section is ``grouped``.
 """
 
 from __future__ import annotations
@@ -44,9 +59,12 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import constriction
 import numpy as np
 
 from fedmask.wire import relative
@@ -63,15 +81,17 @@ from fedmask.wire.frame import (
     encoder,
 )
 
-FORMAT_VERSION = 3  # 2: side sections coded per group of equal prior values; 3: and eight bits a symbol
-# Decoded too: format 2, in which earlier versions wrote checkpoints (the recycling log holds uploads)
-READABLE_FORMATS = (2, 3)
+# 2: side sections coded per group of equal prior values; 3: and eight bits a symbol; 4: the grouped model
+FORMAT_VERSION = 4
+# Decoded too: formats 2 and 3, in which earlier versions wrote checkpoints (the recycling log holds uploads)
+READABLE_FORMATS = (2, 3, 4)
 CODEC_PACKBITS = 1
 CODEC_ENTROPY = 2
 CODEC_RELATIVE = 3  # the sample's index among shared candidates (fedmask.wire.relative)
 CODECS = {"packbits": CODEC_PACKBITS, "entropy": CODEC_ENTROPY, "relative-entropy": CODEC_RELATIVE}
 BINARY_CODECS = ("packbits", "entropy")  # the codecs of a given mask (relative-entropy codes probabilities)
-MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY = 0, 1, 2
+MODEL_PACKED, MODEL_SIDE, MODEL_FREQUENCY, MODEL_GROUPED = 0, 1, 2, 3
+MODEL_NAMES = {MODEL_PACKED: "packed", MODEL_SIDE: "side", MODEL_FREQUENCY: "frequency", MODEL_GROUPED: "grouped"}
 _SECTION = struct.Struct("<BII")
 SIDE_GROUPS_MAX = 4096  # more distinct prior values: the side model codes bit by bit
 RUN_BYTES_MIN = 32  # a smaller group is coded bit by bit: a coder call costs about what 150 bits do
@@ -127,6 +147,18 @@ def check_side_crc(frame: Frame, raw: bytes, side: str | None, digest: int | Non
 Prior = dict[str, np.ndarray]
 
 
+class ContextPrior(dict[str, np.ndarray]):
+    """A prior (P(bit = 1) per weight) that also carries ``contexts``: per tensor, a small
+    non-negative integer per weight that both ends derive from the broadcast, whose
+    distinct values group the bits of the ``grouped`` model (edge-popup's ``vote-levels``:
+    the weight's level and whether it is in the global top-k, :meth:`TopK.prior`). The
+    ``side`` model sees the probabilities alone, as with a plain prior."""
+
+    def __init__(self, probabilities: Mapping[str, np.ndarray], contexts: Mapping[str, np.ndarray]):
+        super().__init__(probabilities)
+        self.contexts = dict(contexts)
+
+
 def encode_masks(
     masks: dict[str, np.ndarray],
     layout: Layout,
@@ -147,10 +179,10 @@ def encode_masks(
     else:
         payload = b"".join(_encode_section(b, None if prior is None else _tables(prior, name))
                            for b, name in zip(bits, layout.names))
-    uses_prior = codec == "entropy" and _first_side_section(payload, layout) is not None
+    used = _side_sections(payload, layout, FORMAT_VERSION)[1] if codec == "entropy" else frozenset()
     values = {"format version": FORMAT_VERSION, "codec": CODECS[codec], "reserved": 0,
               "bit count": layout.num_params, "fingerprint": fingerprint}
-    return FRAME.pack(values, payload, bound(_prior_digest(prior, layout) if uses_prior else 0, bind))
+    return FRAME.pack(values, payload, bound(_side_digest(prior, layout, used) if used else 0, bind))
 
 
 def encode_relative(q: dict[str, np.ndarray], layout: Layout, fingerprint: bytes, prior: Prior,
@@ -234,8 +266,9 @@ def decode_masks(
     if fields["codec"] == CODEC_ENTROPY and len(raw) > longest:
         raise FRAME.error("length", f"at most {longest} bytes (never more than packed bits)", f"{len(raw)} bytes")
     payload = raw[HEADER_BYTES:]
-    side = _first_side_section(payload, layout) if fields["codec"] == CODEC_ENTROPY else None
-    check_side_crc(FRAME, raw, side, None if prior is None or side is None else _prior_digest(prior, layout),
+    version = fields["format version"]
+    side, used = _side_sections(payload, layout, version) if fields["codec"] == CODEC_ENTROPY else (None, frozenset())
+    check_side_crc(FRAME, raw, side, None if prior is None or side is None else _side_digest(prior, layout, used),
                    "the last broadcast state", bind)
     sections: list[tuple[str, int, int]] = []
     if fields["codec"] == CODEC_PACKBITS:
@@ -246,7 +279,7 @@ def decode_masks(
             out[name] = bits[start : start + size].reshape(shape)
             start += size
     else:
-        out = _decode_sections(payload, layout, prior, sections, bytewise=fields["format version"] >= 3)
+        out = _decode_sections(payload, layout, prior, sections, version)
     if lengths is not None:
         lengths.update(_measured_lengths(out, layout, prior, sections))
     return out
@@ -266,6 +299,9 @@ def _measured_lengths(masks: dict[str, np.ndarray], layout: Layout, prior: Prior
                 ideal += 8.0 * ((size + 7) // 8)
             elif model == MODEL_FREQUENCY:
                 ideal += _frequency_bits(ones[name], size)
+            elif model == MODEL_GROUPED:
+                assert prior is not None  # a grouped section decodes only with contexts
+                ideal += _grouped_bits(masks[name].ravel(), _tables(prior, name))
             else:
                 assert prior is not None  # a side section decodes only with a prior
                 ideal += _side_bits(masks[name].ravel(), _tables(prior, name), param)
@@ -279,41 +315,65 @@ def _formula_bits(ones: int, n: int) -> float:
     return n * entropy + math.log2(n)
 
 
-def _first_side_section(payload: bytes, layout: Layout) -> str | None:
+def _side_models(version: int) -> tuple[int, ...]:
+    """The models that code against the broadcast in this format version."""
+    return (MODEL_SIDE, MODEL_GROUPED) if version >= 4 else (MODEL_SIDE,)
+
+
+def _side_sections(payload: bytes, layout: Layout, version: int) -> tuple[str | None, frozenset[int]]:
     """The first tensor whose section header (read within bounds, before the CRC check)
-    says it was coded against the broadcast state."""
-    offset = 0
+    says it was coded against the broadcast state, and every such model the headers name."""
+    offset, first, used, side_models = 0, None, set(), _side_models(version)
     for name, _ in layout.shapes:
         if offset + SECTION_BYTES > len(payload):
-            return None
+            break
         model, _, length = _SECTION.unpack_from(payload, offset)
-        if model == MODEL_SIDE:
-            return name
+        if model in side_models:
+            first = first or name
+            used.add(model)
         offset += SECTION_BYTES + length
-    return None
+    return first, frozenset(used)
 
 
-def _prior_digest(prior: Prior | None, layout: Layout) -> int:
-    """CRC32 of the prior's float64 values in layout order (what both ends code against).
+def _side_digest(prior: Prior | None, layout: Layout, used: frozenset[int]) -> int:
+    """CRC32 of the side information the ``used`` models decode with, in layout order: the
+    prior's float64 values (a side section), then the contexts as little-endian int32 (a
+    grouped section; a prior without them adds nothing, so that a bit flipped into a
+    grouped section header is refused by the CRC like any other).
 
     A round codes every client's mask against one prior: the digest is computed once per
-    prior (the cache holds the prior object, so its id stays valid; see :func:`_tables`).
+    prior and set of models (the cache holds the prior object, so its id stays valid; see
+    :func:`_tables`).
     """
     if prior is None:
         return 0
     entry = _prior_entry(prior)
-    key = layout.shapes
+    key = (layout.shapes, used)
     if key not in entry.digests:
         digest = 0
-        for name, shape in layout.shapes:
-            if name not in prior:
-                raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
-            values = _tables(prior, name).values
-            if values.size != math.prod(shape):
-                raise FRAME.error(f"side information '{name}'", f"{math.prod(shape)} values", values.size)
-            digest = zlib.crc32(values.tobytes(), digest)
+        for model, part in ((MODEL_SIDE, "values"), (MODEL_GROUPED, "contexts")):
+            if model not in used:
+                continue
+            for name, shape in layout.shapes:
+                if name not in prior:
+                    raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
+                tables = _tables(prior, name)
+                data = tables.values if part == "values" else tables.contexts
+                if data is None:  # no contexts: the CRC fails, as for any payload coded against others
+                    continue
+                if data.size != math.prod(shape):
+                    raise FRAME.error(f"side information '{name}'", f"{math.prod(shape)} values", data.size)
+                digest = zlib.crc32(data.tobytes(), digest)
         entry.digests[key] = digest
     return entry.digests[key]
+
+
+def _contexts_of(tables: _SideTables, name: str) -> np.ndarray:
+    """The tensor's contexts (int32), or the frame's error: a grouped section needs them."""
+    if tables.contexts is None:
+        raise FRAME.error(f"section '{name}' side information", "the broadcast's contexts (a grouped section)",
+                          "none")
+    return tables.contexts
 
 
 @dataclass(frozen=True)
@@ -333,6 +393,16 @@ class _Groups:
             return None
         # a stable sort of uint16 keys (SIDE_GROUPS_MAX < 2**16) is a radix sort: the same order, about 10x faster
         return cls(np.argsort(inverse.astype(np.uint16).ravel(), kind="stable"), counts, distinct)
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Where each group begins in ``order``."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.intp)
+
+    def ones(self, bits: np.ndarray) -> np.ndarray:
+        """The count of ones of ``bits`` in each group (a sum over the grouped order: 20x a
+        bincount of the ones' groups)."""
+        return np.add.reduceat(bits[self.order].view(np.uint8), self.starts, dtype=np.int64)
 
 
 @dataclass
@@ -356,6 +426,9 @@ class _SideTables:
     gain: np.ndarray | None = None
     run_layout: _RunLayout | None = None  # where the groups' bits go, built once
     run_plan: _RunPlan | None = None  # with flip 0's probabilities, built once
+    contexts: np.ndarray | None = None  # the grouped model's contexts (int32), when the prior has them
+    context_groups: _Groups | None = None  # None: no contexts, or more than SIDE_GROUPS_MAX distinct ones
+    context_layout: _RunLayout | None = None  # where the context groups' bits go, built once
 
 
 @dataclass
@@ -389,6 +462,13 @@ def _tables(prior: Prior, name: str) -> _SideTables:
         hard_count = int(hard.sum())
         tables = _SideTables(values, hard, hard_count, hard_count == values.size, values[hard] == 1.0,
                              _Groups.of(values))
+        contexts = prior.contexts.get(name) if isinstance(prior, ContextPrior) else None
+        if contexts is not None:
+            tables.contexts = np.ascontiguousarray(contexts, dtype="<i4").ravel()
+            if tables.contexts.size == values.size:  # otherwise no grouped model (and decoding one is refused)
+                tables.context_groups = _Groups.of(tables.contexts)
+                if tables.context_groups is not None:
+                    tables.context_layout = _RunLayout.of(tables.context_groups)
         if hard_count == 0:
             q0 = _side_probs(values, 0)
             log_one, log_zero = np.log2(q0), np.log2(1.0 - q0)
@@ -447,9 +527,10 @@ def _side_bits(bits: np.ndarray, tables: _SideTables, param: int) -> float:
     return _entropy_bits(bits, _side_probs(tables.values, param))
 
 
-def section_candidates(bits: np.ndarray, prior: np.ndarray | None,
-                       tables: _SideTables | None = None) -> list[tuple[int, int, float]]:
-    """(model, param, ideal bits) of every model that can code this tensor.
+def section_candidates(bits: np.ndarray, prior: np.ndarray | None, tables: _SideTables | None = None,
+                       contexts: np.ndarray | None = None) -> list[tuple[int, int, float]]:
+    """(model, param, ideal bits) of every model that can code this tensor (``contexts``
+    with ``prior``: the grouped model's, as a :class:`ContextPrior` carries them).
 
     The lengths are closed forms or one vectorised pass (:func:`_side_bits`), not trial
     codings; they equal the sums of ``-log2 p(bit)`` up to floating-point summation order.
@@ -462,9 +543,11 @@ def section_candidates(bits: np.ndarray, prior: np.ndarray | None,
         if tables is None:
             assert prior is not None
             values = np.ascontiguousarray(prior, dtype=np.float64).ravel()
-            tables = _tables({"t": values}, "t")
+            tables = _tables({"t": values} if contexts is None else ContextPrior({"t": values}, {"t": contexts}), "t")
         param = _flip_param(bits, tables)
         candidates.append((MODEL_SIDE, param, _side_bits(bits, tables, param)))
+        if tables.context_groups is not None:
+            candidates.append((MODEL_GROUPED, tables.context_groups.counts.size, _grouped_bits(bits, tables)))
     return candidates
 
 
@@ -482,6 +565,9 @@ def _encode_section(bits: np.ndarray, tables: _SideTables | None) -> bytes:
         coder = encoder()
         if model == MODEL_FREQUENCY:
             _encode_run(coder, bits, _frequency_probs(param, bits.size))
+        elif model == MODEL_GROUPED:
+            assert tables is not None  # the grouped model is chosen only when there are contexts
+            _grouped_encode(coder, bits, tables)
         else:
             assert tables is not None  # the side model is chosen only when there is a prior
             _side_encode(coder, bits, tables, param)
@@ -495,10 +581,17 @@ _BYTE_BITS = [(np.arange(256) >> (7 - k)) & 1 == 1 for k in range(8)]  # bit k o
 def _byte_model(prob: float) -> Any:
     """Eight bits that are each 1 with probability ``prob``, as one symbol: the byte's
     probability is the product of its bits', multiplied most significant bit first."""
-    table = np.ones(256)
+    return _byte_models(np.array([prob]))[0]
+
+
+def _byte_models(probs: np.ndarray) -> list[Any]:
+    """:func:`_byte_model` of each probability; the tables of all at once (the same
+    products, in the same order)."""
+    probs = np.asarray(probs, dtype=np.float64)[:, None]
+    tables = np.ones((probs.shape[0], 256))
     for bit in _BYTE_BITS:
-        table = table * np.where(bit, prob, 1.0 - prob)
-    return categorical(table)
+        tables = tables * np.where(bit, probs, 1.0 - probs)
+    return [categorical(table) for table in tables]
 
 
 def _encode_run(encoder: Any, bits: np.ndarray, prob: float) -> None:
@@ -559,27 +652,77 @@ class _RunLayout:
 
 @dataclass(frozen=True)
 class _RunPlan:
-    """A layout with the probabilities of one flip ``param``: a byte model per run, and
-    each tail bit's probability."""
+    """A layout with one probability per group: a byte model per run, and each tail bit's
+    probability. A group whose probability is exactly 0 or 1 (a grouped section's group
+    of all zeros or all ones) is known and not coded: its runs have no model, and
+    ``tail_coded`` marks the tail bits that are coded (None: all)."""
 
     layout: _RunLayout
-    byte_models: list[Any]
+    probs: np.ndarray
+    byte_models: list[Any | None]
     tail_probs: np.ndarray
+    tail_coded: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, layout: _RunLayout, probs: np.ndarray) -> _RunPlan:
+        known = (probs == 0.0) | (probs == 1.0)
+        coded = [g for g in layout.run_groups if not known[g]]
+        built = iter(_byte_models(probs[coded]) if coded else [])
+        models = [None if known[g] else next(built) for g in layout.run_groups]
+        tail_known = known[layout.tail_groups]
+        if not tail_known.any():
+            return cls(layout, probs, models, probs[layout.tail_groups])
+        coded = ~tail_known
+        return cls(layout, probs, models, probs[layout.tail_groups[coded]], coded)
+
+    def encode(self, encoder: Any, bits: np.ndarray) -> None:
+        """The bits of the coded groups, in the layout's order."""
+        layout = self.layout
+        ordered = bits[layout.order]
+        run_symbols = np.packbits(ordered[: layout.run_bits]).astype(np.int32)
+        start = 0
+        for count, byte_model in zip(layout.run_bytes, self.byte_models):
+            if byte_model is not None:
+                encoder.encode(run_symbols[start : start + count], byte_model)
+            start += count
+        tail = ordered[layout.run_bits :]
+        if self.tail_coded is not None:
+            tail = tail[self.tail_coded]
+        if tail.size:
+            encoder.encode(tail.astype(np.int32), bernoulli(), self.tail_probs)
+
+    def decode(self, decoder: Any) -> np.ndarray:
+        """Inverse of :meth:`encode`: every weight's bit, in weight order."""
+        layout = self.layout
+        ordered = np.empty(layout.order.size, dtype=bool)
+        runs = [np.full(count, 255 if self.probs[group] == 1.0 else 0, dtype=np.uint8) if byte_model is None
+                else decoder.decode(byte_model, count).astype(np.uint8)
+                for group, count, byte_model in zip(layout.run_groups, layout.run_bytes, self.byte_models)]
+        if runs:
+            ordered[: layout.run_bits] = np.unpackbits(np.concatenate(runs))
+        if self.tail_coded is None:
+            if self.tail_probs.size:
+                ordered[layout.run_bits :] = decoder.decode(bernoulli(), self.tail_probs)
+        else:
+            tail = self.probs[layout.tail_groups] == 1.0  # the known bits; the coded ones follow
+            if self.tail_probs.size:
+                tail[self.tail_coded] = decoder.decode(bernoulli(), self.tail_probs)
+            ordered[layout.run_bits :] = tail
+        symbols = np.empty_like(ordered)
+        symbols[layout.order] = ordered
+        return symbols
 
 
 def _run_plan(tables: _SideTables, param: int) -> _RunPlan:
-    """The section's plan. The layout is kept per broadcast; so is the whole plan for flip 0
-    (FedPM's theta), which every client of a round and the server's decoding of every upload
-    share. Another flip (a hard prior's, estimated per mask) builds only its models."""
+    """The side section's plan. The layout is kept per broadcast; so is the whole plan for
+    flip 0 (FedPM's theta), which every client of a round and the server's decoding of
+    every upload share. Another flip (a hard prior's, estimated per mask) builds only its models."""
     assert tables.groups is not None
     if param == 0 and tables.run_plan is not None:
         return tables.run_plan
     if tables.run_layout is None:
         tables.run_layout = _RunLayout.of(tables.groups)
-    layout = tables.run_layout
-    probs = _side_probs(tables.groups.values, param)
-    plan = _RunPlan(layout, [_byte_model(float(probs[g])) for g in layout.run_groups],
-                    probs[layout.tail_groups])
+    plan = _RunPlan.of(tables.run_layout, _side_probs(tables.groups.values, param))
     if param == 0:
         tables.run_plan = plan
     return plan
@@ -592,17 +735,7 @@ def _side_encode(encoder: Any, bits: np.ndarray, tables: _SideTables,
         encoder.encode(bits.astype(np.int32), bernoulli(),
                        _side_q(tables, param))
         return
-    plan = _run_plan(tables, param)
-    layout = plan.layout
-    ordered = bits[layout.order]
-    run_symbols = np.packbits(ordered[: layout.run_bits]).astype(np.int32)
-    start = 0
-    for count, byte_model in zip(layout.run_bytes, plan.byte_models):
-        encoder.encode(run_symbols[start : start + count], byte_model)
-        start += count
-    if plan.tail_probs.size:
-        encoder.encode(ordered[layout.run_bits :].astype(np.int32), bernoulli(),
-                       plan.tail_probs)
+    _run_plan(tables, param).encode(encoder, bits)
 
 
 def _side_decode(decoder: Any, tables: _SideTables, param: int,
@@ -612,23 +745,78 @@ def _side_decode(decoder: Any, tables: _SideTables, param: int,
     groups = tables.groups
     if groups is None:
         return decoder.decode(bernoulli(), _side_q(tables, param))
-    symbols = np.empty(tables.values.size, dtype=bool)
     if not bytewise:
+        symbols = np.empty(tables.values.size, dtype=bool)
         pieces = [_decode_run(decoder, count, prob, bytewise=False)
                   for count, prob in zip(groups.counts.tolist(), _side_probs(groups.values, param).tolist())]
         symbols[groups.order] = np.concatenate(pieces) if pieces else symbols[:0]
         return symbols
-    plan = _run_plan(tables, param)
-    layout = plan.layout
-    runs = [decoder.decode(byte_model, count) for count, byte_model in zip(layout.run_bytes, plan.byte_models)]
-    ordered = np.empty(tables.values.size, dtype=bool)
-    if runs:
-        ordered[: layout.run_bits] = np.unpackbits(np.concatenate(runs).astype(np.uint8))
-    if plan.tail_probs.size:
-        ordered[layout.run_bits :] = decoder.decode(bernoulli(),
-                                                    plan.tail_probs)
-    symbols[layout.order] = ordered
-    return symbols
+    return _run_plan(tables, param).decode(decoder)
+
+
+# ---------------------------------------------------------------- the grouped model
+
+_COUNT_SPLIT = 16  # a group of at least 2**16 weights codes its count of ones in two symbols
+
+
+def _count_symbols(ones: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's count of ones as uniform symbols (value, alphabet size), groups in
+    order: ``k`` over 0..n, or for n >= 2**16, ``k >> 16`` over 0..n >> 16 then
+    ``k & 0xFFFF`` over 0..65535."""
+    split = sizes >= 1 << _COUNT_SPLIT
+    first = np.where(split, ones >> _COUNT_SPLIT, ones)
+    first_size = np.where(split, (sizes >> _COUNT_SPLIT) + 1, sizes + 1)
+    symbols = np.stack([first, ones & 0xFFFF], axis=1)
+    alphabets = np.stack([first_size, np.full_like(sizes, 1 << _COUNT_SPLIT)], axis=1)
+    keep = np.stack([np.ones_like(split), split], axis=1)
+    return symbols[keep].astype(np.int32), alphabets[keep].astype(np.int32)
+
+
+def _count_bits(sizes: np.ndarray) -> float:
+    """The ideal length of the counts of ones of groups of these sizes."""
+    split = sizes >= 1 << _COUNT_SPLIT
+    return float(np.where(split, np.log2((sizes >> _COUNT_SPLIT) + 1.0) + _COUNT_SPLIT,
+                          np.log2(sizes + 1.0)).sum())
+
+
+def _grouped_bits(bits: np.ndarray, tables: _SideTables) -> float:
+    """Ideal length of a grouped section: sum over groups of n H(k/n), plus the counts."""
+    groups = tables.context_groups
+    assert groups is not None
+    ones, sizes = groups.ones(bits).astype(np.float64), groups.counts.astype(np.float64)
+    zeros = sizes - ones
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(np.where(ones > 0, ones * np.log2(ones / sizes), 0.0)
+                    + np.where(zeros > 0, zeros * np.log2(zeros / sizes), 0.0))
+    return float(entropy.sum()) + _count_bits(groups.counts)
+
+
+def _grouped_encode(encoder: Any, bits: np.ndarray, tables: _SideTables) -> None:
+    """A grouped section: the counts of ones, then the groups' bits with probability k / n."""
+    groups, layout = tables.context_groups, tables.context_layout
+    assert groups is not None and layout is not None
+    ones = groups.ones(bits)
+    symbols, alphabets = _count_symbols(ones, groups.counts)
+    encoder.encode(symbols, constriction.stream.model.Uniform(), alphabets)
+    _RunPlan.of(layout, ones / groups.counts).encode(encoder, bits)
+
+
+def _grouped_decode(decoder: Any, tables: _SideTables, name: str) -> np.ndarray:
+    """Inverse of :func:`_grouped_encode`; a count above its group's size is refused."""
+    groups, layout = tables.context_groups, tables.context_layout
+    assert groups is not None and layout is not None
+    sizes = groups.counts
+    _, alphabets = _count_symbols(np.zeros_like(sizes), sizes)
+    symbols = decoder.decode(constriction.stream.model.Uniform(), alphabets).astype(np.int64)
+    split = sizes >= 1 << _COUNT_SPLIT
+    ones = np.zeros_like(sizes)
+    position = np.concatenate([[0], np.cumsum(1 + split)[:-1]]).astype(np.intp)
+    ones[:] = symbols[position]
+    ones[split] = (ones[split] << _COUNT_SPLIT) | symbols[position[split] + 1]
+    if (ones > sizes).any():
+        group = int(np.argmax(ones > sizes))
+        raise FRAME.error(f"section '{name}' ones of group {group}", f"<= {int(sizes[group])}", int(ones[group]))
+    return _RunPlan.of(layout, ones / sizes).decode(decoder)
 
 
 def _side_q(tables: _SideTables, param: int) -> np.ndarray:
@@ -639,44 +827,66 @@ def _side_q(tables: _SideTables, param: int) -> np.ndarray:
 
 
 def _decode_sections(payload: bytes, layout: Layout, prior: Prior | None,
-                     sections: list[tuple[str, int, int]], bytewise: bool = True) -> dict[str, np.ndarray]:
+                     sections: list[tuple[str, int, int]], version: int = FORMAT_VERSION) -> dict[str, np.ndarray]:
     out, reader = {}, Reader(payload, FRAME)
     for name, shape in layout.shapes:
         model, param, length = reader.unpack(_SECTION, f"section '{name}'", "a 9-byte section header")
         if length > reader.left:
             raise FRAME.error(f"section '{name}' length", f"<= {reader.left} bytes", length)
         data = reader.take(length, f"section '{name}'")
-        out[name] = _decode_section(name, model, param, data, math.prod(shape), prior, bytewise).reshape(shape)
+        out[name] = _decode_section(name, model, param, data, math.prod(shape), prior, version).reshape(shape)
         sections.append((name, model, param))
     reader.end()
     return out
 
 
 def _decode_section(name: str, model: int, param: int, data: bytes, size: int,
-                    prior: Prior | None, bytewise: bool = True) -> np.ndarray:
-    """One section's bits; ``bytewise`` False: format 2, every bit its own coder symbol."""
+                    prior: Prior | None, version: int = FORMAT_VERSION) -> np.ndarray:
+    """One section's bits, as format ``version`` codes them (2: every bit its own coder
+    symbol; 3: eight bits a symbol; 4: and the grouped model)."""
     if model == MODEL_PACKED:
         if len(data) != (size + 7) // 8:
             raise FRAME.error(f"section '{name}' length", (size + 7) // 8, len(data))
         return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=size).astype(bool)
-    if model not in (MODEL_SIDE, MODEL_FREQUENCY):
-        raise FRAME.error(f"section '{name}' model", "0 (packed), 1 (side) or 2 (frequency)", model)
+    models = (MODEL_PACKED, MODEL_FREQUENCY, *_side_models(version))
+    if model not in models:
+        raise FRAME.error(f"section '{name}' model", " or ".join(f"{m} ({MODEL_NAMES[m]})" for m in sorted(models)),
+                          model)
     if model == MODEL_FREQUENCY and param > size:
         raise FRAME.error(f"section '{name}' ones", f"<= {size}", param)
-    if model == MODEL_SIDE and (prior is None or name not in prior):
-        raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
+    tables = None
+    if model != MODEL_FREQUENCY:
+        if prior is None or name not in prior:
+            raise FRAME.error(f"section '{name}' side information", "the last broadcast state", "none")
+        tables = _section_tables(prior, name, model, param, size)
     with decoding(FRAME, f"section '{name}' stream", data) as decoder:
-        if model == MODEL_FREQUENCY:
-            symbols = _decode_run(decoder, size, _frequency_probs(param, size), bytewise)
+        if tables is None:
+            symbols = _decode_run(decoder, size, _frequency_probs(param, size), version >= 3)
+        elif model == MODEL_GROUPED:
+            symbols = _grouped_decode(decoder, tables, name)
         else:
-            assert prior is not None  # checked above for the side model
-            tables = _tables(prior, name)
-            if tables.values.size != size:
-                raise FRAME.error(f"side information '{name}'", f"{size} values", tables.values.size)
-            symbols = _side_decode(decoder, tables, param, bytewise)
+            symbols = _side_decode(decoder, tables, param, version >= 3)
     if symbols.size != size:
         raise FRAME.error(f"section '{name}' symbols", size, symbols.size)
     return symbols.astype(bool)
+
+
+def _section_tables(prior: Prior, name: str, model: int, param: int, size: int) -> _SideTables:
+    """The side tables a side or grouped section of ``size`` bits decodes with, checked."""
+    tables = _tables(prior, name)
+    if tables.values.size != size:
+        raise FRAME.error(f"side information '{name}'", f"{size} values", tables.values.size)
+    if model == MODEL_GROUPED:
+        contexts = _contexts_of(tables, name)
+        if contexts.size != size:
+            raise FRAME.error(f"side information '{name}' contexts", f"{size} values", contexts.size)
+        groups = tables.context_groups
+        if groups is None:
+            raise FRAME.error(f"section '{name}' side information", f"at most {SIDE_GROUPS_MAX} distinct contexts",
+                              np.unique(contexts).size)
+        if param != groups.counts.size:
+            raise FRAME.error(f"section '{name}' groups", groups.counts.size, param)
+    return tables
 
 
 def code_lengths(masks: dict[str, np.ndarray], layout: Layout, codec: str,

@@ -76,6 +76,20 @@ def test_round_lines_are_printed_and_paths_not_wrapped_when_not_a_terminal(tmp_p
     assert [row.split()[0] for row in rows] == ["1", "2"]
 
 
+def test_sweep_lines_are_not_wrapped_when_not_a_terminal(tmp_path, capsys):
+    """`fedmask sweep` piped: its lines (header, run started, run failed, summary) each hold the
+    whole 100+ character folder on one line. The run fails fast: its data folder is missing."""
+    config = tmp_path / "missing-data.toml"
+    config.write_text(f'dataset = "idx"\ndata-dir = "{tmp_path / "no-such-folder"}"\nnum-rounds = 1\n')
+    out = _long_dir(tmp_path)
+    assert cli.main(["sweep", str(config), "--engine", "inprocess", "--out", str(out)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    log = out / "base" / "seed-0.log"
+    assert lines[0].endswith(f"→ {out}")
+    assert lines[1].endswith(f"running … (log {log})") and lines[2].endswith(f"FAILED (exit 2); see {log}")
+    assert all(str(out) in line for line in lines)  # no line holds a piece of the path only
+
+
 def test_quiet_simulate_prints_nothing(tmp_path, capfd, flower_log):
     """fedmask.simulate(..., quiet=True) writes its run directory and prints nothing at all."""
     result = fedmask.simulate({"num-clients": 3, "clients-per-round": 3, "num-rounds": 2}, engine="inprocess",

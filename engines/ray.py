@@ -76,14 +76,20 @@ def run(server_app: Any, client_app: Any, num_supernodes: int, num_cpus: int, nu
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
+    from fedmask.console import RUN_SIMULATION_NOTICE, current, flower_notices_hidden, hide_ray_accelerator_tip
+
     install()
+    hide_ray_accelerator_tip()
+    current().stage("starting Ray" if not ray_address else f"joining Ray at {ray_address}")
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
     if ray_address:
         init_args["address"] = ray_address
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args},
-    )
+    # run_simulation is deprecated for `flwr run`, kept on purpose (measured: fedmask.console)
+    with flower_notices_hidden(RUN_SIMULATION_NOTICE):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args},
+        )
 

@@ -78,14 +78,22 @@ def _quiet_logs() -> None:
 
 
 def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool = False,
-            ray_address: str | None = None) -> None:
+            ray_address: str | None = None, quiet: bool = False) -> None:
     """Run the rounds of a checked config on ``engine``, writing ``run_dir``.
 
     ``ray_address`` joins a running Ray cluster ('auto', or the head's HOST:PORT) instead of
     starting a private Ray; without it Ray itself honours the ``RAY_ADDRESS`` variable.
+    ``quiet``: print nothing (no table, no live line); the run directory is written as always.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    from fedmask.console import RunDisplay
+
+    with RunDisplay(quiet=quiet):
+        _execute(config, run_dir, engine, resume, ray_address)
+
+
+def _execute(config: RunConfig, run_dir: Path, engine: str, resume: bool, ray_address: str | None) -> None:
     if config.secure_aggregation:
         from clients.secure_client_app import app as client_app
     else:
@@ -133,10 +141,12 @@ def config_from(source: str | Path | RunConfig | Mapping[str, Any], **overrides:
 
 
 def simulate(source: str | Path | RunConfig | Mapping[str, Any], *, engine: str = "ray",
-             out: str | Path | None = None, **overrides: Any) -> Result:
+             out: str | Path | None = None, quiet: bool = False, **overrides: Any) -> Result:
     """Check, run and read back one experiment; raises ConfigError (or DataError) before any round.
 
     ``out`` is the run directory (default ``runs/<method>-<time>``); it must not hold a run.
+    ``quiet=True`` prints nothing: no table, no progress line (warnings about the config
+    still go to the ``fedmask`` logger).
     """
     from fedmask.preflight import check_before_start
 
@@ -146,7 +156,7 @@ def simulate(source: str | Path | RunConfig | Mapping[str, Any], *, engine: str 
     run_dir = Path(out) if out is not None else Path("runs") / f"{config.method.replace(':', '-')}-{_stamp()}"
     if (run_dir / "rounds.jsonl").exists():
         raise ConfigError(f"out: {run_dir} already holds a run; choose another folder")
-    execute(config, run_dir, engine)
+    execute(config, run_dir, engine, quiet=quiet)
     return load_run(run_dir)
 
 

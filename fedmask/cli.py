@@ -31,6 +31,9 @@ def _stop_on_interrupt(run_dir: Path) -> None:
     import threading
 
     def leave(signum: int, frame: object) -> None:
+        from fedmask.console import stop_display
+
+        stop_display()  # the live line goes, and the terminal gets its cursor back
         print(f"\nfedmask: interrupted; resume with: fedmask run --resume {run_dir}", file=sys.stderr, flush=True)
 
         def shutdown() -> None:

@@ -104,9 +104,9 @@ def _plan_record(config_path: str | Path, runs: Sequence[PlannedRun]) -> dict[st
 def run_sweep(config_path: str | Path, seeds: Sequence[int], grid_items: Sequence[str], sets: Sequence[str],
               out: Path, engine: str = "ray", target: float = 0.9) -> int:
     """Run (or continue) a sweep; returns the number of runs that failed."""
-    from rich.console import Console
+    from fedmask.console import make_console
 
-    console = Console(highlight=False)
+    console = make_console()  # in a log, a long path stays on one line
     runs = plan(config_path, seeds, parse_grid(grid_items), sets, out)
     record = _plan_record(config_path, runs)
     plan_path = out / PLAN

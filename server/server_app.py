@@ -26,6 +26,7 @@ from torch import nn
 
 from fedmask import task
 from fedmask.config import ConfigError, RunConfig, resolve
+from fedmask.console import current
 from fedmask.core.data import DataError, Splits, partition_sizes
 from fedmask.core.masking import check_batchnorm, get_scores
 from fedmask.core.weights import derive_seed
@@ -242,6 +243,8 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
         logging.getLogger("fedmask").warning("%s", warning)
     if resume:
         check_resumable(run_dir, config)
+    display = current()
+    display.stage("loading the data, building the model")
     run = build(config, run_dir, resume, deployment)
     run.recorder.header()
     if config.num_rounds <= run.rounds_done:
@@ -255,7 +258,9 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
 
     measuring = MeasuringGrid(grid, run.ledger)
     if warm and not deployment:  # a deployment's nodes answer a query before round 1 anyway
+        display.stage("starting the workers (round 1 waits for them)")
         warm_up(measuring, config)
+    display.rounds(run.rounds_done, config.num_rounds)
     run.strategy.start(
         grid=measuring,
         initial_arrays=state_record(run.strategy.state),
@@ -299,6 +304,7 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
     measuring = MeasuringGrid(grid, ledger)
     placement = node_placement(measuring, config, deployment)
     strategy = SecureFedPM(config, initial, aggregator, evaluate, placement, deployment)
+    current().rounds(0, config.num_rounds)
     context = context or Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     secagg_workflow(config)(measuring, legacy_context(context, config, strategy))
     save_final_state(run_dir, strategy.state)

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmask.config import RunConfig
+from fedmask.console import FRACTION_EVALUATE_NOTICE, flower_notices_hidden
 from fedmask.core.sampling import sample_partitions
 from fedmask.downlink import CONFIRM, LosslessDownlink
 from fedmask.downlink import RECORD as LOSSLESS_RECORD
@@ -156,7 +157,8 @@ class SeededFedAvg(FedAvg):
         client's weight above its partition's size is refused); ``deployment`` (``flwr run``):
         query the nodes for the partitions they hold, instead of placing partitions by index;
         ``lossless``: the per-node downlink's history (None: every node gets :meth:`broadcast`)."""
-        super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+        with flower_notices_hidden(FRACTION_EVALUATE_NOTICE):  # the server evaluates; clients never do
+            super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
         self.run_config, self.ledger, self.mask_mode = run_config, ledger, mask_mode
         self.lossless = lossless
         self.state = start.state

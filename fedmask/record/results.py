@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 from rich.console import Console
+from rich.markup import escape
 
+from fedmask.console import current
 from fedmask.record.diagnostics import DIAGNOSTIC_KEYS
 from fedmask.record.failures import FAILURE_KINDS, Failure
 from fedmask.record.files import read_rounds
@@ -114,7 +116,8 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.run_dir / "rounds.jsonl"
         self.rows: list[dict[str, Any]] = []
-        self.console = console or Console(highlight=False, width=max(Console().width, 80))
+        self.display = current()  # the live line on a terminal (fedmask.console)
+        self.console = console or self.display.console
         self.start = time.perf_counter()
         self.initial: dict[str, float] = {}
         self.tracker = make_tracker(config.tracker, self.run_dir, config.to_dict())
@@ -126,6 +129,7 @@ class RunRecorder:
         # A kill between a round's line and its checkpoint leaves one line too many; that
         # round runs again and writes the same line.
         self.rows = read_rounds(self.rounds_path, resume_after)
+        self.tracker.resume(self.rows)
         atomic_write(self.rounds_path, "".join(json.dumps(row) + "\n" for row in self.rows))
         if self.rows:
             self.start -= self.rows[-1]["elapsed_s"]
@@ -135,7 +139,7 @@ class RunRecorder:
             f"[bold]fedmask[/bold] {self.config.method} · {self.config.model} on "
             f"{self.config.dataset} · {self.num_params:,} params · "
             f"{self.config.clients_per_round}/{self.config.num_clients} clients x "
-            f"{self.config.num_rounds} rounds → {self.run_dir}"
+            f"{self.config.num_rounds} rounds → {escape(str(self.run_dir))}"
         )
         self.console.print(" ".join(f"{name:>{width}}" for name, width in _COLUMNS), style="bold")
 
@@ -185,6 +189,7 @@ class RunRecorder:
         self.rows.append(row)
         self.tracker.log_round(server_round, row)
         self._print_row(row)
+        self.display.round_done(server_round)
         return row
 
     def _code_fields(self, code_lengths: dict[str, float] | None, clients: int) -> dict[str, float]:
@@ -251,15 +256,16 @@ class RunRecorder:
             "wall_s": time.perf_counter() - self.start,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.tracker.close()
         self._plot()
+        self.tracker.finish(summary, self.run_dir)
+        self.tracker.close()
         held_out = (f" (validation; test {summary['test_accuracy']:.4f})"
                     if self.config.validation_fraction > 0 and summary["test_accuracy"] is not None else "")
         self.console.print(
             f"final accuracy {summary['final_accuracy']:.4f}{held_out} · uplink "
             f"{summary['uplink_payload_bytes']:,} B · downlink {summary['downlink_payload_bytes']:,} B · "
-            f"{_per_client(summary)}{summary['wall_s']:.1f} s → {self.run_dir}"
-            if self.rows else f"no round finished → {self.run_dir}"
+            f"{_per_client(summary)}{summary['wall_s']:.1f} s → {escape(str(self.run_dir))}"
+            if self.rows else f"no round finished → {escape(str(self.run_dir))}"
         )
         return summary
 

@@ -153,11 +153,14 @@ def _stamp() -> str:
 
 
 def load_run(run_dir: str | Path) -> Result:
-    """A run directory read back: config, rounds, summary and the last saved global state."""
+    """A run directory read back: config, rounds, summary and the last saved global state.
+
+    A plug-in the run used (``method = "module:Class"``) is not imported: results can be read
+    from any folder, where the plug-in's module may not be importable."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedmask run directory (no config.toml)")
-    config = load(run_dir / "config.toml")
+    config = load(run_dir / "config.toml", check_plugin=False)
     rounds_path, summary_path = run_dir / "rounds.jsonl", run_dir / "summary.json"
     rounds = read_rounds(rounds_path) if rounds_path.exists() else []
     summary = read_json(summary_path) if summary_path.exists() else {}

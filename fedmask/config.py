@@ -419,10 +419,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML config, apply ``--set`` overrides, resolve and check it."""
+def load(path: str | Path, overrides: list[str] | None = None, check_plugin: bool = True) -> RunConfig:
+    """Read a TOML config, apply ``--set`` overrides, resolve and check it.
+
+    ``check_plugin=False`` reads a config without importing its plug-ins: what reading a
+    finished run needs (its results never need the plug-in's code)."""
     values = read_toml(path)
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
-    return resolve(values)
+    return resolve(values, check_plugin=check_plugin)

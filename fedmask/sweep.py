@@ -40,7 +40,7 @@ class PlannedRun:
         """``done`` (summary written, every round in), ``partial`` (started), or ``new``."""
         if (self.run_dir / "summary.json").exists():
             summary = read_json(self.run_dir / "summary.json")
-            config = load(self.run_dir / "config.toml")
+            config = load(self.run_dir / "config.toml", check_plugin=False)
             if isinstance(summary, dict) and summary.get("rounds") == config.num_rounds:
                 return "done"
         return "partial" if (self.run_dir / "config.toml").exists() else "new"

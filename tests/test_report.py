@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ TINY = {"num-clients": 3, "clients-per-round": 3, "num-rounds": 2}
 def fake_run(path: Path, accuracy: list[float], uplink: list[int], **config) -> Path:
     """A run directory written by hand: config.toml, rounds.jsonl and summary.json with known numbers."""
     path.mkdir(parents=True)
-    resolved = resolve({"num-rounds": len(accuracy), **config})
+    resolved = resolve({"num-rounds": len(accuracy), **config}, check_plugin=False)
     (path / "config.toml").write_text(tomli_w.dumps(resolved.to_dict()))
     rows = [{"round": i + 1, "accuracy": a, "loss": 1.0 - a, "clients": 3, "failures": 0, "num_params": 1000,
              "uplink_payload_bytes": u, "uplink_message_bytes": u + 50, "downlink_payload_bytes": 10 * u,
@@ -97,6 +98,25 @@ def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, ca
     out = capsys.readouterr().out
     assert code == 0 and "92.50 ± 3.54" in out and (tmp_path / "p.png").exists()
     assert cli.main(["compare", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_reading_a_plugin_run_never_imports_the_plugin(tmp_path, monkeypatch, capsys):
+    """load_run and `fedmask compare`, from a folder where the plug-in is not importable, read a
+    plug-in run; a module that would raise on import, put on the path, is never imported."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tripwire_rule.py").write_text("raise RuntimeError('reading results imported the plug-in')\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    fake_run(tmp_path / "runs" / "plug", [0.5, 0.6], [100, 100], method="tripwire_rule:Rule")
+    fake_run(tmp_path / "runs" / "gone", [0.5, 0.7], [100, 100], method="no_such_module_anywhere:Rule")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert fedmask.load_run(tmp_path / "runs" / "plug").config.method == "tripwire_rule:Rule"
+    code = cli.main(["compare", str(tmp_path / "runs"), "--format", "md", "--plot", str(elsewhere / "p.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "tripwire_rule:Rule" in out and "no_such_module_anywhere:Rule" in out
+    assert "tripwire_rule" not in sys.modules and (elsewhere / "p.png").exists()
 
 
 # ---------------------------------------------------------------- Python API

@@ -420,6 +420,35 @@ def test_default_folder_reports_download_failure(tmp_path, monkeypatch):
     with pytest.raises(DataError) as info:
         load_dataset.__wrapped__("mnist")
     assert "offline" in str(info.value) and str(tmp_path / "MNIST" / "raw") in str(info.value)
+    assert 'DIR/MNIST/raw/ of another folder DIR and set data-dir = "DIR"' in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_need_no_folder_outside_the_repository(path):
+    """A shipped config works for a user anywhere: its data is embedded (digits) or a torchvision
+    dataset downloaded into the default folder (data-dir empty), never a path of this workspace."""
+    from fedmask.config import load
+
+    config = load(path)
+    assert config.dataset in ("digits", "mnist", "fashion-mnist", "cifar10"), config.dataset
+    assert config.data_dir == "" and "../" not in path.read_text()
+
+
+@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason=f"shared MNIST test split not at {MNIST_T10K}")
+def test_benchmarks_run_the_mnist_configs_on_mnist_10k_named_explicitly(monkeypatch):
+    """bench.common.shared_data names this workspace's MNIST-10k for configs/mnist-*.toml (the
+    benchmarks' figures), and the config with it loads the 8k/2k split from that folder."""
+    from bench.common import ROOT, shared_data, shared_sets
+    from fedmask import task
+    from fedmask.config import load
+
+    monkeypatch.chdir(ROOT)
+    assert shared_data("configs/mnist-fedpm.toml")["data-dir"] == "../shared/data/mnist-t10k"
+    assert shared_data("configs/fmnist-fedpm.toml")["data-dir"] == "../shared/data/fashion-mnist"
+    assert shared_data("configs/quickstart.toml") == {}
+    config = load(ROOT / "configs" / "mnist-fedpm.toml", shared_sets("configs/mnist-fedpm.toml"))
+    assert config.dataset == "idx" and len(task.splits_of(config).y_train) == 8000
 
 
 def test_splits_is_hashable_by_identity():

@@ -294,7 +294,8 @@ def _read_torchvision_files(name: str, root: Path) -> tuple[np.ndarray, ...]:
     folder = root / _MNIST_FOLDERS[name] / "raw"
     expected = [folder / stem for stem in _MNIST_FILES]
     if not all(_existing(path) for path in expected):
-        raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected])
+        raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected],
+                                   layout=f"DIR/{folder.parent.name}/raw/")
     train_images, train_labels, test_images, test_labels = (cast(Path, _existing(p)) for p in expected)
     return (*_read_idx_pair(train_images, train_labels),
             *_read_idx_pair(test_images, test_labels))
@@ -316,17 +317,20 @@ def _read_cifar10(root: Path) -> tuple[np.ndarray, ...]:
     try:
         train, test = (CIFAR10(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as error:
-        raise _missing_files_error("cifar10", folder, list(_CIFAR_FILES), str(error)) from None
+        raise _missing_files_error("cifar10", folder, list(_CIFAR_FILES), str(error),
+                                   layout=f"DIR/{_CIFAR_FOLDER}/") from None
     return tuple(array for ds in (train, test)
                  for array in (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, np.int64)))
 
 
-def _missing_files_error(name: str, folder: Path, files: list[str], detail: str = "") -> DataError:
-    """One message format for every missing-download case."""
+def _missing_files_error(name: str, folder: Path, files: list[str], detail: str = "", layout: str = "") -> DataError:
+    """One message format for every missing-download case; ``layout``: where the files go under
+    a data-dir (``DIR/MNIST/raw/``)."""
     listing = "\n".join(f"  {folder / item}" for item in files)
     note = f" ({detail})" if detail else ""
     return DataError(f"dataset {name!r}: files not found or corrupt in {folder}{note}; expected:\n"
-                     f"{listing}\nPut them there (an empty data_dir downloads them when online).")
+                     f"{listing}\nPut them there, or in {layout} of another folder DIR and set data-dir = \"DIR\" "
+                     f"(an empty data-dir downloads them into {DEFAULT_DATA_DIR} when online).")
 
 
 def _download(name: str, root: Path) -> str | None:

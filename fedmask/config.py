@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
+from fedmask.methods import BUILTIN, METHOD_KEYS, Method, PluginError, get_method, is_plugin_name, keys_read
 from fedmask.names import (
     ATTACKS,
     BATCHNORMS,
@@ -387,6 +387,55 @@ def _check_method_rules(config: RunConfig, method: Method) -> None:
     if config.clients_per_round < 3:
         raise ConfigError("config key 'secure-aggregation': expected clients-per-round >= 3 "
                           f"(SecAgg+ shares keys among them), got {config.clients_per_round}")
+
+
+# Keys read only when another key has some value (the registry, fedmask.methods, says which
+# keys only some methods read): set away from their default otherwise, they change nothing.
+READ_ONLY_WITH: dict[str, tuple[str, Callable[[RunConfig], bool]]] = {
+    "momentum": ("optimizer = 'sgd'", lambda c: c.optimizer == "sgd"),
+    "dirichlet-alpha": ("partitioner = 'dirichlet'", lambda c: c.partitioner == "dirichlet"),
+    "classes-per-client": ("partitioner = 'classes'", lambda c: c.partitioner == "classes"),
+    "downlink-bits": ("downlink-codec = 'quantized'", lambda c: c.downlink_codec == "quantized"),
+    "rec-block-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "rec-extra-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "rec-debias": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "trim-fraction": ("robust-aggregation = 'trimmed'", lambda c: c.robust_aggregation == "trimmed"),
+    "attack-fraction": ("an attack", lambda c: c.attack != "none"),
+    "edge-popup-vote-weight": ("edge-popup-server-rule = 'vote-average' or 'vote-levels'",
+                               lambda c: c.edge_popup_server_rule != "pseudo-gradient"),
+    "edge-popup-levels": ("edge-popup-server-rule = 'vote-levels'",
+                          lambda c: c.edge_popup_server_rule == "vote-levels"),
+    "recycle-fraction": ("recycle-every > 0", lambda c: c.recycle_every > 0),
+    "fault-slow-delay": ("fault-slow-rate > 0", lambda c: c.fault_slow_rate > 0),
+    "test-fraction": ("dataset = 'digits' or 'idx'", lambda c: c.dataset in ("digits", "idx")),
+    "data-dir": ("a dataset read from files", lambda c: c.dataset != "digits"),
+}
+
+
+def ignored_keys(config: RunConfig) -> dict[str, str]:
+    """Keys set away from their default that this run never reads, each with what reads it
+    (a plug-in method is imported to know its mask mode)."""
+    method = config.method_entry
+    mine = keys_read(method)
+    ignored = {}
+    for key, setting in SCHEMA.items():
+        if config[key] == setting.default:
+            continue
+        if key in METHOD_KEYS and key not in mine:
+            readers = [name for name, other in BUILTIN.items() if key in other.keys]
+            ignored[key] = f"read by {', '.join(readers)} only"
+        elif key in READ_ONLY_WITH and not READ_ONLY_WITH[key][1](config):
+            ignored[key] = f"read with {READ_ONLY_WITH[key][0]} only"
+    return ignored
+
+
+def ignored_keys_warning(config: RunConfig) -> str | None:
+    """One line naming the keys :func:`ignored_keys` finds, or None."""
+    ignored = ignored_keys(config)
+    if not ignored:
+        return None
+    listed = "; ".join(f"{key} ({why})" for key, why in ignored.items())
+    return f"config keys set but not read with method = {config.method!r}, so they change nothing: {listed}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -390,6 +390,7 @@ class MaskStrategy(SeededFedAvg):
         self._drift = DriftTally(None)
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
         self._global: tuple[State, Masks | None] | None = None  # (state, its global mask), the last one asked
+        self._warned_float32 = False  # the lossless downlink's fall-back to the float32 state was logged
 
     def global_mask(self, state: State) -> Masks | None:
         """The global mask ``state`` implies, kept for the last state asked: a round's new
@@ -446,6 +447,12 @@ class MaskStrategy(SeededFedAvg):
             kinds[kind] = kinds.get(kind, 0) + 1
         self.lossless.sent([m.metadata.dst_node_id for m in messages])
         self.outcome(server_round).broadcasts = kinds
+        if kinds.get("full") and not (self.lossless.can_replay or self.lossless.few_valued or self._warned_float32):
+            self._warned_float32 = True
+            log.warning("downlink-codec 'lossless': nodes cannot replay %s's update and its state takes more than "
+                        "256 values in a tensor, so from round %d on nodes that miss a state are sent the float32 "
+                        "state, as downlink-codec = 'float32' sends it (rounds.jsonl: downlink_kinds 'full'; "
+                        "summary.json: downlink_kinds)", type(self.aggregator).__name__, server_round)
 
     # ------------------------------------------------------------ the round
 

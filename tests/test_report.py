@@ -86,9 +86,45 @@ def test_plot_lines_are_the_seed_means(two_settings, tmp_path):
     line = by_round.get_lines()[0]
     assert list(line.get_xdata()) == [1, 2, 3]
     assert np.allclose(line.get_ydata(), [0.6, 0.825, 0.925])
-    assert np.allclose(by_bytes.get_lines()[0].get_xdata(), [150, 250, 350])
+    assert np.allclose(by_bytes.get_lines()[0].get_xdata(), [1650, 2750, 3850])  # up + down (10x up), summed
+    assert "uplink + downlink" in by_bytes.get_xlabel()
     assert by_bytes.get_xscale() == "log"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [s.label for s in settings]
+
+
+def test_a_seed_run_twice_in_one_setting_is_flagged_and_counted_once(tmp_path, capsys):
+    """A Ray run and an in-process run of seed 0 (same config) are one seed: the mean is over
+    seeds 0 and 1, not three runs; the table and a warning name the duplicate."""
+    fake_run(tmp_path / "ray" / "s0", [0.5, 0.8], [100, 100], seed=0)
+    fake_run(tmp_path / "inprocess" / "s0", [0.5, 0.8], [100, 100], seed=0)
+    fake_run(tmp_path / "ray" / "s1", [0.6, 0.9], [100, 100], seed=1)
+    (setting,) = report.group_runs(report.find_runs([tmp_path]))
+    assert setting.seeds == [0, 1] and len(setting.duplicates) == 1
+    (row,) = report.summarise([setting], target=0.9)
+    assert row["final_accuracy"]["n"] == 2 and row["final_accuracy"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert "| 2 (+1 duplicate run) |" in report.format_rows([row], "md", 0.9)
+    assert cli.main(["compare", str(tmp_path), "--format", "csv"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "seed 0 is in 2 runs" in err and "counted once" in err
+
+
+def test_labels_say_what_the_lossless_downlink_sent(tmp_path):
+    """A lossless run that sent the float32 state to some nodes is labelled with the share;
+    one that never did is 'lossless down'; the float32 codec is named as such."""
+    def with_kinds(path: Path, kinds: list[dict[str, int]]) -> None:
+        rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+        (path / "rounds.jsonl").write_text("".join(json.dumps({**r, "downlink_kinds": k}) + "\n"
+                                                   for r, k in zip(rows, kinds)))
+
+    with_kinds(fake_run(tmp_path / "plug", [0.5, 0.6, 0.7], [1, 1, 1], lr=0.2), [{"replay": 4}, {"full": 4},
+                                                                                  {"full": 3, "replay": 1}])
+    with_kinds(fake_run(tmp_path / "fedpm", [0.5, 0.6, 0.7], [1, 1, 1]), [{"replay": 4}, {"standalone": 4},
+                                                                           {"standalone": 4}])
+    fake_run(tmp_path / "f32", [0.5, 0.6, 0.7], [1, 1, 1], **{"downlink-codec": "float32"})
+    labels = [s.label for s in report.group_runs(report.find_runs([tmp_path]))]
+    assert any(label.startswith("fedpm (entropy up, float32 down)") for label in labels)
+    assert any(label.startswith("fedpm (entropy up, lossless down, 58% of broadcasts float32)") for label in labels)
+    assert any(label.startswith("fedpm (entropy up, lossless down) ") for label in labels)
 
 
 def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, capsys):

@@ -46,14 +46,23 @@ def test_momentum_survives_a_checkpoint():
     assert np.array_equal(state["w"], resumed_state["w"])
 
 
-def test_runs_end_to_end_and_learns(tmp_path):
+def test_runs_end_to_end_and_learns(tmp_path, caplog):
     """Through the in-process engine on digits: every round aggregates every client and
-    accuracy rises above its first round."""
+    accuracy rises above its first round. Its theta takes many values, so the lossless
+    downlink sends the float32 state from round 2: one warning says so, the summary counts
+    it, and compare's label says it rather than 'lossless down'."""
+    from fedmask import report
+
     result = fedmask.simulate({"method": NAME, "num-clients": 4, "clients-per-round": 4, "num-rounds": 4},
                               engine="inprocess", out=tmp_path / "r")
     assert [r["clients"] for r in result.rounds] == [4, 4, 4, 4]
     assert result.accuracy[-1] > result.accuracy[0]
     assert set(result.final_state) and all(np.all((v >= 0.02) & (v <= 0.98)) for v in result.final_state.values())
+    assert result.summary["downlink_kinds"] == {"replay": 4, "full": 12}
+    fell_back = [r.getMessage() for r in caplog.records if "float32 state" in r.getMessage()]
+    assert len(fell_back) == 1 and "MajorityMomentum" in fell_back[0] and "round 2" in fell_back[0]
+    (setting,) = report.group_runs([result])
+    assert "(entropy up, lossless down, 75% of broadcasts float32)" in setting.label
 
 
 def test_plugin_parameters_are_frozen():

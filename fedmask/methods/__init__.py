@@ -133,7 +133,7 @@ BUILTIN: Mapping[str, Method] = MappingProxyType({
                            ("slots", "slot-selection", "slot-server-lr", "slot-score-init", "eval-mask")),
     "laperm": _mask("laperm", "LaPerm: clients permute each row's seeded weight values; ranks up, Borda-merged "
                     "ranks down", LaPerm, LaPermAggregator, ("laperm-sync", "laperm-lr", "laperm-rank-step")),
-    "fedavg": _dense("fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)", ("momentum",)),
+    "fedavg": _dense("fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)"),
     "signsgd": _dense("signsgd", "SignSGD with majority vote: 1 bit per parameter up, the server steps by the "
                       "majority sign", ("signsgd-server-lr",), "sign"),
     "ef-signsgd": _dense("ef-signsgd", "EF-SignSGD: scaled signs (1 bit per parameter + a scale per tensor) with "
@@ -149,6 +149,17 @@ def is_plugin_name(name: str) -> bool:
     """``module:Class`` with both parts non-empty."""
     module, sep, cls = name.partition(":")
     return bool(sep and module and cls)
+
+
+def keys_read(method: Method) -> frozenset[str]:
+    """The registry's method-only keys (any built-in's ``keys``) that ``method`` reads: its own;
+    for a plug-in, those of the built-in methods of its mask mode (which its clients train)."""
+    if method.builtin:
+        return frozenset(method.keys)
+    return frozenset(key for other in BUILTIN.values() if other.mode is method.mode for key in other.keys)
+
+
+METHOD_KEYS = frozenset(key for method in BUILTIN.values() for key in method.keys)  # read by some methods only
 
 
 def get_method(name: str) -> Method:

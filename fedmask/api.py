@@ -103,8 +103,22 @@ def execute(config: RunConfig, run_dir: Path, engine: str = "ray", resume: bool 
     else:
         from engines import ray
 
+        _export_plugin_paths(config)
         ray.run(make_server_app(config, run_dir, resume=resume), client_app, config.num_clients, config.num_cpus,
                 config.num_gpus, ray_address)
+
+
+def _export_plugin_paths(config: RunConfig) -> None:
+    """Ray's workers (started from this process's environment) import the run's model and
+    dataset plug-ins as this process did: their folders, and the working directory, go on
+    ``PYTHONPATH``."""
+    import os
+
+    from fedmask.plugins import search_paths
+
+    paths = [*search_paths([config.method, config.model, config.dataset]), os.getcwd()]
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *current]))
 
 
 def check_engine(config: RunConfig, engine: str) -> None:

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
     compare.add_argument("--format", choices=("table", "md", "csv"), default="table")
     compare.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds/bytes-to-target")
-    compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative bytes, uplink + downlink")
+    compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative bytes (up + down)")
     args = parser.parse_args(argv)
     if args.command == "keys":
         return _print_keys()

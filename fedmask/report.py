@@ -92,8 +92,8 @@ def group_runs(runs: Sequence[Result]) -> list[Setting]:
         key = tuple((k, v) for k, v in run.config.to_dict().items() if k not in _IGNORED)
         groups.setdefault(key, []).append(run)
     configs = [dict(key) for key in groups]
-    varying = [k for k in configs[0] if k not in _LABEL_KEYS and len({repr(c[k]) for c in configs}) > 1] \
-        if configs else []
+    keys = list(dict.fromkeys(k for c in configs for k in c))  # a plug-in's plugin.<field> keys too
+    varying = [k for k in keys if k not in _LABEL_KEYS and len({repr(c.get(k)) for c in configs}) > 1]
     settings = []
     for key, members in groups.items():
         config = dict(key)
@@ -106,7 +106,7 @@ def group_runs(runs: Sequence[Result]) -> list[Setting]:
                 by_seed[run.config.seed] = run
         kept = list(by_seed.values())
         label = f"{config['method']} ({config['uplink-codec']} up, {downlink_sent(config, kept)})"
-        extra = ", ".join(f"{k}={config[k]}" for k in varying)
+        extra = ", ".join(f"{k}={config[k]}" for k in varying if k in config)
         settings.append(Setting(f"{label} {extra}".strip(), kept, duplicates))
     return settings
 

@@ -127,6 +127,17 @@ def test_labels_say_what_the_lossless_downlink_sent(tmp_path):
     assert any(label.startswith("fedpm (entropy up, lossless down) ") for label in labels)
 
 
+def test_plugin_parameters_label_settings_beside_builtin_runs(tmp_path):
+    """A plug-in's plugin.<field> keys, which FedPM's config lacks, name the settings they differ in."""
+    fake_run(tmp_path / "fedpm", [0.5, 0.6], [1, 1])
+    for lr in (0.1, 0.2):
+        fake_run(tmp_path / f"plug-{lr}", [0.5, 0.6], [1, 1], method="somewhere:Rule", **{"plugin.server-lr": lr})
+    labels = sorted(s.label for s in report.group_runs(report.find_runs([tmp_path])))
+    assert labels[0].startswith("fedpm") and "plugin" not in labels[0]
+    assert labels[1].startswith("somewhere:Rule") and labels[1].endswith("plugin.server-lr=0.1")
+    assert labels[2].endswith("plugin.server-lr=0.2")
+
+
 def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, capsys):
     """`fedmask compare DIR --format md --plot F` exits 0, prints the table and writes the plot."""
     code = cli.main(["compare", str(two_settings), "--format", "md", "--target", "0.9",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,41 @@ def test_runs_end_to_end_and_learns(tmp_path, caplog):
 def test_plugin_parameters_are_frozen():
     with pytest.raises(AttributeError):
         MomentumParams().server_lr = 1.0  # type: ignore[misc]
+
+
+def test_plugin_parameters_come_from_the_config():
+    """plugin.<field> keys set the plug-in's Params (ints become floats for float fields); the
+    resolved config holds every field, so config.toml and compare's labels show them."""
+    config = resolve({"method": NAME, "plugin.server-lr": 0.05, "plugin.momentum": 0})
+    assert MajorityMomentum(config).params == MomentumParams(server_lr=0.05, momentum=0.0)
+    assert config.to_dict()["plugin.server-lr"] == 0.05 and config.to_dict()["plugin.eps"] == 0.02
+    assert resolve(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"plugin.server-rate": 0.1}, "MajorityMomentum.Params has no field 'server-rate'; its fields: server-lr"),
+    ({"plugin.server-lr": "fast"}, "config key 'plugin.server-lr': expected float"),
+    ({"plugin.server-lr": [0.1]}, "expected a number, boolean or string"),
+])
+def test_bad_plugin_parameters_are_refused_naming_the_key(values, message):
+    from fedmask.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve({"method": NAME, **values})
+    with pytest.raises(ConfigError, match="plug-in parameters need method = 'module:Class'"):
+        resolve({"plugin.server-lr": 0.1})
+
+
+def test_a_sweep_grids_plugin_parameters_and_toml_takes_a_plugin_table(tmp_path):
+    """--grid plugin.server-lr=0.05,0.2 plans two checked settings; a config file's [plugin]
+    table (or plugin.<field> dotted keys) is read as the same keys."""
+    from fedmask.config import load
+    from fedmask.sweep import parse_grid, plan
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'method = "{NAME}"\n[plugin]\nserver-lr = 0.3\n')
+    assert load(path)["plugin.server-lr"] == 0.3
+    grid = parse_grid(["plugin.server-lr=0.05,0.2"])
+    runs = plan(path, [0], grid, [], tmp_path / "out")
+    assert [r.setting for r in runs] == ["plugin.server-lr=0.05", "plugin.server-lr=0.2"]
+    assert load(path, list(runs[1].sets))["plugin.server-lr"] == 0.2

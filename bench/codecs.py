@@ -38,6 +38,7 @@ from bench.common import (
     per_client_mean,
     prepare_dirs,
     run_fedmask,
+    shared_sets,
     source_digest,
 )
 
@@ -125,7 +126,7 @@ def num_layers(task: str) -> int:
     from fedmask import task as fm_task
     from fedmask.config import load
 
-    config = load(ROOT / TASKS[task], [])
+    config = load(ROOT / TASKS[task], shared_sets(TASKS[task]))
     mode = config.method_entry.make_mode(config)
     model = fm_task.make_model(config, fm_task.splits_of(config), mode)
     return len(fm_task.ModelSpec.of(config, model, mode).layout.shapes)

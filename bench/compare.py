@@ -33,6 +33,7 @@ from bench.common import (
     per_client_mean,
     prepare_dirs,
     run_fedmask,
+    shared_sets,
     source_digest,
 )
 
@@ -113,7 +114,7 @@ def run_plain_loop(task: str, config_path: str, rounds: int, epochs: int) -> Res
     result = Result(task, PLAIN, config_path, rounds, epochs)
     start = time.perf_counter()
     try:
-        out = run_plain(load(ROOT / config_path, [f"num-rounds={rounds}"]))
+        out = run_plain(load(ROOT / config_path, [*shared_sets(config_path), f"num-rounds={rounds}"]))
     except Exception as err:  # report it in the table, go on with the rest
         result.error = f"{type(err).__name__}: {err}"
         return result
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedmask.config import load
     start, results = time.perf_counter(), []
     for task in [args.only] if args.only else list(TASKS):
-        epochs = {m: load(p, [f"num-rounds={args.rounds}"])["local-epochs"] for m, p in TASKS[task].items()}
+        epochs = {m: load(p, [*shared_sets(p), f"num-rounds={args.rounds}"])["local-epochs"]
+                  for m, p in TASKS[task].items()}
         if len(set(epochs.values())) != 1:  # a fair comparison needs the same work per round
             print(f"warning: local epochs differ in {task}: {epochs}", flush=True)
         for method, config_path in TASKS[task].items():

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, figure, machine_info, md_table
+from bench.common import ROOT, figure, machine_info, md_table, shared_sets
 
 DIR = "partitioner=dirichlet", "dirichlet-alpha=0.3"
 # task -> (config, extra --set args, data name as the data's README says)
@@ -55,7 +55,7 @@ def sweep(task: str, family: str, seeds: str, runs: Path, rounds: int | None) ->
     config, sets, _ = TASKS[task]
     out = runs / task / family
     command = [sys.executable, "-m", "fedmask.cli", "sweep", config, "--seeds", seeds, *FAMILIES[family],
-               *[arg for s in sets for arg in ("--set", s)],
+               *[arg for s in [*shared_sets(config), *sets] for arg in ("--set", s)],
                "--engine", "inprocess", "--out", str(out)]
     if rounds:
         command += ["--set", f"num-rounds={rounds}"]

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, machine_info, md_machine, md_table
+from bench.common import ROOT, machine_info, md_machine, md_table, shared_data
 
 AFTER_ROUND = 5  # issue 16's target counts broadcasts after round 5
 # task -> (config, overrides, the data's name as its README gives it)
@@ -119,8 +119,8 @@ def measure(task: str, partition: str, seed: int, rounds: int, run_dir: Path) ->
     from fedmask.api import config_from, execute
 
     config_path, overrides, _ = TASKS[task]
-    config = config_from(ROOT / config_path, **{**overrides, **PARTITIONS[partition], "seed": seed,
-                                                "num-rounds": rounds, "downlink-codec": "lossless"})
+    config = config_from(ROOT / config_path, **{**shared_data(config_path), **overrides, **PARTITIONS[partition],
+                                                "seed": seed, "num-rounds": rounds, "downlink-codec": "lossless"})
     start = time.perf_counter()
     with recording() as log:
         execute(config, run_dir, engine="inprocess")

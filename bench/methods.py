@@ -48,6 +48,7 @@ from bench.common import (
     per_client_mean,
     prepare_dirs,
     run_fedmask,
+    shared_sets,
     source_digest,
 )
 
@@ -178,7 +179,8 @@ def run_row(task_name: str, method: str, rounds: int, runs_dir: Path) -> Row:
         row.connections = run.summary["num_params"]
     row.error = run.error
     try:
-        row.central_curve, row.central_wall_s = train_central(load(ROOT / path, [*sets, f"num-rounds={rounds}"]))
+        row.central_curve, row.central_wall_s = train_central(load(ROOT / path, [*shared_sets(path), *sets,
+                                                                                f"num-rounds={rounds}"]))
         row.central_acc = row.central_curve[-1]
     except Exception as err:  # report it in the table, go on with the rest
         row.error = (row.error or "") + f"\ncentral: {type(err).__name__}: {err}"

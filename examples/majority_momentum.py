@@ -20,7 +20,7 @@ from fedmask.methods.base import Masks, State
 
 @dataclass(frozen=True)
 class MomentumParams:
-    """The rule's parameters (subclass MajorityMomentum and set ``params`` to change them)."""
+    """The rule's parameters: each field is a config key, ``plugin.server-lr = 0.05``."""
 
     server_lr: float = 0.1  # how far one round's pseudo-gradient moves theta
     momentum: float = 0.9  # share of the previous step kept in the buffer
@@ -31,7 +31,7 @@ class MajorityMomentum(MaskAggregator):
     """theta += lr * buffer, buffer = momentum * buffer + (majority - theta)."""
 
     mask_mode = "bernoulli"
-    params = MomentumParams()
+    Params = MomentumParams  # self.params: the config's plugin.<field> values, defaults for the rest
 
     def __init__(self, config):  # the run's RunConfig
         super().__init__(config)

@@ -113,8 +113,22 @@ def _execute(config: RunConfig, run_dir: Path, engine: str, resume: bool, ray_ad
     else:
         from engines import ray
 
+        _export_plugin_paths(config)
         ray.run(make_server_app(config, run_dir, resume=resume), client_app, config.num_clients, config.num_cpus,
                 config.num_gpus, ray_address)
+
+
+def _export_plugin_paths(config: RunConfig) -> None:
+    """Ray's workers (started from this process's environment) import the run's model and
+    dataset plug-ins as this process did: their folders, and the working directory, go on
+    ``PYTHONPATH``."""
+    import os
+
+    from fedmask.plugins import search_paths
+
+    paths = [*search_paths([config.method, config.model, config.dataset]), os.getcwd()]
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *current]))
 
 
 def check_engine(config: RunConfig, engine: str) -> None:
@@ -165,11 +179,14 @@ def _stamp() -> str:
 
 
 def load_run(run_dir: str | Path) -> Result:
-    """A run directory read back: config, rounds, summary and the last saved global state."""
+    """A run directory read back: config, rounds, summary and the last saved global state.
+
+    A plug-in the run used (``method = "module:Class"``) is not imported: results can be read
+    from any folder, where the plug-in's module may not be importable."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedmask run directory (no config.toml)")
-    config = load(run_dir / "config.toml")
+    config = load(run_dir / "config.toml", check_plugin=False)
     rounds_path, summary_path = run_dir / "rounds.jsonl", run_dir / "summary.json"
     rounds = read_rounds(rounds_path) if rounds_path.exists() else []
     summary = read_json(summary_path) if summary_path.exists() else {}

@@ -44,9 +44,6 @@ def unsupported(config: RunConfig, mode: str | None) -> str | None:
         return f"model {config.model!r}: batched clients support {', '.join(BATCHED_MODELS)} (Linear layers)"
     if config.secure_aggregation:
         return "secure-aggregation runs Flower's SecAgg+ workflow, one client at a time"
-    if config.downlink_codec == "lossless":
-        return ("downlink-codec 'lossless' keeps a state per node, which batched clients do not hold; "
-                "set downlink-codec to 'float32' (or another stateless codec)")
     if config.fedpm_gradient != "straight-through" or config.biprop_gradient != "fedmask":
         return "fedpm-gradient/biprop-gradient 'reference': batched clients train with fedmask's gradients"
     return None

@@ -20,8 +20,9 @@ _MODELS = {
 }
 _DATASETS = {
     "digits": "scikit-learn's 1,797 real 8x8 digits, embedded (no files needed); seeded 80/20 split",
-    "mnist": "MNIST from data-dir in torchvision's layout (MNIST/raw/...)",
-    "fashion-mnist": "Fashion-MNIST from data-dir in torchvision's layout (FashionMNIST/raw/...)",
+    "mnist": "MNIST from data-dir in torchvision's layout (MNIST/raw/...); '' downloads it into ~/.cache/fedmask/data",
+    "fashion-mnist": "Fashion-MNIST from data-dir in torchvision's layout (FashionMNIST/raw/...); '' downloads it "
+                     "into ~/.cache/fedmask/data",
     "cifar10": "CIFAR-10 from data-dir (cifar-10-batches-py/)",
     "idx": "any folder of IDX files (train-*/t10k-*; one split only is split by test-fraction)",
 }
@@ -29,6 +30,9 @@ _PARTITIONERS = {
     "iid": "shuffled, equal shares",
     "dirichlet": "class shares per client drawn from Dirichlet(dirichlet-alpha): non-IID",
     "classes": "each client holds classes-per-client classes (FedPM's non-IID split)",
+    "flwr-iid": "Flower Datasets' IidPartitioner after a seeded shuffle (the 'flwr-datasets' extra)",
+    "flwr-dirichlet": "Flower Datasets' DirichletPartitioner by label, alpha = dirichlet-alpha (the extra)",
+    "flwr-pathological": "Flower Datasets' PathologicalPartitioner, classes-per-client classes each (the extra)",
 }
 _UPLINK = {
     "packbits": "one bit per parameter plus a 28-byte header",

@@ -157,13 +157,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_keys() -> int:
-    from fedmask.config import SCHEMA
+    from fedmask.config import READ_ONLY_WITH, SCHEMA
     from fedmask.methods import BUILTIN
 
     for key, setting in SCHEMA.items():
         accepted = ", ".join(setting.choices) if setting.choices else setting.rule
         readers = [name for name, method in BUILTIN.items() if key in method.keys]
         only = f" (only {', '.join(readers)})" if readers else ""
+        only += f" (read only with {READ_ONLY_WITH[key][0]})" if key in READ_ONLY_WITH else ""
         print(f"{key:<22} default {setting.default!r:<28} {accepted}")
         print(f"{'':<22} {setting.help}{only}")
     return 0
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
     compare.add_argument("--format", choices=("table", "md", "csv"), default="table")
     compare.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds/bytes-to-target")
-    compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative uplink bytes")
+    compare.add_argument("--plot", metavar="FILE.png", help="accuracy vs round and vs cumulative bytes (up + down)")
     return parser
 
 
@@ -255,6 +256,9 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"fedmask: error: no run directories under {' '.join(args.paths)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     settings = report.group_runs(runs)
+    for setting in settings:
+        for note in setting.duplicate_notes():
+            print(f"fedmask: warning: {note}", file=sys.stderr)
     print(report.format_rows(report.summarise(settings, args.target), args.format, args.target), end="")
     if args.plot:
         report.plot(settings, args.plot)

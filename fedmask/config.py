@@ -14,6 +14,7 @@ kebab-case keys (:mod:`fedmask.protocol.instruction`), read back with :meth:`Run
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import tomllib
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmask.methods import BUILTIN, Method, PluginError, get_method, is_plugin_name
+from fedmask.methods import BUILTIN, METHOD_KEYS, Method, PluginError, get_method, is_plugin_name, keys_read
+from fedmask.methods.base import make_params
 from fedmask.names import (
     ATTACKS,
     BATCHNORMS,
@@ -91,7 +93,9 @@ class RunConfig:
                        "'module:Class'", check=_method, rule=f"one of {', '.join(BUILTIN)} or 'module:Class'")
     seed: int = _key(0, "seed of the frozen weights, scores, data split and sampling",
                      check=_between(0, MAX_SEED), rule=f"in 0..{MAX_SEED} (64-bit)")
-    dataset: str = _key("digits", "dataset name", choices=DATASETS)
+    dataset: str = _key("digits", "dataset name, or a plug-in 'module:function' returning (x_train, y_train, "
+                        "x_test, y_test) tensors", check=lambda v: v in DATASETS or is_plugin_name(v),
+                        rule=f"one of {', '.join(DATASETS)} or 'module:function'")
     data_dir: str = _key("", "folder with local dataset files ('' = default cache)")
     test_fraction: float = _key(0.2, "held-out fraction when a dataset has one split only",
                                 check=lambda v: 0 < v < 1, rule="in (0, 1)")
@@ -99,7 +103,9 @@ class RunConfig:
                                       "(seeded, trained on by no client): every round is evaluated on it and the "
                                       "test split once, after the last round; 0 evaluates every round on the test "
                                       "split", check=lambda v: 0 <= v < 1, rule="in [0, 1)")
-    model: str = _key("mlp", "model shape", choices=MODELS)
+    model: str = _key("mlp", "model shape, or a plug-in 'module:function' (input_shape, num_classes) -> "
+                      "torch.nn.Module of Linear/Conv2d layers", check=lambda v: v in MODELS or is_plugin_name(v),
+                      rule=f"one of {', '.join(MODELS)} or 'module:function'")
     width: float = _key(1.0, "hidden layers and conv channels this many times as wide as the model's paper (masks "
                         "are paid per weight, so a wider random network may close a gap at few bytes)",
                         check=_between(0, 64, open_lo=True), rule="in (0, 64]")
@@ -120,7 +126,9 @@ class RunConfig:
     lr: float = _key(0.1, "local learning rate", check=_between(0, 1e6, open_lo=True), rule="in (0, 1e6]")
     momentum: float = _key(0.9, "SGD momentum", check=lambda v: 0 <= v < 1, rule="in [0, 1)")
     weight_decay: float = _key(0.0, "local weight decay", check=_between(0, 1e6), rule="in [0, 1e6]")
-    partitioner: str = _key("iid", "how the training split is divided", choices=PARTITIONERS)
+    partitioner: str = _key("iid", "how the training split is divided; flwr-iid, flwr-dirichlet (alpha = "
+                            "dirichlet-alpha) and flwr-pathological (classes-per-client) are Flower Datasets' "
+                            "partitioners, seeded by seed: the 'flwr-datasets' extra", choices=PARTITIONERS)
     dirichlet_alpha: float = _key(0.3, "Dirichlet concentration", check=_between(0, 1e6, open_lo=True),
                                   rule="in (0, 1e6]")
     classes_per_client: int = _key(2, "classes held by each client ('classes')", check=_between(1, 100_000),
@@ -253,11 +261,17 @@ class RunConfig:
                         choices=TRACKERS)
     per_client: bool = _key(True, "write each client's bytes as the per_client list of every rounds.jsonl line; "
                             "false keeps the file small when thousands of clients train a round")
+    # A plug-in method's own parameters (its ``Params`` dataclass), as ``plugin.<field>`` keys:
+    # (kebab-case field name, value) pairs, sorted; with the plug-in checked, every field.
+    plugin_params: tuple[tuple[str, Any], ...] = field(default=())
 
     # ------------------------------------------------------------------ views
 
     def __getitem__(self, key: str) -> Any:
-        """The value of a kebab-case key (``config["num-rounds"]``), for code that loops over keys."""
+        """The value of a kebab-case key (``config["num-rounds"]``, ``config["plugin.server-lr"]``),
+        for code that loops over keys."""
+        if key.startswith(PLUGIN_PREFIX):
+            return dict(self.plugin_params)[key.removeprefix(PLUGIN_PREFIX)]
         if key not in SCHEMA:
             raise KeyError(key)
         return getattr(self, _attr(key))
@@ -268,8 +282,10 @@ class RunConfig:
         return get_method(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key, kebab-case, in schema order (what config.toml holds)."""
-        return {key: getattr(self, _attr(key)) for key in SCHEMA}
+        """Every key, kebab-case, in schema order, then the plug-in's ``plugin.<field>`` keys
+        (what config.toml holds)."""
+        return {**{key: getattr(self, _attr(key)) for key in SCHEMA},
+                **{PLUGIN_PREFIX + name: value for name, value in self.plugin_params}}
 
     def to_record(self) -> ConfigRecord:
         """The config as a Flower ConfigRecord of kebab-case keys (instructions carry it as JSON instead)."""
@@ -287,7 +303,8 @@ class RunConfig:
         missing = [key for key in SCHEMA if key not in record]
         if missing:
             raise ConfigError(f"config record: expected every config key, missing {', '.join(missing)}")
-        return resolve({key: record[key] for key in SCHEMA}, check_plugin=check_plugin)
+        return resolve({key: record[key] for key in record if key in SCHEMA or key.startswith(PLUGIN_PREFIX)},
+                       check_plugin=check_plugin)
 
     def replace(self, **values: Any) -> RunConfig:
         """A copy with some keys changed (kebab- or snake-case names), checked again."""
@@ -298,7 +315,14 @@ def _attr(key: str) -> str:
     return key.replace("-", "_")
 
 
-SCHEMA: dict[str, Setting] = {f.name.replace("_", "-"): f.metadata["setting"] for f in fields(RunConfig)}
+SCHEMA: dict[str, Setting] = {f.name.replace("_", "-"): f.metadata["setting"] for f in fields(RunConfig)
+                               if "setting" in f.metadata}
+PLUGIN_PREFIX = "plugin."  # plugin.<field> keys set a plug-in method's Params
+
+
+def is_key(key: str) -> bool:
+    """A config key: one of :data:`SCHEMA`, or a plug-in parameter ``plugin.<field>``."""
+    return key in SCHEMA or (key.startswith(PLUGIN_PREFIX) and len(key) > len(PLUGIN_PREFIX))
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -332,14 +356,15 @@ def resolve(values: Mapping[str, Any], check_plugin: bool = True) -> RunConfig:
 
     With ``check_plugin``, a ``module:Class`` method is imported now and its rules checked.
     """
-    unknown = sorted(set(values) - set(SCHEMA))
+    unknown = sorted(key for key in values if not is_key(key))
     if unknown:
         key = unknown[0]
         near = difflib.get_close_matches(key, SCHEMA, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(sorted(SCHEMA))}")
-    checked = {_attr(key): _check_value(key, value) for key, value in values.items()}
-    config = RunConfig(**checked)
+        raise ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(sorted(SCHEMA))}, "
+                          f"and {PLUGIN_PREFIX}<field> for a plug-in method's Params")
+    checked = {_attr(key): _check_value(key, value) for key, value in values.items() if key in SCHEMA}
+    config = RunConfig(**checked, plugin_params=_given_params(values, checked.get("method", "fedpm")))
     _check_across_keys(config)
     if config.method in BUILTIN or check_plugin:
         try:
@@ -347,7 +372,53 @@ def resolve(values: Mapping[str, Any], check_plugin: bool = True) -> RunConfig:
         except PluginError as err:
             raise ConfigError(f"config key 'method': {err}") from None
         _check_method_rules(config, method)
+        if method.aggregator is not None and not method.builtin:
+            config = dataclasses.replace(config, plugin_params=plugin_params(method.aggregator, config.plugin_params))
     return config
+
+
+def _given_params(values: Mapping[str, Any], method: str) -> tuple[tuple[str, Any], ...]:
+    """The ``plugin.<field>`` keys given, as sorted (field, value) pairs; only scalars, only for a plug-in."""
+    given = {key.removeprefix(PLUGIN_PREFIX): value for key, value in values.items() if key.startswith(PLUGIN_PREFIX)}
+    for name, value in given.items():
+        if method in BUILTIN:
+            raise ConfigError(f"config key '{PLUGIN_PREFIX}{name}': plug-in parameters need method = "
+                              f"'module:Class', got method = {method!r}")
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"config key '{PLUGIN_PREFIX}{name}': expected a number, boolean or string, "
+                              f"got {type(value).__name__} {value!r}")
+    return tuple(sorted(given.items()))
+
+
+def plugin_params(cls: type, given: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """Every field of ``cls.Params`` (a plug-in's frozen dataclass) with its value: the given
+    ``plugin.<field>`` values, type-checked against the field's default, or the default."""
+    params = getattr(cls, "Params", None)
+    name = cls.__name__
+    if params is None:
+        if given:
+            raise ConfigError(f"config key '{PLUGIN_PREFIX}{given[0][0]}': {name} declares no Params dataclass, "
+                              "so it takes no plug-in parameters")
+        return ()
+    defaults = {f.name.replace("_", "-"): f.default for f in fields(params)}
+    odd = [key for key, default in defaults.items() if not isinstance(default, (bool, int, float, str))]
+    if odd:
+        raise ConfigError(f"config key 'method': {name}.Params field {odd[0]!r} needs a default that is a number, "
+                          "boolean or string (a plug-in parameter is one config key)")
+    for key, value in given:
+        if key not in defaults:
+            raise ConfigError(f"config key '{PLUGIN_PREFIX}{key}': {name}.Params has no field {key!r}; its fields: "
+                              f"{', '.join(defaults) or 'none'}")
+        if defaults[key] is not dataclasses.MISSING and not _type_ok(defaults[key], value):
+            raise ConfigError(f"config key '{PLUGIN_PREFIX}{key}': expected {type(defaults[key]).__name__} "
+                              f"({name}.Params), got {type(value).__name__} {value!r}")
+    try:
+        made = make_params(params, given)
+    except Exception as err:  # the plug-in's own checks (__post_init__) may raise anything
+        raise ConfigError(f"config keys '{PLUGIN_PREFIX}*': {name}.Params refused {dict(given)}: "
+                          f"{type(err).__name__}: {err}") from None
+    return tuple(sorted((key, getattr(made, key.replace("-", "_"))) for key in defaults))
+
 
 
 def _check_across_keys(config: RunConfig) -> None:
@@ -371,8 +442,9 @@ def _check_across_keys(config: RunConfig) -> None:
             raise ConfigError(f"config keys 'rec-block-bits', 'rec-extra-bits': expected a pair whose bias was "
                               f"measured, {sorted(GAMMA)}, with rec-debias = true; got "
                               f"{(config.rec_block_bits, config.rec_extra_bits)}")
-    if config.width != 1 and config.model == "resnet18":
-        raise ConfigError(f"config key 'width': expected 1 with model = 'resnet18', got {config.width:g}")
+    if config.width != 1 and (config.model == "resnet18" or is_plugin_name(config.model)):
+        raise ConfigError(f"config key 'width': expected 1 with model = {config.model!r} (only the built-in "
+                          f"mlp, lenet and conv models widen), got {config.width:g}")
     if config.min_clients > config.clients_per_round:
         raise ConfigError(f"config key 'min-clients': expected <= clients-per-round "
                           f"({config.clients_per_round}), got {config.min_clients}")
@@ -401,6 +473,57 @@ def _check_method_rules(config: RunConfig, method: Method) -> None:
                           f"(SecAgg+ shares keys among them), got {config.clients_per_round}")
 
 
+# Keys read only when another key has some value (the registry, fedmask.methods, says which
+# keys only some methods read): set away from their default otherwise, they change nothing.
+READ_ONLY_WITH: dict[str, tuple[str, Callable[[RunConfig], bool]]] = {
+    "momentum": ("optimizer = 'sgd'", lambda c: c.optimizer == "sgd"),
+    "dirichlet-alpha": ("partitioner = 'dirichlet' or 'flwr-dirichlet'",
+                        lambda c: c.partitioner in ("dirichlet", "flwr-dirichlet")),
+    "classes-per-client": ("partitioner = 'classes' or 'flwr-pathological'",
+                           lambda c: c.partitioner in ("classes", "flwr-pathological")),
+    "downlink-bits": ("downlink-codec = 'quantized'", lambda c: c.downlink_codec == "quantized"),
+    "rec-block-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "rec-extra-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "rec-debias": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "trim-fraction": ("robust-aggregation = 'trimmed'", lambda c: c.robust_aggregation == "trimmed"),
+    "attack-fraction": ("an attack", lambda c: c.attack != "none"),
+    "edge-popup-vote-weight": ("edge-popup-server-rule = 'vote-average' or 'vote-levels'",
+                               lambda c: c.edge_popup_server_rule != "pseudo-gradient"),
+    "edge-popup-levels": ("edge-popup-server-rule = 'vote-levels'",
+                          lambda c: c.edge_popup_server_rule == "vote-levels"),
+    "recycle-fraction": ("recycle-every > 0", lambda c: c.recycle_every > 0),
+    "fault-slow-delay": ("fault-slow-rate > 0", lambda c: c.fault_slow_rate > 0),
+    "test-fraction": ("dataset = 'digits' or 'idx'", lambda c: c.dataset in ("digits", "idx")),
+    "data-dir": ("a dataset read from files", lambda c: c.dataset in DATASETS and c.dataset != "digits"),
+}
+
+
+def ignored_keys(config: RunConfig) -> dict[str, str]:
+    """Keys set away from their default that this run never reads, each with what reads it
+    (a plug-in method is imported to know its mask mode)."""
+    method = config.method_entry
+    mine = keys_read(method)
+    ignored = {}
+    for key, setting in SCHEMA.items():
+        if config[key] == setting.default:
+            continue
+        if key in METHOD_KEYS and key not in mine:
+            readers = [name for name, other in BUILTIN.items() if key in other.keys]
+            ignored[key] = f"read by {', '.join(readers)} only"
+        elif key in READ_ONLY_WITH and not READ_ONLY_WITH[key][1](config):
+            ignored[key] = f"read with {READ_ONLY_WITH[key][0]} only"
+    return ignored
+
+
+def ignored_keys_warning(config: RunConfig) -> str | None:
+    """One line naming the keys :func:`ignored_keys` finds, or None."""
+    ignored = ignored_keys(config)
+    if not ignored:
+        return None
+    listed = "; ".join(f"{key} ({why})" for key, why in ignored.items())
+    return f"config keys set but not read with method = {config.method!r}, so they change nothing: {listed}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as TOML, else as a string."""
     key, sep, raw = text.partition("=")
@@ -425,16 +548,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    table = values.pop("plugin", None)  # [plugin] or plugin.<field> = ...: a plug-in's parameters
+    if isinstance(table, dict):
+        values |= {PLUGIN_PREFIX + key: value for key, value in table.items()}
+    elif table is not None:
+        values["plugin"] = table  # refused as an unknown key
     nested = [k for k, v in values.items() if isinstance(v, dict)]
     if nested:
-        raise ConfigError(f"config must be one flat table of keys; found table(s) {nested}")
+        raise ConfigError(f"config must be one flat table of keys (and a [plugin] table of scalars); found "
+                          f"table(s) {nested}")
     return values
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML config, apply ``--set`` overrides, resolve and check it."""
+def load(path: str | Path, overrides: list[str] | None = None, check_plugin: bool = True) -> RunConfig:
+    """Read a TOML config, apply ``--set`` overrides, resolve and check it.
+
+    ``check_plugin=False`` reads a config without importing its plug-ins: what reading a
+    finished run needs (its results never need the plug-in's code)."""
     values = read_toml(path)
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
-    return resolve(values)
+    return resolve(values, check_plugin=check_plugin)

@@ -15,7 +15,8 @@ MASK_MODES = ("topk", "bernoulli", "biprop", "slots", "laperm")
 MODELS = ("mlp", "lenet-300-100", "conv2", "conv4", "conv6", "resnet18")
 INITS = ("signed-kaiming-constant", "kaiming-normal", "kaiming-uniform", "signed-constant-e", "glorot-uniform")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "idx")
-PARTITIONERS = ("iid", "dirichlet", "classes")
+PARTITIONERS = ("iid", "dirichlet", "classes", "flwr-iid", "flwr-dirichlet", "flwr-pathological")
+FLOWER_PARTITIONERS = ("flwr-iid", "flwr-dirichlet", "flwr-pathological")  # Flower Datasets' (an extra)
 BATCHNORMS = ("stateless", "running")
 
 # what the methods' layers and rules accept

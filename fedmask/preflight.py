@@ -15,8 +15,36 @@ import torch
 
 from fedmask import task
 from fedmask.config import ConfigError, RunConfig
-from fedmask.core.data import partition_sizes
+from fedmask.core.data import Splits, partition_sizes
 from fedmask.core.masking import check_batchnorm, get_scores
+from fedmask.plugins import PluginError, is_plugin_name
+
+
+def _checked_model(config: RunConfig, splits: Splits, mask_mode: str | None) -> torch.nn.Module:
+    """The run's model, built; a plug-in model must also map two test samples to (2, classes) outputs."""
+    try:
+        model = task.make_model(config, splits, task.mode_of(config, mask_mode))
+    except PluginError as err:
+        raise ConfigError(f"config key 'model': {err}") from None
+    except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if is_plugin_name(config.model):
+            raise ConfigError(f"config key 'model': {config.model!r}: {why}") from None
+        raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
+                          f"{why}") from None
+    if is_plugin_name(config.model):
+        try:
+            with torch.no_grad(), torch.random.fork_rng():  # a sampled mask must not move torch's stream
+                out = model(splits.x_test[:2])
+        except Exception as err:  # the user's forward may fail in any way
+            raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        expected = (min(2, len(splits.x_test)), splits.num_classes)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            raise ConfigError(f"config key 'model': {config.model!r} must map a batch of inputs to (batch, "
+                              f"{splits.num_classes}) class scores; two test samples gave "
+                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return model
 
 
 def check_before_start(config: RunConfig) -> dict[str, np.ndarray]:
@@ -44,11 +72,7 @@ def check_before_start(config: RunConfig) -> dict[str, np.ndarray]:
     partition_sizes(splits, config.num_clients, config.partitioner, config.seed, config.dirichlet_alpha,
                     config.classes_per_client)
     method = config.method_entry
-    try:
-        model = task.make_model(config, splits, task.mode_of(config, method.mask_mode))
-    except (RuntimeError, ValueError) as err:  # e.g. images too small for a conv model
-        raise ConfigError(f"config key 'model': {config.model!r} cannot take {splits.input_shape} inputs: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    model = _checked_model(config, splits, method.mask_mode)
     if method.dense:
         return task.dense_state(model)
     name = method.name

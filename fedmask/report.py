@@ -2,9 +2,12 @@
 
 Runs are found under any folder (a run directory, a sweep, a folder of both). Runs whose
 configs differ only in ``seed`` are one *setting*; each figure is the mean over its seeds,
-with the sample standard deviation when there are several. ``fedmask compare`` prints the
-table (terminal, Markdown or CSV) and draws accuracy against rounds and against cumulative
-uplink bytes, the seed spread as a band.
+with the sample standard deviation when there are several; two runs of one setting with
+the same seed (a Ray run and an in-process run, say) are one seed, counted once and named in
+:attr:`Setting.duplicates`. ``fedmask compare`` prints the table (terminal, Markdown or CSV)
+and draws accuracy against rounds and against cumulative bytes, uplink plus downlink, the
+seed spread as a band. Labels say what the downlink sent: a lossless downlink that sent
+some nodes the float32 state says how often.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,32 +46,68 @@ def find_runs(paths: Iterable[str | Path]) -> list[Result]:
 
 @dataclass
 class Setting:
-    """Runs that differ only in their seed."""
+    """Runs that differ only in their seed, one per seed; ``duplicates``: the other runs of a
+    seed already counted (each is left out of every figure)."""
 
     label: str
     runs: list[Result]
+    duplicates: list[Result] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[int]:
         return [run.config.seed for run in self.runs]
 
+    def duplicate_notes(self) -> list[str]:
+        """One line per duplicated seed: the runs, and the one counted."""
+        notes = []
+        for run in self.runs:
+            others = [d for d in self.duplicates if d.config.seed == run.config.seed]
+            if others:
+                notes.append(f"{self.label}: seed {run.config.seed} is in {len(others) + 1} runs "
+                             f"({', '.join(str(r.run_dir) for r in [run, *others])}); counted once, from {run.run_dir}")
+        return notes
+
+
+def downlink_sent(config: dict[str, Any], runs: Sequence[Result]) -> str:
+    """What the downlink sent: the codec, and for a lossless one that sent some nodes the float32
+    state (a plug-in whose state takes many values), how many of its broadcasts that was."""
+    codec = config["downlink-codec"]
+    kinds: dict[str, int] = {}
+    for run in runs:
+        for row in run.rounds:
+            for kind, count in (row.get("downlink_kinds") or {}).items():
+                kinds[kind] = kinds.get(kind, 0) + count
+    full, total = kinds.get("full", 0), sum(kinds.values())
+    if codec != "lossless" or not full:
+        return f"{codec} down"
+    return f"lossless down, {100 * full / total:.0f}% of broadcasts float32"
+
 
 def group_runs(runs: Sequence[Result]) -> list[Setting]:
     """Runs grouped by config (all keys but the seed), labelled by method, codecs and the
-    keys that differ between the groups, in first-seen order."""
+    keys that differ between the groups, in first-seen order; a seed's second run in a
+    setting is a duplicate, not another seed."""
     groups: dict[tuple, list[Result]] = {}
     for run in runs:
         key = tuple((k, v) for k, v in run.config.to_dict().items() if k not in _IGNORED)
         groups.setdefault(key, []).append(run)
     configs = [dict(key) for key in groups]
-    varying = [k for k in configs[0] if k not in _LABEL_KEYS and len({repr(c[k]) for c in configs}) > 1] \
-        if configs else []
+    keys = list(dict.fromkeys(k for c in configs for k in c))  # a plug-in's plugin.<field> keys too
+    varying = [k for k in keys if k not in _LABEL_KEYS and len({repr(c.get(k)) for c in configs}) > 1]
     settings = []
     for key, members in groups.items():
         config = dict(key)
-        label = f"{config['method']} ({config['uplink-codec']} up, {config['downlink-codec']} down)"
-        extra = ", ".join(f"{k}={config[k]}" for k in varying)
-        settings.append(Setting(f"{label} {extra}".strip(), sorted(members, key=lambda r: r.config.seed)))
+        by_seed: dict[int, Result] = {}
+        duplicates = []
+        for run in sorted(members, key=lambda r: (r.config.seed, str(r.run_dir))):
+            if run.config.seed in by_seed:
+                duplicates.append(run)
+            else:
+                by_seed[run.config.seed] = run
+        kept = list(by_seed.values())
+        label = f"{config['method']} ({config['uplink-codec']} up, {downlink_sent(config, kept)})"
+        extra = ", ".join(f"{k}={config[k]}" for k in varying if k in config)
+        settings.append(Setting(f"{label} {extra}".strip(), kept, duplicates))
     return settings
 
 
@@ -84,15 +123,22 @@ def run_metrics(run: Result, target: float) -> dict[str, float | None]:
         "rounds": float(len(rows)),
         "rounds_to_target": None if reached is None else float(reached + 1),
         "uplink_to_target": None if reached is None else float(cumulative[reached]),
+        "total_to_target": None if reached is None else float(_cumulative_total(run)[reached]),
         "uplink_bytes": float(sum(r["uplink_payload_bytes"] for r in rows)),
         "downlink_bytes": float(sum(r["downlink_payload_bytes"] for r in rows)),
+        "total_bytes": float(sum(r["uplink_payload_bytes"] + r["downlink_payload_bytes"] for r in rows)),
         "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])) if rows else None,
         "wall_s": run.summary.get("wall_s", rows[-1]["elapsed_s"] if rows else None),
     }
 
 
-COLUMNS = ("final_accuracy", "best_accuracy", "rounds", "rounds_to_target", "uplink_to_target", "uplink_bytes",
-           "downlink_bytes", "mean_uplink_bpp", "wall_s")
+def _cumulative_total(run: Result) -> list[float]:
+    """Payload bytes both ways, all clients, summed up to each round."""
+    return np.cumsum([r["uplink_payload_bytes"] + r["downlink_payload_bytes"] for r in run.rounds]).tolist()
+
+
+COLUMNS = ("final_accuracy", "best_accuracy", "rounds", "rounds_to_target", "uplink_to_target", "total_to_target",
+           "uplink_bytes", "downlink_bytes", "total_bytes", "mean_uplink_bpp", "wall_s")
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
@@ -112,7 +158,8 @@ def summarise(settings: Sequence[Setting], target: float) -> list[dict[str, Any]
     rows = []
     for setting in settings:
         per_run = [run_metrics(run, target) for run in setting.runs]
-        row: dict[str, Any] = {"setting": setting.label, "seeds": setting.seeds}
+        row: dict[str, Any] = {"setting": setting.label, "seeds": setting.seeds,
+                               "duplicate_runs": [str(run.run_dir) for run in setting.duplicates]}
         for column in COLUMNS:
             mean, std, count = mean_std([m[column] for m in per_run])
             row[column] = {"mean": mean, "std": std, "n": count}
@@ -122,7 +169,8 @@ def summarise(settings: Sequence[Setting], target: float) -> list[dict[str, Any]
 
 _HEADERS = {"final_accuracy": "final acc", "best_accuracy": "best acc", "rounds": "rounds",
             "rounds_to_target": "rounds to {t}", "uplink_to_target": "uplink B to {t}",
-            "uplink_bytes": "uplink B", "downlink_bytes": "downlink B", "mean_uplink_bpp": "up bpp",
+            "total_to_target": "up+down B to {t}", "uplink_bytes": "uplink B", "downlink_bytes": "downlink B",
+            "total_bytes": "up+down B", "mean_uplink_bpp": "up bpp",
             "wall_s": "wall s"}
 
 
@@ -141,6 +189,11 @@ def _cell(column: str, value: dict[str, Any], runs: int) -> str:
     return text + ("" if count == runs else f" ({count}/{runs})")
 
 
+def _seeds_cell(row: dict[str, Any]) -> str:
+    duplicates = len(row.get("duplicate_runs", []))
+    return str(len(row["seeds"])) + (f" (+{duplicates} duplicate run{'s' * (duplicates > 1)})" if duplicates else "")
+
+
 def format_rows(rows: Sequence[dict[str, Any]], fmt: str, target: float) -> str:
     """The summary as a terminal table, a Markdown table or CSV (mean and std columns)."""
     if fmt not in FORMATS:
@@ -149,13 +202,14 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str, target: float) -> str:
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["setting", "seeds", *[f"{c}_{part}" for c in COLUMNS for part in ("mean", "std", "n")]])
+        writer.writerow(["setting", "seeds", "duplicate_runs",
+                         *[f"{c}_{part}" for c in COLUMNS for part in ("mean", "std", "n")]])
         for row in rows:
-            writer.writerow([row["setting"], " ".join(map(str, row["seeds"])),
+            writer.writerow([row["setting"], " ".join(map(str, row["seeds"])), len(row["duplicate_runs"]),
                              *[row[c][part] for c in COLUMNS for part in ("mean", "std", "n")]])
         return buffer.getvalue()
     header = ["setting", "seeds", *[_HEADERS[c].format(t=t) for c in COLUMNS]]
-    body = [[row["setting"], str(len(row["seeds"])), *[_cell(c, row[c], len(row["seeds"])) for c in COLUMNS]]
+    body = [[row["setting"], _seeds_cell(row), *[_cell(c, row[c], len(row["seeds"])) for c in COLUMNS]]
             for row in rows]
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -180,11 +234,12 @@ class Curve:
     accuracy_mean: np.ndarray
     accuracy_std: np.ndarray
     uplink_mean: np.ndarray  # cumulative uplink payload bytes, mean over seeds
+    total_mean: np.ndarray  # cumulative payload bytes both ways, mean over seeds
 
 
 def curves(settings: Sequence[Setting]) -> list[Curve]:
-    """Mean accuracy and cumulative uplink per round over a setting's seeds (rounds all
-    seeds finished)."""
+    """Mean accuracy, cumulative uplink and cumulative total bytes per round over a setting's
+    seeds (rounds all seeds finished)."""
     out = []
     for setting in settings:
         length = min(len(run.rounds) for run in setting.runs)
@@ -192,14 +247,16 @@ def curves(settings: Sequence[Setting]) -> list[Curve]:
             continue
         acc = np.array([run.accuracy[:length] for run in setting.runs])
         up = np.array([run.cumulative_uplink_bytes[:length] for run in setting.runs], dtype=np.float64)
+        total = np.array([_cumulative_total(run)[:length] for run in setting.runs], dtype=np.float64)
         std = acc.std(axis=0, ddof=1) if len(acc) > 1 else np.zeros(length)
-        out.append(Curve(setting.label, np.arange(1, length + 1), acc.mean(axis=0), std, up.mean(axis=0)))
+        out.append(Curve(setting.label, np.arange(1, length + 1), acc.mean(axis=0), std, up.mean(axis=0),
+                         total.mean(axis=0)))
     return out
 
 
 def plot(settings: Sequence[Setting], path: str | Path, title: str = "") -> Any:
-    """Accuracy against round and against cumulative uplink bytes (log axis), a band of
-    ± one standard deviation over seeds; writes ``path`` and returns the figure."""
+    """Accuracy against round and against cumulative bytes, uplink plus downlink (log axis), a
+    band of ± one standard deviation over seeds; writes ``path`` and returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,11 +270,11 @@ def plot(settings: Sequence[Setting], path: str | Path, title: str = "") -> Any:
         low, high = curve.accuracy_mean - curve.accuracy_std, curve.accuracy_mean + curve.accuracy_std
         (line,) = by_round.plot(curve.rounds, curve.accuracy_mean, label=curve.label)
         by_round.fill_between(curve.rounds, low, high, color=line.get_color(), alpha=0.2)
-        by_bytes.plot(curve.uplink_mean, curve.accuracy_mean, label=curve.label, color=line.get_color())
-        by_bytes.fill_between(curve.uplink_mean, low, high, color=line.get_color(), alpha=0.2)
+        by_bytes.plot(curve.total_mean, curve.accuracy_mean, label=curve.label, color=line.get_color())
+        by_bytes.fill_between(curve.total_mean, low, high, color=line.get_color(), alpha=0.2)
     by_round.set(xlabel="round", ylabel="test accuracy", title=title or "accuracy by round")
-    by_bytes.set(xlabel="cumulative uplink payload bytes (all clients)", ylabel="test accuracy", xscale="log",
-                 title="accuracy by uplink bytes")
+    by_bytes.set(xlabel="cumulative payload bytes, uplink + downlink (all clients)", ylabel="test accuracy",
+                 xscale="log", title="accuracy by total bytes")
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
     fig.legend(*by_round.get_legend_handles_labels(), loc="lower center", fontsize=7, ncol=1, frameon=False)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmask.config import SCHEMA, ConfigError, load, parse_override
+from fedmask.config import SCHEMA, ConfigError, is_key, load, parse_override
 from fedmask.record.files import read_json
 
 PLAN = "sweep.json"
@@ -40,7 +40,7 @@ class PlannedRun:
         """``done`` (summary written, every round in), ``partial`` (started), or ``new``."""
         if (self.run_dir / "summary.json").exists():
             summary = read_json(self.run_dir / "summary.json")
-            config = load(self.run_dir / "config.toml")
+            config = load(self.run_dir / "config.toml", check_plugin=False)
             if isinstance(summary, dict) and summary.get("rounds") == config.num_rounds:
                 return "done"
         return "partial" if (self.run_dir / "config.toml").exists() else "new"
@@ -54,7 +54,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         key = key.strip()
         if not sep or not key or not raw.strip():
             raise ConfigError(f"--grid expects key=value[,value...], got {item!r}")
-        if key not in SCHEMA:
+        if not is_key(key):
             near = difflib.get_close_matches(key, SCHEMA, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"--grid: unknown config key '{key}'{hint}")

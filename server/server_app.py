@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedmask import task
-from fedmask.config import ConfigError, RunConfig, resolve
+from fedmask.config import ConfigError, RunConfig, ignored_keys_warning, resolve
 from fedmask.console import current
 from fedmask.core.data import DataError, Splits, partition_sizes
 from fedmask.core.masking import check_batchnorm, get_scores
@@ -238,9 +238,9 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = Fals
     """
     if config.secure_aggregation:
         return run_secure_server(grid, config, run_dir, context, deployment)
-    warning = robustness_warning(config)
-    if warning:
-        logging.getLogger("fedmask").warning("%s", warning)
+    for warning in (ignored_keys_warning(config), robustness_warning(config)):
+        if warning:
+            logging.getLogger("fedmask").warning("%s", warning)
     if resume:
         check_resumable(run_dir, config)
     display = current()

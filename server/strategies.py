@@ -161,6 +161,7 @@ class SeededFedAvg(FedAvg):
             super().__init__(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
         self.run_config, self.ledger, self.mask_mode = run_config, ledger, mask_mode
         self.lossless = lossless
+        self._warned_float32 = False  # the lossless downlink's fall-back to the float32 state was logged
         self.state = start.state
         self.rounds_done = start.rounds_done
         self.outcomes: dict[int, RoundOutcome] = dict(start.outcomes)
@@ -219,6 +220,13 @@ class SeededFedAvg(FedAvg):
             kinds[kind] = kinds.get(kind, 0) + 1
         self.lossless.sent([m.metadata.dst_node_id for m in messages])
         self.outcome(server_round).broadcasts = kinds
+        if kinds.get("full") and not (self.lossless.can_replay or self.lossless.few_valued or self._warned_float32):
+            self._warned_float32 = True
+            log.warning("downlink-codec %r: nodes cannot replay method %r's updates and its state takes more than "
+                        "256 values in a tensor, so from round %d on nodes that miss a state are sent the float32 "
+                        "state, as downlink-codec = 'float32' sends it (rounds.jsonl: downlink_kinds 'full'; "
+                        "summary.json: downlink_kinds)", self.run_config.downlink_codec, self.run_config.method,
+                        server_round)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the server evaluates the global model itself

@@ -381,3 +381,38 @@ def test_cli_gpu_share_without_cuda_exits_2(tmp_path, capsys):
     assert "num-gpus" in capsys.readouterr().err
     assert ray_before or "ray" not in sys.modules
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- keys a run never reads
+
+
+def test_keys_the_method_never_reads_are_named_with_who_reads_them():
+    """density and slots with FedPM, momentum with Adam: set, never read; the registry says
+    who reads them. Read keys (edge-popup's density, SGD's momentum) are not named."""
+    from fedmask.config import ignored_keys, ignored_keys_warning
+
+    fedpm = resolve({"density": 0.3, "slots": 4, "momentum": 0.5, "fedpm-eps": 0.05})
+    assert ignored_keys(fedpm) == {"density": "read by edge-popup, biprop only",
+                                   "slots": "read by slot-machines only",
+                                   "momentum": "read with optimizer = 'sgd' only"}
+    warning = ignored_keys_warning(fedpm)
+    assert warning is not None and "\n" not in warning and "density (read by edge-popup, biprop only)" in warning
+    assert ignored_keys(resolve({"method": "edge-popup", "density": 0.3, "optimizer": "sgd", "momentum": 0.5})) == {}
+    assert ignored_keys_warning(resolve({})) is None
+
+
+def test_a_plugin_reads_the_keys_of_its_mask_mode():
+    """A Bernoulli plug-in's clients read FedPM's keys (fedpm-eps is not named), not edge-popup's."""
+    from fedmask.config import ignored_keys
+
+    plug = resolve({"method": "examples.majority_momentum:MajorityMomentum", "density": 0.3, "fedpm-eps": 0.05})
+    assert set(ignored_keys(plug)) == {"density"}
+
+
+def test_ignored_keys_are_warned_once_at_the_start_of_a_run(tmp_path, caplog):
+    import fedmask
+
+    fedmask.simulate(ROOT / "configs" / "quickstart.toml", engine="inprocess", out=tmp_path / "r", num_rounds=1,
+                     num_clients=2, clients_per_round=2, density=0.3)
+    lines = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(lines) == 1 and "density (read by edge-popup, biprop only)" in lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmask.core import data
-from fedmask.core.data import DATASETS, PARTITIONERS, DataError, Splits, client_split, load_dataset, partition
+from fedmask.core.data import (
+    DATASETS,
+    FLOWER_PARTITIONERS,
+    PARTITIONERS,
+    DataError,
+    Splits,
+    client_split,
+    load_dataset,
+    partition,
+)
 
+OWN_PARTITIONERS = tuple(p for p in PARTITIONERS if p not in FLOWER_PARTITIONERS)  # Flower's: tested below
 MNIST_T10K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 IMAGES_MAGIC, LABELS_MAGIC = 0x803, 0x801
 
@@ -114,7 +125,7 @@ def test_unknown_dataset_lists_valid_names():
 # ---------------------------------------------------------------- partitioners
 
 
-@pytest.mark.parametrize("partitioner", PARTITIONERS)
+@pytest.mark.parametrize("partitioner", OWN_PARTITIONERS)
 def test_partition_is_deterministic_disjoint_and_covering(partitioner):
     labels = synthetic_labels()
     parts = partition(labels, 8, partitioner, seed=5, dirichlet_alpha=1.0)
@@ -245,7 +256,7 @@ def test_bad_labels_are_rejected():
 
 @settings(max_examples=60, deadline=None)
 @given(num_samples=st.integers(1, 300), num_classes=st.integers(1, 12),
-       num_clients=st.integers(1, 30), partitioner=st.sampled_from(PARTITIONERS),
+       num_clients=st.integers(1, 30), partitioner=st.sampled_from(OWN_PARTITIONERS),
        alpha=st.floats(0.01, 50), per_client=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_partition_property(num_samples, num_classes, num_clients, partitioner, alpha,
                             per_client, seed):
@@ -421,6 +432,35 @@ def test_default_folder_reports_download_failure(tmp_path, monkeypatch):
     with pytest.raises(DataError) as info:
         load_dataset.__wrapped__("mnist")
     assert "offline" in str(info.value) and str(tmp_path / "MNIST" / "raw") in str(info.value)
+    assert 'DIR/MNIST/raw/ of another folder DIR and set data-dir = "DIR"' in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_need_no_folder_outside_the_repository(path):
+    """A shipped config works for a user anywhere: its data is embedded (digits) or a torchvision
+    dataset downloaded into the default folder (data-dir empty), never a path of this workspace."""
+    from fedmask.config import load
+
+    config = load(path)
+    assert config.dataset in ("digits", "mnist", "fashion-mnist", "cifar10"), config.dataset
+    assert config.data_dir == "" and "../" not in path.read_text()
+
+
+@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason=f"shared MNIST test split not at {MNIST_T10K}")
+def test_benchmarks_run_the_mnist_configs_on_mnist_10k_named_explicitly(monkeypatch):
+    """bench.common.shared_data names this workspace's MNIST-10k for configs/mnist-*.toml (the
+    benchmarks' figures), and the config with it loads the 8k/2k split from that folder."""
+    from bench.common import ROOT, shared_data, shared_sets
+    from fedmask import task
+    from fedmask.config import load
+
+    monkeypatch.chdir(ROOT)
+    assert shared_data("configs/mnist-fedpm.toml")["data-dir"] == "../shared/data/mnist-t10k"
+    assert shared_data("configs/fmnist-fedpm.toml")["data-dir"] == "../shared/data/fashion-mnist"
+    assert shared_data("configs/quickstart.toml") == {}
+    config = load(ROOT / "configs" / "mnist-fedpm.toml", shared_sets("configs/mnist-fedpm.toml"))
+    assert config.dataset == "idx" and len(task.splits_of(config).y_train) == 8000
 
 
 def test_splits_is_hashable_by_identity():
@@ -468,3 +508,31 @@ def test_8bit_images_are_standardised_to_the_same_bits_as_the_float64_formula(ch
         expected = ((scaled - mean) / std).astype(np.float32)
         assert got.dtype == torch.float32 and got.is_contiguous()
         assert np.array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))
+
+
+# ---------------------------------------------------------------- Flower Datasets' partitioners
+
+
+@pytest.mark.parametrize("name", ["flwr-iid", "flwr-dirichlet", "flwr-pathological"])
+def test_flower_datasets_partitioners_split_as_flower_does(name):
+    """With the 'flwr-datasets' extra: Flower's own partitioner over the labels, seeded, disjoint,
+    every client non-empty; the pathological split gives each client classes-per-client classes."""
+    pytest.importorskip("flwr_datasets")
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    parts = partition(labels, 10, name, seed=3, dirichlet_alpha=0.5, classes_per_client=2)
+    again = partition(labels, 10, name, seed=3, dirichlet_alpha=0.5, classes_per_client=2)
+    other = partition(labels, 10, name, seed=4, dirichlet_alpha=0.5, classes_per_client=2)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(set(joined.tolist())) and all(len(p) for p in parts)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    if name == "flwr-iid":
+        assert [len(p) for p in parts] == [200] * 10
+    if name == "flwr-pathological":
+        assert all(len(set(labels[p].tolist())) == 2 for p in parts)
+
+
+def test_flower_partitioner_without_the_extra_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr_datasets", None)  # as if not installed: import raises ImportError
+    with pytest.raises(DataError, match=r'optional extra: pip install -e "\.\[flwr-datasets\]"'):
+        partition(np.arange(100) % 10, 4, "flwr-dirichlet")

@@ -36,10 +36,7 @@ NOTE = re.compile(r"<!--\s*(not-run|same-as):\s*(.*?)\s*-->")
 MAX_NOT_RUN = 3
 
 # Commands that fail on this branch for a reason fixed elsewhere; strict, so a fix makes the test say so.
-KNOWN_BROKEN = {
-    "fedmask run configs/quickstart.toml --engine batched":
-        "issue 30, item 2: the batched engine refuses the lossless downlink until that fix is merged",
-}
+KNOWN_BROKEN: dict[str, str] = {}  # command -> the issue that will fix it (a strict xfail until then)
 
 
 @dataclass(frozen=True)

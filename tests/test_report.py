@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ TINY = {"num-clients": 3, "clients-per-round": 3, "num-rounds": 2}
 def fake_run(path: Path, accuracy: list[float], uplink: list[int], **config) -> Path:
     """A run directory written by hand: config.toml, rounds.jsonl and summary.json with known numbers."""
     path.mkdir(parents=True)
-    resolved = resolve({"num-rounds": len(accuracy), **config})
+    resolved = resolve({"num-rounds": len(accuracy), **config}, check_plugin=False)
     (path / "config.toml").write_text(tomli_w.dumps(resolved.to_dict()))
     rows = [{"round": i + 1, "accuracy": a, "loss": 1.0 - a, "clients": 3, "failures": 0, "num_params": 1000,
              "uplink_payload_bytes": u, "uplink_message_bytes": u + 50, "downlink_payload_bytes": 10 * u,
@@ -85,9 +86,56 @@ def test_plot_lines_are_the_seed_means(two_settings, tmp_path):
     line = by_round.get_lines()[0]
     assert list(line.get_xdata()) == [1, 2, 3]
     assert np.allclose(line.get_ydata(), [0.6, 0.825, 0.925])
-    assert np.allclose(by_bytes.get_lines()[0].get_xdata(), [150, 250, 350])
+    assert np.allclose(by_bytes.get_lines()[0].get_xdata(), [1650, 2750, 3850])  # up + down (10x up), summed
+    assert "uplink + downlink" in by_bytes.get_xlabel()
     assert by_bytes.get_xscale() == "log"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [s.label for s in settings]
+
+
+def test_a_seed_run_twice_in_one_setting_is_flagged_and_counted_once(tmp_path, capsys):
+    """A Ray run and an in-process run of seed 0 (same config) are one seed: the mean is over
+    seeds 0 and 1, not three runs; the table and a warning name the duplicate."""
+    fake_run(tmp_path / "ray" / "s0", [0.5, 0.8], [100, 100], seed=0)
+    fake_run(tmp_path / "inprocess" / "s0", [0.5, 0.8], [100, 100], seed=0)
+    fake_run(tmp_path / "ray" / "s1", [0.6, 0.9], [100, 100], seed=1)
+    (setting,) = report.group_runs(report.find_runs([tmp_path]))
+    assert setting.seeds == [0, 1] and len(setting.duplicates) == 1
+    (row,) = report.summarise([setting], target=0.9)
+    assert row["final_accuracy"]["n"] == 2 and row["final_accuracy"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert "| 2 (+1 duplicate run) |" in report.format_rows([row], "md", 0.9)
+    assert cli.main(["compare", str(tmp_path), "--format", "csv"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "seed 0 is in 2 runs" in err and "counted once" in err
+
+
+def test_labels_say_what_the_lossless_downlink_sent(tmp_path):
+    """A lossless run that sent the float32 state to some nodes is labelled with the share;
+    one that never did is 'lossless down'; the float32 codec is named as such."""
+    def with_kinds(path: Path, kinds: list[dict[str, int]]) -> None:
+        rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+        (path / "rounds.jsonl").write_text("".join(json.dumps({**r, "downlink_kinds": k}) + "\n"
+                                                   for r, k in zip(rows, kinds)))
+
+    with_kinds(fake_run(tmp_path / "plug", [0.5, 0.6, 0.7], [1, 1, 1], lr=0.2), [{"replay": 4}, {"full": 4},
+                                                                                  {"full": 3, "replay": 1}])
+    with_kinds(fake_run(tmp_path / "fedpm", [0.5, 0.6, 0.7], [1, 1, 1]), [{"replay": 4}, {"standalone": 4},
+                                                                           {"standalone": 4}])
+    fake_run(tmp_path / "f32", [0.5, 0.6, 0.7], [1, 1, 1], **{"downlink-codec": "float32"})
+    labels = [s.label for s in report.group_runs(report.find_runs([tmp_path]))]
+    assert any(label.startswith("fedpm (entropy up, float32 down)") for label in labels)
+    assert any(label.startswith("fedpm (entropy up, lossless down, 58% of broadcasts float32)") for label in labels)
+    assert any(label.startswith("fedpm (entropy up, lossless down) ") for label in labels)
+
+
+def test_plugin_parameters_label_settings_beside_builtin_runs(tmp_path):
+    """A plug-in's plugin.<field> keys, which FedPM's config lacks, name the settings they differ in."""
+    fake_run(tmp_path / "fedpm", [0.5, 0.6], [1, 1])
+    for lr in (0.1, 0.2):
+        fake_run(tmp_path / f"plug-{lr}", [0.5, 0.6], [1, 1], method="somewhere:Rule", **{"plugin.server-lr": lr})
+    labels = sorted(s.label for s in report.group_runs(report.find_runs([tmp_path])))
+    assert labels[0].startswith("fedpm") and "plugin" not in labels[0]
+    assert labels[1].startswith("somewhere:Rule") and labels[1].endswith("plugin.server-lr=0.1")
+    assert labels[2].endswith("plugin.server-lr=0.2")
 
 
 def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, capsys):
@@ -97,6 +145,25 @@ def test_compare_cli_prints_a_table_and_writes_a_plot(two_settings, tmp_path, ca
     out = capsys.readouterr().out
     assert code == 0 and "92.50 ± 3.54" in out and (tmp_path / "p.png").exists()
     assert cli.main(["compare", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_reading_a_plugin_run_never_imports_the_plugin(tmp_path, monkeypatch, capsys):
+    """load_run and `fedmask compare`, from a folder where the plug-in is not importable, read a
+    plug-in run; a module that would raise on import, put on the path, is never imported."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tripwire_rule.py").write_text("raise RuntimeError('reading results imported the plug-in')\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    fake_run(tmp_path / "runs" / "plug", [0.5, 0.6], [100, 100], method="tripwire_rule:Rule")
+    fake_run(tmp_path / "runs" / "gone", [0.5, 0.7], [100, 100], method="no_such_module_anywhere:Rule")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert fedmask.load_run(tmp_path / "runs" / "plug").config.method == "tripwire_rule:Rule"
+    code = cli.main(["compare", str(tmp_path / "runs"), "--format", "md", "--plot", str(elsewhere / "p.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "tripwire_rule:Rule" in out and "no_such_module_anywhere:Rule" in out
+    assert "tripwire_rule" not in sys.modules and (elsewhere / "p.png").exists()
 
 
 # ---------------------------------------------------------------- Python API

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmask import task
 from fedmask.api import check_engine, config_from
@@ -269,11 +269,20 @@ def _round_uploads(grid_cls, config, pids):
     state = method.make_aggregator(config).initial_state(get_scores(model))
     grid = grid_cls(app, config.num_clients)
     record = state_record(state)
+    if config.downlink_codec == "lossless":  # the seed's state as every node is sent it in round 1
+        from fedmask.downlink import RECORD, LosslessDownlink
+
+        sender = LosslessDownlink.create(spec.layout, spec.fingerprint, mode.vote_contexts, True, False, state)
+        record = ArrayRecord({RECORD: Array(sender.message_for(1001, state)[0])})
     messages = [Message(RecordDict({"arrays": record, "config": ConfigRecord(
         TrainInstruction(config, 1, pid, method.mask_mode).to_flat())}), dst_node_id=1001 + pid,
         message_type=MessageType.TRAIN, group_id="1") for pid in pids]
     replies = list(grid.pull_messages(list(grid.push_messages(messages))))
     assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    if config.downlink_codec == "lossless":  # every node says it holds the state it was sent
+        from fedmask.downlink import CONFIRM
+
+        assert all(r.content.config_records[CONFIRM]["version"] == 0 for r in replies)
     prior = mode.prior(state)
     return [(decode_masks(r.content.array_records["arrays"]["mask"].numpy(), spec.upload, spec.fingerprint, prior,
                           bind=(1, int(r.content.config_records[TRAINED_RECORD]["partition-id"]))),
@@ -284,17 +293,19 @@ def _round_uploads(grid_cls, config, pids):
     ("fedpm", {}), ("edge-popup", {}), ("biprop", {}),
     ("edge-popup", {"optimizer": "sgd", "lr": 0.05, "weight-decay": 0.001}),
     ("fedpm", {"optimizer": "sgd", "momentum": 0.0}),
+    ("fedpm", {"downlink-codec": "lossless"}), ("edge-popup", {"downlink-codec": "lossless"}),
 ])
 def test_batched_clients_match_one_at_a_time(method, optimizer):
     """After one round, every client's uploaded mask from the batched engine agrees with the
     one-at-a-time engine's on at least 99.9% of entries (same seeds), and so do the metrics;
     the clients' partitions have different sizes (Dirichlet), so batches are ragged. Adam, and
-    SGD with and without momentum (the fused kernels' three paths)."""
+    SGD with and without momentum (the fused kernels' three paths); the float32 broadcast, and
+    the lossless one, which each node receives by its own Context and confirms."""
     from engines.batched import BatchedGrid
     from engines.inprocess import InProcessGrid
 
-    config = config_from({"method": method, **optimizer, "num-clients": 12, "partitioner": "dirichlet",
-                          "local-epochs": 2, "batch-size": 16, "model": "mlp", "downlink-codec": "float32"})
+    config = config_from({"method": method, "downlink-codec": "float32", **optimizer, "num-clients": 12,
+                          "partitioner": "dirichlet", "local-epochs": 2, "batch-size": 16, "model": "mlp"})
     pids = [0, 3, 4, 7, 11]
     alone, together = _round_uploads(InProcessGrid, config, pids), _round_uploads(BatchedGrid, config, pids)
     for (mask_a, metrics_a), (mask_b, metrics_b) in zip(alone, together):
@@ -310,7 +321,7 @@ def test_batched_engine_runs_a_whole_run_with_faults(tmp_path):
     import fedmask
 
     base = {"num-clients": 8, "clients-per-round": 8, "num-rounds": 2, "fault-drop-rate": 0.2,
-            "fault-crash-rate": 0.2, "downlink-codec": "float32"}  # batched clients hold no per-node state
+            "fault-crash-rate": 0.2, "downlink-codec": "float32"}
     runs = {engine: fedmask.simulate(base, engine=engine, out=tmp_path / engine) for engine in ("inprocess", "batched")}
     kinds = {e: [[(f["kind"], f["partition_id"]) for f in row["failure_details"]] for row in r.rounds]
              for e, r in runs.items()}
@@ -318,10 +329,25 @@ def test_batched_engine_runs_a_whole_run_with_faults(tmp_path):
     assert runs["batched"].finished
 
 
-def test_batched_engine_refuses_the_lossless_downlink():
-    """The lossless downlink keeps a state per node; batched clients hold none: refused by name."""
-    with pytest.raises(ConfigError, match="downlink-codec"):
-        check_engine(resolve({"model": "mlp", "downlink-codec": "lossless"}), "batched")
+def test_batched_engine_sends_the_lossless_downlink_as_the_inprocess_engine(tmp_path):
+    """The quickstart's default lossless downlink on the batched engine (README's command): it
+    runs, every node confirms the state it was sent (no failure), and the bytes down are the
+    in-process engine's to within the batched matmul's rounding (a few masks differ), far below
+    the float32 state's; accuracy follows the in-process run's."""
+    import fedmask
+
+    check_engine(resolve({"model": "mlp", "downlink-codec": "lossless"}), "batched")  # no ConfigError
+    base = {"num-clients": 6, "clients-per-round": 4, "num-rounds": 3}
+    runs = {engine: fedmask.simulate(ROOT / "configs" / "quickstart.toml", engine=engine, out=tmp_path / engine,
+                                     **base) for engine in ("inprocess", "batched")}
+    batched, alone = runs["batched"].rounds, runs["inprocess"].rounds
+    assert all(row["failures"] == 0 for row in batched) and runs["batched"].finished
+    assert [sum(r["downlink_kinds"].values()) for r in batched] == [4, 4, 4]
+    float32_down = 4 * 4 * batched[0]["num_params"]  # four nodes sent the float32 state
+    for b, a in zip(batched[1:], alone[1:]):
+        assert b["downlink_payload_bytes"] == pytest.approx(a["downlink_payload_bytes"], rel=0.05)
+        assert b["downlink_payload_bytes"] < float32_down / 4
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.05)
 
 
 def test_scale_bench_keeps_each_engines_fastest_run_and_largest_peak():

@@ -12,6 +12,11 @@ applied to the test split.  Using train statistics keeps test data out of
 preprocessing; for the full MNIST train split they reproduce the familiar
 0.1307 / 0.3081.
 
+A dataset plug-in, `"module:function"`, is the user's own tensors: `function()`
+returns `(x_train, y_train, x_test, y_test)` (torch tensors or numpy arrays; x of
+any sample shape, y integer class labels 0..C-1), used as given (no scaling), as float32
+and int64.
+
 Every data problem raises `DataError`, whose message names the file or
 setting at fault and what was expected, so a bad set-up fails at start-up
 rather than as an obscure error inside a client several rounds later.
@@ -27,12 +32,13 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from fedmask.names import DATASETS, PARTITIONERS
+from fedmask.names import DATASETS, FLOWER_PARTITIONERS, PARTITIONERS
+from fedmask.plugins import PluginError, import_object, is_plugin_name
 
 DEFAULT_DATA_DIR = Path("~/.cache/fedmask/data").expanduser()
 DOWNLOAD_TIMEOUT_S = 20.0
@@ -106,8 +112,10 @@ def load_dataset(name: str, data_dir: str = "", test_fraction: float = 0.2,
     torchvision datasets an empty value means `DEFAULT_DATA_DIR` with a
     download attempt.
     """
+    if is_plugin_name(name):
+        return _plugin_splits(name)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} or 'module:function'")
     if name == "digits":
         arrays = _seeded_split(*_digits_arrays(), test_fraction, seed, "digits")
     elif name == "idx":
@@ -115,6 +123,51 @@ def load_dataset(name: str, data_dir: str = "", test_fraction: float = 0.2,
     else:
         arrays = _torchvision_arrays(name, data_dir)
     return _to_splits(*arrays)
+
+
+def _plugin_splits(name: str) -> Splits:
+    """The user's ``function()`` -> (x_train, y_train, x_test, y_test), checked; DataError naming the key."""
+    where = f"config key 'dataset': {name!r}"
+    try:
+        load = import_object(name)
+    except PluginError as err:
+        raise DataError(f"config key 'dataset': {err}") from None
+    if not callable(load):
+        raise DataError(f"{where} is a {type(load).__name__}; expected a function returning "
+                        "(x_train, y_train, x_test, y_test)")
+    try:
+        got = load()
+    except Exception as err:  # the user's code may fail in any way; say where
+        raise DataError(f"{where}() raised {type(err).__name__}: {err}") from None
+    if not isinstance(got, (tuple, list)) or len(got) != 4:
+        raise DataError(f"{where} returned {type(got).__name__}; expected a tuple (x_train, y_train, x_test, y_test)")
+    x_train, y_train, x_test, y_test = (_as_array(value, part, where) for value, part in
+                                        zip(got, ("x_train", "y_train", "x_test", "y_test")))
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+            raise DataError(f"{where}: x_{split} must be (N, ...) and y_{split} (N,) with N > 0; got shapes "
+                            f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise DataError(f"{where}: y_{split} must hold class labels 0, 1, ... (integers); got {y.dtype} "
+                            f"from {y.min()}")
+        if not np.isfinite(x).all():
+            raise DataError(f"{where}: x_{split} holds NaN or inf")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{where}: train samples are {tuple(x_train.shape[1:])} but test samples "
+                        f"{tuple(x_test.shape[1:])}; both splits need one sample shape")
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Splits(torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+                  torch.from_numpy(y_train.astype(np.int64)),
+                  torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+                  torch.from_numpy(y_test.astype(np.int64)), num_classes)
+
+
+def _as_array(value: object, part: str, where: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
+    raise DataError(f"{where}: {part} is a {type(value).__name__}; expected a torch tensor or a numeric numpy array")
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +366,8 @@ def _read_torchvision_files(name: str, root: Path) -> tuple[np.ndarray, ...]:
     folder = root / _MNIST_FOLDERS[name] / "raw"
     expected = [folder / stem for stem in _MNIST_FILES]
     if not all(_existing(path) for path in expected):
-        raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected])
+        raise _missing_files_error(name, folder, [f"{p.name}(.gz)" for p in expected],
+                                   layout=f"DIR/{folder.parent.name}/raw/")
     train_images, train_labels, test_images, test_labels = (cast(Path, _existing(p)) for p in expected)
     return (*_read_idx_pair(train_images, train_labels),
             *_read_idx_pair(test_images, test_labels))
@@ -335,17 +389,20 @@ def _read_cifar10(root: Path) -> tuple[np.ndarray, ...]:
     try:
         train, test = (CIFAR10(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as error:
-        raise _missing_files_error("cifar10", folder, list(_CIFAR_FILES), str(error)) from None
+        raise _missing_files_error("cifar10", folder, list(_CIFAR_FILES), str(error),
+                                   layout=f"DIR/{_CIFAR_FOLDER}/") from None
     return tuple(array for ds in (train, test)
                  for array in (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, np.int64)))
 
 
-def _missing_files_error(name: str, folder: Path, files: list[str], detail: str = "") -> DataError:
-    """One message format for every missing-download case."""
+def _missing_files_error(name: str, folder: Path, files: list[str], detail: str = "", layout: str = "") -> DataError:
+    """One message format for every missing-download case; ``layout``: where the files go under
+    a data-dir (``DIR/MNIST/raw/``)."""
     listing = "\n".join(f"  {folder / item}" for item in files)
     note = f" ({detail})" if detail else ""
     return DataError(f"dataset {name!r}: files not found or corrupt in {folder}{note}; expected:\n"
-                     f"{listing}\nPut them there (an empty data_dir downloads them when online).")
+                     f"{listing}\nPut them there, or in {layout} of another folder DIR and set data-dir = \"DIR\" "
+                     f"(an empty data-dir downloads them into {DEFAULT_DATA_DIR} when online).")
 
 
 def _download(name: str, root: Path) -> str | None:
@@ -390,6 +447,9 @@ def partition(labels: np.ndarray, num_clients: int, partitioner: str = "iid", se
         _check_no_empty_client(parts, f"partitioner='iid', seed={seed}", "use fewer clients", len(labels))
     elif partitioner == "dirichlet":  # draws again where a client would be empty
         parts = _dirichlet_partition(labels, num_clients, dirichlet_alpha, seed, rng)
+    elif partitioner in FLOWER_PARTITIONERS:
+        parts = _flower_parts(labels, num_clients, partitioner, seed, dirichlet_alpha, classes_per_client)
+        _check_no_empty_client(parts, f"partitioner={partitioner!r}, seed={seed}", "use fewer clients", len(labels))
     else:
         parts = _classes_parts(labels, num_clients, classes_per_client, rng)
         _check_no_empty_client(parts, f"partitioner='classes', classes_per_client={classes_per_client}, seed={seed}",
@@ -412,6 +472,35 @@ def _check_partition_args(labels: np.ndarray, num_clients: int, partitioner: str
         raise DataError(f"num_clients must be between 1 and the number of train samples "
                         f"({len(labels)}), got {num_clients}")
     return labels
+
+
+def _flower_parts(labels: np.ndarray, num_clients: int, partitioner: str, seed: int, alpha: float,
+                  classes_per_client: int) -> list[np.ndarray]:
+    """Flower Datasets' own partitioner over the labels, as a Flower baseline splits its data:
+    the samples shuffled with ``seed`` (as ``FederatedDataset`` does), then ``IidPartitioner``,
+    ``DirichletPartitioner`` (by label, ``alpha``, Flower's defaults otherwise) or
+    ``PathologicalPartitioner`` (by label, ``classes_per_client`` classes each)."""
+    try:
+        from datasets import Dataset
+        from flwr_datasets import partitioner as flower
+    except ImportError:
+        raise DataError(f"partitioner {partitioner!r} needs Flower Datasets, an optional extra: "
+                        "pip install -e \".[flwr-datasets]\" (or choose iid, dirichlet or classes)") from None
+    table = Dataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))}).shuffle(seed=seed)
+    split: Any
+    if partitioner == "flwr-iid":
+        split = flower.IidPartitioner(num_partitions=num_clients)
+    elif partitioner == "flwr-dirichlet":
+        split = flower.DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha, seed=seed)
+    else:
+        split = flower.PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                               num_classes_per_partition=classes_per_client, seed=seed)
+    split.dataset = table
+    try:
+        return [np.asarray(split.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)]
+    except ValueError as err:  # e.g. Dirichlet draws that never give every client its minimum
+        raise DataError(f"partitioner {partitioner!r} (Flower Datasets) refused {num_clients} clients "
+                        f"(num-clients, dirichlet-alpha, classes-per-client): {err}") from None
 
 
 DIRICHLET_DRAWS = 100

@@ -1,7 +1,10 @@
 """Model shapes from the papers, built from plain Linear/Conv2d so that masking composes.
 
 ``build_model`` returns an ordinary dense PyTorch model; :func:`fedmask.core.masking.to_masked`
-turns it into a masked one. The dense form is what the FedAvg baseline trains.
+turns it into a masked one. The dense form is what the FedAvg baseline trains. A model plug-in, ``"module:function"``,
+is the user's own: ``function(input_shape, num_classes)`` returns a ``torch.nn.Module``
+built from layers fedmask masks (Linear, Conv2d; BatchNorm, made non-affine), with any
+parameter-free layers between them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from fedmask.names import MODELS
+from fedmask.plugins import PluginError, import_object, is_plugin_name
 
 # Conv widths per block (two convs then a 2x2 max-pool per block), as in the lottery-ticket
 # and FedPM papers; each is followed by a 256-256-classes dense head.
@@ -59,6 +63,10 @@ def _wider(widths: tuple[int, ...], factor: float) -> tuple[int, ...]:
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
     """A dense model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs, its
     hidden layers (and conv channels) ``width`` times as wide as the paper's."""
+    if is_plugin_name(name):
+        if width != 1.0:
+            raise ValueError("width: a plug-in model takes width = 1 only (build it as wide as you like)")
+        return _plugin_model(name, input_shape, num_classes)
     flat = int(torch.tensor(input_shape).prod())
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), *_dense_head(flat, _wider((256, 256), width), num_classes))
@@ -70,4 +78,21 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, width
         if width != 1.0:
             raise ValueError("model: resnet18 takes width = 1 only")
         return _resnet18(input_shape, num_classes)
-    raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")
+    raise ValueError(f"model: expected one of {', '.join(MODELS)} or 'module:function', got {name!r}")
+
+
+def _plugin_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The user's ``function(input_shape, num_classes)``, checked to be a module with something to mask."""
+    build = import_object(name)
+    if not callable(build):
+        raise PluginError(f"{name!r} is a {type(build).__name__}; expected a function (input_shape, num_classes) "
+                          "returning a torch.nn.Module")
+    try:
+        model = build(tuple(input_shape), num_classes)
+    except Exception as err:  # the user's code may fail in any way; say where
+        raise PluginError(f"{name!r}({tuple(input_shape)}, {num_classes}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"{name!r} returned a {type(model).__name__}; expected a torch.nn.Module")
+    if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
+        raise PluginError(f"{name!r} returned a model without Linear or Conv2d layers: nothing fedmask can mask")
+    return model

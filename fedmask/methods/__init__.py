@@ -24,10 +24,7 @@ class: its mask mode, and the rules of that mode.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -40,13 +37,10 @@ from fedmask.methods.fedpm import Bernoulli, FedPMAggregator
 from fedmask.methods.laperm import LaPerm, LaPermAggregator
 from fedmask.methods.slot_machines import SlotMachineAggregator, Slots
 from fedmask.names import DENSE_ATTACKS, DENSE_DOWNLINK_CODECS, MASK_MODES
+from fedmask.plugins import PluginError, import_object, is_plugin_name
 
 __all__ = ["BUILTIN", "MODES", "Method", "PluginError", "Restriction", "get_method", "is_plugin_name", "load_plugin",
            "mode_of"]
-
-
-class PluginError(ValueError):
-    """A ``module:Class`` method that cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +128,7 @@ BUILTIN: Mapping[str, Method] = MappingProxyType({
                            ("slots", "slot-selection", "slot-server-lr", "slot-score-init", "eval-mask")),
     "laperm": _mask("laperm", "LaPerm: clients permute each row's seeded weight values; ranks up, Borda-merged "
                     "ranks down", LaPerm, LaPermAggregator, ("laperm-sync", "laperm-lr", "laperm-rank-step")),
-    "fedavg": _dense("fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)", ("momentum",)),
+    "fedavg": _dense("fedavg", "FedAvg: the dense float32 baseline (Flower's FedAvg aggregation)"),
     "signsgd": _dense("signsgd", "SignSGD with majority vote: 1 bit per parameter up, the server steps by the "
                       "majority sign", ("signsgd-server-lr",), "sign"),
     "ef-signsgd": _dense("ef-signsgd", "EF-SignSGD: scaled signs (1 bit per parameter + a scale per tensor) with "
@@ -146,10 +140,15 @@ BUILTIN: Mapping[str, Method] = MappingProxyType({
 })
 
 
-def is_plugin_name(name: str) -> bool:
-    """``module:Class`` with both parts non-empty."""
-    module, sep, cls = name.partition(":")
-    return bool(sep and module and cls)
+def keys_read(method: Method) -> frozenset[str]:
+    """The registry's method-only keys (any built-in's ``keys``) that ``method`` reads: its own;
+    for a plug-in, those of the built-in methods of its mask mode (which its clients train)."""
+    if method.builtin:
+        return frozenset(method.keys)
+    return frozenset(key for other in BUILTIN.values() if other.mode is method.mode for key in other.keys)
+
+
+METHOD_KEYS = frozenset(key for method in BUILTIN.values() for key in method.keys)  # read by some methods only
 
 
 def get_method(name: str) -> Method:
@@ -166,16 +165,10 @@ def get_method(name: str) -> Method:
 
 def load_plugin(name: str) -> type[MaskAggregator]:
     """Import ``module:Class`` and check that it is a usable :class:`MaskAggregator`."""
-    module_name, _, class_name = name.partition(":")
-    if os.getcwd() not in sys.path:  # plug-ins live in the user's project, beside the config
-        sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # a plug-in may fail to import in any way
-        raise PluginError(f"method: cannot load plug-in {name!r}: {type(err).__name__}: {err}") from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise PluginError(f"method: cannot load plug-in {name!r}: module {module_name!r} has no {class_name!r}")
+        cls = import_object(name)
+    except PluginError as err:
+        raise PluginError(f"method: {err}") from None
     if not (isinstance(cls, type) and issubclass(cls, MaskAggregator)):
         raise PluginError(f"method: {name!r} must be a subclass of fedmask.methods.base.MaskAggregator "
                           "(fedmask.MaskAggregator)")

@@ -31,6 +31,7 @@ The meaning of the state follows ``mask_mode`` (clients rely on it):
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,15 @@ class RoundResult:
     clients: float = 0.0
 
 
+def make_params(params: type, given: tuple[tuple[str, Any], ...]) -> Any:
+    """``params(**fields)`` from ``plugin.<field>`` pairs (kebab-case names; ints become floats
+    for float fields, as config keys do)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(params)}
+    values = {key.replace("-", "_"): value for key, value in given}
+    return params(**{key: float(value) if isinstance(defaults.get(key), float) and not isinstance(value, bool)
+                     else value for key, value in values.items()})
+
+
 class MaskAggregator(ABC):
     """Base class of every aggregation rule; subclass it and name it as ``module:Class``.
 
@@ -85,11 +95,17 @@ class MaskAggregator(ABC):
 
     mask_mode: ClassVar[str] = "bernoulli"
     replayable: ClassVar[bool] = False  # whether nodes can replay the update from the round's votes
+    # A plug-in's parameters: a frozen dataclass whose fields (defaults: numbers, booleans,
+    # strings) the config sets as ``plugin.<field>`` keys; the instance is ``self.params``.
+    Params: ClassVar[type | None] = None
 
     def __init__(self, config: Any = None):
-        """``config``: the run's :class:`fedmask.config.RunConfig` (a plug-in reads what it needs)."""
+        """``config``: the run's :class:`fedmask.config.RunConfig` (a plug-in reads what it needs);
+        with a ``Params`` dataclass, ``self.params`` holds the config's ``plugin.<field>`` values."""
         self.config = config
         self.pending: list[tuple[Masks, float]] = []  # the round's uploads, for :meth:`aggregate`
+        if self.Params is not None:  # not typed here: the built-in rules' ``params`` are their own
+            vars(self)["params"] = make_params(self.Params, tuple(getattr(config, "plugin_params", ()) or ()))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -101,6 +101,16 @@ class RoundOutcome:
         return asdict(self)
 
 
+def downlink_kinds(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """What the lossless downlink actually sent over the rounds: broadcasts of each kind
+    (``full``: the float32 state), as ``{"downlink_kinds": {...}}``; {} for another codec."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        for kind, count in (row.get("downlink_kinds") or {}).items():
+            totals[kind] = totals.get(kind, 0) + count
+    return {"downlink_kinds": totals} if totals else {}
+
+
 class RunRecorder:
     """Writes a run's results as rounds end, and shows them as a live table."""
 
@@ -253,6 +263,7 @@ class RunRecorder:
             "downlink_recycle_bytes": sum(r.get("downlink_recycle_bytes", 0) for r in self.rows),
             "mean_uplink_bpp": sum(r["uplink_bpp"] for r in self.rows) / max(len(self.rows), 1),
             **self._totals(),
+            **downlink_kinds(self.rows),
             "wall_s": time.perf_counter() - self.start,
         }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

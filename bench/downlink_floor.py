@@ -120,7 +120,10 @@ def measure(task: str, partition: str, seed: int, rounds: int, run_dir: Path) ->
 
     config_path, overrides, _ = TASKS[task]
     config = config_from(ROOT / config_path, **{**shared_data(config_path), **overrides, **PARTITIONS[partition],
-                                                "seed": seed, "num-rounds": rounds, "downlink-codec": "lossless"})
+                                                "seed": seed, "num-rounds": rounds, "downlink-codec": "lossless",
+                                                # entropy-coded uploads: the floor is of codes that do
+                                                # not see the uploads (relative-entropy ones are relayed)
+                                                "uplink-codec": "entropy"})
     start = time.perf_counter()
     with recording() as log:
         execute(config, run_dir, engine="inprocess")

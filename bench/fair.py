@@ -65,6 +65,9 @@ GRIDS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
     "fedavg": _dense("fedavg", DENSE_LRS),
     "qsgd": _dense("qsgd", DENSE_LRS),
     "topk-ef": _dense("topk-ef", DENSE_LRS),
+    # the dense baselines with a compressed downlink too (DoubleSqueeze's error-compensated QSGD)
+    "fedavg+ef-qsgd-down": _dense("fedavg", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
+    "qsgd+ef-qsgd-down": _dense("qsgd", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
     # FedPM coded at its information floor; the Beta prior reset every round (the paper) or every 3
     "fedpm": ("fedpm", [(f"lr {lr:g}, prior reset {reset}",
                          ['uplink-codec="relative-entropy"', f"lr={lr}", f"fedpm-prior-reset={reset}"])

@@ -151,7 +151,8 @@ def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool)
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
     mode, spec = done.mode, done.spec
     assert mode is not None and spec is not None
-    probabilities = config.uplink_codec == "relative-entropy"
+    codec = mode.uplink_codec(config.uplink_codec)
+    probabilities = codec == "relative-entropy"
     if mode.has_mask and pid in attackers(config):
         crafted = mode.colluding_upload(done.broadcast) if config.attack == "colluding" else None
         lie = attack_masks(mode.upload(done.model), config, server_round, pid, crafted)
@@ -160,7 +161,7 @@ def _mask_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool)
         upload = mode.upload(done.model, probabilities)
     # the upload's own randomness: LaPerm's stochastic rounding, the relative-entropy coder's choice
     rng = np.random.default_rng(derive_seed(config.seed, "laperm-rank-step", server_round, pid))
-    blob = mode.encode_upload(upload, spec.upload, spec.fingerprint, config.uplink_codec, done.prior, rng,
+    blob = mode.encode_upload(upload, spec.upload, spec.fingerprint, codec, done.prior, rng,
                               (server_round, pid))
     if corrupt:
         blob, _ = corrupt_upload(blob, config, server_round, pid)

@@ -120,7 +120,7 @@ def broadcast_of(config: RunConfig, mode: MaskMode, spec: task.ModelSpec, arrays
 
 def _new_broadcast(config: RunConfig, mode: MaskMode, spec: task.ModelSpec, arrays: dict[str, np.ndarray]) -> Broadcast:
     state = decode_state(arrays, spec.layout)
-    prior = mode.prior(state) if config.uplink_codec != "packbits" else None
+    prior = mode.prior(state) if mode.uplink_codec(config.uplink_codec) != "packbits" else None
     return Broadcast(state, mode.scores_of_state(state), prior)
 
 
@@ -182,7 +182,7 @@ def _rebuild(config: RunConfig, mode: MaskMode, spec: task.ModelSpec) -> downlin
         prior = mode.prior(state)
         for pid, weight, data in uploads:
             upload = mode.decode_upload(np.frombuffer(data, np.uint8), spec.upload, spec.fingerprint, prior,
-                                        config.uplink_codec, {}, (server_round, pid))
+                                        mode.uplink_codec(config.uplink_codec), {}, (server_round, pid))
             aggregator.fold(server_round, state, mode.votes(upload, spec.layout), weight)
         return aggregator.finish(server_round, state).state
 

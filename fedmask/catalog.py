@@ -35,6 +35,8 @@ _PARTITIONERS = {
     "flwr-pathological": "Flower Datasets' PathologicalPartitioner, classes-per-client classes each (the extra)",
 }
 _UPLINK = {
+    "auto": "the default: relative-entropy for FedPM (and any method uploading a sample of probabilities), entropy "
+            "for the other mask methods",
     "packbits": "one bit per parameter plus a 28-byte header",
     "entropy": "range-coded against the broadcast state (or the mask's own frequency), packed when shorter",
     "relative-entropy": "FedPM: a sample's index among candidates both ends draw from theta, about KL(q||theta) bits",

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmask.methods import BUILTIN, METHOD_KEYS, Method, PluginError, get_method, is_plugin_name, keys_read
+from fedmask.methods import (
+    BUILTIN,
+    METHOD_KEYS,
+    Method,
+    PluginError,
+    get_method,
+    is_plugin_name,
+    keys_read,
+    uplink_codec_named,
+)
 from fedmask.methods.base import make_params
 from fedmask.names import (
     ATTACKS,
@@ -201,7 +210,8 @@ class RunConfig:
     recycle_fraction: float = _key(0.1, "Iterative Weight Recycling: share of each tensor's weights, "
                                    "lowest global scores first, that take the values of the highest",
                                    check=lambda v: 0 < v < 0.5, rule="in (0, 0.5)")
-    uplink_codec: str = _key("entropy", "how clients code their uploads: 'packbits' (1 bit per parameter), "
+    uplink_codec: str = _key("auto", "how clients code their uploads: 'auto' (relative-entropy for FedPM, entropy for "
+                             "the other mask methods), 'packbits' (1 bit per parameter), "
                              "'entropy' (range-coded against the broadcast state, packed bits when that is shorter) "
                              "or, for FedPM, 'relative-entropy' (the index of a sample among candidates both ends "
                              "draw from the broadcast theta: about KL(q || theta) bits, not the sample's entropy)",
@@ -435,7 +445,7 @@ def _check_across_keys(config: RunConfig) -> None:
     if config.biprop_scale_fan and config.density >= 1:
         raise ConfigError("config key 'biprop-scale-fan': expected false with density 1 (the reference's "
                           f"scale divides by sqrt(1 - density)), got true with density {config.density:g}")
-    if config.uplink_codec == "relative-entropy" and config.rec_debias:
+    if _codes_relative(config) and config.rec_debias:
         from fedmask.wire.relative import GAMMA
 
         if (config.rec_block_bits, config.rec_extra_bits) not in GAMMA:
@@ -473,6 +483,11 @@ def _check_method_rules(config: RunConfig, method: Method) -> None:
                           f"(SecAgg+ shares keys among them), got {config.clients_per_round}")
 
 
+def _codes_relative(c: RunConfig) -> bool:
+    """Whether uploads are relative-entropy coded (a plug-in's 'auto' is not known without importing it)."""
+    return uplink_codec_named(c.method, c.uplink_codec) in ("relative-entropy", "auto")
+
+
 # Keys read only when another key has some value (the registry, fedmask.methods, says which
 # keys only some methods read): set away from their default otherwise, they change nothing.
 READ_ONLY_WITH: dict[str, tuple[str, Callable[[RunConfig], bool]]] = {
@@ -482,9 +497,9 @@ READ_ONLY_WITH: dict[str, tuple[str, Callable[[RunConfig], bool]]] = {
     "classes-per-client": ("partitioner = 'classes' or 'flwr-pathological'",
                            lambda c: c.partitioner in ("classes", "flwr-pathological")),
     "downlink-bits": ("downlink-codec = 'quantized'", lambda c: c.downlink_codec == "quantized"),
-    "rec-block-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
-    "rec-extra-bits": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
-    "rec-debias": ("uplink-codec = 'relative-entropy'", lambda c: c.uplink_codec == "relative-entropy"),
+    "rec-block-bits": ("uplink-codec = 'relative-entropy' (FedPM's 'auto')", _codes_relative),
+    "rec-extra-bits": ("uplink-codec = 'relative-entropy' (FedPM's 'auto')", _codes_relative),
+    "rec-debias": ("uplink-codec = 'relative-entropy' (FedPM's 'auto')", _codes_relative),
     "trim-fraction": ("robust-aggregation = 'trimmed'", lambda c: c.robust_aggregation == "trimmed"),
     "attack-fraction": ("an attack", lambda c: c.attack != "none"),
     "edge-popup-vote-weight": ("edge-popup-server-rule = 'vote-average' or 'vote-levels'",

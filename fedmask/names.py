@@ -31,7 +31,7 @@ ROBUST_RULES = ("none", "trimmed", "median")
 OPTIMIZERS = ("adam", "sgd")
 
 # the bytes each way
-UPLINK_CODECS = ("packbits", "entropy", "relative-entropy")
+UPLINK_CODECS = ("auto", "packbits", "entropy", "relative-entropy")
 DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless", "ef-qsgd")
 MASK_DOWNLINK_CODECS = ("float32", "float16", "quantized", "lossless")  # what a mask state can be sent as
 DENSE_DOWNLINK_CODECS = ("float32", "lossless", "ef-qsgd")  # dense weights: as they are, or the update squeezed

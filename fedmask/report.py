@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedmask.api import Result, load_run
+from fedmask.methods import uplink_codec_named
 
 FORMATS = ("table", "md", "csv")
 # Keys that name a setting in labels first; any other key that differs between settings follows.
@@ -105,7 +106,9 @@ def group_runs(runs: Sequence[Result]) -> list[Setting]:
             else:
                 by_seed[run.config.seed] = run
         kept = list(by_seed.values())
-        label = f"{config['method']} ({config['uplink-codec']} up, {downlink_sent(config, kept)})"
+        sent = {run.summary.get("uplink_codec") for run in kept} - {None}  # as the server resolved 'auto'
+        up = sent.pop() if len(sent) == 1 else uplink_codec_named(config["method"], config["uplink-codec"])
+        label = f"{config['method']} ({up} up, {downlink_sent(config, kept)})"
         extra = ", ".join(f"{k}={config[k]}" for k in varying if k in config)
         settings.append(Setting(f"{label} {extra}".strip(), kept, duplicates))
     return settings

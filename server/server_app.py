@@ -148,7 +148,8 @@ def build(config: RunConfig, run_dir: Path, resume: bool = False, deployment: bo
             if config.recycle_every:
                 sync_frozen(model, mask_strategy.recycle_log, spec.layout, spec.fingerprint, config.seed, config.init)
     recorder = RunRecorder(run_dir, config, num_params, resume_after=Checkpoint.round_of(run_dir) if resume else None,
-                           fedavg=fedavg_equivalent(config, splits))
+                           fedavg=fedavg_equivalent(config, splits),
+                           uplink_codec=mode.uplink_codec(config.uplink_codec) if mode is not None else None)
     if resumed:
         recorder.initial = resumed.initial
     return ServerRun(config, splits, model, strategy, aggregator, ledger, recorder, load_global)
@@ -288,7 +289,7 @@ def run_secure_server(grid: Grid, config: RunConfig, run_dir: Path, context: Con
     initial = aggregator.initial_state(get_scores(model))
     ledger = Ledger()
     recorder = RunRecorder(run_dir, config, sum(v.size for v in initial.values()),
-                           fedavg=fedavg_equivalent(config, splits))
+                           fedavg=fedavg_equivalent(config, splits), uplink_codec="secagg+")  # masked sums
     recorder.header()
 
     def evaluate(server_round: int, state: dict[str, np.ndarray], outcome: RoundOutcome) -> tuple[float, float]:

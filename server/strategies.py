@@ -469,7 +469,8 @@ class MaskStrategy(SeededFedAvg):
         self._reference: Masks | None = None  # the global mask of the broadcast this round's clients trained from
         self._drift = DriftTally(None)
         # relative-entropy uploads are small: the lossless downlink may relay them instead of the votes
-        self._relaying = lossless is not None and run_config.uplink_codec == "relative-entropy"
+        self.codec = mode.uplink_codec(run_config.uplink_codec)
+        self._relaying = lossless is not None and self.codec == "relative-entropy"
         self._uploads: list[tuple[int, float, bytes]] = []  # this round's folded uploads, to relay
         self._coded: tuple[State, dict[str, np.ndarray], State] | None = None
         self._global: tuple[State, Masks | None] | None = None  # (state, its global mask), the last one asked
@@ -525,7 +526,7 @@ class MaskStrategy(SeededFedAvg):
         lengths: dict[str, float] = {}
         pid, blob = self.ledger.partition_of(reply), single_blob(reply, "mask")
         upload = self.mode.decode_upload(blob, self.spec.upload, self.spec.fingerprint, self.prior,
-                                         self.run_config.uplink_codec, lengths, (server_round, pid))
+                                         self.codec, lengths, (server_round, pid))
         votes = self.mode.votes(upload, self.spec.layout)
         totals = self.outcome(server_round).code_lengths
         if totals is None:

@@ -387,7 +387,8 @@ def test_resumed_lossless_run_trains_the_same_and_codes_against_the_seeds_state_
     run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir, resume=True)
     rows = _rounds(tmp_path / "resumed")
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]
-    assert rows[2]["downlink_kinds"] == {"state": 4} and rows[3]["downlink_kinds"] == {"replay": 4}
+    # then deltas: FedPM's relative-entropy uploads, relayed (nodes aggregate them themselves)
+    assert rows[2]["downlink_kinds"] == {"state": 4} and rows[3]["downlink_kinds"] == {"relay": 4}
     assert rows[2]["downlink_payload_bytes"] < 4 * 4 * rows[0]["num_params"] / 2  # below the float32 state
 
 

@@ -248,7 +248,8 @@ def test_a_fedpm_run_with_relative_entropy_trains_for_a_fraction_of_the_bytes(tm
     import fedmask
 
     base = {"num-rounds": 3, "num-clients": 4, "clients-per-round": 4}
-    entropy = fedmask.simulate("configs/quickstart.toml", engine="inprocess", out=tmp_path / "e", **base)
+    entropy = fedmask.simulate("configs/quickstart.toml", engine="inprocess", out=tmp_path / "e",
+                               **{**base, "uplink-codec": "entropy"})
     coded_run = fedmask.simulate("configs/quickstart.toml", engine="inprocess", out=tmp_path / "r",
                                  **{**base, "uplink-codec": "relative-entropy"})
     for before, now in zip(entropy.rounds, coded_run.rounds):
@@ -265,6 +266,21 @@ def test_relative_entropy_is_refused_for_masks_that_are_not_samples():
     with pytest.raises(ConfigError, match="rec-block-bits"):
         resolve({"uplink-codec": "relative-entropy", "rec-block-bits": 5})
     resolve({"uplink-codec": "relative-entropy", "rec-block-bits": 5, "rec-debias": False})
+
+
+def test_auto_codes_fedpm_with_relative_entropy_and_the_other_masks_with_entropy():
+    """uplink-codec = 'auto' (the default) resolves per mask mode: FedPM's uploads are samples
+    of probabilities, the top-k masks are not; the rec-* keys are checked under 'auto' too."""
+    from fedmask.config import ConfigError, resolve
+    from fedmask.methods import mode_of
+
+    assert resolve({}).uplink_codec == "auto"
+    assert mode_of("bernoulli").uplink_codec("auto") == "relative-entropy"
+    assert mode_of("topk").uplink_codec("auto") == "entropy"
+    assert mode_of("bernoulli").uplink_codec("entropy") == "entropy"
+    resolve({"method": "edge-popup"})  # 'auto' is not refused where relative-entropy is
+    with pytest.raises(ConfigError, match="rec-block-bits"):
+        resolve({"rec-block-bits": 5})
 
 
 # ---------------------------------------------------------------- the downlink relays the uploads
@@ -288,7 +304,7 @@ def test_nodes_rebuild_the_state_from_the_relayed_uploads_bit_for_bit(tmp_path, 
     if "fault-corrupt-rate" in overrides:
         assert any(f["kind"] == "rejected" for row in run.rounds for f in row["failure_details"])
     entropy = fedmask.simulate("configs/quickstart.toml", engine="inprocess", out=tmp_path / "e",
-                               **{"num-rounds": 5, **overrides})
+                               **{"num-rounds": 5, "uplink-codec": "entropy", **overrides})
     assert sum(r["downlink_payload_bytes"] for r in run.rounds[1:]) < \
         sum(r["downlink_payload_bytes"] for r in entropy.rounds[1:]) / 4
 

@@ -48,8 +48,9 @@ def test_runs_are_grouped_by_config_without_the_seed(two_settings):
     settings = report.group_runs(report.find_runs([two_settings]))
     assert [len(s.runs) for s in settings] == [2, 1]
     assert settings[0].seeds == [0, 1]
-    assert settings[0].label.startswith("fedpm (entropy up, lossless down)")  # the default codecs
-    assert settings[1].label.startswith("edge-popup")
+    # the default codecs: uplink-codec 'auto' is relative-entropy for FedPM, entropy for edge-popup
+    assert settings[0].label.startswith("fedpm (relative-entropy up, lossless down)")
+    assert settings[1].label.startswith("edge-popup (entropy up, lossless down)")
 
 
 def test_summary_means_stds_and_targets(two_settings):
@@ -122,9 +123,10 @@ def test_labels_say_what_the_lossless_downlink_sent(tmp_path):
                                                                            {"standalone": 4}])
     fake_run(tmp_path / "f32", [0.5, 0.6, 0.7], [1, 1, 1], **{"downlink-codec": "float32"})
     labels = [s.label for s in report.group_runs(report.find_runs([tmp_path]))]
-    assert any(label.startswith("fedpm (entropy up, float32 down)") for label in labels)
-    assert any(label.startswith("fedpm (entropy up, lossless down, 58% of broadcasts float32)") for label in labels)
-    assert any(label.startswith("fedpm (entropy up, lossless down) ") for label in labels)
+    assert any(label.startswith("fedpm (relative-entropy up, float32 down)") for label in labels)
+    assert any(label.startswith("fedpm (relative-entropy up, lossless down, 58% of broadcasts float32)")
+               for label in labels)
+    assert any(label.startswith("fedpm (relative-entropy up, lossless down) ") for label in labels)
 
 
 def test_plugin_parameters_label_settings_beside_builtin_runs(tmp_path):

@@ -35,6 +35,7 @@ FIELDS = ("accuracy", "loss", "uplink_payload_bytes", "downlink_payload_bytes")
 # name -> (config file, engine, overrides); 3 rounds each
 RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fedpm": ("quickstart.toml", "inprocess", {}),
+    "fedpm-entropy": ("quickstart.toml", "inprocess", {"uplink-codec": "entropy"}),  # the default before issue 27
     "fedpm-partial": ("quickstart.toml", "inprocess", {"clients-per-round": 4}),
     "fedpm-prior-kept": ("quickstart.toml", "inprocess", {"clients-per-round": 5, "fedpm-prior-reset": 3}),
     "fedpm-float32-packbits": ("quickstart.toml", "inprocess",

@@ -28,7 +28,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("secure")
     secure = resolve({**SMALL, "secure-aggregation": True})
-    plain = resolve(SMALL)
+    plain = resolve({**SMALL, "uplink-codec": "entropy"})  # each client's own sample, coded exactly
     run_server(InProcessGrid(secure_app, 4), secure, base / "secure")
     run_server(InProcessGrid(plain_app, 4), plain, base / "plain")
     return base / "secure", base / "plain"
@@ -41,6 +41,7 @@ def test_secure_global_state_equals_plain_aggregation_bit_for_bit(runs):
         for name in a.files:
             assert np.array_equal(a[name], b[f"state/{name}"]), name
     assert [r["accuracy"] for r in _rows(secure)] == [r["accuracy"] for r in _rows(plain)]
+    assert json.loads((secure / "summary.json").read_text())["uplink_codec"] == "secagg+"
 
 
 def test_ledger_shows_what_secure_aggregation_costs(runs):

@@ -64,7 +64,8 @@ def test_runs_end_to_end_and_learns(tmp_path, caplog):
     fell_back = [r.getMessage() for r in caplog.records if "float32 state" in r.getMessage()]
     assert len(fell_back) == 1 and "MajorityMomentum" in fell_back[0] and "round 2" in fell_back[0]
     (setting,) = report.group_runs([result])
-    assert "(entropy up, lossless down, 75% of broadcasts float32)" in setting.label
+    # a Bernoulli plug-in's 'auto' uplink is relative-entropy: the label reads it from summary.json
+    assert "(relative-entropy up, lossless down, 75% of broadcasts float32)" in setting.label
 
 
 def test_plugin_parameters_are_frozen():

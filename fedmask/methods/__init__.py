@@ -151,6 +151,16 @@ def keys_read(method: Method) -> frozenset[str]:
 METHOD_KEYS = frozenset(key for method in BUILTIN.values() for key in method.keys)  # read by some methods only
 
 
+def uplink_codec_named(method: str, configured: str) -> str:
+    """The uplink codec a run's mask uploads are coded with, read from its config without
+    importing a plug-in: ``configured``, or for ``"auto"`` a built-in mask method's own
+    (a plug-in's stays ``"auto"``; a dense baseline has its own update codec)."""
+    entry = BUILTIN.get(method)
+    if configured != "auto" or entry is None or entry.mode is None:
+        return configured
+    return entry.mode.default_uplink
+
+
 def get_method(name: str) -> Method:
     """The registry entry for a built-in name, or for a plug-in ``module:Class`` (imported now)."""
     if name in BUILTIN:

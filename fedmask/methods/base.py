@@ -187,6 +187,7 @@ class MaskMode(ABC):
 
     name: ClassVar[str]
     probabilistic: ClassVar[bool] = False  # uploads a sample of per-weight probabilities (relative-entropy coding)
+    default_uplink: ClassVar[str] = "entropy"  # what uplink-codec = "auto" codes this mode's uploads with
     recyclable: ClassVar[bool] = False  # Iterative Weight Recycling applies (a top-k of scores)
     has_mask: ClassVar[bool] = True  # uploads are binary tensors (LaPerm's are ranks)
     batched: ClassVar[bool] = False  # the batched engine trains it (:meth:`batched_weight`)
@@ -203,11 +204,16 @@ class MaskMode(ABC):
                  "downlink-codec": Restriction(MASK_DOWNLINK_CODECS, "'ef-qsgd' quantizes a dense model's update; "
                                                "a mask state goes exactly as 'lossless'")}
         if not cls.probabilistic:
-            rules["uplink-codec"] = Restriction(BINARY_CODECS, "relative-entropy codes a sample of per-weight "
-                                                "probabilities: FedPM's Bernoulli masks")
+            rules["uplink-codec"] = Restriction((*BINARY_CODECS, "auto"), "relative-entropy codes a sample of "
+                                                "per-weight probabilities: FedPM's Bernoulli masks")
         if not cls.recyclable:
             rules["recycle-every"] = Restriction((0,), "weight recycling ranks top-k scores: edge-popup, biprop")
         return rules
+
+    @classmethod
+    def uplink_codec(cls, configured: str) -> str:
+        """The codec uploads are coded with: ``uplink-codec``, or for ``"auto"`` the mode's own."""
+        return cls.default_uplink if configured == "auto" else configured
 
     @staticmethod
     def seed_state(scores: State) -> State:

@@ -97,6 +97,7 @@ class Bernoulli(MaskMode):
 
     name = "bernoulli"
     probabilistic = True
+    default_uplink = "relative-entropy"  # about KL(q || theta) bits, not the sample's entropy (bench/results/uplink.md)
     eval_mask: str = "threshold"  # evaluation: threshold theta at 0.5, or "sample" a mask
     gradient: str = "straight-through"  # or "reference": probs * grad, as FedPM's references
     # uplink-codec = "relative-entropy": C bits of KL a block, t more bits of candidates, debiased means

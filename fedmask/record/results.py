@@ -115,13 +115,15 @@ class RunRecorder:
     """Writes a run's results as rounds end, and shows them as a live table."""
 
     def __init__(self, run_dir: Path, config: RunConfig, num_params: int, console: Console | None = None,
-                 resume_after: int | None = None, fedavg: dict[str, int] | None = None):
+                 resume_after: int | None = None, fedavg: dict[str, int] | None = None,
+                 uplink_codec: str | None = None):
         """A fresh run directory, or with ``resume_after`` the rounds up to that one kept.
 
         ``fedavg``: one FedAvg round trip of the same architecture, weighed
         (:func:`fedmask.record.totals.fedavg_round_bytes`); the rounds' totals are compared with it.
         """
         self.run_dir, self.config, self.num_params = Path(run_dir), config, num_params
+        self.uplink_codec = uplink_codec or config.uplink_codec  # what uploads were coded with ('auto' resolved)
         self.fedavg = fedavg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.run_dir / "rounds.jsonl"
@@ -242,6 +244,7 @@ class RunRecorder:
         last = self.rows[-1] if self.rows else {}
         summary = {
             "method": self.config.method,
+            "uplink_codec": self.uplink_codec,
             "model": self.config.model,
             "dataset": self.config.dataset,
             "num_params": self.num_params,

@@ -64,7 +64,8 @@ def test_own_model_on_own_tensors_then_compare_with_fedpm_from_another_folder(la
     of accuracy against total bytes (uplink + downlink) written."""
     lab("ownlab", LAB)
     base = {"dataset": "ownlab:tensors", "num-clients": 4, "clients-per-round": 4, "num-rounds": 2}
-    mine = fedmask.simulate({**base, "model": "ownlab:two_layer"}, engine="inprocess", out=tmp_path / "runs" / "mine")
+    mine = fedmask.simulate({**base, "model": "ownlab:two_layer", "tracker": "tensorboard"}, engine="inprocess",
+                            out=tmp_path / "runs" / "mine")
     fedpm = fedmask.simulate(base, engine="inprocess", out=tmp_path / "runs" / "fedpm-mlp")
     assert mine.finished and fedpm.finished and mine.accuracy[-1] > 0.5
     assert mine.rounds[0]["num_params"] == 12 * 32 + 32 + 32 * 3 + 3  # the two layers, masked
@@ -85,6 +86,15 @@ def test_own_model_on_own_tensors_then_compare_with_fedpm_from_another_folder(la
         sent = np.cumsum([r["uplink_payload_bytes"] + r["downlink_payload_bytes"] for r in run.rounds])
         assert np.allclose(line.get_xdata(), sent) and np.allclose(line.get_ydata(), run.accuracy)
     assert plot.stat().st_size > 0
+    # and in TensorBoard: accuracy whose steps are the cumulative bytes both ways
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "mine" / "tensorboard"))
+    events.Reload()
+    sent = np.cumsum([r["uplink_payload_bytes"] + r["downlink_payload_bytes"] for r in mine.rounds])
+    logged = events.Scalars("vs_total_bytes/accuracy")
+    assert [e.step for e in logged] == sent.tolist()
+    assert [e.value for e in logged] == pytest.approx(mine.accuracy, rel=1e-6)
 
 
 BAD_MODELS = {

@@ -710,6 +710,30 @@ def test_every_node_gets_the_shortest_of_its_options_sized_without_building_them
     assert len(kinds) > 1, kinds  # more than one kind was in play
 
 
+def test_relayed_uploads_are_sized_without_building_and_sent_when_shortest():
+    """A relay (the uploads of every round since the state a node holds) is one more option
+    of a round's broadcasts: sized without building it, the size of its bytes, and picked
+    when it is the shortest; its bytes are the relays since the node's state."""
+    from fedmask.wire.lossless import encode_relay
+
+    _, _, downlink, states, nodes = _many_bases("bernoulli", 4)
+    for version in range(1, 5):  # tiny uploads: the relay beats every coding of the votes
+        downlink.relays[version] = encode_relay(version, downlink.versions[version], [(0, 1.0, b"u" * version)], 1.0)
+    target = (downlink.current, downlink.versions[downlink.current])
+    got = downlink.messages_for(nodes, states[-1])
+    exact = {0, 1, 2, 3, 4}
+    for node, (blob, kind) in zip(nodes, got):
+        held = 0 if node == 99 else node - 100  # a node that holds nothing starts from the seed's state
+        if held == downlink.current:
+            assert kind == "replay"
+            continue
+        assert ("relay", ("relay", held)) in downlink._options(node, exact)
+        assert downlink._size(("relay", held), states[-1], target) == blob.size
+        assert kind == "relay", node
+        steps = [downlink.relays[v] for v in range(held + 1, 5)]
+        assert blob.tobytes() == replay_blob(steps, FP, (held, downlink.versions[held]), target).tobytes()
+
+
 def test_older_held_states_get_one_fast_coding_that_decodes_and_costs_a_few_bytes_more():
     """Nodes holding many different states: the two most recent (and the seed's) get every
     option, tables at zlib level 9, exactly as before; every older one gets one coding

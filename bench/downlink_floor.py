@@ -90,7 +90,7 @@ def recording() -> Iterator[dict[str, Any]]:
     from fedmask.methods.fedpm import Bernoulli
 
     log: dict[str, Any] = {"counts": {}, "broadcasts": [], "seed_bins": None}
-    record, message_for = LosslessDownlink.record, LosslessDownlink.message_for
+    record, messages_for = LosslessDownlink.record, LosslessDownlink.messages_for
 
     def recording_record(self: LosslessDownlink, version: int, previous: Any, new_state: Any,
                          votes: Any = None, *more: Any, **named: Any) -> None:
@@ -100,18 +100,19 @@ def recording() -> Iterator[dict[str, Any]]:
             log["seed_bins"] = {name: c for name, (c, _) in Bernoulli().vote_contexts(previous).items()}
         record(self, version, previous, new_state, votes, *more, **named)
 
-    def recording_message_for(self: LosslessDownlink, node: int, state: Any) -> tuple[np.ndarray, str]:
-        blob, kind = message_for(self, node, state)
-        log["broadcasts"].append((self.current, node, self.held.get(node), kind, int(blob.size)))
-        return blob, kind
+    def recording_messages_for(self: LosslessDownlink, nodes: list[int], state: Any) -> list[tuple[np.ndarray, str]]:
+        sent = messages_for(self, nodes, state)
+        for node, (blob, kind) in zip(nodes, sent):
+            log["broadcasts"].append((self.current, node, self.held.get(node), kind, int(blob.size)))
+        return sent
 
     LosslessDownlink.record = recording_record  # type: ignore[method-assign]
-    LosslessDownlink.message_for = recording_message_for  # type: ignore[method-assign]
+    LosslessDownlink.messages_for = recording_messages_for  # type: ignore[method-assign]
     try:
         yield log
     finally:
         LosslessDownlink.record = record  # type: ignore[method-assign]
-        LosslessDownlink.message_for = message_for  # type: ignore[method-assign]
+        LosslessDownlink.messages_for = messages_for  # type: ignore[method-assign]
 
 
 def measure(task: str, partition: str, seed: int, rounds: int, run_dir: Path) -> dict[str, Any]:

@@ -103,10 +103,11 @@ def _poisoning(instruction: TrainInstruction) -> bool:
     return config.attack == "poison" and instruction.partition_id in attackers(config)
 
 
-def _local_weights(done: LocalRound, instruction: TrainInstruction) -> dict[str, np.ndarray]:
-    """The dense weights a client sends or codes: its own, or (a poisoning attacker) the
-    broadcast plus a poisoned update."""
-    local = task.dense_state(done.model)
+def _local_weights(done: LocalRound, instruction: TrainInstruction, views: bool = False) -> dict[str, np.ndarray]:
+    """The dense weights a client sends or codes: its own (``views``: of the model's memory,
+    to be serialized before it trains again), or (a poisoning attacker) the broadcast plus
+    a poisoned update."""
+    local = task.dense_state(done.model, copy=not views)
     if not _poisoning(instruction):
         return local
     delta = {k: local[k].astype(np.float32) - np.asarray(done.broadcast[k], dtype=np.float32) for k in local}
@@ -115,7 +116,7 @@ def _local_weights(done: LocalRound, instruction: TrainInstruction) -> dict[str,
 
 
 def _dense_upload(done: LocalRound, instruction: TrainInstruction, corrupt: bool) -> ArrayRecord:
-    weights = _local_weights(done, instruction)
+    weights = _local_weights(done, instruction, views=True)  # an Array holds its own bytes
     if corrupt:  # a truncated tensor
         first = next(iter(weights))
         weights[first] = weights[first].ravel()[: weights[first].size // 2]

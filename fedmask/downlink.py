@@ -66,6 +66,7 @@ import numpy as np
 from fedmask.wire.frame import Layout
 from fedmask.wire.lossless import (
     FRAME,
+    HEADER_BYTES,
     KIND_FULL,
     STATE_VALUES,
     STEP,
@@ -73,9 +74,12 @@ from fedmask.wire.lossless import (
     STEP_STATE_ALONE,
     STEP_UPLOADS,
     STEP_VOTES,
+    ContextIndex,
     Contexts,
     State,
     Step,
+    Symbols,
+    context_index,
     decode_sections,
     encode_relay,
     encode_state,
@@ -86,6 +90,7 @@ from fedmask.wire.lossless import (
     read_relay,
     replay_blob,
     state_digest,
+    symbols_of,
     value_contexts,
 )
 
@@ -93,11 +98,15 @@ RECORD = "lossless"  # the Array of the ``arrays`` record that carries a lossles
 CONFIRM = "downlink"  # the reply's ConfigRecord: version and digest of the state the node holds
 HELD_STATE, HELD_META = "downlink-held", "downlink-held-meta"  # in a node's context.state
 KEPT_STATES_BYTES = 256 * 2**20  # recent states the server keeps for jumps (at least one)
+KEPT_INDEX_BYTES = 64 * 2**20  # the contexts of kept states, indexed (:class:`ContextIndex`), recently used
+EXACT_BASES = 2  # per round: how many of the states nodes hold (the most recent) get every option coded exactly
+FAST_TABLES = 6  # zlib level of the context tables of a broadcast coded for an older state (exact: 9)
 
 Replay = Callable[[State, State, float], State]  # (state, the round's votes, clients) -> next state
 # (state, round, the round's uploads: (partition, weight, bytes)) -> the state the server made of them
 Rebuild = Callable[[State, int, list[tuple[int, float, bytes]]], State]
 VoteContexts = Callable[[State], Contexts]  # the contexts a state gives the next step's votes
+Indexed = dict[str, ContextIndex]
 
 
 @dataclass
@@ -212,7 +221,23 @@ def _checked(held: Held, layout: Layout, what: str) -> Held:
 
 @dataclass
 class LosslessDownlink:
-    """The server's history of steps and what it knows each node holds."""
+    """The server's history of steps and what it knows each node holds.
+
+    What a round costs the server: every node's options are sized without building their
+    bytes, and only each node's pick is built. The steps of a replay are coded once, when
+    the round that made them ends. A jump or a state coded against the state a node holds
+    is coded once a round per distinct held state, from what those codings share: the
+    round's votes (or the state's values) as symbols, coded once (:class:`Symbols`), and
+    each kept state's contexts with their positions, indexed once in its life
+    (:class:`ContextIndex`). What is left per held state is its histograms, their table and
+    the range coding. Nodes that last took part in many different rounds hold many
+    different states: the :data:`EXACT_BASES` most recent of a round's held states get
+    every option, their tables compressed at zlib level 9 (what was sent before this was
+    measured); an older one gets a single coding against it (the jump where the method has
+    one, else the state), its context tables at level :data:`FAST_TABLES` (a few hundred
+    bytes more, a tenth of the time), besides the options every node shares. See
+    ``bench/results/rounds.md`` for what that trades.
+    """
 
     layout: Layout
     fingerprint: bytes
@@ -227,12 +252,20 @@ class LosslessDownlink:
     awaiting: set[int] = field(default_factory=set)
     few_valued: bool = False  # the current state can be sent as itself (a state step)
     # absorbing or few-valued: copies of recent states (contexts for a jump, oldest first);
-    # absorbing: the last step's votes
+    # absorbing: the last step's votes, as symbols, and the clients they came from
     kept_states: dict[int, State] = field(default_factory=dict)
-    last_votes: tuple[State, float] | None = None
+    last_votes: tuple[dict[str, Symbols], float] | None = None
     relays: dict[int, Step] = field(default_factory=dict)  # by version: the round's uploads, relayed
-    _cache: dict[object, np.ndarray] = field(default_factory=dict)
+    exact_bases: int = EXACT_BASES
+    # the current version's broadcasts: (steps, the state they replay from), and the bytes built
+    _plans: dict[object, tuple[list[Step], tuple[int, bytes]]] = field(default_factory=dict)
+    _blobs: dict[object, np.ndarray] = field(default_factory=dict)
+    _state_symbols: dict[str, Symbols] | None = None  # the current state's values, for state steps
     _kept_few: dict[int, bool] = field(default_factory=dict)  # per kept version: few-valued?
+    # ("votes" | "values", kept version) -> its contexts indexed (None: too many values) and their
+    # bytes; the least recently used first
+    _indexes: dict[tuple[str, int], tuple[Indexed | None, int]] = field(default_factory=dict)
+    _index_bytes: int = 0
 
     @classmethod
     def create(cls, layout: Layout, fingerprint: bytes, contexts: VoteContexts, can_replay: bool, absorbing: bool,
@@ -268,7 +301,7 @@ class LosslessDownlink:
         digest = state_digest(new_state, self.layout)
         last = self.current  # the version of ``previous`` (not version - 1 after a round without replies)
         self.versions[version] = digest
-        self._cache.clear()
+        self._plans, self._blobs, self._state_symbols = {}, {}, None
         if self.can_replay and (votes is None or replay is None
                                 or state_digest(replay(previous, votes, clients), self.layout) != digest):
             self.can_replay = False  # a plug-in, or an aggregator whose replay is not its update
@@ -277,12 +310,14 @@ class LosslessDownlink:
         self.few_valued = few_valued(new_state)
         if self.can_replay:
             assert votes is not None
-            self.chained.append(encode_step(version, digest, votes, clients, self.layout, self.contexts(previous)))
+            symbols = symbols_of(votes)  # coded twice below, and against every older state a node holds
+            self.chained.append(encode_step(version, digest, symbols, clients, self.layout,
+                                            context_index(self.contexts(previous))))
             if uploads is not None and last in self.versions and (last == self.start or last in self.relays):
                 self.relays[version] = encode_relay(version, digest, uploads, clients)
             if self.absorbing:
-                self.standalone = encode_step(version, digest, votes, clients, self.layout, None)
-                self.last_votes = (votes, clients)
+                self.standalone = encode_step(version, digest, symbols, clients, self.layout, None)
+                self.last_votes = (symbols, clients)
         if (self.can_replay and self.absorbing) or self.few_valued:
             # copies: the downlink owns them, so they stay the states their digests name
             if last not in self.kept_states:
@@ -293,36 +328,64 @@ class LosslessDownlink:
                 oldest_version = min(self.kept_states)
                 oldest = self.kept_states.pop(oldest_version)
                 self._kept_few.pop(oldest_version, None)
+                for kind in ("votes", "values"):
+                    self._indexes.pop((kind, oldest_version), None)
                 kept_bytes -= sum(a.nbytes for a in oldest.values())
 
     def message_for(self, node: int, state: State) -> tuple[np.ndarray, str]:
         """The shortest broadcast of the current state this node can use, and its kind."""
+        return self.messages_for([node], state)[0]
+
+    def messages_for(self, nodes: list[int], state: State) -> list[tuple[np.ndarray, str]]:
+        """Each node's shortest broadcast of the current state ``state`` that it can use, and
+        its kind; the first of the shortest in the order :meth:`_options` lists them."""
         target = (self.current, self.versions[self.current])
+        held = sorted({self.held[node] for node in nodes if node in self.held}, reverse=True)
+        exact = {0, *held[: self.exact_bases]}  # the seed's state serves every node that holds nothing
+        out = []
+        for node in nodes:
+            best: tuple[int, str, object] | None = None
+            for kind, key in self._options(node, exact):
+                size = self._size(key, state, target)
+                if best is None or size < best[0]:
+                    best = (size, kind, key)
+            assert best is not None
+            out.append((self._blob(best[2], state, target), best[1]))
+        return out
+
+    def _options(self, node: int, exact: set[int]) -> list[tuple[str, object]]:
+        """(kind, key) of every broadcast this node can use: ``"full"``, a replay from a
+        version (an int), ``("relay", base)``, ``"standalone"``, ``("jump", base, zlib level)``,
+        ``("state", base or None, zlib level)``. A held state not in ``exact`` gets one coding
+        against it."""
+        target = self.current
         options: list[tuple[str, object]] = [("full", "full")]
         known = self.held.get(node)
         for held in (known, 0 if self.start == 0 else None):  # what the node holds, or the seed's state
             # a replay from it; without replayable steps, only from the current state (a header)
             if held is not None and held in self.versions and held >= self.start and (
-                    self.can_replay or held == target[0]):
+                    self.can_replay or held == target):
                 options.append(("replay", held))
-                if held < target[0] and all(v in self.relays for v in self.versions if v > held):
+                if held < target and all(v in self.relays for v in self.versions if v > held):
                     options.append(("relay", ("relay", held)))  # the uploads of every round since
-        if self.can_replay and self.absorbing and self.standalone is not None and self.standalone.version == target[0]:
+        jump = None
+        if self.can_replay and self.absorbing and self.standalone is not None and self.standalone.version == target:
             options.append(("standalone", "standalone"))
-            if known is not None and known < target[0] - 1 and known >= self.start and known in self.kept_states:
-                options.append(("jump", ("jump", known)))
-            elif known is None and 0 < target[0] - 1 and 0 in self.kept_states:
-                # a node that holds nothing regenerates the seed's state: the counts coded against it
-                options.append(("jump", ("jump", 0)))
+            if known is not None and known < target - 1 and known >= self.start and known in self.kept_states:
+                jump = known
+            elif known is None and 0 < target - 1 and 0 in self.kept_states:
+                jump = 0  # a node that holds nothing regenerates the seed's state: the counts coded against it
+            if jump is not None:
+                options.append(("jump", ("jump", jump, 9 if jump in exact else FAST_TABLES)))
         if self.few_valued:
-            options.append(("state", ("state", None)))
+            options.append(("state", ("state", None, 9)))
             # coded against what the node holds, or else the seed's state, which every node regenerates
-            for base in (known, 0):  # version 0 is the seed's state, which every node regenerates
-                if base is not None and (base >= self.start or base == 0) and base < target[0] and self._few_kept(base):
-                    options.append(("state", ("state", base)))
+            for base in (known, 0):
+                if base is not None and (base >= self.start or base == 0) and base < target and self._few_kept(base):
+                    if base in exact or jump != base:  # an older state: the jump from it, else the state
+                        options.append(("state", ("state", base, 9 if base in exact else FAST_TABLES)))
                     break
-        blobs = [(self._blob(key, state, target), kind) for kind, key in options]
-        return min(blobs, key=lambda b: b[0].size)
+        return options
 
     def _few_kept(self, version: int) -> bool:
         """Whether the server keeps this version and its values can serve as contexts."""
@@ -332,35 +395,67 @@ class LosslessDownlink:
             self._kept_few[version] = few_valued(self.kept_states[version])
         return self._kept_few[version]
 
-    def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
-        if key not in self._cache:
-            if key == "full":
-                self._cache[key] = full_blob(state, self.layout, self.fingerprint, target[0])
-            elif key == "standalone":
+    def _index(self, kind: str, version: int) -> Indexed | None:
+        """A kept state's contexts, indexed once: ``"votes"`` (the method's, for a jump) or
+        ``"values"`` (its values' ranks, for a state step); the most recently used are kept,
+        :data:`KEPT_INDEX_BYTES` at most (at least one)."""
+        key = (kind, version)
+        if key in self._indexes:
+            found = self._indexes.pop(key)  # back at the end: the most recently used
+        else:
+            state = self.kept_states[version]
+            indexed = context_index(self.contexts(state) if kind == "votes" else value_contexts(state))
+            found = (indexed, sum(index.index().nbytes for index in (indexed or {}).values()))
+        self._indexes[key] = found
+        self._index_bytes = sum(size for _, size in self._indexes.values())
+        while len(self._indexes) > 1 and self._index_bytes > KEPT_INDEX_BYTES:
+            self._index_bytes -= self._indexes.pop(next(iter(self._indexes)))[1]
+        return found[0]
+
+    def _size(self, key: object, state: State, target: tuple[int, bytes]) -> int:
+        """The bytes of broadcast ``key``, built only as far as its steps."""
+        if key == "full":
+            return HEADER_BYTES + 4 * self.layout.num_params
+        steps, _ = self._plan(key, state, target)
+        return HEADER_BYTES + sum(len(step.data) for step in steps)
+
+    def _plan(self, key: object, state: State, target: tuple[int, bytes]) -> tuple[list[Step], tuple[int, bytes]]:
+        """The steps of broadcast ``key`` (any but ``"full"``) and the state they replay from."""
+        if key not in self._plans:
+            if key == "standalone":
                 assert self.standalone is not None
-                self._cache[key] = replay_blob([self.standalone], self.fingerprint, (0, bytes(8)), target)
-            elif isinstance(key, tuple) and key[0] == "state":  # ("state", version it is coded against)
-                held = key[1]
-                step = encode_state(target[0], target[1], state, self.layout,
-                                    None if held is None else self.kept_states[held])
-                base = (0, bytes(8)) if held is None else (held, self.versions[held])
-                self._cache[key] = replay_blob([step], self.fingerprint, base, target)
+                plan = [self.standalone], (0, bytes(8))
             elif isinstance(key, tuple) and key[0] == "relay":  # ("relay", version the node holds)
                 held = key[1]
-                steps = [self.relays[v] for v in sorted(self.versions) if v > held]
-                self._cache[key] = replay_blob(steps, self.fingerprint, (held, self.versions[held]), target)
-            elif isinstance(key, tuple):  # ("jump", version the node holds)
+                plan = [self.relays[v] for v in sorted(self.versions) if v > held], (held, self.versions[held])
+            elif isinstance(key, tuple) and key[0] == "state":  # ("state", version coded against, zlib level)
+                _, held, level = key
+                if self._state_symbols is None:
+                    self._state_symbols = symbols_of(state)
+                step = encode_state(target[0], target[1], self._state_symbols, self.layout,
+                                    None if held is None else self._index("values", held), level)
+                plan = [step], ((0, bytes(8)) if held is None else (held, self.versions[held]))
+            elif isinstance(key, tuple):  # ("jump", version the node holds, zlib level)
                 assert self.last_votes is not None
-                held = key[1]
+                _, held, level = key
                 votes, clients = self.last_votes
-                step = encode_step(target[0], target[1], votes, clients, self.layout,
-                                   self.contexts(self.kept_states[held]))
-                self._cache[key] = replay_blob([step], self.fingerprint, (held, self.versions[held]), target)
+                step = encode_step(target[0], target[1], votes, clients, self.layout, self._index("votes", held),
+                                   level)
+                plan = [step], (held, self.versions[held])
             else:
                 assert isinstance(key, int)
-                steps = [s for s in self.chained if s.version > key]
-                self._cache[key] = replay_blob(steps, self.fingerprint, (key, self.versions[key]), target)
-        return self._cache[key]
+                plan = [s for s in self.chained if s.version > key], (key, self.versions[key])
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _blob(self, key: object, state: State, target: tuple[int, bytes]) -> np.ndarray:
+        if key not in self._blobs:
+            if key == "full":
+                self._blobs[key] = full_blob(state, self.layout, self.fingerprint, target[0])
+            else:
+                steps, base = self._plan(key, state, target)
+                self._blobs[key] = replay_blob(steps, self.fingerprint, base, target)
+        return self._blobs[key]
 
     def sent(self, nodes: list[int]) -> None:
         """Nodes just sent a broadcast: until they confirm, the server does not know what they hold."""

@@ -117,8 +117,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RunConfig,
 evaluate = evaluate_model
 
 
-def dense_state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+def dense_state(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The model's tensors as arrays; ``copy=False``: views of a CPU model's own memory, valid
+    until it trains again (to be serialized at once)."""
+    return {k: v.detach().cpu().numpy().copy() if copy else v.detach().cpu().numpy()
+            for k, v in model.state_dict().items()}
 
 
 def load_dense_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:

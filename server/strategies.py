@@ -214,8 +214,8 @@ class SeededFedAvg(FedAvg):
         """Each node's broadcast: the shortest one it can turn into the current state."""
         assert self.lossless is not None
         kinds: dict[str, int] = {}
-        for message in messages:
-            blob, kind = self.lossless.message_for(message.metadata.dst_node_id, self.state)
+        sent = self.lossless.messages_for([m.metadata.dst_node_id for m in messages], self.state)
+        for message, (blob, kind) in zip(messages, sent):
             message.content["arrays"] = ArrayRecord({LOSSLESS_RECORD: Array(blob)})
             kinds[kind] = kinds.get(kind, 0) + 1
         self.lossless.sent([m.metadata.dst_node_id for m in messages])

@@ -527,7 +527,7 @@ def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_on
     blob, kind = downlink.message_for(7, states[-1])
     target = (8, downlink.versions[8])
     sizes = {name: downlink._blob(key, states[-1], target).size
-             for name, key in (("replay", 2), ("alone", ("state", None)), ("full", "full"))}
+             for name, key in (("replay", 2), ("alone", ("state", None, 9)), ("full", "full"))}
     assert kind == "state" and blob.size < min(sizes.values()), (blob.size, sizes)
     held = Held(2, downlink.versions[2], states[2])
     contexts = TopK(config.density).vote_contexts
@@ -536,7 +536,7 @@ def test_vote_levels_node_that_missed_rounds_gets_the_state_coded_against_the_on
     with pytest.raises(WireError, match="base state"):
         receive(blob, layout, FP, Held(3, downlink.versions[3], states[3]), lambda: states[0], aggregator.replay,
                 contexts)
-    alone = downlink._blob(("state", None), states[-1], target)  # any node can use it
+    alone = downlink._blob(("state", None, 9), states[-1], target)  # any node can use it
     got = receive(alone, layout, FP, None, lambda: states[0], aggregator.replay, contexts)
     assert all(got.state[k].tobytes() == states[-1][k].tobytes() for k in states[-1])
 
@@ -550,7 +550,7 @@ def test_float_states_are_never_sent_as_state_steps():
     downlink.held[4] = 1
     _, kind = downlink.message_for(4, states[-1])
     assert kind in ("replay", "full")
-    assert not any(isinstance(key, tuple) and key[0] == "state" for key in downlink._cache)
+    assert not any(isinstance(key, tuple) and key[0] == "state" for key in downlink._plans)
 
 
 def test_a_state_with_both_signed_zeros_is_not_sent_as_values():
@@ -611,3 +611,177 @@ def test_vote_levels_clients_train_from_the_levels_standardised():
                 assert np.array_equal(topk_mask_np(scores[name], 0.5), topk_mask_np(value, 0.5))
             else:
                 assert np.array_equal(scores[name], value)
+
+
+# ---------------------------------------------------------------- what a round costs the server
+
+
+def _reference_section(votes: np.ndarray, contexts: np.ndarray | None, num_contexts: int) -> bytes:
+    """A section as encode_votes coded it before the coding was split into shared parts
+    (fedmask 3401d7a, verbatim but for the names): the bytes the split must reproduce."""
+    import zlib
+
+    from fedmask.wire import lossless as wire
+
+    def table(values, hist):
+        return zlib.compress(values.astype("<f8").tobytes() + (b"" if hist is None else hist.astype("<u4").tobytes()),
+                             9)
+
+    flat = np.ascontiguousarray(votes, dtype=np.float64).ravel()
+    values, symbols = np.unique(flat, return_inverse=True)
+    symbols = symbols.ravel()
+    distinct = values.size
+    if distinct <= 1:
+        return wire._section(wire.MODEL_CONSTANT, distinct, table(values, None), b"")
+    raw = symbols.astype(wire._raw_dtype(distinct)).tobytes()
+    options = [(float(len(raw) + len(table(values, None))), wire.MODEL_RAW)]
+    order0 = np.bincount(symbols, minlength=distinct)
+    options.append((wire._ideal_bytes(order0) + wire._CODER_SLACK + len(table(values, order0)), wire.MODEL_ORDER0))
+    if contexts is not None:
+        hist = np.bincount(contexts * distinct + symbols, minlength=num_contexts * distinct).reshape(
+            num_contexts, distinct)
+        ideal = sum(wire._ideal_bytes(row) for row in hist) + wire._CODER_SLACK
+        options.append((ideal + len(table(values, hist.ravel())), wire.MODEL_CONTEXT))
+    model = min(options)[1]
+    if model == wire.MODEL_RAW:
+        return wire._section(model, distinct, table(values, None), raw)
+    if model == wire.MODEL_ORDER0:
+        return wire._section(model, distinct, table(values, order0), wire._range_code([(symbols, order0)]))
+    order = np.argsort(contexts, kind="stable")
+    positions = np.split(order, np.cumsum(hist.sum(axis=1))[:-1])
+    groups = [(symbols[where], hist[c]) for c, where in enumerate(positions)]
+    return wire._section(model, distinct, table(values, hist.ravel()), wire._range_code(groups))
+
+
+@pytest.mark.parametrize("distinct", [1, 2, 11, 101, 300, 70000])
+def test_symbols_coded_against_several_contexts_give_the_bytes_of_a_fresh_coding(distinct):
+    """One tensor's symbols (:class:`Symbols`), coded against several contexts in turn, some
+    indexed once and reused (:class:`ContextIndex`), give each time the bytes the coder gave
+    when it coded every section from scratch: the constant, raw (u1, u2), order-0 and
+    context models alike, whichever wins."""
+    from fedmask.wire.lossless import ContextIndex, Symbols
+
+    rng = np.random.default_rng(distinct)
+    size = 80000
+    votes = rng.integers(0, distinct, size).astype(np.float64) / 7.0
+    votes[rng.random(size) < 0.5] = 0.0  # skewed: the coded models pay
+    symbols = Symbols(votes)
+    for num_contexts in (1, 3, 32, 300, 70000):  # 300 and 70000: the 16-bit and 64-bit sorts of contexts
+        if num_contexts * distinct > 2e6:  # the histogram would not fit: no method has such contexts
+            continue
+        contexts = np.minimum(rng.integers(0, num_contexts, size), (votes * 7).astype(np.int64) % num_contexts)
+        index = ContextIndex(contexts, num_contexts)
+        expected = _reference_section(votes, contexts, num_contexts)
+        assert symbols.section(index) == expected
+        assert symbols.section(index) == expected  # the index reused
+        assert encode_votes(votes, contexts, num_contexts) == expected
+    assert symbols.section(None) == _reference_section(votes, None, 1) == encode_votes(votes, None, 1)
+
+
+def _many_bases(mode: str, rounds: int, **extra):
+    """A server after ``rounds`` aggregations, with one node holding each version (and one
+    holding nothing): node 100 + v holds version v, node 99 nothing."""
+    config, aggregator, downlink, states = _server_rounds(mode, rounds, **extra)
+    nodes = [99, *[100 + v for v in range(rounds + 1)]]
+    downlink.held.update({100 + v: v for v in range(rounds + 1)})
+    return config, aggregator, downlink, states, nodes
+
+
+@pytest.mark.parametrize(("mode", "extra"), [("bernoulli", {}), ("topk", {"edge-popup-server-rule": "vote-levels"}),
+                                             ("bernoulli", {"fedpm-prior-reset": 3})])
+def test_every_node_gets_the_shortest_of_its_options_sized_without_building_them(mode, extra):
+    """With every held state coded exactly, each node gets the first of the shortest of its
+    options, as when the server built every option's bytes to compare them; an option's
+    size, computed without building it, is the size of its bytes."""
+    config, aggregator, downlink, states, nodes = _many_bases(mode, 7, **extra)
+    downlink.exact_bases = len(nodes)
+    got = downlink.messages_for(nodes, states[-1])
+    target = (downlink.current, downlink.versions[downlink.current])
+    exact = set(range(len(nodes)))
+    kinds = set()
+    for node, (blob, kind) in zip(nodes, got):
+        built = [(downlink._blob(key, states[-1], target), kind) for kind, key in downlink._options(node, exact)]
+        for (_, key), (option, _) in zip(downlink._options(node, exact), built):
+            assert downlink._size(key, states[-1], target) == option.size, key
+        best = min(built, key=lambda pair: pair[0].size)
+        assert kind == best[1] and blob.tobytes() == best[0].tobytes(), node
+        kinds.add(kind)
+        held = None if node == 99 else Held(node - 100, downlink.versions[node - 100], states[node - 100])
+        assert _client(config, aggregator, mode, states, blob, held).digest == target[1]
+    assert len(kinds) > 1, kinds  # more than one kind was in play
+
+
+def test_relayed_uploads_are_sized_without_building_and_sent_when_shortest():
+    """A relay (the uploads of every round since the state a node holds) is one more option
+    of a round's broadcasts: sized without building it, the size of its bytes, and picked
+    when it is the shortest; its bytes are the relays since the node's state."""
+    from fedmask.wire.lossless import encode_relay
+
+    _, _, downlink, states, nodes = _many_bases("bernoulli", 4)
+    for version in range(1, 5):  # tiny uploads: the relay beats every coding of the votes
+        downlink.relays[version] = encode_relay(version, downlink.versions[version], [(0, 1.0, b"u" * version)], 1.0)
+    target = (downlink.current, downlink.versions[downlink.current])
+    got = downlink.messages_for(nodes, states[-1])
+    exact = {0, 1, 2, 3, 4}
+    for node, (blob, kind) in zip(nodes, got):
+        held = 0 if node == 99 else node - 100  # a node that holds nothing starts from the seed's state
+        if held == downlink.current:
+            assert kind == "replay"
+            continue
+        assert ("relay", ("relay", held)) in downlink._options(node, exact)
+        assert downlink._size(("relay", held), states[-1], target) == blob.size
+        assert kind == "relay", node
+        steps = [downlink.relays[v] for v in range(held + 1, 5)]
+        assert blob.tobytes() == replay_blob(steps, FP, (held, downlink.versions[held]), target).tobytes()
+
+
+def test_older_held_states_get_one_fast_coding_that_decodes_and_costs_a_few_bytes_more():
+    """Nodes holding many different states: the two most recent (and the seed's) get every
+    option, tables at zlib level 9, exactly as before; every older one gets one coding
+    against it (FedPM: the jump), its context tables compressed faster. Each node still
+    decodes the server's state bit for bit, gets the same kind of broadcast, and its bytes
+    grow by under 1%."""
+    from fedmask import downlink as protocol
+
+    config, aggregator, downlink, states, nodes = _many_bases("bernoulli", 9)
+    layout = _layout("bernoulli")
+    downlink.exact_bases = len(nodes)
+    exact = downlink.messages_for(nodes, states[-1])
+    downlink.exact_bases = 2
+    downlink._plans, downlink._blobs = {}, {}
+    coded = []
+    real_state, real_step = protocol.encode_state, protocol.encode_step
+    protocol.encode_state = lambda *a, **k: coded.append(("state", a[4] is not None, a[5] if len(a) > 5 else 9)) or \
+        real_state(*a, **k)
+    protocol.encode_step = lambda *a, **k: coded.append(("step", a[5] is not None, a[6] if len(a) > 6 else 9)) or \
+        real_step(*a, **k)
+    try:
+        fast = downlink.messages_for(nodes, states[-1])
+    finally:
+        protocol.encode_state, protocol.encode_step = real_state, real_step
+    target = (downlink.current, downlink.versions[downlink.current])
+    for node, (blob, kind), (before, before_kind) in zip(nodes, fast, exact):
+        assert kind == before_kind
+        assert before.size <= blob.size < 1.01 * before.size
+        held = None if node == 99 else Held(node - 100, downlink.versions[node - 100], states[node - 100])
+        got = receive(blob, layout, FP, held, lambda: states[0], aggregator.replay, Bernoulli().vote_contexts)
+        assert got.digest == target[1]
+    older = range(1, 8)  # versions 8 and 9 are the two most recent held, 0 the seed's: all exact
+    fast_codings = [c for c in coded if c[2] != 9]
+    assert len(fast_codings) == len(older) and all(c[0] == "step" for c in fast_codings)
+
+
+def test_kept_contexts_are_indexed_once_and_evicted_beyond_their_budget(monkeypatch):
+    """A kept state's contexts are indexed once and reused across rounds; the indexes kept
+    stay within KEPT_INDEX_BYTES (the least recently used go first)."""
+    from fedmask import downlink as protocol
+
+    _, _, downlink, states, nodes = _many_bases("bernoulli", 6)
+    first = downlink._index("votes", 2)
+    assert downlink._index("votes", 2) is first
+    one = downlink._indexes[("votes", 2)][1]
+    monkeypatch.setattr(protocol, "KEPT_INDEX_BYTES", 3 * one)
+    for version in (3, 4, 5, 1):
+        downlink._index("votes", version)
+    assert list(downlink._indexes) == [("votes", 4), ("votes", 5), ("votes", 1)]
+    assert downlink._index_bytes == sum(size for _, size in downlink._indexes.values()) <= 3 * one

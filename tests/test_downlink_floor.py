@@ -34,4 +34,4 @@ def test_floor_of_a_partial_participation_run_is_below_what_was_sent(tmp_path, m
     from fedmask.downlink import LosslessDownlink
 
     assert LosslessDownlink.record.__name__ == "record"
-    assert LosslessDownlink.message_for.__name__ == "message_for"
+    assert LosslessDownlink.messages_for.__name__ == "messages_for"

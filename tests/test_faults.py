@@ -59,6 +59,17 @@ def test_fault_plan_is_seeded_and_follows_the_rates():
     assert client_fault(resolve({}), 1, 0) is None
 
 
+def test_without_fault_rates_no_client_suffers_a_fault_and_none_is_drawn(monkeypatch):
+    """All rates 0 (every run without faults): no fault, decided without building a generator."""
+    config = resolve({"num-clients": 50})
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a random generator was built")
+
+    monkeypatch.setattr(faults.np.random, "default_rng", no_draw)
+    assert all(client_fault(config, r, p) is None for r in (1, 2) for p in range(50))
+
+
 def test_every_injected_fault_is_recorded_with_its_kind_and_reason(tmp_path):
     """Drops, crashes and corrupt uploads appear in rounds.jsonl per client with the kind that
     matches the injected fault (dropped, client-error, rejected); summary.json counts them by

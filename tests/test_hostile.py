@@ -67,6 +67,21 @@ def test_checked_numpy_round_trips_plain_arrays(dtype):
         assert arrived_bytes(array) == got.nbytes
 
 
+def test_a_header_read_before_is_looked_up_yet_every_array_is_still_checked():
+    """Headers are read once and looked up by their bytes after: a second array with the
+    same header gives its own values, and one whose data is cut short, or whose declared
+    shape disagrees, is still refused."""
+    first, second = np.arange(12, dtype=np.float32), np.arange(12, 24, dtype=np.float32)
+    assert np.array_equal(checked_numpy(Array(first)), first)
+    assert np.array_equal(checked_numpy(Array(second)), second)
+    data = Array(second).data
+    with pytest.raises(BadArray, match="arrived"):
+        checked_numpy(Array(dtype="float32", shape=(12,), stype="numpy.ndarray", data=data[:-4]))
+    with pytest.raises(BadArray, match="disagrees"):
+        checked_numpy(Array(dtype="float32", shape=(3, 4), stype="numpy.ndarray", data=data))
+    assert arrived_bytes(Array(dtype="float32", shape=(12,), stype="numpy.ndarray", data=data[:-4])) == 44
+
+
 HOSTILE = {
     "stype torch": Array(dtype="uint8", shape=(3,), stype="torch.Tensor", data=_npy(np.zeros(3, np.uint8))),
     "not npy": Array(dtype="uint8", shape=(3,), stype="numpy.ndarray", data=b"\x01\x02\x03"),

@@ -77,6 +77,41 @@ def test_payload_and_message_bytes_of_a_hand_built_message(identity):
     assert message_bytes(message) > payload_bytes(message) + 100  # config string is not payload
 
 
+def _varied_messages() -> list[Message]:
+    """Instructions and replies of every shape a run sends: arrays of every size class (a
+    length varint of 1 to 4 bytes), empty arrays, empty keys and records, several records,
+    config and metric records only, an error reply, a reply with ids of its own."""
+    rng = np.random.default_rng(0)
+    records = [
+        {"arrays": ArrayRecord({"w": Array(rng.random((300, 784), dtype=np.float32)),
+                                "b": Array(np.zeros(0, np.float32))}),
+         "config": ConfigRecord({"r": 3, "s": "x" * 300})},
+        {"a": ArrayRecord({"": Array(np.arange(5, dtype=np.int64))}), "": ArrayRecord({}),
+         "m": MetricRecord({"loss": 0.25, "acc": [0.5, 0.75]})},
+        {"big": ArrayRecord({"x": Array(np.zeros(3_000_000, np.uint8)), "y": Array(np.ones((2, 3, 4), np.float64))}),
+         "lossless": ArrayRecord({"lossless": Array(rng.integers(0, 256, 140_000).astype(np.uint8))})},
+        {"c": ConfigRecord({"only": b"bytes" * 40, "list": [b"a", b"bc"]})},
+        {},
+    ]
+    messages = [Message(RecordDict(r), dst_node_id=5 + i, message_type=MessageType.TRAIN, group_id=str(i))
+                for i, r in enumerate(records)]
+    instruction = messages[0]
+    instruction.metadata.__dict__["_message_id"] = "m" * 80
+    messages.append(Message(RecordDict(records[1]), reply_to=instruction))
+    messages.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom " * 30), reply_to=instruction))
+    return messages
+
+
+def test_message_bytes_without_serializing_the_arrays_equal_flowers_serialized_size(identity):
+    """message_bytes adds the arrays' fields up instead of copying them into a protobuf:
+    for every kind of message it gives the size Flower's serializer gives (ids widened)."""
+    from fedmask.record.ledger import serialized_bytes
+
+    for message in _varied_messages():
+        assert message_bytes(message) == serialized_bytes(message), message.content if message.has_content() else ""
+        assert weighs_about(message_bytes(message), message)
+
+
 def test_message_without_arrays_has_zero_payload(identity):
     """Config and metric records are not payload."""
     message = Message(RecordDict({"config": ConfigRecord({"a": 1}), "metrics": MetricRecord({"b": 2.0})}),

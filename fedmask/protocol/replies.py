@@ -13,6 +13,7 @@ never a size computed from what a client declares.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -28,7 +29,26 @@ class BadArray(ValueError):
 
 
 def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran order, dtype, data offset) of a ``.npy`` blob; BadArray otherwise."""
+    """(shape, fortran order, dtype, data offset) of a ``.npy`` blob; BadArray otherwise.
+
+    numpy reads a header with ``ast.literal_eval`` (tens of microseconds); a run's arrays
+    repeat a few headers, so a header already read is looked up by its bytes."""
+    if len(data) >= 10 and data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
+        end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+        if end <= min(len(data), _HEADER_MOST):
+            return _cached_header(bytes(data[:end]))
+    return _parse_header(data)
+
+
+_HEADER_MOST = 2**16  # a longer header is read, not looked up (numpy refuses those over 10,000 bytes anyway)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    return _parse_header(header)
+
+
+def _parse_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)

@@ -41,6 +41,7 @@ import hashlib
 import math
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,9 +105,9 @@ def value_contexts(state: State) -> Contexts | None:
 # ---------------------------------------------------------------- one tensor's votes
 
 
-def _table_bytes(values: np.ndarray, hist: np.ndarray | None) -> bytes:
+def _table_bytes(values: np.ndarray, hist: np.ndarray | None, level: int = 9) -> bytes:
     raw = values.astype("<f8").tobytes() + (b"" if hist is None else hist.astype("<u4").tobytes())
-    return zlib.compress(raw, 9)
+    return zlib.compress(raw, level)
 
 
 def _ideal_bytes(hist: np.ndarray) -> float:
@@ -116,8 +117,14 @@ def _ideal_bytes(hist: np.ndarray) -> float:
 
 def _by_context(contexts: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """The positions of each context's entries, in order: one stable sort instead of a pass
-    per context (the same groups, in the same order, as ``flatnonzero(contexts == c)``)."""
-    order = np.argsort(contexts, kind="stable")
+    per context (the same groups, in the same order, as ``flatnonzero(contexts == c)``).
+    The keys are sorted as the narrowest unsigned integers that hold them (numpy's stable
+    sort of 8- and 16-bit keys is a radix sort: the same order, several times faster)."""
+    keys = contexts
+    if contexts.size and contexts.min() >= 0:
+        top = int(contexts.max())
+        keys = contexts.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else contexts.dtype, copy=False)
+    order = np.argsort(keys, kind="stable")
     return np.split(order, np.cumsum(counts)[:-1])
 
 
@@ -133,32 +140,108 @@ def _raw_dtype(distinct: int) -> str:
     return "u1" if distinct <= 2**8 else "<u2" if distinct <= 2**16 else "<u4"
 
 
+class ContextIndex:
+    """One tensor's contexts (a small integer per entry below ``count``) with, computed once,
+    how many entries each context has and their positions: the contexts of a state the
+    server keeps serve every node that holds it, round after round."""
+
+    def __init__(self, contexts: np.ndarray, count: int):
+        flat = np.asarray(contexts).ravel()
+        if 0 < count <= 2**16 and flat.dtype.kind in "iu" and (not flat.size or (flat.min() >= 0
+                                                                               and flat.max() < count)):
+            flat = flat.astype(np.uint8 if count <= 2**8 else np.uint16)  # kept for long: its narrowest type
+        self.contexts, self.count = flat, count
+        self._positions: list[np.ndarray] | None = None
+
+    @property
+    def positions(self) -> list[np.ndarray]:
+        """The positions of each context's entries, in order (:func:`_by_context`)."""
+        if self._positions is None:
+            positions = _by_context(self.contexts, np.bincount(self.contexts, minlength=self.count))
+            narrow = np.int32 if self.contexts.size < 2**31 else np.int64
+            self._positions = [where.astype(narrow) for where in positions]
+        return self._positions
+
+    def index(self) -> ContextIndex:
+        """This, with the positions computed now (to be kept: :attr:`nbytes` counts them)."""
+        _ = self.positions
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self.contexts.nbytes + sum(where.nbytes for where in self._positions or ())
+
+    def histogram(self, symbols: np.ndarray, distinct: int) -> np.ndarray:
+        """Per context (rows), how often each of ``distinct`` symbols occurs."""
+        joint = self.contexts.astype(np.int64) * distinct + symbols
+        return np.bincount(joint, minlength=self.count * distinct).reshape(self.count, distinct)
+
+
+def context_index(contexts: Contexts | None) -> dict[str, ContextIndex] | None:
+    """Each tensor's contexts as a :class:`ContextIndex` (None stays None)."""
+    return None if contexts is None else {name: ContextIndex(*pair) for name, pair in contexts.items()}
+
+
+class Symbols:
+    """One tensor's values as symbols, ready to be coded against any contexts: what a section
+    holds that does not depend on the contexts (the distinct values, each entry's symbol, the
+    raw and order-0 options and their tables) is computed once, and :meth:`section` adds the
+    context model. A round's votes are coded against the state of every node that holds a
+    different one; this is what those codings share."""
+
+    def __init__(self, values: np.ndarray):
+        flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+        self.values, symbols = np.unique(flat, return_inverse=True)
+        self.symbols = symbols.ravel()
+        self.distinct = self.values.size
+        self._plain: tuple[list[tuple[float, int]], dict[int, bytes]] | None = None
+
+    def _options(self) -> tuple[list[tuple[float, int]], dict[int, bytes]]:
+        """The estimated bytes of the raw and order-0 models, and their sections (built lazily
+        by :meth:`_plain_section`); computed once."""
+        if self._plain is None:
+            raw_table = _table_bytes(self.values, None)
+            raw_len = self.symbols.size * np.dtype(_raw_dtype(self.distinct)).itemsize
+            order0 = np.bincount(self.symbols, minlength=self.distinct)
+            order0_table = _table_bytes(self.values, order0)
+            self._order0, self._tables = order0, {MODEL_RAW: raw_table, MODEL_ORDER0: order0_table}
+            self._plain = ([(float(raw_len + len(raw_table)), MODEL_RAW),
+                            (_ideal_bytes(order0) + _CODER_SLACK + len(order0_table), MODEL_ORDER0)], {})
+        return self._plain
+
+    def _plain_section(self, model: int) -> bytes:
+        sections = self._options()[1]
+        if model not in sections:
+            if model == MODEL_RAW:
+                data = self.symbols.astype(_raw_dtype(self.distinct)).tobytes()
+            else:
+                data = _range_code([(self.symbols, self._order0)])
+            sections[model] = _section(model, self.distinct, self._tables[model], data)
+        return sections[model]
+
+    def section(self, index: ContextIndex | None, level: int = 9) -> bytes:
+        """The section of these values coded with the model of fewest bytes (see the module
+        doc); ``index``: the contexts (None: none); ``level``: zlib's, for the context
+        model's table (the others are built once, at 9)."""
+        if self.distinct <= 1:
+            return _section(MODEL_CONSTANT, self.distinct, _table_bytes(self.values, None), b"")
+        options = list(self._options()[0])
+        if index is not None:
+            hist = index.histogram(self.symbols, self.distinct)
+            ideal = sum(_ideal_bytes(row) for row in hist) + _CODER_SLACK
+            # a table has at least zero bytes: at or above the best other estimate the context
+            # model cannot win (a tie goes to the lower model), and its table need not be built
+            if ideal < min(options)[0]:
+                table = _table_bytes(self.values, hist.ravel(), level)
+                if ideal + len(table) < min(options)[0]:
+                    groups = [(self.symbols[where], hist[c]) for c, where in enumerate(index.positions)]
+                    return _section(MODEL_CONTEXT, self.distinct, table, _range_code(groups))
+        return self._plain_section(min(options)[1])
+
+
 def encode_votes(votes: np.ndarray, contexts: np.ndarray | None, num_contexts: int) -> bytes:
     """One tensor's votes (any float64 values, exactly) as a section; see the module doc."""
-    flat = np.ascontiguousarray(votes, dtype=np.float64).ravel()
-    values, symbols = np.unique(flat, return_inverse=True)
-    symbols = symbols.ravel()
-    distinct = values.size
-    if distinct <= 1:
-        return _section(MODEL_CONSTANT, distinct, _table_bytes(values, None), b"")
-    raw = symbols.astype(_raw_dtype(distinct)).tobytes()
-    options: list[tuple[float, int]] = [(float(len(raw) + len(_table_bytes(values, None))), MODEL_RAW)]
-    order0 = np.bincount(symbols, minlength=distinct)
-    options.append((_ideal_bytes(order0) + _CODER_SLACK + len(_table_bytes(values, order0)), MODEL_ORDER0))
-    if contexts is not None:
-        hist = np.bincount(contexts * distinct + symbols, minlength=num_contexts * distinct).reshape(
-            num_contexts, distinct)
-        ideal = sum(_ideal_bytes(row) for row in hist) + _CODER_SLACK
-        options.append((ideal + len(_table_bytes(values, hist.ravel())), MODEL_CONTEXT))
-    model = min(options)[1]
-    if model == MODEL_RAW:
-        return _section(model, distinct, _table_bytes(values, None), raw)
-    if model == MODEL_ORDER0:
-        return _section(model, distinct, _table_bytes(values, order0), _range_code([(symbols, order0)]))
-    assert contexts is not None
-    positions = _by_context(contexts, hist.sum(axis=1))
-    groups = [(symbols[where], hist[c]) for c, where in enumerate(positions)]
-    return _section(model, distinct, _table_bytes(values, hist.ravel()), _range_code(groups))
+    return Symbols(votes).section(None if contexts is None else ContextIndex(contexts, num_contexts))
 
 
 def _section(model: int, distinct: int, table: bytes, data: bytes) -> bytes:
@@ -232,11 +315,28 @@ class Step:
     data: bytes  # STEP header and sections
 
 
-def encode_sections(values: State, layout: Layout, contexts: Contexts | None) -> bytes:
-    """One section per tensor, in layout order (see the module doc)."""
-    return b"".join(encode_votes(values[name], None if contexts is None else contexts[name][0],
-                                 1 if contexts is None else contexts[name][1])
-                    for name, _ in layout.shapes)
+Values = Mapping[str, np.ndarray | Symbols]  # per tensor: its values, or their symbols (:class:`Symbols`)
+Indexed = Mapping[str, tuple[np.ndarray, int] | ContextIndex]  # per tensor: contexts, maybe indexed
+
+
+def symbols_of(values: State) -> dict[str, Symbols]:
+    """Every tensor's values as :class:`Symbols`, to be coded against several contexts."""
+    return {name: value if isinstance(value, Symbols) else Symbols(value) for name, value in values.items()}
+
+
+def _index(pair: tuple[np.ndarray, int] | ContextIndex) -> ContextIndex:
+    return pair if isinstance(pair, ContextIndex) else ContextIndex(*pair)
+
+
+def encode_sections(values: Values, layout: Layout, contexts: Indexed | None, level: int = 9) -> bytes:
+    """One section per tensor, in layout order (see the module doc); ``level``: zlib's, for
+    the context models' tables."""
+    out = []
+    for name, _ in layout.shapes:
+        value = values[name]
+        symbols = value if isinstance(value, Symbols) else Symbols(value)
+        out.append(symbols.section(None if contexts is None else _index(contexts[name]), level))
+    return b"".join(out)
 
 
 def decode_sections(body: bytes, offset: int, layout: Layout,
@@ -251,19 +351,19 @@ def decode_sections(body: bytes, offset: int, layout: Layout,
     return out, offset
 
 
-def encode_step(version: int, digest: bytes, votes: State, clients: float, layout: Layout,
-                contexts: Contexts | None) -> Step:
+def encode_step(version: int, digest: bytes, votes: Values, clients: float, layout: Layout,
+                contexts: Indexed | None, level: int = 9) -> Step:
     """A step's votes coded with ``contexts`` (from the state before it), or standalone when None."""
     head = STEP.pack(version, digest, int(contexts is None), float(clients))
-    return Step(version, digest, contexts is None, head + encode_sections(votes, layout, contexts))
+    return Step(version, digest, contexts is None, head + encode_sections(votes, layout, contexts, level))
 
 
-def encode_state(version: int, digest: bytes, state: State, layout: Layout, held: State | None) -> Step:
-    """A few-valued state itself as a step, coded with the values of ``held`` (a state the
-    node holds) as contexts, or without context when None."""
-    contexts = None if held is None else value_contexts(held)
+def encode_state(version: int, digest: bytes, state: Values, layout: Layout, contexts: Indexed | None,
+                 level: int = 9) -> Step:
+    """A few-valued state itself as a step, coded with the values of a state the node holds
+    as contexts (:func:`value_contexts` of it), or without context when None."""
     head = STEP.pack(version, digest, STEP_STATE_ALONE if contexts is None else STEP_STATE, 0.0)
-    return Step(version, digest, contexts is None, head + encode_sections(state, layout, contexts))
+    return Step(version, digest, contexts is None, head + encode_sections(state, layout, contexts, level))
 
 
 def pack(kind: int, steps: int, fingerprint: bytes, base: tuple[int, bytes], target: tuple[int, bytes],

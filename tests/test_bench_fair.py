@@ -52,3 +52,16 @@ def test_the_score_is_the_mean_of_the_last_five_validation_rounds(tmp_path):
     run = fair.read_run(tmp_path / "r")
     assert run["score"] == pytest.approx(0.3) and run["test"] == 0.7
     assert run["total_bits_per_param"][-1] == pytest.approx(6 * 8 * 1000 / 100)
+
+
+def test_final_runs_are_kept_per_chosen_candidate(tmp_path, monkeypatch):
+    """A rerun whose tuning picks another candidate (a widened grid) must not reuse the final
+    runs of the earlier winner: each candidate's finals live in their own folders."""
+    paths: list[Path] = []
+    monkeypatch.setattr(fair, "ensure", lambda path, *args: paths.append(path) or None)
+    (first, first_sets), (second, second_sets) = fair.GRIDS["fedavg"][1][:2]
+    for sets in (first_sets, second_sets):
+        fair.finals(tmp_path, "mnist", "iid", 1, "fedavg", sets, seeds=[0, 1, 2], tune_seed=0, rounds=3)
+    finals_first, finals_second = paths[1:3], paths[4:6]
+    assert all(fair.slug(first) in str(p) for p in finals_first)
+    assert not set(finals_first) & set(finals_second)

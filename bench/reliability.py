@@ -61,7 +61,13 @@ POISON_SCENARIOS: list[tuple[str, list[str]]] = [
                                            f"attack-fraction={p / 100}", *sets])
       for method in DENSE for p in (10, 30) for rule, sets in POISON_RULES],
 ]
-TABLES = {"masks": (SCENARIOS, "reliability"), "poison": (POISON_SCENARIOS, "reliability-poison")}
+# what each robust rule costs the dense baselines when nobody attacks
+POISON_RULE_SCENARIOS: list[tuple[str, list[str]]] = [
+    (f"{method}, no attackers, {rule}", [f'method="{method}"', 'optimizer="sgd"', "lr=0.05", *sets])
+    for method in DENSE for rule, sets in POISON_RULES if rule != "plain"
+]
+TABLES = {"masks": (SCENARIOS, "reliability"), "poison": (POISON_SCENARIOS, "reliability-poison"),
+          "poison-rules": (POISON_RULE_SCENARIOS, "reliability-poison-rules")}
 
 
 def rejected_uploads(rows: list[dict[str, Any]]) -> int:
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every scenario runs with each")
     parser.add_argument("--only", default="", help="run only the scenarios whose name holds this text")
     parser.add_argument("--table", choices=sorted(TABLES), default="masks",
-                        help="masks: FedPM's faults and attacks; poison: the dense baselines under poisoned updates")
+                        help="masks: FedPM's faults and attacks; poison: the dense baselines under poisoned updates; "
+                             "poison-rules: the same baselines under each robust rule with no attacker")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -131,7 +138,7 @@ def write(out: Path, results: list[dict[str, Any]], argv: list[str] | None, star
     (out / f"{stem}.json").write_text(json.dumps({"results": results, "machine": machine, "done": done},
                                                  indent=2) + "\n")
     text = markdown(results, machine, rounds, data) if stem == "reliability" else \
-        poison_markdown(results, machine, rounds, data)
+        poison_markdown(results, machine, rounds, data, rules_only=stem == "reliability-poison-rules")
     (out / f"{stem}.md").write_text(text + f"\n({done} run.)\n")
 
 
@@ -166,9 +173,11 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int
     return "\n".join(lines)
 
 
-def poison_markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int, data: str) -> str:
+def poison_markdown(results: list[dict[str, Any]], machine: dict[str, Any], rounds: int, data: str,
+                    rules_only: bool = False) -> str:
+    title = "The robust rules with no attacker" if rules_only else "Poisoned updates"
     lines = [
-        f"# Poisoned updates: the dense baselines on {data}, 10 IID clients, {rounds} rounds",
+        f"# {title}: the dense baselines on {data}, 10 IID clients, {rounds} rounds",
         "",
         md_table(TABLE, map(cells, results)),
         "",

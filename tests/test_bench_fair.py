@@ -65,3 +65,15 @@ def test_final_runs_are_kept_per_chosen_candidate(tmp_path, monkeypatch):
     finals_first, finals_second = paths[1:3], paths[4:6]
     assert all(fair.slug(first) in str(p) for p in finals_first)
     assert not set(finals_first) & set(finals_second)
+
+
+def test_target_is_a_miss_when_no_mask_configuration_reaches_30x():
+    """The target needs both: within 1 point and 30x fewer bytes. Masks that are close in
+    accuracy but all below 30x are a miss, named as such, never left 'not judged'."""
+    def row(method, test, below):
+        return {"method": method, "test": (test, 0.1), "below_fedavg": below, "width": 1.0, "candidate": "c"}
+
+    close_but_costly = {"rows": [row("fedavg", 91.5, 1.0), row("fedpm", 91.4, 19.7), row("edge-popup", 92.0, 22.1)]}
+    assert fair.target(close_but_costly).startswith("**MISS**") and "22.1x" in fair.target(close_but_costly)
+    cheap_and_close = {"rows": [row("fedavg", 91.5, 1.0), row("fedpm", 91.0, 50.0)]}
+    assert fair.target(cheap_and_close).startswith("**PASS**")

@@ -92,6 +92,31 @@ def run_fedmask(config: str, sets: list[str], run_dir: Path, rounds: int, engine
     return run
 
 
+def process_tree_stats(root: int) -> list[list[str]]:
+    """The fields of ``/proc/PID/stat`` after the command name (field 3 on, so index 0 is the
+    state) of ``root`` and every process under it; processes that end while being read are
+    left out. Index 11/12: user/system clock ticks; 21: resident pages."""
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        stats[int(entry)] = fields
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid and child not in tree]
+        tree.update(children)
+        frontier += children
+    return [stats[pid] for pid in tree if pid in stats]
+
+
 def prepare_dirs(out: str, prefix: str) -> tuple[Path, Path]:
     """The results folder (created) and a fresh temporary folder for run directories and logs.
 

@@ -36,7 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, figure, fmt, machine_info, md_machine, md_table, prepare_dirs, source_digest
+from bench.common import (
+    ROOT,
+    figure,
+    fmt,
+    machine_info,
+    md_machine,
+    md_table,
+    prepare_dirs,
+    process_tree_stats,
+    source_digest,
+)
 
 DATA_DIR = (ROOT.parent / "shared" / "data" / "fashion-mnist").resolve()
 DATA_NAME = "Fashion-MNIST (70k, 60k/10k re-split)"
@@ -50,25 +60,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def _tree_cpu(root: int) -> float:
     """User + system CPU seconds of ``root`` and every process under it, from /proc."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid and child not in tree]
-        tree.update(children)
-        frontier += children
-    return sum(cpu.get(pid, 0.0) for pid in tree)
+    return sum(int(fields[11]) + int(fields[12]) for fields in process_tree_stats(root)) / _TICKS
 
 
 def _lines(path: Path) -> int:

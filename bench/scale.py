@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, fmt, machine_info, md_machine, md_table, prepare_dirs, source_digest
+from bench.common import ROOT, fmt, machine_info, md_machine, md_table, prepare_dirs, process_tree_stats, source_digest
 
 DATA = ['dataset="idx"', 'data-dir="../shared/data/fashion-mnist"']
 DATA_NAME = "Fashion-MNIST (70k, 60k/10k re-split)"
@@ -36,26 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def _tree_rss(root: int) -> int:
     """Summed resident memory (bytes) of ``root`` and all its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(rss.get(pid, 0) for pid in tree)
+    return sum(int(fields[21]) for fields in process_tree_stats(root)) * _PAGE
 
 
 def measured(cmd: list[str], rounds_path: Path | None, log: Path) -> dict[str, Any]:

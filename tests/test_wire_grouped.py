@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import zlib
 
 import constriction
@@ -33,27 +32,15 @@ from fedmask.wire.frame import Layout, WireError
 from fedmask.wire.masks import READABLE_FORMATS, ContextPrior, code_lengths, decode_masks, encode_masks
 from server.server_app import run_server
 
-SPEC_HEADER = struct.Struct("<4sBBHQ8sI")  # magic | format | codec | reserved | bit count | fingerprint | crc32
-HEADER = SPEC_HEADER.size
-SPEC_SECTION = struct.Struct("<BII")  # model | param | coded bytes
-SECTION = SPEC_SECTION.size
+# the format's header, sections and byte model, as the entropy codec's spec tests read them
+from tests.test_entropy_codec import FP, HEADER, SECTION, SPEC_HEADER, SPEC_SECTION, byte_table, parse_sections
+
 PACKED, SIDE, FREQUENCY, GROUPED = 0, 1, 2, 3
-FP = b"\x01\x23\x45\x67\x89\xab\xcd\xef"
 # What a grouped section may cost above its ideal length (bits): the coder ends on a whole
 # 32-bit word and may need one more, and its probabilities are quantised (under 10^-4 bits
 # a byte symbol and 10^-3 bits a count; measured: 24-30 bits over these tensors).
 OVERHEAD_BITS = 48
 OVERHEAD_RATE = 1e-4
-
-
-def sections_of(blob: np.ndarray) -> list[tuple[int, int, int, bytes]]:
-    payload, out, offset = blob[HEADER:].tobytes(), [], 0
-    while offset < len(payload):
-        model, param, length = SPEC_SECTION.unpack_from(payload, offset)
-        out.append((model, param, length, payload[offset + SECTION : offset + SECTION + length]))
-        offset += SECTION + length
-    assert offset == len(payload)
-    return out
 
 
 def spec_crc(payload: bytes, prior, layout: Layout) -> int:
@@ -177,7 +164,7 @@ def test_grouped_round_trip(sizes, kind, seed):
     blob = encode_masks(masks, layout, FP, "entropy", prior)
     assert SPEC_HEADER.unpack(blob[:HEADER].tobytes())[1] == 4
     assert SPEC_HEADER.unpack(blob[:HEADER].tobytes())[-1] == spec_crc(blob[HEADER:].tobytes(), prior, layout)
-    for (model, param, _, _), (name, _) in zip(sections_of(blob), layout.shapes):
+    for (model, param, _, _), (name, _) in zip(parse_sections(blob), layout.shapes):
         if model == GROUPED:  # never for more than SIDE_GROUPS_MAX contexts
             assert param == np.unique(contexts[name]).size <= codec.SIDE_GROUPS_MAX
     decoded = decode_masks(blob, layout, FP, prior)
@@ -202,7 +189,7 @@ def test_a_group_of_at_least_2_16_weights_codes_its_count_in_two_symbols(size, o
     split_cost = math.log2((big >> 16) + 1) + 16 if big >= 1 << 16 else math.log2(big + 1)
     assert bits[GROUPED] == pytest.approx(ideal_bits(mask, contexts) - math.log2(big + 1) + split_cost)
     blob = encode_masks({"w": mask}, layout, FP, "entropy", prior)
-    if sections_of(blob)[0][0] == GROUPED:
+    if parse_sections(blob)[0][0] == GROUPED:
         assert np.array_equal(decode_masks(blob, layout, FP, prior)["w"], mask)
     single = ContextPrior({"w": np.full(size, 0.5)}, {"w": np.zeros(size, np.int64)})
     payload = grouped_reference(mask, np.zeros(size, np.int64))
@@ -214,16 +201,6 @@ def test_a_group_of_at_least_2_16_weights_codes_its_count_in_two_symbols(size, o
 # ---------------------------------------------------------------- the bytes, from the spec
 
 RUN_BYTES_MIN = 32
-
-
-def byte_table(prob: float) -> np.ndarray:
-    table = np.empty(256)
-    for byte in range(256):
-        product = 1.0
-        for shift in range(7, -1, -1):
-            product *= prob if (byte >> shift) & 1 else 1.0 - prob
-        table[byte] = product
-    return table
 
 
 def grouped_reference(mask: np.ndarray, contexts: np.ndarray) -> bytes:
@@ -267,7 +244,7 @@ def test_grouped_section_bytes_are_the_specs():
     mask[state == 63] = True  # an all-ones group
     layout = Layout((("w", (300, 100)),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", prior)
-    [(model, param, length, data)] = sections_of(blob)
+    [(model, param, length, data)] = parse_sections(blob)
     contexts = prior.contexts["w"]
     assert (model, param) == (GROUPED, np.unique(contexts).size)
     assert data == grouped_reference(mask.ravel(), contexts) and length == len(data)
@@ -287,7 +264,7 @@ def test_encoder_picks_grouped_when_shorter_within_stated_overhead_of_ideal(shap
     _, prior, mask = levels_case(rng, shape, levels, flip_scale=flip_scale)
     layout = Layout((("w", shape),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", prior)
-    [(model, _, length, _)] = sections_of(blob)
+    [(model, _, length, _)] = parse_sections(blob)
     assert model == GROUPED
     ideal = ideal_bits(mask, prior.contexts["w"])
     assert code_lengths({"w": mask}, layout, "entropy", prior)["ideal_bits"] == pytest.approx(ideal, rel=1e-9)
@@ -296,7 +273,7 @@ def test_encoder_picks_grouped_when_shorter_within_stated_overhead_of_ideal(shap
     assert measured["ideal_bits"] == pytest.approx(ideal, rel=1e-9)
     assert ideal <= 8 * length <= ideal * (1 + OVERHEAD_RATE) + OVERHEAD_BITS
     side_only = encode_masks({"w": mask}, layout, FP, "entropy", dict(prior))  # the same prior, no contexts
-    assert [s[0] for s in sections_of(side_only)] == [SIDE]
+    assert [s[0] for s in parse_sections(side_only)] == [SIDE]
     assert blob.size < side_only.size
 
 
@@ -309,7 +286,7 @@ def test_side_model_kept_when_contexts_say_nothing_more():
     mask = prior["w"].astype(bool) ^ (rng.random(20_000) < 0.02)
     layout = Layout((("w", (20_000,)),))
     blob = encode_masks({"w": mask}, layout, FP, "entropy", prior)
-    assert [s[0] for s in sections_of(blob)] == [SIDE]
+    assert [s[0] for s in parse_sections(blob)] == [SIDE]
     assert np.array_equal(blob, encode_masks({"w": mask}, layout, FP, "entropy", dict(prior)))
 
 
@@ -325,7 +302,7 @@ def grouped_blob(seed: int = 4):
                          {"a": prior_a.contexts["w"], "b": prior_b.contexts["w"]})
     masks = {"a": mask_a, "b": mask_b}
     blob = encode_masks(masks, layout, FP, "entropy", prior)
-    assert [s[0] for s in sections_of(blob)] == [GROUPED, GROUPED]
+    assert [s[0] for s in parse_sections(blob)] == [GROUPED, GROUPED]
     return blob, layout, masks, prior, {"a": state_a, "b": state_b}
 
 
@@ -359,7 +336,7 @@ def test_decoding_against_other_levels_is_refused():
 
 
 def tampered(blob: np.ndarray, prior, layout: Layout, index: int, **fields) -> np.ndarray:
-    sections = [list(s) for s in sections_of(blob)]
+    sections = [list(s) for s in parse_sections(blob)]
     for key, value in fields.items():
         sections[index][("model", "param", "length", "data").index(key)] = value
     payload = b"".join(SPEC_SECTION.pack(m, p, n) + d for m, p, n, d in sections)
@@ -383,7 +360,7 @@ def test_a_count_beyond_its_group_is_refused_even_with_a_valid_crc():
 
 def test_a_group_count_that_is_not_the_contexts_is_refused():
     blob, layout, _, prior, _ = grouped_blob()
-    groups = sections_of(blob)[1][1]
+    groups = parse_sections(blob)[1][1]
     for param in (groups - 1, groups + 1, 0, 2**32 - 1):
         err = rejected(tampered(blob, prior, layout, 1, param=param), layout, prior)
         assert err.field == "section 'b' groups"
@@ -404,7 +381,7 @@ def test_format_3_uploads_decode_and_know_no_grouped_model():
     in a format-3 upload is an unknown model there."""
     blob, layout, masks, prior, state = grouped_blob()
     plain = encode_masks(masks, layout, FP, "entropy", dict(prior))
-    assert {s[0] for s in sections_of(plain)} == {SIDE}
+    assert {s[0] for s in parse_sections(plain)} == {SIDE}
     old = plain.copy()
     old[4] = 3
     assert 3 in READABLE_FORMATS

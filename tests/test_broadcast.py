@@ -356,17 +356,9 @@ def test_totals_and_fedavg_equivalent_match_a_real_fedavg_round(tmp_path):
     assert summary["fedavg_ratio"] > 20
 
 
-def test_resumed_lossless_run_trains_the_same_and_codes_against_the_seeds_state_first(tmp_path):
-    """After a resume the history of steps is gone: every node gets a self-contained
-    broadcast once (FedPM's few-valued theta, coded against the seed's state that every
-    node regenerates, never a replay from a state it held before the stop), then deltas
-    again; the accuracies are those of the uninterrupted run."""
-    whole, _ = _run(tmp_path, "whole", **{"num-rounds": 4, "downlink-codec": "lossless"})
-    config = resolve({**SMALL, "num-rounds": 4, "downlink-codec": "lossless"})
-    run_dir = tmp_path / "resumed"
-    run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir)
-    # Roll the run directory back to its state after round 2, as a kill there leaves it: the
-    # round-2 checkpoint (kept aside by a second run's save), two round lines, no summary.
+def killed_after_round_two(config, run_dir: Path) -> None:
+    """Run ``config`` into ``run_dir``, then roll the folder back to what a kill after round 2
+    leaves: the round-2 checkpoint (kept aside as it was saved), two round lines, no summary."""
     saved = {}
     original_save = Checkpoint.save
 
@@ -377,13 +369,24 @@ def test_resumed_lossless_run_trains_the_same_and_codes_against_the_seeds_state_
 
     Checkpoint.save = keep_round_two  # type: ignore[method-assign]
     try:
-        run_server(InProcessGrid(real_client_app, config.num_clients), config, tmp_path / "again")
+        run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir)
     finally:
         Checkpoint.save = original_save  # type: ignore[method-assign]
     (run_dir / "checkpoint.npz").write_bytes(saved["bytes"])
     lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "rounds.jsonl").write_text("".join(lines[:2]))
     (run_dir / "summary.json").unlink()
+
+
+def test_resumed_lossless_run_trains_the_same_and_codes_against_the_seeds_state_first(tmp_path):
+    """After a resume the history of steps is gone: every node gets a self-contained
+    broadcast once (FedPM's few-valued theta, coded against the seed's state that every
+    node regenerates, never a replay from a state it held before the stop), then deltas
+    again; the accuracies are those of the uninterrupted run."""
+    whole, _ = _run(tmp_path, "whole", **{"num-rounds": 4, "downlink-codec": "lossless"})
+    config = resolve({**SMALL, "num-rounds": 4, "downlink-codec": "lossless"})
+    run_dir = tmp_path / "resumed"
+    killed_after_round_two(config, run_dir)
     run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir, resume=True)
     rows = _rounds(tmp_path / "resumed")
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in whole]

@@ -25,6 +25,7 @@ from fedmask.wire.lossless import FRAME, envelope
 from fedmask.wire.updates import compress, qsgd_quantize
 from server.server_app import run_server
 from server.strategies import SeededFedAvg
+from tests.test_broadcast import killed_after_round_two
 
 SMALL = {"dataset": "digits", "model": "mlp", "num-clients": 5, "clients-per-round": 2, "num-rounds": 5,
          "optimizer": "sgd", "lr": 0.05, "local-epochs": 1, "batch-size": 32, "method": "fedavg"}
@@ -163,23 +164,7 @@ def test_resumed_ef_qsgd_run_equals_the_uninterrupted_one(tmp_path):
     overrides = {"num-rounds": 4, "clients-per-round": 3, "downlink-codec": "ef-qsgd"}
     whole, _, config = _run(tmp_path, "whole", **overrides)
     run_dir = tmp_path / "resumed"
-    saved = {}
-    original_save = Checkpoint.save
-
-    def keep_round_two(checkpoint, where):
-        original_save(checkpoint, where)
-        if checkpoint.round == 2:
-            saved["bytes"] = (Path(where) / "checkpoint.npz").read_bytes()
-
-    Checkpoint.save = keep_round_two  # type: ignore[method-assign]
-    try:
-        run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir)
-    finally:
-        Checkpoint.save = original_save  # type: ignore[method-assign]
-    (run_dir / "checkpoint.npz").write_bytes(saved["bytes"])  # as a kill after round 2 leaves it
-    lines = (run_dir / "rounds.jsonl").read_text().splitlines(keepends=True)
-    (run_dir / "rounds.jsonl").write_text("".join(lines[:2]))
-    (run_dir / "summary.json").unlink()
+    killed_after_round_two(config, run_dir)
     assert any(k.startswith(RESIDUAL_PREFIX) for k in Checkpoint.load(run_dir).aggregator)
     run_server(InProcessGrid(real_client_app, config.num_clients), config, run_dir, resume=True)
     rows = _rounds(run_dir)

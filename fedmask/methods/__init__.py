@@ -156,9 +156,7 @@ def uplink_codec_named(method: str, configured: str) -> str:
     importing a plug-in: ``configured``, or for ``"auto"`` a built-in mask method's own
     (a plug-in's stays ``"auto"``; a dense baseline has its own update codec)."""
     entry = BUILTIN.get(method)
-    if configured != "auto" or entry is None or entry.mode is None:
-        return configured
-    return entry.mode.default_uplink
+    return entry.mode.uplink_codec(configured) if entry is not None and entry.mode is not None else configured
 
 
 def get_method(name: str) -> Method:

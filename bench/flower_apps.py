@@ -15,8 +15,10 @@ rounds 2..N:
   strategy (:func:`plain_server`), Flower's message injector;
 - ``flower+injector``: the same with fedmask's injector (:mod:`engines.ray`);
 - ``fedmask-fedavg``: ``fedmask run configs/mnist-fedavg.toml`` (fedmask's injector);
-- ``fedmask-fedpm``: ``fedmask run configs/mnist-fedpm.toml`` (lossless downlink, entropy-coded
-  masks).
+- ``fedmask-fedpm``: ``fedmask run configs/mnist-fedpm.toml`` (lossless downlink, FedPM's default
+  uploads: relative-entropy coded, relayed by the downlink);
+- ``fedmask-fedpm-entropy``: the same with ``uplink-codec = "entropy"`` (the uploads issue 31
+  measured: the sample itself, entropy-coded against the broadcast).
 
 **Per client, in one process** (``--attribute``, each app on :class:`engines.inprocess.InProcessGrid`
 for ``--rounds`` rounds, one torch thread): each round's CPU seconds split into training
@@ -55,7 +57,9 @@ from fedmask.config import RunConfig, load
 from fedmask.core.weights import derive_seed
 
 FEDAVG, FEDPM = "configs/mnist-fedavg.toml", "configs/mnist-fedpm.toml"
-VARIANTS = ("flower", "flower+injector", "fedmask-fedavg", "fedmask-fedpm")
+VARIANTS = ("flower", "flower+injector", "fedmask-fedavg", "fedmask-fedpm", "fedmask-fedpm-entropy")
+ATTRIBUTED = ("flower", "fedmask-fedavg", "fedmask-fedpm", "fedmask-fedpm-entropy")
+EXTRA_SETS = {"fedmask-fedpm-entropy": ['uplink-codec="entropy"']}
 _SETS_ENV = "FEDMASK_PLAIN_SETS"  # the plain apps' config overrides (JSON), read in every Ray worker
 
 
@@ -155,7 +159,8 @@ def ray_row(variant: str, sets: list[str], run_dir: Path) -> dict[str, Any]:
         env = {**os.environ, _SETS_ENV: json.dumps(sets)}
     else:
         config = FEDAVG if variant == "fedmask-fedavg" else FEDPM
-        cmd = [sys.executable, "-m", "fedmask.cli", "run", config, *[a for s in sets for a in ("--set", s)],
+        cmd = [sys.executable, "-m", "fedmask.cli", "run", config,
+               *[a for s in sets + EXTRA_SETS.get(variant, []) for a in ("--set", s)],
                "--out", str(run_dir), "--overwrite", "--engine", "ray"]
         env = None
     row = run_once(cmd, run_dir, ROOT, env)
@@ -220,7 +225,7 @@ class _Timers:
 
 
 def attribute(app: str, rounds: int, clients: int, per_round: int) -> dict[str, Any]:
-    """Run ``app`` (flower, fedmask-fedavg, fedmask-fedpm) in this process; its per-round CPU split."""
+    """Run ``app`` (one of :data:`ATTRIBUTED`) in this process; its per-round CPU split."""
     import tempfile
 
     import clients.client_app as client_module
@@ -235,7 +240,7 @@ def attribute(app: str, rounds: int, clients: int, per_round: int) -> dict[str, 
     timers.wrap(task, "train", "train")
     timers.wrap(task, "evaluate", "evaluate", round_end=True)
     timers.wrap(inprocess, "_over_the_wire", "serde")
-    if app == "fedmask-fedpm":  # the method's own work: coding masks and broadcasts, folding votes
+    if app.startswith("fedmask-fedpm"):  # the method's own work: coding masks and broadcasts, folding votes
         timers.wrap(local_round, "_mask_upload", "masks: sample and code (client)")
         timers.wrap(strategies.MaskStrategy, "decode", "masks: decode (server)")
         timers.wrap(strategies.MaskStrategy, "fold", "votes: fold and finish (server)")
@@ -249,7 +254,7 @@ def attribute(app: str, rounds: int, clients: int, per_round: int) -> dict[str, 
         grid = PlainGrid(plain_client, clients)
         plain_strategy(grid, plain_config(), Path(tempfile.mkdtemp()) / "rounds.jsonl")
     else:
-        config = load(FEDAVG if app == "fedmask-fedavg" else FEDPM, sets)
+        config = load(FEDAVG if app == "fedmask-fedavg" else FEDPM, sets + EXTRA_SETS.get(app, []))
         run_server(inprocess.InProcessGrid(client_module.app, clients), config, Path(tempfile.mkdtemp()) / "run")
     return {"app": app, "rounds": timers.rounds[1:]}  # the initial evaluation's window is start-up
 
@@ -343,15 +348,16 @@ def _attribution_section(results: list[dict[str, Any]], per_round: int) -> list[
              "method (FedPM: coding masks and broadcasts, folding votes).", "",
              md_table(["app", "total", "train", "serde", "evaluate", "method", "own"], table), ""]
     if "flower" in rows:
-        for app in ("fedmask-fedavg", "fedmask-fedpm"):
+        for app in ATTRIBUTED[1:]:
             if app in rows:
                 added = rows[app]["own"] - rows["flower"]["own"]
                 lines.append(f"- {app} adds {added:.2f} ms per client beyond its method over plain Flower's own "
                              f"(target < 1 ms) {'PASS' if added < 1 else 'FAIL'}")
-    if "fedmask-fedpm" in rows:
-        pm = rows["fedmask-fedpm"]
+    fedpm = [app for app in ATTRIBUTED if app.startswith("fedmask-fedpm") and app in rows]
+    if fedpm:
         lines += ["", "FedPM's method, CPU ms per client per round:", "",
-                  md_table(["part", "ms"], [[key, fmt(pm.get(key), ".2f")] for key in METHOD_PARTS])]
+                  md_table(["part", *fedpm], [[key, *(fmt(rows[app].get(key), ".2f") for app in fedpm)]
+                                              for key in METHOD_PARTS])]
     return lines + [""]
 
 
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ray:
         ray_side_by_side(args, runs_dir, results, save)
     if not args.skip_attribution:
-        for app in ("flower", "fedmask-fedavg", "fedmask-fedpm"):
+        for app in ATTRIBUTED:
             print(f"in one process: {app} ({args.attribution_rounds} rounds)", flush=True)
             cmd = [sys.executable, "-m", "bench.flower_apps", "--attribute", app, "--attribution-rounds",
                    str(args.attribution_rounds), "--clients", str(args.clients), "--per-round", str(args.per_round)]

@@ -6,15 +6,17 @@ codec and engine (issue 31).
     python -m bench.rounds --rounds 8 --settings 1000x100 --codecs lossless --engines inprocess --out /tmp/r
 
 FedPM, LeNet-300-100 on Fashion-MNIST (70k, 60k/10k re-split), ``configs/mnist-fedpm.toml``
-with ``per-client = false`` and seed 5, for each (num-clients, clients-per-round), engine
-and ``downlink-codec``: one ``fedmask run`` in a subprocess. Each round's seconds come from
+with ``per-client = false`` and seed 5, for each (num-clients, clients-per-round), engine,
+``downlink-codec`` and ``uplink-codec`` (``--uplinks``; default ``entropy``, the uploads issue
+31 measured, and ``auto``, FedPM's default since issue 27: relative-entropy uploads, which
+the lossless downlink relays): one ``fedmask run`` in a subprocess. Each round's seconds come from
 ``rounds.jsonl`` (``elapsed_s``); each round's CPU seconds from the summed user + system
 time of the run's whole process tree (Ray's processes included), read from /proc every
 0.1 s and cut where ``rounds.jsonl`` gets its next line: on a machine others use, CPU time
 moves far less with their load than wall time does. The headline is the ratio of rounds
 45-50 to rounds 2-7 (round 1 carries start-up), in seconds and in CPU seconds.
 
-With ``--baseline REF`` the lossless runs are repeated, right after each, with the library
+With ``--baseline REF`` the lossless runs with entropy-coded uploads are repeated, right after each, with the library
 of commit REF (``git archive`` into a temporary folder, run with the same Python): their
 seconds per round beside this version's, and this version's downlink bytes per round
 against REF's (training is the same bit for bit, so the rounds' states are too).
@@ -26,6 +28,7 @@ round, one panel per setting) into ``--out`` (default ``bench/results``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -53,6 +56,7 @@ DATA_NAME = "Fashion-MNIST (70k, 60k/10k re-split)"
 SETTINGS = ((1000, 100), (10000, 10))
 CODECS = ("lossless", "float32", "float16", "quantized")
 ENGINES = ("inprocess", "ray")
+UPLINKS = ("entropy", "auto")
 EARLY, LATE = (2, 7), (45, 50)  # the windows compared (rounds, inclusive); LATE moves with --rounds
 TARGET_RATIO, BYTES_WITHIN = 1.2, 0.05
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -97,9 +101,11 @@ def run_once(cmd: list[str], run_dir: Path, cwd: Path, env: dict[str, str] | Non
     return got
 
 
-def fedmask_cmd(engine: str, codec: str, clients: int, per_round: int, rounds: int, run_dir: Path) -> list[str]:
+def fedmask_cmd(engine: str, codec: str, uplink: str, clients: int, per_round: int, rounds: int,
+                run_dir: Path) -> list[str]:
     sets = [f'data-dir="{DATA_DIR}"', 'dataset="idx"', f"num-clients={clients}", f"clients-per-round={per_round}",
-            "per-client=false", "seed=5", f"num-rounds={rounds}", f'downlink-codec="{codec}"']
+            "per-client=false", "seed=5", f"num-rounds={rounds}", f'downlink-codec="{codec}"',
+            f'uplink-codec="{uplink}"']
     return [sys.executable, "-m", "fedmask.cli", "run", "configs/mnist-fedpm.toml",
             *[a for s in sets for a in ("--set", s)], "--out", str(run_dir), "--overwrite", "--engine", engine]
 
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=",".join(f"{n}x{k}" for n, k in SETTINGS))
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--engines", default=",".join(ENGINES), help="inprocess, ray, batched (not lossless)")
-    parser.add_argument("--baseline", help="a commit whose lossless runs go beside this version's")
+    parser.add_argument("--uplinks", default=",".join(UPLINKS), help="FedPM's uplink-codec values to run")
+    parser.add_argument("--baseline", help="a commit whose lossless runs (entropy uploads) go beside this version's")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     out_dir, runs_dir = prepare_dirs(args.out, "fedmask-rounds-")
@@ -153,25 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.settings.split(","):
         clients, per_round = map(int, setting.split("x"))
         for engine in args.engines.split(","):
-            for codec in args.codecs.split(","):
+            for codec, uplink in itertools.product(args.codecs.split(","), args.uplinks.split(",")):
                 if engine == "batched" and codec == "lossless":
                     continue  # the batched engine needs a stateless downlink
-                versions = [("this", ROOT)] + ([(args.baseline, baseline)] if baseline and codec == "lossless" else [])
+                versions = [("this", ROOT)]
+                if baseline and codec == "lossless" and uplink == "entropy":
+                    versions.append((args.baseline, baseline))
                 for version, tree in versions:
-                    results["rows"].append(one_run(version, tree, engine, codec, clients, per_round, args, runs_dir))
+                    results["rows"].append(one_run(version, tree, engine, (codec, uplink), (clients, per_round),
+                                                   args, runs_dir))
                     write(out_dir, results, started, args)
     write(out_dir, results, started, args, final=True)
     return 0 if all(r["rc"] == 0 for r in results["rows"]) else 1
 
 
-def one_run(version: str, tree: Path, engine: str, codec: str, clients: int, per_round: int,
+def one_run(version: str, tree: Path, engine: str, codecs: tuple[str, str], setting: tuple[int, int],
             args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
-    label = f"{clients}x{per_round}-{engine}-{codec}-{version}"
+    (codec, uplink), (clients, per_round) = codecs, setting
+    label = f"{clients}x{per_round}-{engine}-{codec}-{uplink}-{version}"
     print(f"{label}: {args.rounds} rounds", flush=True)
     run_dir = runs_dir / label
     env = None if tree == ROOT else {**os.environ, "PYTHONPATH": str(tree)}
-    row = run_once(fedmask_cmd(engine, codec, clients, per_round, args.rounds, run_dir), run_dir, tree, env)
-    row |= {"version": version, "engine": engine, "codec": codec, "num_clients": clients,
+    row = run_once(fedmask_cmd(engine, codec, uplink, clients, per_round, args.rounds, run_dir), run_dir, tree, env)
+    row |= {"version": version, "engine": engine, "codec": codec, "uplink": uplink, "num_clients": clients,
             "clients_per_round": per_round}
     s = summary(row, late_window(args.rounds))
     print(f"   s/round {fmt(s['s'][0], '.2f')} -> {fmt(s['s'][1], '.2f')} (x{fmt(s['s'][2], '.2f')}), "
@@ -187,7 +198,8 @@ def _table(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[list[str]]
     table = []
     for r in rows:
         s = summary(r, late)
-        table.append([f"{r['num_clients']} x {r['clients_per_round']}", r["engine"], r["codec"], r["version"],
+        table.append([f"{r['num_clients']} x {r['clients_per_round']}", r["engine"], r["codec"],
+                      r.get("uplink", "entropy"), r["version"],
                       fmt(s["s"][0], ".2f"), fmt(s["s"][1], ".2f"), fmt(s["s"][2], ".2f"),
                       fmt(s["cpu_s"][0], ".2f"), fmt(s["cpu_s"][1], ".2f"), fmt(s["cpu_s"][2], ".2f"),
                       fmt(s["down_bytes"][0] and s["down_bytes"][0] / 1e6, ".2f"),
@@ -197,9 +209,10 @@ def _table(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[list[str]]
 
 
 def _baseline_of(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
-    key = (r["num_clients"], r["clients_per_round"], r["engine"], r["codec"])
-    return next((b for b in rows if b["version"] != "this"
-                 and (b["num_clients"], b["clients_per_round"], b["engine"], b["codec"]) == key), None)
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["num_clients"], row["clients_per_round"], row["engine"], row["codec"], row.get("uplink")
+
+    return next((b for b in rows if b["version"] != "this" and key(b) == key(r)), None)
 
 
 def _targets(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[str]:
@@ -208,18 +221,17 @@ def _targets(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[str]:
     for r in rows:
         if (r["version"], r["codec"], r["num_clients"], r["clients_per_round"]) != ("this", "lossless", 1000, 100):
             continue
-        s = summary(r, late)
+        s, who = summary(r, late), f"{r['engine']}, {r.get('uplink', 'entropy')} uploads"
         for key, what in (("s", "s/round"), ("cpu_s", "CPU s/round")):
             value = s[key][2]
             verdict = "no result (FAIL)" if value is None else \
                 f"{value:.2f} (target <= {TARGET_RATIO}) {'PASS' if value <= TARGET_RATIO else 'FAIL'}"
-            lines.append(f"- {r['engine']}: {what}, rounds {late[0]}-{late[1]} / rounds {EARLY[0]}-{EARLY[1]}: "
-                         f"{verdict}")
+            lines.append(f"- {who}: {what}, rounds {late[0]}-{late[1]} / rounds {EARLY[0]}-{EARLY[1]}: {verdict}")
         base = _baseline_of(rows, r)
         if base and base["down_bytes"] and len(base["down_bytes"]) == len(r["down_bytes"]):
             worst = max(abs(a / b - 1) for a, b in zip(r["down_bytes"], base["down_bytes"]) if b)
             total = sum(r["down_bytes"]) / sum(base["down_bytes"]) - 1
-            lines.append(f"- {r['engine']}: downlink bytes per round against {base['version']}: {total:+.2%} over the "
+            lines.append(f"- {who}: downlink bytes per round against {base['version']}: {total:+.2%} over the "
                          f"run, at worst {worst:.2%} in a round (target within {BYTES_WITHIN:.0%}) "
                          f"{'PASS' if worst <= BYTES_WITHIN else 'FAIL'}")
     return lines
@@ -232,7 +244,8 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
             for r in rows:
                 if (r["num_clients"], r["clients_per_round"]) != setting or not r["s"]:
                     continue
-                label = f"{r['engine']} {r['codec']}" + ("" if r["version"] == "this" else f" ({r['version']})")
+                label = f"{r['engine']} {r['codec']} {r.get('uplink', '')}"
+                label += "" if r["version"] == "this" else f" ({r['version']})"
                 style = "-" if r["version"] == "this" else ":"
                 x = range(1, len(r["s"]) + 1)
                 axes[i][0].plot(list(x)[1:], r["s"][1:], style, label=label)
@@ -253,7 +266,7 @@ def write(out_dir: Path, results: dict[str, Any], started: float, args: argparse
              "time. s: from `rounds.jsonl`; CPU s: user + system seconds of the run's whole process tree (Ray's "
              "processes included) per round, which others' load on the machine moves far less. Early: rounds "
              f"{EARLY[0]}-{EARLY[1]}; late: rounds {late[0]}-{late[1]}; down MB: downlink payload per round.",
-             "", md_table(["clients", "engine", "downlink", "version", "s early", "s late", "late/early",
+             "", md_table(["clients", "engine", "downlink", "uplink", "version", "s early", "s late", "late/early",
                            "CPU s early", "CPU s late", "late/early", "down MB early", "down MB late",
                            "final acc", "status"], _table(rows, late)),
              "", "## Targets (issue 31)", "", *_targets(rows, late), "", "![rounds](rounds.png)"]

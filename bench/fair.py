@@ -22,7 +22,9 @@ serializing it; the frontier figure puts validation accuracy against cumulative 
 parameter per client. Every run is a normal ``fedmask run`` in a subprocess (in-process
 engine); finished runs are kept, so a stopped bench continues where it was. Writes
 ``fair.md``, ``fair.json`` and one ``fair_<task>_<partition>_<E>ep.png`` per cell into --out
-(run folders under ``--out/runs``, not committed).
+(run folders under ``--out/runs``, not committed); ``--name NAME`` writes ``NAME.md`` and so on
+instead, so that another selection of cells (the wider networks of one cell, say) reuses the
+runs of the same folder without overwriting the main table.
 """
 
 from __future__ import annotations
@@ -230,8 +232,8 @@ def target(result: dict[str, Any]) -> str:
             f"{best['below_fedavg']:.1f}x fewer bytes up + down")
 
 
-def plot(out: Path, result: dict[str, Any]) -> str:
-    name = f"fair_{result['task']}_{result['partition']}_{result['epochs']}ep.png"
+def plot(out: Path, result: dict[str, Any], prefix: str = "fair") -> str:
+    name = f"{prefix}_{result['task']}_{result['partition']}_{result['epochs']}ep.png"
     with figure(out / name, 1, 1, (7.5, 4.8)) as axes:
         ax = axes[0][0]
         for row in result["rows"]:
@@ -278,7 +280,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
         lines += ["<details><summary>tuning trials (validation)</summary>", "",
                   md_table(["method", "candidate", VALIDATION, "rounds skipped (diverged)", ""], trials), "",
                   "</details>", "",
-                  f"![frontier]({plot(Path(args.out), result)})", ""]
+                  f"![frontier]({plot(Path(args.out), result, args.name)})", ""]
     return "\n".join([*lines, *md_machine(machine)]) + "\n"
 
 
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--widths", default="2,4", help="the mask methods' wider networks ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fair"))
+    parser.add_argument("--name", default="fair", help="the report's file name, without .md / .json")
     args = parser.parse_args(argv)
     args.tasks, args.partitions = args.tasks.split(","), args.partitions.split(",")
     args.methods = args.methods.split(",")
@@ -311,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                for e in epochs]
     machine = machine_info("python -m bench.fair", sys.argv[1:] if argv is None else argv,
                            time.perf_counter() - start, {"source_digest_start": digest})
-    (out / "fair.md").write_text(markdown(results, args, machine))
-    (out / "fair.json").write_text(json.dumps({"results": results, "machine": machine}, indent=2))
-    print(f"→ {out / 'fair.md'}")
+    (out / f"{args.name}.md").write_text(markdown(results, args, machine))
+    (out / f"{args.name}.json").write_text(json.dumps({"results": results, "machine": machine}, indent=2))
+    print(f"→ {out / args.name}.md")
     return 0
 
 

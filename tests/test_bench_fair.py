@@ -77,3 +77,22 @@ def test_target_is_a_miss_when_no_mask_configuration_reaches_30x():
     assert fair.target(close_but_costly).startswith("**MISS**") and "22.1x" in fair.target(close_but_costly)
     cheap_and_close = {"rows": [row("fedavg", 91.5, 1.0), row("fedpm", 91.0, 50.0)]}
     assert fair.target(cheap_and_close).startswith("**PASS**")
+
+
+def test_a_named_report_reuses_the_folder_runs_and_leaves_the_main_table(tmp_path, monkeypatch):
+    """``--name`` writes NAME.md beside fair.md from the same kept runs (a second selection of
+    cells must neither rerun them nor overwrite the first report)."""
+    def no_new_runs(*args, **kwargs):
+        raise AssertionError("every trial was already on disk")
+
+    monkeypatch.setattr(fair, "run_fedmask", no_new_runs)
+    for name, _ in fair.GRIDS["fedavg"][1]:
+        _fake_run(fair.run_path(tmp_path, "mnist", "iid", "1ep", "fedavg", "tune", fair.slug(name), "seed-0"),
+                  [0.5] * 6, 0.4)
+    (tmp_path / "fair.md").write_text("the main table\n")
+    args = ["--tasks", "mnist", "--partitions", "iid", "--epochs", "1", "--methods", "fedavg", "--seeds", "0",
+            "--rounds", "6", "--widths", "", "--out", str(tmp_path), "--name", "wide"]
+    assert fair.main(args) == 0
+    assert (tmp_path / "fair.md").read_text() == "the main table\n"
+    assert "40.00 ± 0.00" in (tmp_path / "wide.md").read_text()
+    assert (tmp_path / "wide_mnist_iid_1ep.png").exists() and (tmp_path / "wide.json").exists()

@@ -232,6 +232,35 @@ def target(result: dict[str, Any]) -> str:
             f"{best['below_fedavg']:.1f}x fewer bytes up + down")
 
 
+PARTITION_NAMES = {"iid": "IID", "dir0.3": "Dirichlet 0.3"}
+
+
+def headline(results: list[dict[str, Any]]) -> str:
+    """The README's table: per cell, tuned FedAvg, QSGD with the ef-qsgd downlink (the dense
+    baseline compressed both ways), the mask configuration (any width) with the best validation
+    score over seeds (never the test score), and the target's verdict."""
+    def cell_of(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "–"
+        name = row["method"] + (f" x{row['width']:g}" if row["width"] != 1 else "")
+        return f"{name}: {row['test'][0]:.2f} ± {row['test'][1]:.2f}, {row['below_fedavg']:.1f}x"
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        return max(rows, key=lambda r: r["validation"][0], default=None)
+
+    table = []
+    for result in results:
+        rows = result["rows"]
+        fedavg = next((r for r in rows if r["method"] == "fedavg"), None)
+        dense = next((r for r in rows if r["method"] == "qsgd+ef-qsgd-down"), None)
+        verdict = target(result).split("**")[1] if target(result).startswith("**") else "not judged"
+        name = f"{TASKS[result['task']][0].split(' (')[0]} · {PARTITION_NAMES.get(result['partition'], '?')}"
+        table.append([f"{name} · {result['epochs']} ep", cell_of(fedavg), cell_of(dense),
+                      cell_of(best([r for r in rows if r["method"] in MASKS])), verdict])
+    return md_table(["cell", "FedAvg (tuned)", "QSGD, compressed both ways", "best mask", "within 1 point at 30x"],
+                    table)
+
+
 def plot(out: Path, result: dict[str, Any], prefix: str = "fair") -> str:
     name = f"{prefix}_{result['task']}_{result['partition']}_{result['epochs']}ep.png"
     with figure(out / name, 1, 1, (7.5, 4.8)) as axes:
@@ -263,7 +292,11 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
              f"variant) was made on the tuning seed {args.tune_seed} by {VALIDATION} (10% of the train split, "
              "held out by the server); each method had the same number of trials (6). Bytes: payload per client "
              "and round, up + down, as sent; 'x fewer' against tuned FedAvg's measured bytes (float32 both ways). "
-             "Wider mask networks reuse the width-1 choice.", ""]
+             "Wider mask networks reuse the width-1 choice.", "",
+             "## Headline (the README's table)", "",
+             "Accuracy: test %, mean ± sd over seeds; then how many times fewer bytes than FedAvg, up + down. 'Best' "
+             "is the highest validation score of its group, never the test score.", "",
+             headline(results), ""]
     for result in results:
         lines += [f"## {TASKS[result['task']][0]} · {result['partition']} · {result['epochs']} local epochs", ""]
         table = [[r["method"] + (f" x{r['width']:g}" if r["width"] != 1 else ""), r["candidate"], r["seeds"],

@@ -96,3 +96,15 @@ def test_a_named_report_reuses_the_folder_runs_and_leaves_the_main_table(tmp_pat
     assert (tmp_path / "fair.md").read_text() == "the main table\n"
     assert "40.00 ± 0.00" in (tmp_path / "wide.md").read_text()
     assert (tmp_path / "wide_mnist_iid_1ep.png").exists() and (tmp_path / "wide.json").exists()
+
+
+def test_the_headline_picks_the_mask_row_by_validation_not_by_test():
+    def row(method, test, validation, below, width=1.0):
+        return {"method": method, "test": (test, 0.1), "validation": (validation, 0.1), "below_fedavg": below,
+                "width": width, "candidate": "c"}
+
+    rows = [row("fedavg", 91.5, 91.0, 1.0), row("qsgd+ef-qsgd-down", 90.0, 89.0, 12.0),
+            row("fedpm", 95.0, 80.0, 40.0), row("edge-popup", 90.5, 90.0, 35.0, width=2.0)]
+    line = fair.headline([{"task": "mnist", "partition": "iid", "epochs": 1, "rows": rows}]).splitlines()[-1]
+    assert "edge-popup x2: 90.50 ± 0.10, 35.0x" in line and "fedpm" not in line
+    assert "qsgd+ef-qsgd-down: 90.00" in line and line.endswith("| PASS |")

@@ -5,7 +5,7 @@ with the same budget of trials, compared at equal local epochs, in bytes both wa
 [--methods fedavg,qsgd,topk-ef,fedpm,edge-popup] [--tune-seed 0] [--seeds 0,1,2] [--rounds 60]
 [--widths 2,4] [--out bench/results/fair]`` runs, for each (task, partition, local epochs):
 
-1. **tuning**: every candidate of every method's grid (:data:`GRIDS`: the same number of
+1. **tuning**: every candidate of every method's grid (:func:`grids`: the same number of
    trials for each method, learning rates and, for the mask methods, the server-side variant)
    on the tuning seed, with ``validation-fraction = 0.1``: the server holds out 10% of the
    train split, which no client trains on, scores every round on it and reads the test split
@@ -61,27 +61,38 @@ def _dense(method: str, lrs: tuple[float, ...], *extra: str) -> tuple[str, list[
 
 
 # Six trials each; a first run (MNIST-10k IID, 1 local epoch) chose the top of 0.01-0.4 for top-k EF and
-# of 0.05-0.2 for both mask methods, so both grids were moved up one step (the same number of trials)
+# of 0.05-0.2 for both mask methods, so both grids were moved up one step (the same number of trials).
+# On Fashion-MNIST (IID, 1 local epoch) both mask methods then chose the bottom of 0.2-0.8, edge-popup
+# falling 12 points from 0.2 to 0.4: their grid there is one step lower. The dense grid spans 40x and chose
+# inside it on both datasets.
 DENSE_LRS = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
-MASK_LRS = (0.2, 0.4, 0.8)
-# method -> (the config it starts from, its candidates: name and --set items). Six trials each.
-GRIDS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
-    "fedavg": _dense("fedavg", DENSE_LRS),
-    "qsgd": _dense("qsgd", DENSE_LRS),
-    "topk-ef": _dense("topk-ef", DENSE_LRS),
-    # the dense baselines with a compressed downlink too (DoubleSqueeze's error-compensated QSGD)
-    "fedavg+ef-qsgd-down": _dense("fedavg", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
-    "qsgd+ef-qsgd-down": _dense("qsgd", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
-    # FedPM coded at its information floor; the Beta prior reset every round (the paper) or every 3
-    "fedpm": ("fedpm", [(f"lr {lr:g}, prior reset {reset}",
-                         ['uplink-codec="relative-entropy"', f"lr={lr}", f"fedpm-prior-reset={reset}"])
-                        for reset in (1, 3) for lr in MASK_LRS]),
-    # edge-popup with the level-voting server rule, votes weighted 0.3 or 0.1
-    "edge-popup": ("edge-popup", [(f"lr {lr:g}, vote weight {w:g}",
-                                   ['edge-popup-server-rule="vote-levels"', "edge-popup-levels=64",
-                                    f"edge-popup-vote-weight={w}", f"lr={lr}"])
-                                  for w in (0.3, 0.1) for lr in MASK_LRS]),
-}
+MASK_LRS = {"mnist": (0.2, 0.4, 0.8), "fmnist": (0.1, 0.2, 0.4)}
+Grid = dict[str, tuple[str, list[tuple[str, list[str]]]]]
+
+
+def grids(task: str) -> Grid:
+    """method -> (the config it starts from, its candidates: name and --set items). Six trials each."""
+    mask_lrs = MASK_LRS[task]
+    return {
+        "fedavg": _dense("fedavg", DENSE_LRS),
+        "qsgd": _dense("qsgd", DENSE_LRS),
+        "topk-ef": _dense("topk-ef", DENSE_LRS),
+        # the dense baselines with a compressed downlink too (DoubleSqueeze's error-compensated QSGD)
+        "fedavg+ef-qsgd-down": _dense("fedavg", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
+        "qsgd+ef-qsgd-down": _dense("qsgd", DENSE_LRS, 'downlink-codec="ef-qsgd"'),
+        # FedPM coded at its information floor; the Beta prior reset every round (the paper) or every 3
+        "fedpm": ("fedpm", [(f"lr {lr:g}, prior reset {reset}",
+                             ['uplink-codec="relative-entropy"', f"lr={lr}", f"fedpm-prior-reset={reset}"])
+                            for reset in (1, 3) for lr in mask_lrs]),
+        # edge-popup with the level-voting server rule, votes weighted 0.3 or 0.1
+        "edge-popup": ("edge-popup", [(f"lr {lr:g}, vote weight {w:g}",
+                                       ['edge-popup-server-rule="vote-levels"', "edge-popup-levels=64",
+                                        f"edge-popup-vote-weight={w}", f"lr={lr}"])
+                                      for w in (0.3, 0.1) for lr in mask_lrs]),
+    }
+
+
+GRIDS = grids("mnist")  # the methods (the same in every task) and MNIST-10k's candidates
 MASKS = ("fedpm", "edge-popup")
 
 
@@ -134,7 +145,7 @@ def cell_sets(task: str, partition: str, epochs: int, seed: int) -> list[str]:
 def tune(out: Path, task: str, partition: str, epochs: int, method: str, seed: int,
          rounds: int) -> tuple[str, list[str], list[dict[str, Any]]]:
     """Every candidate of ``method`` on the tuning seed; the winner by validation accuracy."""
-    base, candidates = GRIDS[method]
+    base, candidates = grids(task)[method]
     config = TASKS[task][1].format(base)
     trials = []
     for name, sets in candidates:
@@ -156,10 +167,10 @@ def slug(text: str) -> str:
 def finals(out: Path, task: str, partition: str, epochs: int, method: str, sets: list[str], seeds: list[int],
            tune_seed: int, rounds: int, width: float = 1.0) -> list[dict[str, Any]]:
     """The chosen configuration with every seed (at ``width``)."""
-    base = GRIDS[method][0]
+    base, candidates = grids(task)[method]
     config = TASKS[task][1].format(base)
     results = []
-    name = next(n for n, s in GRIDS[method][1] if s == sets)
+    name = next(n for n, s in candidates if s == sets)
     for seed in seeds:
         if width == 1 and seed == tune_seed:
             path = run_path(out, task, partition, f"{epochs}ep", method, "tune", slug(name), f"seed-{seed}")
@@ -279,9 +290,9 @@ def plot(out: Path, result: dict[str, Any], prefix: str = "fair") -> str:
     return name
 
 
-def edge(method: str, candidate: str) -> bool:
+def edge(method: str, candidate: str, task: str) -> bool:
     """Whether a chosen candidate's learning rate is the smallest or largest its grid tried."""
-    lrs = DENSE_LRS if method not in MASKS else MASK_LRS
+    lrs = DENSE_LRS if method not in MASKS else MASK_LRS[task]
     return candidate.split(",")[0] in (f"lr {lrs[0]:g}", f"lr {lrs[-1]:g}")
 
 
@@ -307,7 +318,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
                             "up B/client/round", "up+down B/client/round", "x fewer than FedAvg"], table), ""]
         lines += [f"- {target(result)}", ""]
         trials = [[m, t["candidate"], f"{100 * t['score']:.2f}", t["skipped"] or "",
-                   ("chosen" + (", at the grid's edge" if edge(m, t["candidate"]) else ""))
+                   ("chosen" + (", at the grid's edge" if edge(m, t["candidate"], result["task"]) else ""))
                    if t["candidate"] == v["chosen"] else ""]
                   for m, v in result["tuning"].items() for t in v["trials"]]
         lines += ["<details><summary>tuning trials (validation)</summary>", "",

@@ -22,8 +22,9 @@ def _fake_run(path: Path, validation: list[float], test: float, total: float = 1
         "mean_total_payload_bytes_per_client_round": total, "fedavg_payload_bytes_per_client_round": 800.0}))
 
 
-def test_every_method_gets_the_same_number_of_trials():
-    assert len({len(candidates) for _, candidates in fair.GRIDS.values()}) == 1
+def test_every_method_gets_the_same_number_of_trials_on_every_task():
+    sizes = {len(candidates) for task in fair.TASKS for _, candidates in fair.grids(task).values()}
+    assert len(sizes) == 1 and all(set(fair.grids(task)) == set(fair.GRIDS) for task in fair.TASKS)
 
 
 def test_every_run_holds_out_a_validation_split():

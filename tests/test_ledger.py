@@ -344,3 +344,13 @@ def test_held_reply_is_not_pulled_again_from_the_engine():
     grid = MeasuringGrid(_FlowerLikeGrid(_late_app(0.3), 1), ledger)
     replies = list(grid.send_and_receive([_instruction(grid)], timeout=5.0))
     assert len(replies) == 1 and not replies[0].has_error()
+
+
+def test_polling_slows_with_the_replies_awaited_up_to_flowers_interval():
+    """Each pull asks about every pending reply: the wait between pulls grows with them (so a
+    round of 100 clients is not asked about 50 times a second) and stops at Flower's 0.1 s."""
+    from fedmask.record.ledger import POLL_MAX_S, poll_interval
+
+    waits = [poll_interval(n, 0.02) for n in (1, 10, 50, 100, 1000)]
+    assert waits == sorted(waits) and waits[0] == pytest.approx(0.021) and waits[-1] == POLL_MAX_S == 0.1
+    assert poll_interval(100, 0.02) >= 5 * 0.02 > poll_interval(2, 0.02)

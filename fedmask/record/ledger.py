@@ -236,6 +236,17 @@ def _slow_delay(value: object) -> float:
     return float(value)
 
 
+POLL_PER_PENDING_S, POLL_MAX_S = 0.001, 0.1  # POLL_MAX_S: Flower's own InMemoryGrid interval
+
+
+def poll_interval(pending: int, minimum: float) -> float:
+    """Seconds between two pulls while ``pending`` replies are awaited: every pull asks the link
+    state about each pending message, so the interval grows with them (about 1,000 asks a
+    second at most), from ``minimum`` (a small round's last reply is picked up soon) to Flower's
+    own 0.1 s. At 100 clients a round on Ray, polling every 0.02 s cost 0.17 s a round."""
+    return min(POLL_MAX_S, max(minimum, minimum + POLL_PER_PENDING_S * pending))
+
+
 class MeasuringGrid(Grid):
     """A Grid that forwards to another and weighs every message on the way."""
 
@@ -318,7 +329,8 @@ class MeasuringGrid(Grid):
             replies.extend(got)
             pending -= {r.metadata.reply_to_message_id for r in got} | self.ledger.dropped
             if pending:
-                wait = self.pull_interval if deadline is None else min(self.pull_interval, deadline - time.monotonic())
+                wait = poll_interval(len(pending), self.pull_interval)
+                wait = wait if deadline is None else min(wait, deadline - time.monotonic())
                 time.sleep(max(wait, 0.0))
         for msg_id in pending:  # past the deadline: a late reply is lost, as on a real network
             self._held.pop(msg_id, None)

@@ -346,9 +346,9 @@ def test_held_reply_is_not_pulled_again_from_the_engine():
     assert len(replies) == 1 and not replies[0].has_error()
 
 
-def test_polling_slows_with_the_replies_awaited_up_to_flowers_interval():
-    """Each pull asks about every pending reply: the wait between pulls grows with them (so a
-    round of 100 clients is not asked about 50 times a second) and stops at Flower's 0.1 s."""
+def test_polling_slows_with_the_round_size_up_to_flowers_interval():
+    """A round of 100 clients is not polled 50 times a second; a small round still gets its
+    last reply soon; no round waits longer between pulls than Flower's own 0.1 s."""
     from fedmask.record.ledger import POLL_MAX_S, poll_interval
 
     waits = [poll_interval(n, 0.02) for n in (1, 10, 50, 100, 1000)]

@@ -109,3 +109,13 @@ def test_the_headline_picks_the_mask_row_by_validation_not_by_test():
     line = fair.headline([{"task": "mnist", "partition": "iid", "epochs": 1, "rows": rows}]).splitlines()[-1]
     assert "edge-popup x2: 90.50 ± 0.10, 35.0x" in line and "fedpm" not in line
     assert "qsgd+ef-qsgd-down: 90.00" in line and line.endswith("| PASS |")
+
+
+def test_the_readmes_headline_table_is_the_committed_fair_benchmark():
+    """The README's comparison is regenerated, not retyped: its table is bench.fair's
+    headline of the committed results."""
+    from bench.common import ROOT
+
+    results = json.loads((ROOT / "bench" / "results" / "fair" / "fair.json").read_text())["results"]
+    assert len(results) == 4
+    assert fair.headline(results) in (ROOT / "README.md").read_text()

@@ -264,7 +264,8 @@ def headline(results: list[dict[str, Any]]) -> str:
         rows = result["rows"]
         fedavg = next((r for r in rows if r["method"] == "fedavg"), None)
         dense = next((r for r in rows if r["method"] == "qsgd+ef-qsgd-down"), None)
-        verdict = target(result).split("**")[1] if target(result).startswith("**") else "not judged"
+        judged = target(result)
+        verdict = judged.split("**")[1] if judged.startswith("**") else "not judged"
         name = f"{TASKS[result['task']][0].split(' (')[0]} · {PARTITION_NAMES.get(result['partition'], '?')}"
         table.append([f"{name} · {result['epochs']} ep", cell_of(fedavg), cell_of(dense),
                       cell_of(best([r for r in rows if r["method"] in MASKS])), verdict])

@@ -199,7 +199,7 @@ def _table(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[list[str]]
     for r in rows:
         s = summary(r, late)
         table.append([f"{r['num_clients']} x {r['clients_per_round']}", r["engine"], r["codec"],
-                      r.get("uplink", "entropy"), r["version"],
+                      r["uplink"], r["version"],
                       fmt(s["s"][0], ".2f"), fmt(s["s"][1], ".2f"), fmt(s["s"][2], ".2f"),
                       fmt(s["cpu_s"][0], ".2f"), fmt(s["cpu_s"][1], ".2f"), fmt(s["cpu_s"][2], ".2f"),
                       fmt(s["down_bytes"][0] and s["down_bytes"][0] / 1e6, ".2f"),
@@ -210,7 +210,7 @@ def _table(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[list[str]]
 
 def _baseline_of(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return row["num_clients"], row["clients_per_round"], row["engine"], row["codec"], row.get("uplink")
+        return row["num_clients"], row["clients_per_round"], row["engine"], row["codec"], row["uplink"]
 
     return next((b for b in rows if b["version"] != "this" and key(b) == key(r)), None)
 
@@ -221,7 +221,7 @@ def _targets(rows: list[dict[str, Any]], late: tuple[int, int]) -> list[str]:
     for r in rows:
         if (r["version"], r["codec"], r["num_clients"], r["clients_per_round"]) != ("this", "lossless", 1000, 100):
             continue
-        s, who = summary(r, late), f"{r['engine']}, {r.get('uplink', 'entropy')} uploads"
+        s, who = summary(r, late), f"{r['engine']}, {r['uplink']} uploads"
         for key, what in (("s", "s/round"), ("cpu_s", "CPU s/round")):
             value = s[key][2]
             verdict = "no result (FAIL)" if value is None else \
@@ -244,7 +244,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
             for r in rows:
                 if (r["num_clients"], r["clients_per_round"]) != setting or not r["s"]:
                     continue
-                label = f"{r['engine']} {r['codec']} {r.get('uplink', '')}"
+                label = f"{r['engine']} {r['codec']} {r['uplink']}"
                 label += "" if r["version"] == "this" else f" ({r['version']})"
                 style = "-" if r["version"] == "this" else ":"
                 x = range(1, len(r["s"]) + 1)

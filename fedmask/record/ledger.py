@@ -236,7 +236,7 @@ def _slow_delay(value: object) -> float:
     return float(value)
 
 
-POLL_PER_PENDING_S, POLL_MAX_S = 0.001, 0.1  # POLL_MAX_S: Flower's own InMemoryGrid interval
+POLL_PER_SENT_S, POLL_MAX_S = 0.001, 0.1  # POLL_MAX_S: Flower's own InMemoryGrid interval
 
 
 def poll_interval(sent: int, minimum: float) -> float:
@@ -244,7 +244,7 @@ def poll_interval(sent: int, minimum: float) -> float:
     (a small round's last reply is picked up soon) up to Flower's own 0.1 s as the round grows
     (a round of 100 clients waits at most 0.1 s more for its last reply). At 100 clients a
     round on Ray, polling every 0.02 s took 0.3 CPU s a round more than every 0.1 s."""
-    return min(POLL_MAX_S, minimum + POLL_PER_PENDING_S * sent)
+    return min(POLL_MAX_S, minimum + POLL_PER_SENT_S * sent)
 
 
 class MeasuringGrid(Grid):

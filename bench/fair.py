@@ -160,6 +160,24 @@ def tune(out: Path, task: str, partition: str, epochs: int, method: str, seed: i
     return best["candidate"], best["sets"], trials
 
 
+def chosen(earlier: dict[str, Any], task: str, partition: str, epochs: int,
+           method: str) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """The choice an earlier report (``--choices``, its JSON) made on validation for this cell and
+    method, with that report's trials: a rerun of the finals that tunes nothing again."""
+    for result in earlier["results"]:
+        if (result["task"], result["partition"], result["epochs"]) == (task, partition, epochs):
+            tuning = result["tuning"].get(method)
+            if tuning is None:
+                break
+            _, candidates = grids(task)[method]
+            sets = next((s for n, s in candidates if n == tuning["chosen"]), None)
+            if sets is None:
+                raise SystemExit(f"bench.fair: --choices chose {tuning['chosen']!r} for {method} on {task} "
+                                 f"{partition}, which is not in today's grid")
+            return tuning["chosen"], sets, tuning["trials"]
+    raise SystemExit(f"bench.fair: --choices has no choice for {method} on {task} {partition} {epochs}ep")
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c == "." else "-" for c in text).strip("-")
 
@@ -204,7 +222,10 @@ def cell(out: Path, task: str, partition: str, epochs: int, args: argparse.Names
     """Tune, run the finals and the wider masks of one (task, partition, local epochs)."""
     rows, tuning = [], {}
     for method in args.methods:
-        candidate, sets, trials = tune(out, task, partition, epochs, method, args.tune_seed, args.rounds)
+        if args.choices is not None:
+            candidate, sets, trials = chosen(args.choices, task, partition, epochs, method)
+        else:
+            candidate, sets, trials = tune(out, task, partition, epochs, method, args.tune_seed, args.rounds)
         tuning[method] = {"chosen": candidate, "trials": trials}
         runs = finals(out, task, partition, epochs, method, sets, args.seeds, args.tune_seed, args.rounds)
         widths = [1.0] + (args.widths if method in MASKS else [])
@@ -304,7 +325,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
              f"variant) was made on the tuning seed {args.tune_seed} by {VALIDATION} (10% of the train split, "
              "held out by the server); each method had the same number of trials (6). Bytes: payload per client "
              "and round, up + down, as sent; 'x fewer' against tuned FedAvg's measured bytes (float32 both ways). "
-             "Wider mask networks reuse the width-1 choice.", "",
+             "Wider mask networks reuse the width-1 choice." + (
+                 f" The choices (and the tuning trials shown) are those of `{args.choices_from}`, made on "
+                 "validation there; only the finals were run for this report." if args.choices is not None else ""),
+             "",
              "## Headline (the README's table)", "",
              "Accuracy: test %, mean ± sd over seeds; then how many times fewer bytes than FedAvg, up + down. 'Best' "
              "is the highest validation score of its group, never the test score.", "",
@@ -341,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="2,4", help="the mask methods' wider networks ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fair"))
     parser.add_argument("--name", default="fair", help="the report's file name, without .md / .json")
+    parser.add_argument("--choices", help="an earlier report's JSON: take its choices (made on validation) "
+                        "instead of tuning again, and rerun only the finals")
     args = parser.parse_args(argv)
     args.tasks, args.partitions = args.tasks.split(","), args.partitions.split(",")
     args.methods = args.methods.split(",")
@@ -352,13 +378,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.fair: unknown task, partition or method: {unknown}", file=sys.stderr)
         return 2
+    choices_from = args.choices_from = args.choices
+    if args.choices is not None:
+        try:
+            args.choices = json.loads(Path(args.choices).read_text())
+        except (OSError, ValueError) as err:
+            print(f"bench.fair: --choices: cannot read {args.choices}: {err}", file=sys.stderr)
+            return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, digest = time.perf_counter(), source_digest()
     results = [cell(out, task, partition, e, args) for task in args.tasks for partition in args.partitions
                for e in epochs]
+    extra = {"source_digest_start": digest}
+    if args.choices is not None:  # where the choices were made (the trials shown are that report's)
+        extra |= {"choices_from": choices_from, "choices_source": args.choices["machine"].get("source_digest_start")}
     machine = machine_info("python -m bench.fair", sys.argv[1:] if argv is None else argv,
-                           time.perf_counter() - start, {"source_digest_start": digest})
+                           time.perf_counter() - start, extra)
     (out / f"{args.name}.md").write_text(markdown(results, args, machine))
     (out / f"{args.name}.json").write_text(json.dumps({"results": results, "machine": machine}, indent=2))
     print(f"→ {out / args.name}.md")

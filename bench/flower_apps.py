@@ -152,6 +152,12 @@ def run_plain(out: Path, injector: bool) -> None:
 # ---------------------------------------------------------------- on Ray, side by side
 
 
+def learned(accuracy: list[float]) -> bool:
+    """Whether a run trained: its last round's accuracy above its first's. A run whose every
+    client fails keeps the initial model, and its rounds time Flower's error path instead."""
+    return len(accuracy) >= 2 and accuracy[-1] > accuracy[0]
+
+
 def ray_row(variant: str, sets: list[str], run_dir: Path) -> dict[str, Any]:
     if variant.startswith("flower"):
         cmd = [sys.executable, "-m", "bench.flower_apps", "--plain-run", str(run_dir)]
@@ -164,6 +170,9 @@ def ray_row(variant: str, sets: list[str], run_dir: Path) -> dict[str, Any]:
                "--out", str(run_dir), "--overwrite", "--engine", "ray"]
         env = None
     row = run_once(cmd, run_dir, ROOT, env)
+    if not learned(row["accuracy"]):
+        raise SystemExit(f"bench.flower_apps: {variant} did not learn (accuracy {row['accuracy'][:1]} to "
+                         f"{row['accuracy'][-1:]}): its clients failed; see {run_dir.with_suffix('.log')}")
     s = row["s"][1:]  # rounds 2..N: round 1 carries start-up
     row |= {"variant": variant, "s_per_round": statistics.fmean(s) if s else None,
             "cpu_per_round": statistics.fmean(row["cpu_s"][1:]) if row["cpu_s"][1:] else None}
@@ -376,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--injector", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attribute", help=argparse.SUPPRESS)  # internal: one app's attribution, JSON on stdout
     args = parser.parse_args(argv)
-    if args.plain_run:
-        run_plain(Path(args.plain_run), args.injector)
+    if args.plain_run:  # from the module by name: Ray's workers unpickle the apps' functions from it, and
+        # `python -m` would run them as `__main__`, which a worker cannot import (every client would fail)
+        from bench import flower_apps
+
+        flower_apps.run_plain(Path(args.plain_run), args.injector)
         return 0
     if args.attribute:
         print(json.dumps(attribute(args.attribute, args.attribution_rounds, args.clients, args.per_round)))

@@ -19,7 +19,7 @@ from fedmask.config import RunConfig
 from fedmask.core.data import Splits, client_split, hold_out_validation, load_dataset
 from fedmask.core.masking import get_scores, num_connections, to_masked
 from fedmask.core.models import build_model
-from fedmask.core.training import LocalTraining
+from fedmask.core.training import LocalTraining, seed_torch
 from fedmask.core.training import evaluate as evaluate_model
 from fedmask.core.training import train as train_model
 from fedmask.methods import mode_of as mode_class
@@ -68,7 +68,7 @@ def make_model(config: RunConfig, splits: Splits, mode: MaskMode | None) -> nn.M
     Dense weights are seeded too (torch's default init under ``seed``), so FedAvg starts
     from the same point on every run with that seed.
     """
-    torch.manual_seed(config.seed)
+    seed_torch(config.seed)
     model = build_model(config.model, splits.input_shape, splits.num_classes, config.width)
     if mode is None:
         return model

@@ -119,3 +119,38 @@ def test_the_readmes_headline_table_is_the_committed_fair_benchmark():
     results = json.loads((ROOT / "bench" / "results" / "fair" / "fair.json").read_text())["results"]
     assert len(results) == 4
     assert fair.headline(results) in (ROOT / "README.md").read_text()
+
+
+def test_choices_from_an_earlier_report_run_only_that_candidates_finals(tmp_path, monkeypatch):
+    """``--choices``: the candidate an earlier report chose on validation is rerun with every
+    seed, and no other candidate is tried (the tuning is not repeated)."""
+    grid = fair.GRIDS["fedavg"][1]
+    picked, picked_sets = grid[2]
+    trials = [{"candidate": picked, "score": 0.9, "skipped": 0}]
+    earlier = {"results": [{"task": "mnist", "partition": "iid", "epochs": 1,
+                            "tuning": {"fedavg": {"chosen": picked, "trials": trials}}}],
+               "machine": {"source_digest_start": "abc"}}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    ran: list[list[str]] = []
+
+    def fake(config, sets, path, rounds, engine):
+        ran.append(sets)
+        _fake_run(path, [0.5] * rounds, 0.4, rounds=rounds)
+        return type("Run", (), {"error": None})()
+
+    monkeypatch.setattr(fair, "run_fedmask", fake)
+    args = ["--tasks", "mnist", "--partitions", "iid", "--epochs", "1", "--methods", "fedavg", "--seeds", "0,1",
+            "--rounds", "6", "--widths", "", "--out", str(tmp_path / "out"), "--choices",
+            str(tmp_path / "earlier.json")]
+    assert fair.main(args) == 0
+    assert len(ran) == 2 and all(set(picked_sets) <= set(sets) for sets in ran)
+    report = json.loads((tmp_path / "out" / "fair.json").read_text())
+    assert report["results"][0]["tuning"]["fedavg"]["chosen"] == picked
+    assert report["machine"]["choices_source"] == "abc"
+
+
+def test_choices_without_this_cell_stop_with_one_line(tmp_path):
+    (tmp_path / "earlier.json").write_text(json.dumps({"results": [], "machine": {}}))
+    with pytest.raises(SystemExit, match="no choice for fedavg on mnist iid"):
+        fair.main(["--tasks", "mnist", "--partitions", "iid", "--epochs", "1", "--methods", "fedavg",
+                   "--out", str(tmp_path / "out"), "--choices", str(tmp_path / "earlier.json")])

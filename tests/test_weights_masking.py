@@ -448,3 +448,17 @@ def test_every_mask_mode_is_registered_and_masks_a_model(name):
     assert all(n.endswith(".scores") for n, p in model.named_parameters() if p.requires_grad)
     upload = mode.upload(model)
     assert sorted(upload) == mode.upload_layout(Layout.from_arrays(get_scores(model))).names
+
+
+def test_seed_torch_gives_the_stream_of_torch_manual_seed():
+    """Training and evaluation seed torch with ``seed_torch`` (no CUDA seeding queued on a
+    machine without one): the draws must be those ``torch.manual_seed`` gives, or every
+    recorded run would change."""
+    from fedmask.core.training import seed_torch
+
+    torch.manual_seed(11)
+    expected = (torch.rand(5), torch.bernoulli(torch.full((7,), 0.3)), torch.randperm(9))
+    torch.manual_seed(99)
+    seed_torch(11)
+    got = (torch.rand(5), torch.bernoulli(torch.full((7,), 0.3)), torch.randperm(9))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))

@@ -1,0 +1,28 @@
+"""bench/flower_apps.py reports a Ray row only for a run that trained: a plain ClientApp whose
+every call fails (the apps unpicklable in Ray's workers) keeps the initial model, and its
+rounds would time Flower's error path instead of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import flower_apps
+
+
+def _rows(accuracy: list[float]) -> dict:
+    return {"rc": 0, "accuracy": accuracy, "s": [1.0] * len(accuracy), "cpu_s": [1.0] * len(accuracy)}
+
+
+def test_a_ray_run_that_did_not_learn_is_refused_not_timed(tmp_path, monkeypatch):
+    monkeypatch.setattr(flower_apps, "run_once", lambda *a: _rows([0.0931] * 4))
+    with pytest.raises(SystemExit, match="flower did not learn"):
+        flower_apps.ray_row("flower", [], Path(tmp_path / "run"))
+
+
+def test_a_ray_run_that_learned_is_timed_over_rounds_after_the_first(tmp_path, monkeypatch):
+    row = _rows([0.2, 0.35, 0.45])
+    row["s"] = [9.0, 1.0, 2.0]
+    monkeypatch.setattr(flower_apps, "run_once", lambda *a: row)
+    assert flower_apps.ray_row("flower+injector", [], Path(tmp_path / "run"))["s_per_round"] == 1.5

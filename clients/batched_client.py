@@ -26,6 +26,7 @@ from clients.received import ArraysKey, receive_lossless
 from fedmask import downlink, task
 from fedmask.batched import train_batched, unsupported
 from fedmask.core.masking import get_scores, set_scores
+from fedmask.core.threads import use_threads
 from fedmask.core.weights import derive_seed
 from fedmask.faults import client_fault
 from fedmask.protocol.instruction import TrainInstruction
@@ -100,7 +101,7 @@ def _train_group(messages: list[Message], members: list[_Member], replies: list[
     first = members[0]
     instruction = first.instruction
     config = instruction.config
-    torch.set_num_threads(config.num_cpus)  # more threads lost time on the shared 2-core machine (bench/scale.py)
+    use_threads(config.num_cpus)  # more threads lost time on the shared 2-core machine (bench/scale.py)
     recycle = messages[first.index].content.array_records.get(RECORD)
     recycle_arrays = None if recycle is None else {name: a.numpy() for name, a in recycle.items()}
     try:

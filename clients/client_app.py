@@ -16,13 +16,13 @@ also the app ``flwr run`` starts: a SecAgg+ message goes to the secure ClientApp
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local_round import answer_query, compressed_upload, local_round, on_this_node, recycle_log, reply_of
 from clients.received import receive_lossless
 from fedmask import downlink
+from fedmask.core.threads import use_threads
 from fedmask.faults import client_fault
 from fedmask.protocol.instruction import TrainInstruction
 
@@ -42,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
         return secure_app(msg, context)
     instruction = on_this_node(TrainInstruction.from_flat(msg.content["config"]), context.node_config)
     config, server_round, pid = instruction.config, instruction.server_round, instruction.partition_id
-    torch.set_num_threads(config.num_cpus)
+    use_threads(config.num_cpus)
     fault = client_fault(config, server_round, pid)
     if fault == "drop":  # the simulator's mark of a client that never answers (see the ledger)
         return Message(RecordDict({}), reply_to=msg)

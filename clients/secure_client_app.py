@@ -8,7 +8,6 @@ the upload costs far more than a packed mask: the ledger shows how much.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -16,6 +15,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from clients.local_round import answer_query, local_round, on_this_node
+from fedmask.core.threads import use_threads
 from fedmask.protocol.instruction import TrainInstruction
 
 app = ClientApp(mods=[secaggplus_mod])
@@ -26,7 +26,7 @@ app.query()(answer_query)  # which partition this node holds (the mod passes que
 def train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     instruction = on_this_node(TrainInstruction.from_flat(fitins.config), context.node_config)
-    torch.set_num_threads(instruction.config.num_cpus)
+    use_threads(instruction.config.num_cpus)
     names = [str(name) for name in str(fitins.config["tensor-names"]).split(",")]
     arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     done = local_round(instruction, arrays)

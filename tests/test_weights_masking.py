@@ -462,3 +462,24 @@ def test_seed_torch_gives_the_stream_of_torch_manual_seed():
     seed_torch(11)
     got = (torch.rand(5), torch.bernoulli(torch.full((7,), 0.3)), torch.randperm(9))
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_a_client_limits_numpys_blas_threads_to_its_num_cpus():
+    """``use_threads`` (called by the ClientApp with ``num-cpus``) limits BLAS as well as torch:
+    OpenBLAS's own threads, spinning after a long dot product, took half of a 2-core machine
+    from the clients' training."""
+    from threadpoolctl import threadpool_info
+
+    from fedmask.core.threads import use_threads
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("numpy here has no BLAS that threadpoolctl can see")
+    before = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1):
+            use_threads(count)
+            assert torch.get_num_threads() == count
+            assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {count}
+    finally:
+        use_threads(before)

@@ -26,3 +26,15 @@ def test_a_ray_run_that_learned_is_timed_over_rounds_after_the_first(tmp_path, m
     row["s"] = [9.0, 1.0, 2.0]
     monkeypatch.setattr(flower_apps, "run_once", lambda *a: row)
     assert flower_apps.ray_row("flower+injector", [], Path(tmp_path / "run"))["s_per_round"] == 1.5
+
+
+def test_fedavg_is_judged_against_flower_run_in_the_same_repeat():
+    """A slow repeat for both (the machine busier) must not count against fedmask: each ratio
+    pairs runs of one repeat, where the best-of ratio would mix 1.20 with 1.06."""
+    rows = [{"variant": "fedmask-fedavg", "repeat": 0, "s_per_round": 1.20},
+            {"variant": "flower+injector", "repeat": 0, "s_per_round": 1.19},
+            {"variant": "flower+injector", "repeat": 1, "s_per_round": 1.06},
+            {"variant": "fedmask-fedavg", "repeat": 1, "s_per_round": 1.07}]
+    ratios = flower_apps.paired_ratios(rows, "fedmask-fedavg", "flower+injector")
+    assert [round(r, 3) for r in ratios] == [round(1.20 / 1.19, 3), round(1.07 / 1.06, 3)]
+    assert flower_apps.paired_ratios(rows[:1], "fedmask-fedavg", "flower+injector") == []

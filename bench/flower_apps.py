@@ -49,7 +49,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from bench.common import ROOT, fmt, machine_info, md_machine, md_table, prepare_dirs, source_digest
+from bench.common import ROOT, fmt, git_head, machine_info, md_machine, md_table, prepare_dirs, source_digest
 from bench.rounds import DATA_DIR, DATA_NAME, run_once
 from engines.inprocess import InProcessGrid
 from fedmask import task
@@ -312,6 +312,9 @@ def write(out_dir: Path, results: dict[str, Any], args: argparse.Namespace, star
         lines += md_machine(machine)
         if machine.get("source_digest_end") != results["source"]:
             lines += ["", "**The sources changed while this bench ran: rerun it.**"]
+    elif "machine" in results:  # --render: the report of a finished run, written again from its JSON
+        lines += [*md_machine(results["machine"]), "",
+                  f"(This page was written again from `flower-apps.json` by the bench's code at {git_head()}.)"]
     (out_dir / "flower-apps.md").write_text("\n".join(lines) + "\n")
     (out_dir / "flower-apps.json").write_text(json.dumps(results, indent=1, default=str))
 
@@ -397,7 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain-run", help=argparse.SUPPRESS)  # internal: one plain Flower run into this folder
     parser.add_argument("--injector", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attribute", help=argparse.SUPPRESS)  # internal: one app's attribution, JSON on stdout
+    parser.add_argument("--render", metavar="DIR", help="write DIR/flower-apps.md again from DIR/flower-apps.json "
+                        "(after a change to the report's code; runs nothing)")
     args = parser.parse_args(argv)
+    if args.render:
+        folder = Path(args.render)
+        write(folder, json.loads((folder / "flower-apps.json").read_text()), args, time.perf_counter())
+        return 0
     if args.plain_run:  # from the module by name: Ray's workers unpickle the apps' functions from it, and
         # `python -m` would run them as `__main__`, which a worker cannot import (every client would fail)
         from bench import flower_apps

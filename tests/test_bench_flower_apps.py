@@ -4,6 +4,7 @@ rounds would time Flower's error path instead of training."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,13 @@ def test_fedavg_is_judged_against_flower_run_in_the_same_repeat():
     ratios = flower_apps.paired_ratios(rows, "fedmask-fedavg", "flower+injector")
     assert [round(r, 3) for r in ratios] == [round(1.20 / 1.19, 3), round(1.07 / 1.06, 3)]
     assert flower_apps.paired_ratios(rows[:1], "fedmask-fedavg", "flower+injector") == []
+
+
+def test_render_writes_the_report_again_from_its_json_with_its_own_machine(tmp_path):
+    rows = [{"variant": v, "repeat": 0, "s_per_round": s, "cpu_per_round": 1.0, "rc": 0}
+            for v, s in (("flower+injector", 1.0), ("fedmask-fedavg", 1.2))]
+    (tmp_path / "flower-apps.json").write_text(json.dumps({"ray": rows, "attribution": [], "source": "x",
+                                                            "machine": {"git_head": "abc1234"}}))
+    assert flower_apps.main(["--render", str(tmp_path)]) == 0
+    report = (tmp_path / "flower-apps.md").read_text()
+    assert "median 1.20 (target <= 1.1) FAIL" in report and "abc1234" in report

@@ -16,7 +16,8 @@ def use_threads(count: int) -> None:
     estimate of a mask's coded length) over one thread per core, and its idle threads then
     spin before they sleep. On 2 cores that spinning took a core from the next client's
     training: a FedPM client with entropy-coded uploads spent 2x the CPU in training that
-    its own thread did. The BLAS limit is set once per process and count (it costs 0.7 ms).
+    its own thread did. The BLAS limit is set once per process and count (it costs 0.7 ms);
+    with the in-process engine it is the whole process's, server included.
     """
     global _blas_threads
     torch.set_num_threads(count)

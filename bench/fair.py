@@ -294,17 +294,25 @@ def headline(results: list[dict[str, Any]]) -> str:
                     table)
 
 
+def width1_bits(row: dict[str, Any], rows: list[dict[str, Any]]) -> list[list[float]]:
+    """Each run's cumulative bits per client, up + down, per parameter of the width-1 model:
+    a run's own curve is per parameter of its own model, and a network twice as wide has
+    about twice the parameters, so on its own scale it would look as cheap as width 1."""
+    base = min((r["num_params"] for r in rows if r["width"] == 1), default=row["num_params"])
+    return [[b * row["num_params"] / base for b in c["bits"]] for c in row["curves"]]
+
+
 def plot(out: Path, result: dict[str, Any], prefix: str = "fair") -> str:
     name = f"{prefix}_{result['task']}_{result['partition']}_{result['epochs']}ep.png"
     with figure(out / name, 1, 1, (7.5, 4.8)) as axes:
         ax = axes[0][0]
         for row in result["rows"]:
             length = min(len(c["validation"]) for c in row["curves"])
-            bits = np.mean([c["bits"][:length] for c in row["curves"]], axis=0)
+            bits = np.mean([b[:length] for b in width1_bits(row, result["rows"])], axis=0)
             acc = 100 * np.mean([c["validation"][:length] for c in row["curves"]], axis=0)
             label = row["method"] + (f" x{row['width']:g}" if row["width"] != 1 else "")
             ax.plot(bits, acc, label=label, linestyle="-" if row["method"] in MASKS else "--")
-        ax.set(xscale="log", xlabel="cumulative bits per parameter per client, up + down",
+        ax.set(xscale="log", xlabel="cumulative bits per client, up + down, per parameter of the width-1 model",
                ylabel="validation accuracy %",
                title=f"{TASKS[result['task']][0].split(' (')[0]} · {result['partition']} · "
                      f"{result['epochs']} local epochs (mean over seeds)")
@@ -329,7 +337,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, machine: d
                  f" The choices (and the tuning trials shown) are those of `{args.choices_from}`, made on "
                  "validation there; only the finals were run for this report." if args.choices is not None else ""),
              "",
-             "## Headline (the README's table)", "",
+             "## Headline" + (" (the README's table)" if args.name == "fair" else ""), "",
              "Accuracy: test %, mean ± sd over seeds; then how many times fewer bytes than FedAvg, up + down. 'Best' "
              "is the highest validation score of its group, never the test score.", "",
              headline(results), ""]
@@ -367,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="fair", help="the report's file name, without .md / .json")
     parser.add_argument("--choices", help="an earlier report's JSON: take its choices (made on validation) "
                         "instead of tuning again, and rerun only the finals")
+    parser.add_argument("--replot", action="store_true", help="draw the figures of --out/NAME.json again (runs "
+                        "nothing)")
     args = parser.parse_args(argv)
+    if args.replot:
+        out = Path(args.out)
+        for result in json.loads((out / f"{args.name}.json").read_text())["results"]:
+            print(f"→ {out / plot(out, result, args.name)}")
+        return 0
     args.tasks, args.partitions = args.tasks.split(","), args.partitions.split(",")
     args.methods = args.methods.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]

@@ -154,3 +154,21 @@ def test_choices_without_this_cell_stop_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no choice for fedavg on mnist iid"):
         fair.main(["--tasks", "mnist", "--partitions", "iid", "--epochs", "1", "--methods", "fedavg",
                    "--out", str(tmp_path / "out"), "--choices", str(tmp_path / "earlier.json")])
+
+
+def test_the_frontier_counts_a_wider_network_per_width1_parameter():
+    """A width-2 run's curve is per parameter of its own (larger) model; on the frontier it
+    must be per parameter of the width-1 model, or it would look as cheap as width 1."""
+    narrow = {"width": 1.0, "num_params": 100, "curves": [{"bits": [1.0, 2.0]}]}
+    wide = {"width": 2.0, "num_params": 220, "curves": [{"bits": [1.0, 2.0]}, {"bits": [0.5, 1.0]}]}
+    assert fair.width1_bits(narrow, [narrow, wide]) == [[1.0, 2.0]]
+    assert fair.width1_bits(wide, [narrow, wide]) == [[2.2, 4.4], [1.1, 2.2]]
+
+
+def test_replot_draws_the_figures_from_the_json_alone(tmp_path):
+    row = {"method": "fedpm", "width": 1.0, "num_params": 100,
+           "curves": [{"validation": [0.5, 0.6], "bits": [1.0, 2.0]}]}
+    result = {"task": "mnist", "partition": "iid", "epochs": 1, "rows": [row]}
+    (tmp_path / "wide.json").write_text(json.dumps({"results": [result], "machine": {}}))
+    assert fair.main(["--out", str(tmp_path), "--name", "wide", "--replot"]) == 0
+    assert (tmp_path / "wide_mnist_iid_1ep.png").stat().st_size > 0

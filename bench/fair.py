@@ -3,7 +3,8 @@ with the same budget of trials, compared at equal local epochs, in bytes both wa
 
 ``python -m bench.fair [--tasks mnist,fmnist] [--partitions iid,dir0.3] [--epochs 5]
 [--methods fedavg,qsgd,topk-ef,fedpm,edge-popup] [--tune-seed 0] [--seeds 0,1,2] [--rounds 60]
-[--widths 2,4] [--out bench/results/fair]`` runs, for each (task, partition, local epochs):
+[--widths 2,4] [--out bench/results/fair] [--name fair] [--choices EARLIER.json] [--replot]`` runs, for
+each (task, partition, local epochs):
 
 1. **tuning**: every candidate of every method's grid (:func:`grids`: the same number of
    trials for each method, learning rates and, for the mask methods, the server-side variant)
@@ -393,12 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.fair: unknown task, partition or method: {unknown}", file=sys.stderr)
         return 2
-    choices_from = args.choices_from = args.choices
+    args.choices_from = args.choices  # the path, for the report; args.choices becomes its JSON
     if args.choices is not None:
         try:
-            args.choices = json.loads(Path(args.choices).read_text())
+            args.choices = json.loads(Path(args.choices_from).read_text())
         except (OSError, ValueError) as err:
-            print(f"bench.fair: --choices: cannot read {args.choices}: {err}", file=sys.stderr)
+            print(f"bench.fair: --choices: cannot read {args.choices_from}: {err}", file=sys.stderr)
             return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                for e in epochs]
     extra = {"source_digest_start": digest}
     if args.choices is not None:  # where the choices were made (the trials shown are that report's)
-        extra |= {"choices_from": choices_from, "choices_source": args.choices["machine"].get("source_digest_start")}
+        extra |= {"choices_from": args.choices_from,
+                  "choices_source": args.choices["machine"].get("source_digest_start")}
     machine = machine_info("python -m bench.fair", sys.argv[1:] if argv is None else argv,
                            time.perf_counter() - start, extra)
     (out / f"{args.name}.md").write_text(markdown(results, args, machine))

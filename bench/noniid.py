@@ -117,7 +117,11 @@ def finished(path: Path, rounds: int) -> bool:
 
 
 def curves(path: Path) -> dict[str, Any]:
+    """One run's curves. With a validation split (``--validation-fraction``), ``accuracy`` is the
+    validation accuracy of every round and ``test`` the test accuracy, read once after the last."""
     rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((path / "summary.json").read_text())
+    validated = summary.get("evaluated_on") == "validation"
     clients = max(rows[0]["clients"], 1) if rows else 1
     params = rows[0]["num_params"] if rows else 1
     cumulative_bits = np.cumsum([8 * r["uplink_payload_bytes"] / (params * max(r["clients"], 1)) for r in rows])
@@ -127,12 +131,18 @@ def curves(path: Path) -> dict[str, Any]:
         "up_bytes_per_client": float(np.mean([r["uplink_payload_bytes"] / max(r["clients"], 1) for r in rows])),
         "down_bytes_per_client": float(np.mean([r["downlink_payload_bytes"] / clients for r in rows])),
         "up_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
+        "validated": validated,
+        "test": summary.get("test_accuracy") if validated else None,
     }
 
 
-def at_budget(curve: dict[str, Any], budget: float) -> float | None:
+def at_budget(curve: dict[str, Any], budget: float, last: bool = False) -> float | None:
+    """The accuracy within a cumulative uplink budget: the best of any round up to it, or with
+    ``last`` the last round's (the rule of a validated run: no round is chosen after the fact)."""
     reached = [a for a, b in zip(curve["accuracy"], curve["bits_per_param"]) if b <= budget]
-    return max(reached) if reached else None
+    if not reached:
+        return None
+    return reached[-1] if last else max(reached)
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -164,8 +174,14 @@ def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[
             if "fedavg" in group:
                 fedavg_total = float(np.mean([c["up_bytes_per_client"] + c["down_bytes_per_client"]
                                               for c in group["fedavg"]]))
+            held = {c["validated"] for runs in group.values() for c in runs}
+            if len(held) > 1:  # finals and budgets would mean different splits in one table
+                raise SystemExit(f"bench.noniid: {out} holds {task} {partition} runs with and without a "
+                                 "validation split; keep them in different --out folders")
+            validated = held == {True}
             for method, runs in group.items():
-                finals = [c["accuracy"][-1] for c in runs]
+                # validated: the test split's one reading; else the last round's test accuracy
+                finals = [c["test"] if validated else c["accuracy"][-1] for c in runs]
                 # a curve that swings from round to round (2 classes a client) is better read
                 # from its last rounds' mean than from its last round
                 last5 = [float(np.mean(c["accuracy"][-5:])) for c in runs]
@@ -173,10 +189,12 @@ def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[
                            abs(np.mean(c["accuracy"][-5:]) - np.mean(c["accuracy"][-10:-5])) < 0.01 for c in runs)
                 row = {"task": task, "partition": partition, "method": method, "seeds": len(runs),
                        "final": finals, "last5": last5, "flat": flat,
-                       "budgets": {b: [at_budget(c, b) for c in runs] for b in BUDGETS},
+                       "budgets": {b: [at_budget(c, b, last=validated) for c in runs] for b in BUDGETS},
                        "up_bpp": float(np.mean([c["up_bpp"] for c in runs])),
                        "up_bytes_per_client": float(np.mean([c["up_bytes_per_client"] for c in runs])),
                        "down_bytes_per_client": float(np.mean([c["down_bytes_per_client"] for c in runs]))}
+                if validated:  # what a choice is made on: validation, last 5 rounds, per seed
+                    row.update(evaluated_on="validation", validation=last5)
                 total = row["up_bytes_per_client"] + row["down_bytes_per_client"]
                 row["total_below_fedavg"] = None if fedavg_total is None else fedavg_total / max(total, 1.0)
                 rows.append(row)
@@ -184,16 +202,19 @@ def summarise(out: Path, tasks: list[str], partitions: list[str], methods: list[
                               *[mean_std(row["budgets"][b]) for b in BUDGETS], f"{row['up_bpp']:.3f}",
                               f"{row['up_bytes_per_client']:,.0f}", f"{row['down_bytes_per_client']:,.0f}",
                               "–" if row["total_below_fedavg"] is None else f"{row['total_below_fedavg']:.1f}x"])
-            lines += [md_table(["method", "seeds", "final acc %", "last 5 rounds acc %", "flat",
-                                *[f"acc % at {b} b/param" for b in BUDGETS],
+            split = "val " if validated else ""
+            lines += [md_table(["method", "seeds", "final test acc %" if validated else "final acc %",
+                                f"last 5 rounds {split}acc %", "flat",
+                                *[f"{split}acc % at {b} b/param" for b in BUDGETS],
                                 "up bpp/round", "up B/client/round", "down B/client/round",
                                 "up+down below FedAvg"], table), ""]
-            plot_frontier(out, task, partition, group)
+            plot_frontier(out, task, partition, group, "validation" if validated else "test")
             lines += [f"![frontier](noniid_{task}_{partition}.png)", ""]
     return rows, lines
 
 
-def plot_frontier(out: Path, task: str, partition: str, group: dict[str, list[dict[str, Any]]]) -> None:
+def plot_frontier(out: Path, task: str, partition: str, group: dict[str, list[dict[str, Any]]],
+                  split: str = "test") -> None:
     with figure(out / f"noniid_{task}_{partition}.png", 1, 1, (7, 4.5)) as axes:
         ax = axes[0][0]
         for method, runs in group.items():
@@ -201,7 +222,7 @@ def plot_frontier(out: Path, task: str, partition: str, group: dict[str, list[di
             acc = np.mean([c["accuracy"][:length] for c in runs], axis=0)
             bits = np.mean([c["bits_per_param"][:length] for c in runs], axis=0)
             ax.plot(bits, acc, label=method, linestyle="--" if method in BASELINES else "-")
-        ax.set(xscale="log", xlabel="cumulative uplink bits per parameter per client", ylabel="test accuracy",
+        ax.set(xscale="log", xlabel="cumulative uplink bits per parameter per client", ylabel=f"{split} accuracy",
                title=f"{TASKS[task][0]} · {partition} (mean over seeds)")
         ax.legend(fontsize=7)
 
@@ -273,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--engine", choices=("ray", "inprocess"), default="inprocess")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="hold out this share of the train split: curves, budgets and choices on it, "
+                             "the test split read once per run")
     args = parser.parse_args(argv)
     tasks, partitions = args.tasks.split(","), args.partitions.split(",")
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
@@ -292,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         config, sets = config_of(task, method)
         print(f"[{i}/{len(plan)}] {task} {partition} {method} seed {seed}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        run = run_fedmask(config, [*sets, *PARTITIONS[partition], f"seed={seed}"], path, args.rounds, args.engine)
+        held_out = [f"validation-fraction={args.validation_fraction}"] if args.validation_fraction else []
+        run = run_fedmask(config, [*sets, *PARTITIONS[partition], f"seed={seed}", *held_out], path, args.rounds,
+                          args.engine)
         if run.error:
             print(f"    FAILED: {run.error.splitlines()[0]}", flush=True)
     rows, lines = summarise(out, tasks, partitions, methods, seeds, args.rounds)
@@ -300,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                            time.perf_counter() - start)
     text = ["# Non-IID: mask methods, FedAvg and compressed baselines", "",
             "Accuracy in %, mean ± std over seeds; budgets are cumulative uplink bits per parameter per client.",
+            *([f"Every run holds out {args.validation_fraction:g} of the train split as a validation split "
+               "(no client trains on it): the curves, the last-5 means and the budget columns are validation "
+               "accuracy, a budget's figure is the last round within it (no round chosen after the fact), and the "
+               "test split is read once per run, after its last round (the final column)."]
+              if args.validation_fraction else []),
             "Run directories: `bench/results/runs/` (not committed).", "", *lines, "## Targets", "",
             *checks(rows), "", *md_machine(machine)]
     (out / "noniid.md").write_text("\n".join(text) + "\n")

@@ -1,7 +1,7 @@
 """Non-IID data: mask methods against FedAvg and the compressed dense baselines, over seeds.
 
 ``python -m bench.noniid [--tasks fmnist,mnist] [--partitions iid,dir0.1,dir0.3,dir1.0,classes2]
-[--methods ...] [--seeds 0,1,2] [--rounds 40] [--engine inprocess|ray]`` runs every
+[--methods ...] [--seeds 0,1,2] [--rounds 40] [--engine inprocess|ray] [--validation-fraction 0.1]`` runs every
 (task, partition, method, seed) as a normal ``fedmask run`` (100 clients, 10 a round), keeps
 finished runs when started again (so a stopped bench continues; two processes may run
 different partitions into one --out, and a last call with all of them writes the tables),
@@ -21,6 +21,10 @@ bench/results/noniid.md, .json and one accuracy-vs-uplink plot per (task, partit
   edge-popup-va with ``edge-popup-server-rule = "vote-average"``, edge-popup-vl with
   ``"vote-levels"``, edge-popup-vl-2ep and -5ep the same with two and five local epochs, edge-popup-vl-2ep-w0.1
   and -5ep-w0.1 with votes weighted 0.1 instead of 0.3);
+- with ``--validation-fraction F`` every run holds out F of the train split (no client trains
+  on it): curves, last-5 means and budget columns are validation accuracy, a budget's figure
+  is the last round within it, and the final column is the test split's one reading, after
+  the last round; ``noniid_overview`` then chooses variants on validation (issue 28);
 - the targets of issue 14: FedPM and edge-popup within 2 points of FedAvg at 30x or more
   fewer uplink bytes (Fashion-MNIST and MNIST-10k, IID and Dirichlet 0.3); the best mask
   method above SignSGD, QSGD and top-k at every budget below 1 bit per parameter per round.

@@ -11,10 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(method: str, finals: list[float], up_bytes: float, budgets: dict[int, list[float | None]],
-        partition: str = "iid") -> dict:
-    return {"task": "mnist", "partition": partition, "method": method, "seeds": len(finals),
-            "final": finals, "up_bpp": 8 * up_bytes / 266_610, "up_bytes_per_client": up_bytes,
-            "budgets": {str(b): v for b, v in budgets.items()}}
+        partition: str = "iid", validation: list[float] | None = None, held_out: bool = True) -> dict:
+    """A table row; validated (its choices on ``validation``, the finals by default) unless not ``held_out``."""
+    out = {"task": "mnist", "partition": partition, "method": method, "seeds": len(finals),
+           "final": finals, "up_bpp": 8 * up_bytes / 266_610, "up_bytes_per_client": up_bytes,
+           "budgets": {str(b): v for b, v in budgets.items()}}
+    if held_out:
+        out.update(evaluated_on="validation", validation=validation or finals)
+    return out
 
 
 def write(folder: Path, rows: list[dict]) -> None:
@@ -22,9 +26,14 @@ def write(folder: Path, rows: list[dict]) -> None:
     (folder / "noniid.json").write_text(json.dumps({"rows": rows, "machine": {}}))
 
 
-def frontier_cells(text: str) -> list[str]:
-    line = next(line for line in text.splitlines() if line.startswith("| IID | ") and "`" in line
+def frontier_cells(text: str, name: str = "IID") -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} | ") and "`" in line
                 and "vs" in line)
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def accuracy_cells(text: str, name: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} | ") and "bpp" in line)
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
@@ -88,3 +97,46 @@ def test_each_source_names_its_library_commit_in_its_own_header():
     for source in SOURCES:
         header = (ROOT / table_path(source)).read_text()[:3000]
         assert source.library in header, (source.folder, source.library)
+
+
+def test_a_variant_is_chosen_on_validation_even_where_test_says_otherwise(tmp_path: Path):
+    """Of two FedPM variants the one with the higher validation accuracy is reported, though
+    the other's test accuracy is higher: the test split chooses nothing."""
+    none = [None, None]
+    budgets = {1: none, 4: none, 16: none, 64: none}
+    write(tmp_path / "t", [
+        row("fedavg", [0.92, 0.92], 1_000_000, budgets),
+        row("fedpm-3ep", [0.95, 0.95], 13_000, budgets, validation=[0.80, 0.80]),
+        row("fedpm-5ep-r3", [0.90, 0.90], 13_000, budgets, validation=[0.85, 0.85]),
+    ])
+    cells = load_cells(tmp_path, (Source("t", "eeeeeee"),))
+    fedpm = accuracy_cells("\n".join(task_lines(cells, "mnist")), "IID")[1]
+    assert fedpm.startswith("90.00 ± 0.00 `fedpm-5ep-r3`")
+
+
+def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_no_budgets(tmp_path: Path):
+    """Dirichlet 0.1 (earlier runs, no validation split) reports the variant Dirichlet 0.3 chose
+    on validation, not its own best on test, and gets no budget row; an unvalidated row of a
+    validated partition is not read."""
+    none = [None, None]
+    budgets = {1: none, 4: none, 16: none, 64: [0.9, 0.9]}
+    write(tmp_path / "new", [
+        row("fedavg", [0.92, 0.92], 1_000_000, budgets, partition="dir0.3"),
+        row("fedpm-3ep", [0.90, 0.90], 13_000, budgets, partition="dir0.3", validation=[0.85, 0.85]),
+        row("fedpm-5ep-r3", [0.91, 0.91], 13_000, budgets, partition="dir0.3", validation=[0.80, 0.80]),
+        row("qsgd", [0.91, 0.91], 2_000, budgets, partition="dir0.3"),
+    ])
+    write(tmp_path / "old", [
+        row("fedpm-2ep", [0.99, 0.99], 13_000, budgets, partition="dir0.3", held_out=False),
+        row("fedavg", [0.80, 0.80], 1_000_000, budgets, partition="dir0.1", held_out=False),
+        row("fedpm-3ep", [0.70, 0.70], 13_000, budgets, partition="dir0.1", held_out=False),
+        row("fedpm-5ep-r3", [0.75, 0.75], 13_000, budgets, partition="dir0.1", held_out=False),
+    ])
+    cells = load_cells(tmp_path, (Source("new", "fffffff"), Source("old", "0000000")))
+    assert ("mnist", "dir0.3", "fedpm-2ep") not in cells
+    text = "\n".join(task_lines(cells, "mnist"))
+    assert accuracy_cells(text, "Dirichlet 0.3")[1].startswith("90.00 ± 0.00 `fedpm-3ep`")
+    dir01 = accuracy_cells(text, "Dirichlet 0.1")
+    assert dir01[1].startswith("70.00 ± 0.00 `fedpm-3ep`") and dir01[-1] == "Dirichlet 0.3's validation"
+    assert frontier_cells(text, "Dirichlet 0.3")
+    assert not [line for line in text.splitlines() if line.startswith("| Dirichlet 0.1 |") and " vs " in line]

@@ -72,12 +72,42 @@ def test_target_is_a_miss_when_no_mask_configuration_reaches_30x():
     """The target needs both: within 1 point and 30x fewer bytes. Masks that are close in
     accuracy but all below 30x are a miss, named as such, never left 'not judged'."""
     def row(method, test, below):
-        return {"method": method, "test": (test, 0.1), "below_fedavg": below, "width": 1.0, "candidate": "c"}
+        return {"method": method, "test": (test, 0.1), "validation": (test, 0.1), "below_fedavg": below,
+                "width": 1.0, "candidate": "c"}
 
     close_but_costly = {"rows": [row("fedavg", 91.5, 1.0), row("fedpm", 91.4, 19.7), row("edge-popup", 92.0, 22.1)]}
     assert fair.target(close_but_costly).startswith("**MISS**") and "22.1x" in fair.target(close_but_costly)
     cheap_and_close = {"rows": [row("fedavg", 91.5, 1.0), row("fedpm", 91.0, 50.0)]}
     assert fair.target(cheap_and_close).startswith("**PASS**")
+
+
+def test_the_target_judges_the_mask_configuration_validation_chose_not_test():
+    """Of two mask configurations at 30x, the one with the higher validation score is judged,
+    though the other's test score would pass: the verdict is a MISS naming the chosen one."""
+    def row(method, test, validation, below, width=1.0):
+        return {"method": method, "test": (test, 0.1), "validation": (validation, 0.1), "below_fedavg": below,
+                "width": width, "candidate": "c"}
+
+    result = {"rows": [row("fedavg", 91.5, 91.0, 1.0), row("fedpm", 91.4, 85.0, 40.0),
+                       row("edge-popup", 88.0, 87.0, 35.0, width=2.0)]}
+    verdict = fair.target(result)
+    assert verdict.startswith("**MISS**") and "edge-popup width 2" in verdict
+
+
+def test_render_writes_the_page_again_from_its_json_with_the_recorded_options(tmp_path, monkeypatch):
+    """``--render`` rebuilds NAME.md from NAME.json alone, with the seeds and rounds the run's
+    command recorded, and says it was rendered again."""
+    monkeypatch.setattr(fair, "run_fedmask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    for name, _ in fair.GRIDS["fedavg"][1]:
+        _fake_run(fair.run_path(tmp_path, "mnist", "iid", "1ep", "fedavg", "tune", fair.slug(name), "seed-0"),
+                  [0.5] * 6, 0.4)
+    assert fair.main(["--tasks", "mnist", "--partitions", "iid", "--epochs", "1", "--methods", "fedavg",
+                      "--seeds", "0", "--rounds", "6", "--widths", "", "--out", str(tmp_path), "--name", "wide"]) == 0
+    (tmp_path / "wide.md").unlink()
+    assert fair.main(["--out", str(tmp_path), "--name", "wide", "--render"]) == 0
+    text = (tmp_path / "wide.md").read_text()
+    assert "Rendered again from `wide.json`" in text and "100 clients, 10 a round, 6 rounds" in text
+    assert "40.00 ± 0.00" in text and "over seeds 0." in text
 
 
 def test_a_named_report_reuses_the_folder_runs_and_leaves_the_main_table(tmp_path, monkeypatch):

@@ -77,13 +77,16 @@ def validated(row: Row) -> bool:
 
 
 def load_cells(results: Path, sources: tuple[Source, ...] = SOURCES) -> Cells:
-    """(task, partition, method) -> its row and source: the first source holding it wins, and a
-    partition any validated row covers keeps its validated rows alone (choices on one split)."""
+    """(task, partition, method) -> its row and source: the first source holding it wins (a
+    validated row wins over an earlier one in any order), and a partition any validated row
+    covers keeps its validated rows alone (choices on one split)."""
     cells: Cells = {}
     for source in sources:
         path = results / source.folder / "noniid.json"
         for row in json.loads(path.read_text())["rows"]:
-            cells.setdefault((row["task"], row["partition"], row["method"]), (row, source))
+            key = (row["task"], row["partition"], row["method"])
+            if key not in cells or (validated(row) and not validated(cells[key][0])):
+                cells[key] = (row, source)
     held_out = {key[:2] for key, (row, _) in cells.items() if validated(row)}
     return {key: value for key, value in cells.items() if key[:2] not in held_out or validated(value[0])}
 

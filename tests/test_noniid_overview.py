@@ -117,7 +117,7 @@ def test_a_variant_is_chosen_on_validation_even_where_test_says_otherwise(tmp_pa
 def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_no_budgets(tmp_path: Path):
     """Dirichlet 0.1 (earlier runs, no validation split) reports the variant Dirichlet 0.3 chose
     on validation, not its own best on test, and gets no budget row; an unvalidated row of a
-    validated partition is not read."""
+    validated partition is not read, even from a source listed before the validated one."""
     none = [None, None]
     budgets = {1: none, 4: none, 16: none, 64: [0.9, 0.9]}
     write(tmp_path / "new", [
@@ -132,7 +132,9 @@ def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_
         row("fedpm-3ep", [0.70, 0.70], 13_000, budgets, partition="dir0.1", held_out=False),
         row("fedpm-5ep-r3", [0.75, 0.75], 13_000, budgets, partition="dir0.1", held_out=False),
     ])
-    cells = load_cells(tmp_path, (Source("new", "fffffff"), Source("old", "0000000")))
+    write(tmp_path / "older", [  # listed first: a validated row still wins over it
+        row("fedpm-3ep", [0.50, 0.50], 13_000, budgets, partition="dir0.3", held_out=False)])
+    cells = load_cells(tmp_path, (Source("older", "1111111"), Source("new", "fffffff"), Source("old", "0000000")))
     assert ("mnist", "dir0.3", "fedpm-2ep") not in cells
     text = "\n".join(task_lines(cells, "mnist"))
     assert accuracy_cells(text, "Dirichlet 0.3")[1].startswith("90.00 ± 0.00 `fedpm-3ep`")

@@ -116,7 +116,8 @@ def test_a_variant_is_chosen_on_validation_even_where_test_says_otherwise(tmp_pa
 
 def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_no_budgets(tmp_path: Path):
     """Dirichlet 0.1 (earlier runs, no validation split) reports the variant Dirichlet 0.3 chose
-    on validation, not its own best on test, and gets no budget row; an unvalidated row of a
+    on validation, not its own best on test (2 classes, which lacks it, the next in that
+    ranking), and gets no budget row; an unvalidated row of a
     validated partition is not read, even from a source listed before the validated one."""
     none = [None, None]
     budgets = {1: none, 4: none, 16: none, 64: [0.9, 0.9]}
@@ -131,6 +132,8 @@ def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_
         row("fedavg", [0.80, 0.80], 1_000_000, budgets, partition="dir0.1", held_out=False),
         row("fedpm-3ep", [0.70, 0.70], 13_000, budgets, partition="dir0.1", held_out=False),
         row("fedpm-5ep-r3", [0.75, 0.75], 13_000, budgets, partition="dir0.1", held_out=False),
+        row("fedavg", [0.80, 0.80], 1_000_000, budgets, partition="classes2", held_out=False),
+        row("fedpm-5ep-r3", [0.60, 0.60], 13_000, budgets, partition="classes2", held_out=False),
     ])
     write(tmp_path / "older", [  # listed first: a validated row still wins over it
         row("fedpm-3ep", [0.50, 0.50], 13_000, budgets, partition="dir0.3", held_out=False)])
@@ -140,5 +143,7 @@ def test_a_partition_without_validation_takes_its_datasets_validated_choice_and_
     assert accuracy_cells(text, "Dirichlet 0.3")[1].startswith("90.00 ± 0.00 `fedpm-3ep`")
     dir01 = accuracy_cells(text, "Dirichlet 0.1")
     assert dir01[1].startswith("70.00 ± 0.00 `fedpm-3ep`") and dir01[-1] == "Dirichlet 0.3's validation"
+    # without Dirichlet 0.3's first choice, the next in its validation ranking that ran here
+    assert accuracy_cells(text, "2 classes per client")[1].startswith("60.00 ± 0.00 `fedpm-5ep-r3`")
     assert frontier_cells(text, "Dirichlet 0.3")
     assert not [line for line in text.splitlines() if line.startswith("| Dirichlet 0.1 |") and " vs " in line]

@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.noniid: unknown task, partition or method: {unknown}", file=sys.stderr)
         return 2
+    if not 0 <= args.validation_fraction < 1:
+        print(f"bench.noniid: --validation-fraction takes a share in [0, 1), not {args.validation_fraction}",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

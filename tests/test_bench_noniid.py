@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.noniid import run_dir, summarise
+from bench.noniid import main, run_dir, summarise
 
 PARAMS = 1_000
 
@@ -55,3 +55,10 @@ def test_runs_with_and_without_validation_in_one_table_are_refused(tmp_path: Pat
     fake_run(tmp_path, "qsgd", CURVE, 1.0, test=None)
     with pytest.raises(SystemExit, match="with and without a validation split"):
         summarise(tmp_path, ["mnist"], ["iid"], ["fedpm", "qsgd"], [0], 4)
+
+
+def test_a_validation_fraction_outside_0_1_stops_before_any_run(tmp_path: Path, capsys):
+    assert main(["--tasks", "mnist", "--partitions", "iid", "--methods", "fedavg", "--seeds", "0",
+                 "--validation-fraction", "1.5", "--out", str(tmp_path)]) == 2
+    assert "--validation-fraction takes a share in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -58,6 +58,7 @@ SOURCES = (
     Source("noniid-val/fmnist-iid", "c8c9da6"),
     Source("noniid-val/fmnist-dir0.3", "c8c9da6"),
     Source("noniid-val/mnist", "c8c9da6"),
+    Source("noniid-val/mnist-more", "6828822"),  # MNIST-10k's other three partitions, the same fedmask/
     Source("noniid-mnist-partitions", "4f0971f"),
     Source("noniid-partitions", "53afc6d"),
 )

@@ -6,9 +6,9 @@ against FedAvg and the compressed baselines, and issue 14's targets.
 writes ``bench/results/noniid-overview.md``. It runs nothing. A (dataset, partition,
 method) cell comes from the first source that holds it, and the page names the sources
 and library commits behind each partition: each cell is one version, but a partition's
-cells can come from several. The earlier tables of IID and Dirichlet 0.3 (``noniid.md``,
-``noniid-epochs/``, ``noniid-fedpm-reset/``, ``noniid-rec/``, ``noniid-mnist/``) are left out:
-``noniid-val/`` reruns those partitions with a validation split.
+cells can come from several. The earlier tables that ``noniid-val/`` reruns with a validation
+split (``noniid.md``, ``noniid-epochs/``, ``noniid-fedpm-reset/``, ``noniid-rec/``,
+``noniid-mnist/``, ``noniid-mnist-partitions/``) are left out.
 
 A budget is a win or a loss only where the two accuracies differ by more than the larger
 of their standard deviations over seeds; otherwise it is a tie.
@@ -52,14 +52,14 @@ class Source(NamedTuple):
 # First source holding a cell wins (a validated row over any other); the newest and widest first.
 # noniid-val/ reruns MNIST-10k and Fashion-MNIST, IID and Dirichlet 0.3, with a validation split
 # (Fashion-MNIST IID 80 rounds, so that budgets of 4 bits and more are spent); its partitions read
-# nothing else. The tables it replaced (noniid.md, noniid-epochs/, noniid-fedpm-reset/, noniid-rec/,
-# noniid-mnist/) held only those partitions and are no longer read.
+# nothing else, and mnist-more/ does the same for MNIST-10k's other three. The tables they replaced
+# (noniid.md, noniid-epochs/, noniid-fedpm-reset/, noniid-rec/, noniid-mnist/, noniid-mnist-partitions/)
+# are no longer read.
 SOURCES = (
     Source("noniid-val/fmnist-iid", "c8c9da6"),
     Source("noniid-val/fmnist-dir0.3", "c8c9da6"),
     Source("noniid-val/mnist", "c8c9da6"),
     Source("noniid-val/mnist-more", "6828822"),  # MNIST-10k's other three partitions, the same fedmask/
-    Source("noniid-mnist-partitions", "4f0971f"),
     Source("noniid-partitions", "53afc6d"),
 )
 

@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     plan = [(t, p, m, s) for t in tasks for p in partitions for m in methods for s in seeds]
+    held_out = [f"validation-fraction={args.validation_fraction}"] if args.validation_fraction else []
     for i, (task, partition, method, seed) in enumerate(plan, 1):
         path = run_dir(out, task, partition, method, seed)
         if finished(path, args.rounds):
@@ -324,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         config, sets = config_of(task, method)
         print(f"[{i}/{len(plan)}] {task} {partition} {method} seed {seed}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        held_out = [f"validation-fraction={args.validation_fraction}"] if args.validation_fraction else []
         run = run_fedmask(config, [*sets, *PARTITIONS[partition], f"seed={seed}", *held_out], path, args.rounds,
                           args.engine)
         if run.error:

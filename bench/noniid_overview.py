@@ -112,31 +112,38 @@ def rows_of(cells: Cells, task: str, partition: str,
     return [cells[(task, partition, m)][0] for m in methods if (task, partition, m) in cells]
 
 
+def ranked(cells: Cells, task: str, partition: str, methods: tuple[str, ...]) -> list[Row]:
+    """A validated partition's rows of ``methods``, highest validation accuracy first."""
+    return sorted(rows_of(cells, task, partition, methods), key=lambda r: mean(r["validation"]), reverse=True)
+
+
 def best(cells: Cells, task: str, partition: str, methods: tuple[str, ...]) -> Row | None:
     """The family's variant chosen on validation; in a partition without one, the variant its
     dataset's validated partitions chose (:func:`transferred`)."""
     if not is_validated(cells, task, partition):
         return transferred(cells, task, partition, methods)
-    rows = rows_of(cells, task, partition, methods)
-    return max(rows, key=lambda r: mean(r["validation"])) if rows else None
+    return next(iter(ranked(cells, task, partition, methods)), None)
 
 
 # The validated partition whose choice an unvalidated one of the same dataset takes, in order.
 REFERENCE_PARTITIONS = ("dir0.3", "iid")
 
 
+def reference_of(cells: Cells, task: str, partition: str) -> str | None:
+    """The first validated reference partition of the dataset other than ``partition``."""
+    return next((r for r in REFERENCE_PARTITIONS if r != partition and is_validated(cells, task, r)), None)
+
+
 def transferred(cells: Cells, task: str, partition: str, methods: tuple[str, ...]) -> Row | None:
-    """The row of the variant ranked highest on validation in the first validated reference
-    partition of the same dataset, of those this partition ran; None when no partition of the
-    dataset is validated or none of its variants ran here: never a choice on the test split."""
-    for reference in REFERENCE_PARTITIONS:
-        if reference != partition and is_validated(cells, task, reference):
-            ranked = sorted(rows_of(cells, task, reference, methods), key=lambda r: mean(r["validation"]),
-                            reverse=True)
-            here = [cells[(task, partition, r["method"])][0] for r in ranked
-                    if (task, partition, r["method"]) in cells]
-            return here[0] if here else None
-    return None
+    """The row of the variant ranked highest on validation in the reference partition of the
+    same dataset (:func:`reference_of`), of those this partition ran; None when no partition of
+    the dataset is validated or none of its variants ran here: never a choice on the test split."""
+    reference = reference_of(cells, task, partition)
+    if reference is None:
+        return None
+    here = [cells[(task, partition, r["method"])][0] for r in ranked(cells, task, reference, methods)
+            if (task, partition, r["method"]) in cells]
+    return next(iter(here), None)
 
 
 def cell(row: Row | None, fedavg: Row | None = None) -> str:
@@ -166,7 +173,7 @@ def verdict(mask: tuple[float, float, str] | None, base: tuple[float, float, str
 def chosen_on(cells: Cells, task: str, partition: str) -> str:
     if is_validated(cells, task, partition):
         return "validation"
-    reference = next((r for r in REFERENCE_PARTITIONS if r != partition and is_validated(cells, task, r)), None)
+    reference = reference_of(cells, task, partition)
     return f"{PARTITION_NAMES[reference]}'s validation" if reference else "nothing (no validated partition)"
 
 
